@@ -1,0 +1,31 @@
+# `make demo` and `make test` work on a fresh clone: they create .venv, install the CPU build of
+# torch where none is present, Debian's graphviz (for `dot`) when running as root, and the package.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+BENCH  ?= /tmp/lineage-bench
+
+.PHONY: setup test demo bench-hash clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v dot >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq graphviz >/dev/null; } \
+		|| echo "note: graphviz's dot is missing (install the graphviz package to render PNG/SVG trees)"
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+test: setup
+	$(PY) -m pytest
+
+demo: setup
+	$(PY) examples/demo.py
+
+# Hash a full-size generated SDXL checkpoint (6.9 GB, written to $(BENCH)) beside `openssl dgst -sha256`.
+bench-hash: setup
+	$(PY) benchmarks/bench_hash.py --dir $(BENCH)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

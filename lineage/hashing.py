@@ -1,0 +1,164 @@
+"""Identity hashes of a checkpoint file, all computed in one read pass (HANDBOOK §4).
+
+| name   | definition                                                                  |
+|--------|-----------------------------------------------------------------------------|
+| sha256 | sha256 of the whole file                                                    |
+| autov1 | sha256 of bytes [0x100000, 0x110000), first 8 hex (A1111's legacy hash)     |
+| autov2 | first 10 hex of sha256 (A1111's "Model hash")                               |
+| autov3 | sha256 of the safetensors data section, i.e. ignoring metadata (full hex;   |
+|        | Civitai shows the first 12, kohya's `sshs_model_hash` is all of it)          |
+| crc32  | of the whole file, 8 hex                                                    |
+
+The file is memory-mapped and walked in chunks by two threads (hashlib and zlib release the GIL):
+one hashes the whole file, the other the data section, and each takes the CRC32 of half the chunks,
+which are joined with `crc32_combine`. Pages are dropped from the mapping once both threads are past
+them, so resident memory stays at a few chunks whatever the file size.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import struct
+import threading
+import zlib
+from dataclasses import asdict, dataclass
+
+from .errors import CheckpointError
+
+CHUNK = 32 * 1024 * 1024
+AUTOV1_RANGE = (0x100000, 0x110000)
+
+
+@dataclass(frozen=True)
+class FileHashes:
+    path: str
+    sha256: str
+    autov1: str
+    autov2: str
+    autov3: str | None  # None when the file is not safetensors
+    crc32: str
+
+    def to_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+
+# -- CRC32 combination (zlib's crc32_combine, which Python's zlib module does not expose) ----------
+_CRC_POLY = 0xEDB88320
+
+
+def _gf2_times(matrix: list[int], vector: int) -> int:
+    total = 0
+    i = 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return total
+
+
+def _gf2_square(matrix: list[int]) -> list[int]:
+    return [_gf2_times(matrix, matrix[n]) for n in range(32)]
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC32 of A+B given crc32(A), crc32(B) and len(B): the GF(2) operator for len2 zero bytes
+    applied to crc1 (by repeated squaring), xored with crc2."""
+    if len2 == 0:
+        return crc1
+    odd = [_CRC_POLY] + [1 << n for n in range(31)]  # operator for one zero bit
+    even = _gf2_square(odd)  # two zero bits
+    odd = _gf2_square(even)  # four zero bits
+    while True:
+        even = _gf2_square(odd)  # first pass: one zero byte
+        if len2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = _gf2_square(even)
+        if len2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
+
+
+def _data_start(head: bytes, size: int) -> int | None:
+    """Offset of the safetensors data section, or None when the file is not safetensors."""
+    if size < 9:
+        return None
+    (n,) = struct.unpack("<Q", head[:8])
+    if 8 + n > size or head[8:9] != b"{":
+        return None
+    return 8 + n
+
+
+def hash_file(path: str | os.PathLike, chunk_size: int = CHUNK) -> FileHashes:
+    """All identity hashes of one file in a single pass."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError("is a directory, expected a file to hash", path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise CheckpointError(f"cannot open ({e.strerror})", path) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise CheckpointError("empty file", path)
+        data_start = _data_start(os.pread(fd, 9, 0), size)
+        autov1 = hashlib.sha256(os.pread(fd, AUTOV1_RANGE[1] - AUTOV1_RANGE[0], AUTOV1_RANGE[0])).hexdigest()[:8]
+        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
+            sha_file, sha_data, crc = _hash_mapped(mm, size, data_start, chunk_size)
+    finally:
+        os.close(fd)
+    return FileHashes(
+        path=path,
+        sha256=sha_file,
+        autov1=autov1,
+        autov2=sha_file[:10],
+        autov3=sha_data,
+        crc32=f"{crc:08x}",
+    )
+
+
+def _hash_mapped(mm: mmap.mmap, size: int, data_start: int | None, chunk_size: int) -> tuple[str, str | None, int]:
+    chunks = [(a, min(a + chunk_size, size)) for a in range(0, size, chunk_size)]
+    half = len(chunks) // 2  # thread 0 takes the CRC of chunks[:half], thread 1 of chunks[half:]
+    view = memoryview(mm)
+    sha_file, sha_data = hashlib.sha256(), hashlib.sha256()
+    crcs = [0, 0]
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for i, (a, b) in enumerate(chunks):
+                if worker == 0:
+                    sha_file.update(view[a:b])
+                elif data_start is not None and b > data_start:
+                    sha_data.update(view[max(a, data_start):b])
+                if (i < half) == (worker == 0):
+                    crcs[worker] = zlib.crc32(view[a:b], crcs[worker])
+                # Both threads are past this chunk: let the kernel drop its pages from our RSS.
+                if barrier.wait() == 0:
+                    mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+        except BaseException as e:  # pragma: no cover - re-raised below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    view.release()
+    causes = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if causes:
+        raise causes[0]
+    second_len = sum(b - a for a, b in chunks[half:])
+    crc = crc32_combine(crcs[0], crcs[1], second_len)
+    return sha_file.hexdigest(), (sha_data.hexdigest() if data_start is not None else None), crc

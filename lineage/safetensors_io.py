@@ -1,0 +1,381 @@
+"""Streaming safetensors reading and writing.
+
+Format: 8-byte little-endian header length N, N bytes of JSON header, then the data section.
+The header maps tensor names to {dtype, shape, data_offsets=[begin, end]} (relative to the data
+section) and may hold "__metadata__" (str -> str).
+
+Reading never maps or loads a whole file: each tensor is read with `pread` into its own buffer,
+so memory is bounded by the tensors a caller holds. Writing plans the header from the tensors'
+dtypes and shapes first, then writes tensors one at a time at their offsets (in any order, from
+any thread) into a temporary file that is fsynced and renamed over the destination only when
+every tensor is in place.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CheckpointError, LineageError
+
+# safetensors dtype name -> torch dtype. Sizes come from torch.
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "U16": torch.uint16,
+    "I16": torch.int16,
+    "U32": torch.uint32,
+    "I32": torch.int32,
+    "U64": torch.uint64,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
+
+# A header larger than this is not a checkpoint header (the safetensors library uses 100 MB too).
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a file and what it is."""
+
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "F16"
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset of the first byte
+    end: int  # absolute file offset past the last byte
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+def dtype_size(dtype: str) -> int:
+    return DTYPES[dtype].itemsize
+
+
+def _parse_header(path: str, raw: bytes, file_size: int, header_len: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"invalid safetensors header JSON ({e})", path) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("invalid safetensors header: JSON is not an object", path)
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError("invalid safetensors header: __metadata__ must map strings to strings", path)
+
+    data_start = 8 + header_len
+    data_len = file_size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise CheckpointError(f"invalid safetensors header: entry {name!r} lacks dtype/shape/data_offsets", path)
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPES:
+            raise CheckpointError(f"tensor {name!r} has unknown dtype {dtype!r}", path)
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise CheckpointError(f"tensor {name!r} has an invalid shape {shape!r}", path)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(f"tensor {name!r} has invalid data_offsets {offsets!r}", path)
+        begin, end = offsets
+        if not 0 <= begin <= end or end > data_len:
+            if end > data_len and begin <= end:
+                raise CheckpointError(
+                    f"truncated file: tensor {name!r} ends at data byte {end} but the data section has "
+                    f"only {data_len} bytes", path)
+            raise CheckpointError(f"tensor {name!r} has out-of-range data_offsets {offsets}", path)
+        expected = math.prod(shape) * dtype_size(dtype)
+        if end - begin != expected:
+            raise CheckpointError(
+                f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes but data_offsets span {end - begin}",
+                path)
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+    previous: TensorInfo | None = None
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if previous is not None and info.begin < previous.end:
+            raise CheckpointError(f"tensors {previous.name!r} and {info.name!r} have overlapping data_offsets", path)
+        previous = info
+    return tensors, metadata
+
+
+class SafetensorsFile:
+    """An open safetensors file: its header is parsed and checked, tensors are read on demand.
+
+    >>> with SafetensorsFile("model.safetensors") as f:
+    ...     for name in f.keys():
+    ...         t = f.read(name)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            raise CheckpointError("is a directory, expected a .safetensors file", self.path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CheckpointError("no such file", self.path) from None
+        except OSError as e:
+            raise CheckpointError(f"cannot open ({e.strerror})", self.path) from None
+        try:
+            self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self) -> None:
+        self.file_size = os.fstat(self._fd).st_size
+        if self.file_size == 0:
+            raise CheckpointError("empty file", self.path)
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointError(f"not a safetensors file: only {len(head)} bytes", self.path)
+        (header_len,) = struct.unpack("<Q", head)
+        past_end = 8 + header_len > self.file_size
+        if past_end or header_len > MAX_HEADER_BYTES or os.pread(self._fd, 1, 8) != b"{":
+            if head[:2] == b"PK" or head[:1] == b"\x80":
+                raise CheckpointError(
+                    "this is a pickle checkpoint (.ckpt/.pt/.bin), which can run arbitrary code when loaded; "
+                    "convert it with `lmerge convert` first", self.path)
+            if past_end:
+                raise CheckpointError(
+                    f"header length {header_len} runs past the end of the file ({self.file_size} bytes)", self.path)
+            raise CheckpointError("not a safetensors file: no JSON header after the length prefix", self.path)
+        raw = os.pread(self._fd, header_len, 8)
+        self.header_len = header_len
+        self.data_start = 8 + header_len
+        self.tensors, self.metadata = _parse_header(self.path, raw, self.file_size, header_len)
+
+    # -- mapping-like access ---------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"has no tensor {name!r}", self.path) from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into a new CPU tensor of its stored dtype."""
+        info = self.info(name)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        self.read_into(info, raw)
+        return raw.view(info.torch_dtype).reshape(info.shape)
+
+    def read_into(self, info: TensorInfo, buffer: torch.Tensor) -> None:
+        """Fill the first `info.nbytes` bytes of a contiguous uint8 tensor with the tensor's bytes."""
+        view = memoryview(buffer.numpy()).cast("B")[: info.nbytes]
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(self._fd, [view[done:]], info.begin + done)
+            if n == 0:
+                raise CheckpointError(f"truncated file while reading tensor {info.name!r}", self.path)
+            done += n
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.tensors:
+            yield name, self.read(name)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensor table and metadata of a safetensors file, without reading any tensor data."""
+    with SafetensorsFile(path) as f:
+        return f.tensors, f.metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_overwriting_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """Raise if `output` is one of `inputs` (writing it would destroy an input mid-read)."""
+    out = os.fspath(output)
+    for inp in inputs:
+        if _same_file(out, os.fspath(inp)):
+            raise LineageError("output path is one of the inputs; choose another output file", out)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    t = tensor.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, atomically.
+
+    The plan (name -> (dtype name, shape), in file order) fixes the header up front. Tensors may
+    then be written in any order with `write`; `close` checks that all were written, fsyncs and
+    renames the temporary file into place. On any error (or `abort`) the temporary file is removed
+    and the destination is left untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike, plan: Mapping[str, tuple[str, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            raise LineageError("is a directory, expected an output file path", self.path)
+        metadata = dict(metadata or {})
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise LineageError(f"metadata must map strings to strings, got {k!r}: {type(v).__name__}", self.path)
+
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        self._slots: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        offset = 0
+        for name, (dtype, shape) in plan.items():
+            if dtype not in DTYPES:
+                raise LineageError(f"cannot write tensor {name!r}: unknown dtype {dtype!r}", self.path)
+            nbytes = math.prod(shape) * dtype_size(dtype)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._slots[name] = (dtype, tuple(shape), offset, nbytes)
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the safetensors library does
+        self.data_start = 8 + len(raw)
+        self.size = self.data_start + offset
+        self._pending = set(self._slots)
+
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            fd, self._tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".partial", dir=directory)
+        except OSError as e:
+            raise LineageError(f"cannot create output ({e.strerror})", self.path) from None
+        self._fd = fd
+        try:
+            self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            try:
+                n = os.pwrite(self._fd, view, offset)
+            except OSError as e:
+                raise LineageError(f"write failed ({e.strerror}); nothing was written at the destination", self.path) from None
+            view, offset = view[n:], offset + n
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor. Thread-safe for distinct names."""
+        if name not in self._slots:
+            raise LineageError(f"tensor {name!r} was not in the write plan", self.path)
+        dtype, shape, offset, nbytes = self._slots[name]
+        if DTYPE_NAMES.get(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
+            raise LineageError(
+                f"tensor {name!r} is {DTYPE_NAMES.get(tensor.dtype, tensor.dtype)} {list(tensor.shape)}, "
+                f"planned {dtype} {list(shape)}", self.path)
+        self._pwrite(_tensor_bytes(tensor), self.data_start + offset)
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        """Finish: fsync, then atomically rename the temporary file onto the destination."""
+        if self._fd < 0:
+            return
+        try:
+            if self._pending:
+                missing = sorted(self._pending)
+                raise LineageError(f"{len(missing)} planned tensors were never written (first: {missing[0]!r})", self.path)
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def abort(self) -> None:
+        """Drop the partial output; the destination is untouched."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def plan_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The write plan for tensors already in memory."""
+    plan = {}
+    for name, t in tensors.items():
+        if t.dtype not in DTYPE_NAMES:
+            raise LineageError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        plan[name] = (DTYPE_NAMES[t.dtype], tuple(t.shape))
+    return plan
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Write in-memory tensors to `path` atomically (the small-file convenience over SafetensorsWriter)."""
+    with SafetensorsWriter(path, plan_of(tensors), metadata) as w:
+        for name, t in tensors.items():
+            w.write(name, t)

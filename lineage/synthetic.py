@@ -1,0 +1,139 @@
+"""Generated SDXL checkpoints for tests, the demo and benchmarks (no downloads needed).
+
+Every generated file has the real single-file SDXL key names and structure (HANDBOOK §2):
+- size "full": exactly the 2,515 keys and shapes of the public SDXL 1.0 base file (6.9 GB in fp16);
+- size "small": the same keys with every width shrunk (320 -> 32 channels, ...), ~60 MB in fp16.
+
+A "child" is a fine-tune of a parent file: each changed weight gets a planted low-rank delta plus
+small noise, so lineage detection, merges and LoRA extraction have real structure to find. A child
+can carry the v-prediction markers. Values are deterministic: each tensor is drawn from a generator
+seeded with (seed, key), so the same call always writes byte-identical files.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from .errors import LineageError
+from .safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter
+from .sdxl import COMPONENT_PREFIXES, MARKERS_FOR_PREDICTION, base_inventory
+
+# Per component: full-size dimension -> small dimension. Dimensions not listed (kernel sizes, 77
+# tokens, 4 latent channels, ...) stay. Widths stay consistent: CLIP-L 768 -> 64 and CLIP-G
+# 1280 -> 80 give a cross-attention context of 144 (2048 full) and an ADM input of 80 + 6*16 = 176 (2816).
+SMALL_DIMS: dict[str, dict[int, int]] = {
+    "unet": {320: 32, 640: 64, 960: 96, 1280: 128, 1920: 192, 2560: 256, 5120: 512, 10240: 1024, 2048: 144, 2816: 176},
+    "clip_l": {768: 64, 3072: 256, 49408: 1000},
+    "clip_g": {1280: 80, 3840: 240, 5120: 320, 49408: 1000},
+    "vae": {128: 16, 256: 32, 512: 64},
+}
+SIZES = ("small", "full")
+COMPONENTS = tuple(COMPONENT_PREFIXES)
+LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
+
+
+def sdxl_shapes(size: str = "small", components: Iterable[str] = COMPONENTS) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (inventory dtype, shape) of a generated SDXL checkpoint of the given size."""
+    if size not in SIZES:
+        raise LineageError(f"unknown synthetic size {size!r}; choose one of {', '.join(SIZES)}")
+    wanted = set(components)
+    unknown = wanted - set(COMPONENTS)
+    if unknown:
+        raise LineageError(f"unknown components {sorted(unknown)}; choose from {', '.join(COMPONENTS)}")
+    shapes = {}
+    for key, entry in base_inventory().items():
+        if entry.component not in wanted:
+            continue
+        dims = entry.shape if size == "full" else tuple(SMALL_DIMS[entry.component].get(d, d) for d in entry.shape)
+        shapes[key] = (entry.dtype, dims)
+    return shapes
+
+
+def _generator(seed: int, key: str) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def _weight_scale(key: str, shape: tuple[int, ...]) -> float:
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return 1 / math.sqrt(fan_in) if len(shape) > 1 else 0.02
+
+
+def _base_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A plausible fp32 value for one key: scaled normal weights, norm gains near 1, small biases."""
+    if key.endswith("position_ids"):
+        return torch.arange(shape[-1], dtype=torch.int64).reshape(shape)
+    if key.endswith("logit_scale"):
+        return torch.full(shape, LOGIT_SCALE)
+    values = torch.randn(shape, generator=_generator(seed, key))
+    if len(shape) == 1 and key.endswith("weight"):  # norm gains
+        return 1 + 0.02 * values
+    return values * _weight_scale(key, shape)
+
+
+def _child_tensor(key: str, parent: torch.Tensor, seed: int, rank: int, strength: float, noise: float) -> torch.Tensor:
+    """parent + a planted rank-`rank` delta (relative size `strength`) + noise (relative size `noise`)."""
+    gen = _generator(seed, key)
+    p = parent.float()
+    scale = p.std().item() if p.numel() > 1 else 0.02
+    if p.ndim >= 2 and min(p.shape[0], math.prod(p.shape[1:])) > rank:
+        rows, cols = p.shape[0], math.prod(p.shape[1:])
+        u = torch.randn(rows, rank, generator=gen)
+        v = torch.randn(rank, cols, generator=gen)
+        delta = (u @ v).reshape(p.shape) * (strength * scale / math.sqrt(rank))
+    else:
+        delta = torch.randn(p.shape, generator=gen) * (strength * scale)
+    return p + delta + torch.randn(p.shape, generator=gen) * (noise * scale)
+
+
+def _marker_plan(prediction_type: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    if prediction_type not in MARKERS_FOR_PREDICTION:
+        raise LineageError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(MARKERS_FOR_PREDICTION)}")
+    return {k: ("F32", (0,)) for k in MARKERS_FOR_PREDICTION[prediction_type]}
+
+
+def _stored(value: torch.Tensor, dtype: str) -> torch.Tensor:
+    return value if not value.is_floating_point() else value.to(DTYPES[dtype])
+
+
+def write_base(path: str | os.PathLike, *, size: str = "small", seed: int = 0, dtype: str = "F16",
+               prediction_type: str = "epsilon", components: Iterable[str] = COMPONENTS,
+               metadata: Mapping[str, str] | None = None) -> str:
+    """Write a generated SDXL base checkpoint; floats are stored as `dtype` (F16, BF16 or F32)."""
+    shapes = sdxl_shapes(size, components)
+    plan = {k: (d if d != "F16" else dtype, s) for k, (d, s) in shapes.items()}
+    plan.update(_marker_plan(prediction_type))
+    with SafetensorsWriter(path, plan, metadata) as out:
+        for key, (stored_dtype, shape) in plan.items():
+            value = _base_tensor(key, shape, seed) if key in shapes else torch.empty(shape)
+            out.write(key, _stored(value, stored_dtype))
+    return os.fspath(path)
+
+
+def write_child(parent: str | os.PathLike, path: str | os.PathLike, *, seed: int = 1, rank: int = 8,
+                strength: float = 0.05, noise: float = 0.002, components: Iterable[str] = ("unet", "clip_l", "clip_g"),
+                prediction_type: str | None = None, metadata: Mapping[str, str] | None = None) -> str:
+    """Write a fine-tune of `parent`: the tensors of `components` get a planted low-rank delta and
+    noise, the rest (by default the VAE) are copied. `prediction_type` sets the marker tensors
+    (default: keep the parent's)."""
+    changed_prefixes = tuple(COMPONENT_PREFIXES[c] for c in components)
+    with SafetensorsFile(parent) as src:
+        plan = {k: (i.dtype, i.shape) for k, i in src.tensors.items()}
+        if prediction_type is not None:
+            for marker in {m for markers in MARKERS_FOR_PREDICTION.values() for m in markers}:
+                plan.pop(marker, None)
+            plan.update(_marker_plan(prediction_type))
+        with SafetensorsWriter(path, plan, metadata) as out:
+            for key, (dtype, shape) in plan.items():
+                if key not in src:
+                    out.write(key, torch.empty(shape, dtype=DTYPES[dtype]))
+                    continue
+                value = src.read(key)
+                if value.is_floating_point() and key.startswith(changed_prefixes) and not key.endswith("logit_scale"):
+                    value = _stored(_child_tensor(key, value, seed, rank, strength, noise), dtype)
+                out.write(key, value)
+    return os.fspath(path)

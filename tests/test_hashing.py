@@ -1,0 +1,60 @@
+import hashlib
+import os
+import struct
+import zlib
+
+import pytest
+
+from lineage.hashing import crc32_combine, hash_file
+
+
+def test_hashes_match_independent_definitions(family):
+    path = family["vchild"]
+    data = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", data[:8])
+    full = hashlib.sha256(data).hexdigest()
+    h = hash_file(path)
+    assert h.sha256 == full
+    assert h.autov2 == full[:10]
+    assert h.autov1 == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert h.autov3 == hashlib.sha256(data[8 + n:]).hexdigest()
+    assert h.crc32 == f"{zlib.crc32(data):08x}"
+
+
+def test_small_chunks_give_the_same_hashes(family):
+    assert hash_file(family["base"], chunk_size=1 << 16) == hash_file(family["base"])
+
+
+def test_autov3_ignores_metadata(tmp_path, family):
+    from lineage.safetensors_io import SafetensorsFile, save_file
+
+    with SafetensorsFile(family["base"]) as f:
+        tensors = {k: f.read(k) for k in list(f.keys())[:20]}
+    save_file(tensors, tmp_path / "a.safetensors", {"title": "a"})
+    save_file(tensors, tmp_path / "b.safetensors", {"title": "something else"})
+    a, b = hash_file(tmp_path / "a.safetensors"), hash_file(tmp_path / "b.safetensors")
+    assert a.autov3 == b.autov3 and a.sha256 != b.sha256
+
+
+def test_non_safetensors_file_has_no_autov3(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(os.urandom(3000))
+    h = hash_file(p)
+    assert h.autov3 is None and h.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("la,lb", [(0, 7), (7, 0), (1, 1), (1000, 12345), (5, 1 << 20)])
+def test_crc32_combine(la, lb):
+    a, b = os.urandom(la), os.urandom(lb)
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), lb) == zlib.crc32(a + b)
+
+
+def test_hash_cli_json(lmerge, family):
+    import json
+
+    code, out, _ = lmerge("hash", family["base"], family["child"], "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["path"] for r in rows] == [family["base"], family["child"]]
+    assert set(rows[0]) == {"path", "sha256", "autov1", "autov2", "autov3", "crc32"}
+    assert rows[0]["sha256"] == hashlib.sha256(open(family["base"], "rb").read()).hexdigest()

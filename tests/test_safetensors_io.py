@@ -1,0 +1,122 @@
+import errno
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+from lineage.errors import LineageError
+from lineage.safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, refuse_overwriting_inputs, save_file
+
+
+def _every_dtype() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, dtype in DTYPES.items():
+        if dtype.is_floating_point:
+            t = (torch.randn(3, 5, generator=g) * 4).to(dtype)
+        elif dtype == torch.bool:
+            t = torch.randint(0, 2, (7,), generator=g).bool()
+        else:
+            t = torch.randint(0, 100, (2, 3), generator=g).to(dtype)
+        out[f"t.{name}"] = t
+    out["scalar"] = torch.tensor(3.5)
+    out["empty"] = torch.empty(0)
+    return out
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_roundtrip_every_dtype_bit_exact_with_the_safetensors_library(tmp_path):
+    tensors = _every_dtype()
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, path, {"title": "x", "ünïcode": "✓"})
+    # The reference library reads what we wrote ...
+    ref = safetensors.torch.load_file(str(path))
+    assert ref.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert ref[k].dtype == t.dtype and ref[k].shape == t.shape and _bytes(ref[k]) == _bytes(t)
+    with safetensors.safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"title": "x", "ünïcode": "✓"}
+    # ... and we read what the reference library wrote.
+    other = tmp_path / "ref.safetensors"
+    safetensors.torch.save_file(tensors, str(other), {"a": "b"})
+    with SafetensorsFile(other) as f:
+        assert f.metadata == {"a": "b"}
+        for k, t in tensors.items():
+            got = f.read(k)
+            assert got.dtype == t.dtype and got.shape == t.shape and _bytes(got) == _bytes(t)
+
+
+def test_data_section_is_8_byte_aligned(tmp_path):
+    path = tmp_path / "a.safetensors"
+    save_file({"x": torch.ones(3, dtype=torch.float16)}, path, {"k": "odd-length"})
+    with SafetensorsFile(path) as f:
+        assert f.data_start % 8 == 0
+
+
+def test_writer_accepts_any_order_and_refuses_unplanned_or_misshapen_tensors(tmp_path):
+    plan = {"a": ("F32", (2,)), "b": ("F16", (3,))}
+    path = tmp_path / "o.safetensors"
+    with SafetensorsWriter(path, plan) as w:
+        w.write("b", torch.ones(3, dtype=torch.float16))
+        with pytest.raises(LineageError, match="not in the write plan"):
+            w.write("c", torch.ones(1))
+        with pytest.raises(LineageError, match="planned F32"):
+            w.write("a", torch.ones(2, dtype=torch.float16))
+        w.write("a", torch.zeros(2))
+    got = safetensors.torch.load_file(str(path))
+    assert got["a"].tolist() == [0, 0] and got["b"].tolist() == [1, 1, 1]
+
+
+def test_unfinished_write_leaves_nothing(tmp_path):
+    dest = tmp_path / "out.safetensors"
+    with pytest.raises(LineageError, match="never written"):
+        with SafetensorsWriter(dest, {"a": ("F32", (2,)), "b": ("F32", (2,))}) as w:
+            w.write("a", torch.ones(2))
+    assert os.listdir(tmp_path) == []
+
+
+def test_exception_midway_keeps_the_previous_destination(tmp_path):
+    dest = tmp_path / "out.safetensors"
+    save_file({"old": torch.ones(1)}, dest)
+    before = dest.read_bytes()
+    with pytest.raises(RuntimeError):
+        with SafetensorsWriter(dest, {"a": ("F32", (2,)), "b": ("F32", (2,))}) as w:
+            w.write("a", torch.ones(2))
+            raise RuntimeError("killed")
+    assert dest.read_bytes() == before
+    assert os.listdir(tmp_path) == ["out.safetensors"]
+
+
+def test_disk_full_gives_a_clear_error_and_no_output(tmp_path, monkeypatch):
+    dest = tmp_path / "out.safetensors"
+    w = SafetensorsWriter(dest, {"a": ("F32", (1000,))})
+    real_pwrite = os.pwrite
+
+    def full(fd, data, offset):
+        if offset > 8:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(LineageError, match="No space left on device"):
+        with w:
+            w.write("a", torch.ones(1000))
+    assert os.listdir(tmp_path) == []
+
+
+def test_refuses_to_overwrite_an_input(tmp_path):
+    a = tmp_path / "a.safetensors"
+    save_file({"x": torch.ones(1)}, a)
+    os.symlink(a, tmp_path / "link.safetensors")
+    with pytest.raises(LineageError, match="one of the inputs"):
+        refuse_overwriting_inputs(tmp_path / "link.safetensors", [a])
+    refuse_overwriting_inputs(tmp_path / "new.safetensors", [a])
+
+
+def test_metadata_must_be_strings(tmp_path):
+    with pytest.raises(LineageError, match="strings to strings"):
+        SafetensorsWriter(tmp_path / "m.safetensors", {}, {"n": 1})

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import torch
+
+from lineage.hashing import hash_file
+from lineage.safetensors_io import SafetensorsFile
+from lineage.synthetic import sdxl_shapes, write_base, write_child
+
+TSV = Path(__file__).with_name("sd_xl_base_1.0_keys.tsv")
+
+
+def _tsv_inventory() -> dict[str, tuple[str, tuple[int, ...]]]:
+    rows = {}
+    for line in TSV.read_text().splitlines():
+        if line.startswith("#") or line.startswith("key\t"):
+            continue
+        key, _component, dtype, shape = line.split("\t")
+        rows[key] = (dtype, tuple(int(x) for x in shape.strip("[]").split(",") if x.strip()))
+    return rows
+
+
+def test_full_size_plan_is_exactly_the_sdxl_base_inventory():
+    expected = _tsv_inventory()
+    assert len(expected) == 2515
+    assert sdxl_shapes("full") == expected
+    # Per-component totals from HANDBOOK §2.
+    params = {}
+    for key, (_, shape) in expected.items():
+        comp = next(c for c, p in [("unet", "model.diffusion_model."), ("clip_l", "conditioner.embedders.0."),
+                                   ("clip_g", "conditioner.embedders.1."), ("vae", "first_stage_model.")] if key.startswith(p))
+        params[comp] = params.get(comp, 0) + torch.Size(shape).numel()
+    assert params["unet"] == 2_567_463_684 and params["clip_g"] == 694_659_841 and params["vae"] == 83_653_863
+
+
+def test_small_plan_has_the_same_keys_and_consistent_widths():
+    small = sdxl_shapes("small")
+    assert small.keys() == _tsv_inventory().keys()
+    assert small["model.diffusion_model.input_blocks.0.0.weight"][1] == (32, 4, 3, 3)
+    # cross-attention context = CLIP-L width + CLIP-G width
+    assert small["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"][1][1] == 64 + 80
+    assert small["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"][1] == (240, 80)
+
+
+def test_generation_is_deterministic(tmp_path):
+    a = write_base(tmp_path / "a.safetensors", seed=5, components=["unet"])
+    b = write_base(tmp_path / "b.safetensors", seed=5, components=["unet"])
+    c = write_base(tmp_path / "c.safetensors", seed=6, components=["unet"])
+    assert hash_file(a).autov3 == hash_file(b).autov3 != hash_file(c).autov3
+
+
+def test_child_has_a_planted_low_rank_delta_and_markers(family):
+    key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    with SafetensorsFile(family["base"]) as p, SafetensorsFile(family["child"]) as c, SafetensorsFile(family["vchild"]) as v:
+        delta = c.read(key).float() - p.read(key).float()
+        s = torch.linalg.svdvals(delta)
+        assert s[7] > 10 * s[8]  # rank 8 planted, noise far below it
+        assert 0.01 < (delta.norm() / p.read(key).float().norm()).item() < 0.2
+        vae = "first_stage_model.decoder.conv_in.weight"
+        assert torch.equal(c.read(vae), p.read(vae))  # the VAE is not fine-tuned by default
+        ids = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+        assert torch.equal(c.read(ids), torch.arange(77).reshape(1, 77))
+        assert "v_pred" in v and "ztsnr" in v and "v_pred" not in c
+
+
+def test_other_dtypes_and_components(tmp_path):
+    path = write_base(tmp_path / "bf.safetensors", dtype="BF16", components=["unet", "vae"])
+    with SafetensorsFile(path) as f:
+        assert {i.dtype for i in f.tensors.values()} == {"BF16"}
+        assert not any(k.startswith("conditioner.") for k in f.keys())
