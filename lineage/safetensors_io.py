@@ -252,6 +252,12 @@ def refuse_overwriting_inputs(output: str | os.PathLike, inputs: Iterable[str | 
             raise LineageError("output path is one of the inputs; choose another output file", out)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = tensor.detach().to("cpu").contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
@@ -299,6 +305,7 @@ class SafetensorsWriter:
             raise LineageError(f"cannot create output ({e.strerror})", self.path) from None
         self._fd = fd
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the user's usual mode
             self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
         except BaseException:
             self.abort()

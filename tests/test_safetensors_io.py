@@ -120,3 +120,11 @@ def test_refuses_to_overwrite_an_input(tmp_path):
 def test_metadata_must_be_strings(tmp_path):
     with pytest.raises(LineageError, match="strings to strings"):
         SafetensorsWriter(tmp_path / "m.safetensors", {}, {"n": 1})
+
+
+def test_output_gets_the_usual_file_mode(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"x": torch.ones(1)}, path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
