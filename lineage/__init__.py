@@ -1,21 +1,46 @@
 """lineage: family trees, streaming merges and adapters for SDXL checkpoints.
 
-The public API is this module's functions; the `lmerge` command line is a thin layer over them.
-Subpackages that build on the core (merging, adapters, training) are imported on first use, so
-`import lineage` stays fast and they can import the core without a cycle.
+The public API is the names below; the `lmerge` command line is a thin layer over them. Each name
+is imported from its module on first use (PEP 562), so `import lineage` and `lmerge hash` do not
+pay for torch until they need it, and the subpackages that build on the core (merge/, adapters/,
+train/) can import the core without an import cycle.
 """
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .detect import detect, require_sdxl
-from .errors import CheckpointError, LineageError
-from .hashing import FileHashes, hash_file
-from .inspection import inspect_path as inspect
-from .safetensors_io import SafetensorsFile, SafetensorsWriter, read_header, save_file
-from .synthetic import write_base, write_child
+# public name -> "module:attribute" (modules relative to this package unless they start with a top-level package)
+_API: dict[str, str] = {
+    "CheckpointError": ".errors:CheckpointError",
+    "LineageError": ".errors:LineageError",
+    "FileHashes": ".hashing:FileHashes",
+    "hash_file": ".hashing:hash_file",
+    "SafetensorsFile": ".safetensors_io:SafetensorsFile",
+    "SafetensorsWriter": ".safetensors_io:SafetensorsWriter",
+    "read_header": ".safetensors_io:read_header",
+    "save_file": ".safetensors_io:save_file",
+    "detect": ".detect:detect",
+    "require_sdxl": ".detect:require_sdxl",
+    "inspect": ".inspection:inspect_path",
+    "write_base": ".synthetic:write_base",
+    "write_child": ".synthetic:write_child",
+}
 
-__all__ = [
-    "CheckpointError", "FileHashes", "LineageError", "SafetensorsFile", "SafetensorsWriter",
-    "detect", "hash_file", "inspect", "read_header", "require_sdxl", "save_file", "write_base", "write_child",
-]
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attribute = _API[name].split(":")
+    except KeyError:
+        raise AttributeError(f"module 'lineage' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), attribute)
+    globals()[name] = value  # cache: the next access is a plain lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
