@@ -11,8 +11,9 @@
 
 The file is memory-mapped and walked in chunks by two threads (hashlib and zlib release the GIL):
 one hashes the whole file, the other the data section, and each takes the CRC32 of half the chunks,
-which are joined with `crc32_combine`. Pages are dropped from the mapping once both threads are past
-them, so resident memory stays at a few chunks whatever the file size.
+which are joined with `crc32_combine`. The threads run freely but stay within a window of chunks of
+each other, and a chunk's pages are dropped from the mapping once both are past it, so resident
+memory stays at a few chunks whatever the file size.
 """
 from __future__ import annotations
 
@@ -125,30 +126,41 @@ def hash_file(path: str | os.PathLike, chunk_size: int = CHUNK) -> FileHashes:
     )
 
 
-def _hash_mapped(mm: mmap.mmap, size: int, data_start: int | None, chunk_size: int) -> tuple[str, str | None, int]:
+def _hash_mapped(mm: mmap.mmap, size: int, data_start: int | None, chunk_size: int,
+                 window: int = 8) -> tuple[str, str | None, int]:
     chunks = [(a, min(a + chunk_size, size)) for a in range(0, size, chunk_size)]
     half = len(chunks) // 2  # thread 0 takes the CRC of chunks[:half], thread 1 of chunks[half:]
     view = memoryview(mm)
     sha_file, sha_data = hashlib.sha256(), hashlib.sha256()
     crcs = [0, 0]
-    barrier = threading.Barrier(2)
+    position = [0, 0]  # chunks each thread has finished
+    progress = threading.Condition()
     errors: list[BaseException] = []
 
     def work(worker: int) -> None:
+        other = 1 - worker
         try:
             for i, (a, b) in enumerate(chunks):
+                with progress:  # stay within `window` chunks of the other thread, bounding resident pages
+                    progress.wait_for(lambda: i < position[other] + window or errors)
+                if errors:
+                    return
                 if worker == 0:
                     sha_file.update(view[a:b])
                 elif data_start is not None and b > data_start:
                     sha_data.update(view[max(a, data_start):b])
                 if (i < half) == (worker == 0):
                     crcs[worker] = zlib.crc32(view[a:b], crcs[worker])
-                # Both threads are past this chunk: let the kernel drop its pages from our RSS.
-                if barrier.wait() == 0:
+                with progress:
+                    position[worker] = i + 1
+                    both_done = position[other] > i
+                    progress.notify_all()
+                if both_done:  # the other thread is past this chunk too: drop its pages from our RSS
                     mm.madvise(mmap.MADV_DONTNEED, a, b - a)
         except BaseException as e:  # pragma: no cover - re-raised below
-            errors.append(e)
-            barrier.abort()
+            with progress:
+                errors.append(e)
+                progress.notify_all()
 
     threads = [threading.Thread(target=work, args=(w,)) for w in (0, 1)]
     for t in threads:
@@ -156,9 +168,8 @@ def _hash_mapped(mm: mmap.mmap, size: int, data_start: int | None, chunk_size: i
     for t in threads:
         t.join()
     view.release()
-    causes = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
-    if causes:
-        raise causes[0]
+    if errors:
+        raise errors[0]
     second_len = sum(b - a for a, b in chunks[half:])
     crc = crc32_combine(crcs[0], crcs[1], second_len)
     return sha_file.hexdigest(), (sha_data.hexdigest() if data_start is not None else None), crc
