@@ -1,0 +1,427 @@
+"""Merge methods against hand computations on small tensors (HANDBOOK §7)."""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+
+import pytest
+import torch
+
+from lineage.errors import LineageError
+from merge import methods, rng
+from merge.methods import METHODS, get_method, merge_method
+
+
+def t(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def typical_count(method_name: str) -> int:
+    """3 models for methods that take any number, else the number the method takes."""
+    method = get_method(method_name)
+    return method.min_models if method.max_models is not None else max(3, method.min_models)
+
+
+def sample_inputs(method_name: str, shape=(3, 4, 2, 2), count: int | None = None) -> list[torch.Tensor]:
+    """Close-but-different fp32 models for `method_name` (the base first when it needs one)."""
+    count = count or typical_count(method_name)
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(shape, generator=g)
+    return [base] + [base + 0.1 * torch.randn(shape, generator=g) for _ in range(count - 1)]
+
+
+def call(method_name: str, *models: torch.Tensor, **params) -> torch.Tensor:
+    method = get_method(method_name)
+    if method.random:
+        params.setdefault("seed", 1234)
+    return method.fn(*models, **params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Common contract
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_returns_fp32_of_the_input_shape_and_leaves_inputs_alone(name):
+    inputs = sample_inputs(name)
+    copies = [x.clone() for x in inputs]
+    out = call(name, *inputs)
+    assert out.dtype == torch.float32 and out.shape == inputs[0].shape
+    assert torch.isfinite(out).all()
+    for x, original in zip(inputs, copies):
+        assert torch.equal(x, original)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_documents_each_of_its_parameters(name):
+    method = get_method(name)
+    assert method.doc
+    for parameter in method.defaults:
+        assert parameter in method.doc, (name, parameter)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_merging_identical_models_gives_that_model(name):
+    x = sample_inputs(name)[0]
+    assert torch.allclose(call(name, *[x] * typical_count(name)), x, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n, m in sorted(METHODS.items()) if m.elementwise])
+def test_elementwise_methods_give_the_same_result_on_pieces(name):
+    inputs = sample_inputs(name, shape=(5, 7))
+    whole = call(name, *inputs)
+    pieces = torch.cat([call(name, *(x.reshape(-1)[i:i + 4] for x in inputs)) for i in range(0, 35, 4)])
+    assert torch.allclose(whole.reshape(-1), pieces, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ties", "train_difference", "task_arithmetic", "breadcrumbs", "geometric_median"])
+def test_slicing_inside_a_method_does_not_change_its_result(monkeypatch, name):
+    inputs = sample_inputs(name, shape=(10, 13))
+    whole = call(name, *inputs)
+    monkeypatch.setattr(methods, "_CHUNK", 7)  # 130 entries in 19 uneven slices
+    assert torch.allclose(call(name, *inputs), whole, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, count, message", [
+    ("weighted_sum", 3, "takes 2 models, got 3"),
+    ("add_difference", 2, "takes 3 models, got 2"),
+    ("ties", 1, "takes at least 2 models (the base first), got 1"),
+    ("model_stock", 2, "takes at least 3 models (the base first), got 2"),
+    ("geometric_median", 2, "takes at least 3 models, got 2"),
+])
+def test_model_count_errors_name_the_method_and_the_counts(name, count, message):
+    with pytest.raises(LineageError, match=re.escape(f"merge method {name!r} {message}")):
+        get_method(name).check_model_count(count)
+    get_method(name).check_model_count(get_method(name).min_models)
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(LineageError, match="unknown merge method 'tie'; known: .*ties"):
+        get_method("tie")
+
+
+def test_a_user_registers_a_method_from_a_script(monkeypatch):
+    monkeypatch.setattr(methods, "METHODS", dict(METHODS))
+
+    @merge_method("midpoint_plus", min_models=2, max_models=2, elementwise=True)
+    def midpoint_plus(a, b, *, offset: float = 0.0):
+        """The midpoint of A and B plus `offset`."""
+        return (a + b) / 2 + offset
+
+    registered = methods.get_method("midpoint_plus")
+    assert registered.defaults == {"offset": 0.0} and registered.elementwise and not registered.random
+    assert registered.doc == "The midpoint of A and B plus `offset`."
+    assert torch.equal(registered.fn(t(1.0, 2.0), t(3.0, 6.0), offset=1.0), t(3.0, 5.0))
+    with pytest.raises(LineageError, match="takes 2 models"):
+        registered.check_model_count(3)
+
+
+def test_random_methods_are_marked_and_their_seed_is_not_a_parameter():
+    assert {n for n, m in METHODS.items() if m.random} == {"dare_linear", "dare_ties", "della"}
+    for name in ("dare_linear", "dare_ties", "della"):
+        assert "seed" not in get_method(name).defaults
+        assert inspect.signature(get_method(name).fn).parameters["seed"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+# ---------------------------------------------------------------------------------------------
+# Two models
+
+
+def test_weighted_sum_alpha_is_the_weight_of_b():
+    assert torch.equal(methods.weighted_sum(t(1.0, 2.0), t(3.0, 6.0), alpha=0.25), t(1.5, 3.0))
+
+
+def test_add_difference():
+    assert torch.allclose(methods.add_difference(t(1.0, 1.0), t(3.0, 0.0), t(2.0, 2.0), alpha=0.5), t(1.5, 0.0))
+
+
+def test_train_difference_worked_by_hand():
+    a, b, c = t(0.0, 1.0, 2.0), t(1.0, 1.0, 4.0), t(0.0, 1.0, 0.0)
+    # entry 0: B−C = 1, |B−A| = 1, |B−C| = 1 -> share 1/2 -> 0 + 1.8·0.5·1·1/2 = 0.45
+    # entry 1: B−C = 0 and |B−A| = 0 -> unchanged
+    # entry 2: B−C = 4, |B−A| = 2, |B−C| = 4 -> share 1/3 -> 2 + 1.8·0.5·4/3 = 3.2
+    assert torch.allclose(methods.train_difference(a, b, c, alpha=0.5), t(0.45, 1.0, 3.2))
+
+
+def test_slerp_endpoints_are_the_models():
+    a, b = t(1.0, 2.0, -1.0), t(-2.0, 0.5, 3.0)
+    assert torch.equal(methods.slerp(a, b, alpha=0.0), a)
+    assert torch.allclose(methods.slerp(a, b, alpha=1.0), b, atol=1e-6)
+
+
+def test_slerp_at_a_known_angle_stays_on_the_circle():
+    # A and B at 90°: halfway is at 45° with the same radius 2, not the chord's midpoint (1, 1).
+    assert torch.allclose(methods.slerp(t(2.0, 0.0), t(0.0, 2.0), alpha=0.5), t(math.sqrt(2), math.sqrt(2)))
+    # A third of the way from A to B at 120°: the point at 40° on the unit circle.
+    a, b = t(1.0, 0.0), t(math.cos(2 * math.pi / 3), math.sin(2 * math.pi / 3))
+    expected = t(math.cos(2 * math.pi / 9), math.sin(2 * math.pi / 9))
+    assert torch.allclose(methods.slerp(a, b, alpha=1 / 3), expected, atol=1e-6)
+
+
+def test_slerp_falls_back_to_the_weighted_sum_for_parallel_or_zero_tensors():
+    a = t(1.0, 2.0, 3.0)
+    assert torch.equal(methods.slerp(a, 2 * a, alpha=0.5), 1.5 * a)  # cos = 1
+    assert torch.equal(methods.slerp(a, -a, alpha=0.25), 0.5 * a)  # cos = −1
+    assert torch.equal(methods.slerp(torch.zeros(3), a, alpha=0.5), 0.5 * a)  # no angle
+
+
+# ---------------------------------------------------------------------------------------------
+# Any number of models
+
+
+def test_linear_normalises_the_weights():
+    models = [t(0.0, 4.0), t(4.0, 0.0), t(8.0, 8.0)]
+    assert torch.allclose(methods.linear(*models, weights=[1, 1, 2]), t(5.0, 5.0))
+    assert torch.allclose(methods.linear(*models, weights=[0.25, 0.25, 0.5]), t(5.0, 5.0))
+    assert torch.allclose(methods.linear(*models), t(4.0, 4.0))
+    assert torch.allclose(methods.linear(models[0], models[1], weights=[0.75, 0.25]),
+                          methods.weighted_sum(models[0], models[1], alpha=0.25))
+
+
+def test_linear_refuses_bad_weights():
+    with pytest.raises(LineageError, match="'linear': 2 weights given for 3 models"):
+        methods.linear(t(1.0), t(2.0), t(3.0), weights=[1, 2])
+    with pytest.raises(LineageError, match="weights sum to 0"):
+        methods.linear(t(1.0), t(2.0), weights=[1, -1])
+
+
+def test_geometric_median_of_points_with_known_medians():
+    # Collinear points: the median is the middle one, whatever the outlier's distance.
+    assert torch.allclose(methods.geometric_median(t(0.0), t(1.0), t(10.0)), t(1.0), atol=1e-5)
+    # An equilateral triangle: the centroid.
+    s3 = math.sqrt(3)
+    assert torch.allclose(methods.geometric_median(t(0.0, 0.0), t(2.0, 0.0), t(1.0, s3)), t(1.0, s3 / 3), atol=1e-5)
+    # A triangle with an angle of at least 120° at the origin: the median is that vertex.
+    assert torch.allclose(methods.geometric_median(t(0.0, 0.0), t(1.0, 0.0), t(-1.0, 0.1)), t(0.0, 0.0), atol=1e-5)
+    # Four square corners plus the centre, with the centre weighted down: still the centre (symmetry).
+    corners = [t(0.0, 0.0), t(2.0, 0.0), t(0.0, 2.0), t(2.0, 2.0), t(1.0, 1.0)]
+    assert torch.allclose(methods.geometric_median(*corners, weights=[1, 1, 1, 1, 0.1]), t(1.0, 1.0), atol=1e-5)
+
+
+def test_geometric_median_weights_pull_it_to_a_heavy_model():
+    # A weight larger than the others' sum puts the median on that model.
+    assert torch.allclose(methods.geometric_median(t(0.0), t(1.0), t(10.0), weights=[1, 1, 3]), t(10.0), atol=1e-5)
+
+
+def test_geometric_median_is_robust_where_the_mean_is_not():
+    g = torch.Generator().manual_seed(0)
+    cluster = [torch.randn(1000, generator=g) * 0.01 for _ in range(4)]
+    outlier = torch.full((1000,), 50.0)
+    median = methods.geometric_median(*cluster, outlier)
+    assert median.abs().max() < 0.05 < methods.linear(*cluster, outlier).abs().min()
+
+
+# ---------------------------------------------------------------------------------------------
+# Over a base
+
+
+def test_task_arithmetic_adds_weighted_deltas():
+    base, m1, m2 = t(1.0, 1.0), t(2.0, 1.0), t(1.0, 3.0)  # τ1 = (1, 0), τ2 = (0, 2)
+    assert torch.allclose(methods.task_arithmetic(base, m1, m2, weights=[1, 0.5], alpha=2.0), t(3.0, 3.0))
+    assert torch.allclose(methods.task_arithmetic(base, m1, m2, weights=[1, -1]), t(2.0, -1.0))
+
+
+# A 2×3 TIES example worked by hand, base 10 everywhere. Per model, density 0.5 keeps the 3
+# largest |τ| of 6 (threshold = the 3rd largest):
+#   τ1 = [[ 3, -1, 0.5], [ 2, -4,  1]]   keeps 3, 2, -4          (threshold 2)
+#   τ2 = [[-2, -3, 1  ], [0.5, 5, -1]]   keeps -2, -3, 5         (threshold 2)
+#   τ3 = [[ 4,  2, -3 ], [-1, 0.25, 1]]  keeps 4, 2, -3          (threshold 2)
+# weights 1, 1, 2. Elected sign = sign(Σ wᵢ·kept τᵢ):
+#   (0,0): 3 - 2 + 8 = 9 (+): τ1 and τ3 agree -> (1·3 + 2·4) / (1 + 2) = 11/3
+#   (0,1): -3 + 4 = 1 (+): τ3 only -> 2   (with the untrimmed -1 of τ1 the sum would be 0)
+#   (0,2): -6 (-): τ3 -> -3
+#   (1,0): 2 (+): τ1 -> 2
+#   (1,1): -4 + 5 = 1 (+): τ2 -> 5
+#   (1,2): nothing kept -> 0
+TIES_TAUS = [t([3, -1, 0.5], [2, -4, 1]), t([-2, -3, 1], [0.5, 5, -1]), t([4, 2, -3], [-1, 0.25, 1])]
+TIES_MERGED_DELTA = t([11 / 3, 2, -3], [2, 5, 0])
+
+
+def test_ties_on_a_2x3_example_worked_by_hand():
+    base = torch.full((2, 3), 10.0)
+    out = methods.ties(base, *(base + tau for tau in TIES_TAUS), weights=[1, 1, 2], density=0.5, alpha=0.5)
+    assert torch.allclose(out, base + 0.5 * TIES_MERGED_DELTA)
+
+
+def test_ties_weights_only_matter_relative_to_each_other():
+    base = torch.zeros(2, 3)
+    models = [base + tau for tau in TIES_TAUS]
+    assert torch.allclose(methods.ties(base, *models, weights=[1, 1, 2], density=0.5),
+                          methods.ties(base, *models, weights=[0.5, 0.5, 1], density=0.5))
+
+
+def test_ties_keeps_every_entry_tied_with_the_smallest_kept_magnitude():
+    base = torch.zeros(4)
+    # density 0.5 of 4 entries = 2, but the 2nd largest |τ| (2) is tied: both 2s are kept.
+    assert torch.equal(methods.ties(base, t(1.0, -2.0, 2.0, 3.0), density=0.5), t(0.0, -2.0, 2.0, 3.0))
+
+
+def test_ties_on_tiny_tensors_keeps_at_least_one_entry():
+    assert torch.equal(methods.ties(torch.zeros(1), t(0.5), density=0.2), t(0.5))  # round(0.2) would be 0
+    assert torch.equal(methods.ties(torch.zeros(3), t(0.1, -0.3, 0.2), density=0.2), t(0.0, -0.3, 0.0))
+    scalar = methods.ties(torch.tensor(1.0), torch.tensor(3.0), torch.tensor(2.0), density=0.5)
+    assert scalar.shape == () and scalar.item() == 2.5
+    assert methods.ties(torch.zeros(0), torch.zeros(0)).shape == (0,)
+
+
+def test_ties_density_one_is_a_sign_elected_mean_and_zero_is_the_base():
+    base = torch.zeros(3)
+    m1, m2 = t(1.0, -1.0, 2.0), t(3.0, 1.0, -1.0)
+    # every entry kept: (0) both +, mean 2; (1) -1 + 1 = 0: no sign, 0; (2) 2 - 1 = 1 (+): 2
+    assert torch.equal(methods.ties(base, m1, m2, density=1.0), t(2.0, 0.0, 2.0))
+    assert torch.equal(methods.ties(base, m1, m2, density=0.0), base)
+
+
+def test_ties_threshold_is_exact_up_to_the_limit_and_close_above():
+    g = torch.Generator().manual_seed(3)
+    small = torch.randn(methods.EXACT_RANK_LIMIT, generator=g)
+    kept = (methods.ties(torch.zeros_like(small), small, density=0.2) != 0).sum().item()
+    assert kept == round(0.2 * small.numel())  # continuous values: no ties
+    # Above the limit the threshold comes from a spread sample: rows with different scales and
+    # a column structure must not bias it.
+    large = torch.randn(600, 3000, generator=g) * torch.linspace(0.1, 3, 3000)
+    share = (methods.ties(torch.zeros_like(large), large, density=0.2) != 0).float().mean().item()
+    assert abs(share - 0.2) < 0.003
+
+
+def test_ties_refuses_bad_parameters():
+    base, m = torch.zeros(3), torch.ones(3)
+    with pytest.raises(LineageError, match="'ties': density must be in \\[0, 1\\], got 1.5"):
+        methods.ties(base, m, density=1.5)
+    with pytest.raises(LineageError, match="'ties': weights must be positive"):
+        methods.ties(base, m, m, weights=[1, 0])
+    with pytest.raises(LineageError, match="'ties': 1 weights given for 2 models"):
+        methods.ties(base, m, m, weights=[1])
+
+
+def _dare_mask(seed: int, stream: int, shape, density: float) -> torch.Tensor:
+    return rng.keep_mask(seed, stream, shape, density)
+
+
+def test_dare_linear_keeps_at_density_and_preserves_the_expectation():
+    base = torch.zeros(1 << 20)
+    tau = torch.full_like(base, 2.0)
+    out = methods.dare_linear(base, base + tau, density=0.3, seed=5)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.003  # σ ≈ 0.0005
+    assert torch.allclose(out[kept], torch.tensor(2.0 / 0.3))  # rescaled by 1/density
+    assert abs(out.mean().item() - 2.0) < 0.02  # E[mask/density·τ] = τ
+
+
+def test_dare_linear_is_task_arithmetic_of_the_masked_rescaled_deltas():
+    base, m1, m2 = sample_inputs("dare_linear", shape=(6, 5))
+    masks = [_dare_mask(11, stream, base.shape, 0.4) for stream in (1, 2)]
+    expected = base + 0.5 * (2.0 * masks[0] * (m1 - base) / 0.4 + 1.0 * masks[1] * (m2 - base) / 0.4)
+    out = methods.dare_linear(base, m1, m2, weights=[2, 1], density=0.4, alpha=0.5, seed=11)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_dare_ties_elects_signs_over_the_masked_rescaled_deltas():
+    base = torch.zeros(2, 3)
+    models = [base + tau for tau in TIES_TAUS]
+    masks = [_dare_mask(3, stream, base.shape, 0.5) for stream in (1, 2, 3)]
+    kept = [m * tau / 0.5 for m, tau in zip(masks, TIES_TAUS)]
+    elected = kept[0] + kept[1] + 2 * kept[2]
+    num = sum(w * k * (k * elected > 0) for w, k in zip((1, 1, 2), kept))
+    den = sum(w * (k * elected > 0).float() for w, k in zip((1, 1, 2), kept))
+    expected = torch.where(den > 0, num / den, 0.0)
+    out = methods.dare_ties(base, *models, weights=[1, 1, 2], density=0.5, seed=3)
+    assert torch.allclose(out, expected)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della"])
+def test_random_methods_reproduce_with_a_seed_and_change_with_another(name):
+    inputs = sample_inputs(name, shape=(64, 64))
+    first = call(name, *inputs, seed=42)
+    assert torch.equal(call(name, *inputs, seed=42), first)
+    assert not torch.equal(call(name, *inputs, seed=43), first)
+
+
+def test_dare_draws_an_independent_mask_per_model():
+    base = torch.zeros(4096)
+    same = torch.ones(4096)
+    out = methods.dare_linear(base, same, same, weights=[1, 0], density=0.5, seed=9)
+    other = methods.dare_linear(base, same, same, weights=[0, 1], density=0.5, seed=9)
+    agreement = ((out != 0) == (other != 0)).float().mean().item()
+    assert 0.45 < agreement < 0.55  # independent masks agree on half the entries, equal ones on all
+
+
+def test_dare_refuses_zero_density():
+    with pytest.raises(LineageError, match="'dare_ties': density must be in \\(0, 1\\], got 0"):
+        methods.dare_ties(torch.zeros(2), torch.ones(2), density=0, seed=1)
+
+
+def test_della_keeps_large_magnitudes_more_often_and_preserves_the_expectation():
+    rows, n = 400, 1000
+    base = torch.zeros(rows, n)
+    tau = torch.linspace(0.01, 1.0, n).repeat(rows, 1)  # rank r = column r in every row
+    pruned = methods._della_deltas(base, [base + tau], seed=8, density=0.5, epsilon=0.2)[0]
+    keep_rate = (pruned != 0).float().mean(dim=0)
+    # p(rank r) = 0.5 - 0.2 + 0.4·(r + ½)/n: 0.3002 for the smallest, 0.6998 for the largest
+    assert abs(keep_rate[:100].mean().item() - (0.3 + 0.4 * 0.05)) < 0.01
+    assert abs(keep_rate[-100:].mean().item() - (0.7 - 0.4 * 0.05)) < 0.01
+    assert abs(keep_rate.mean().item() - 0.5) < 0.005
+    assert abs(pruned.mean(dim=0) / tau[0] - 1).mean().item() < 0.05  # E[mask/p·τ] = τ
+
+
+def test_della_with_one_model_is_the_base_plus_the_pruned_delta():
+    base, m = sample_inputs("della", shape=(8, 16), count=2)
+    pruned = methods._della_deltas(base, [m], seed=4, density=0.6, epsilon=0.1)[0]
+    assert torch.allclose(methods.della(base, m, density=0.6, epsilon=0.1, alpha=0.5, seed=4), base + 0.5 * pruned)
+
+
+def test_della_refuses_an_epsilon_beyond_the_density():
+    with pytest.raises(LineageError, match="epsilon must be in \\[0, min\\(density, 1 - density\\)\\]"):
+        methods.della(torch.zeros(4), torch.ones(4), density=0.8, epsilon=0.3, seed=1)
+
+
+def test_breadcrumbs_drops_the_largest_and_the_smallest_worked_by_hand():
+    base = torch.zeros(10)
+    tau = t(*range(1, 11)) * torch.tensor([1.0, -1.0] * 5)  # |τ| = 1..10
+    # gamma 0.1 drops the largest (10); density 0.5 keeps the next 5 (9..5); the smallest 4 go.
+    out = methods.breadcrumbs(base, base + tau, density=0.5, gamma=0.1, alpha=2.0)
+    assert torch.equal(out, 2.0 * tau * (tau.abs() >= 5) * (tau.abs() < 10))
+
+
+def test_breadcrumbs_keeps_small_tensors():
+    # mergekit's version drops all 3 entries here (no entry is an outlier at gamma 0.01, and its
+    # `sorted[n_bottom:-0]` selects nothing); we keep round(0.9·3) = 3 of them.
+    base = torch.zeros(3)
+    tau = t(0.5, -1.0, 2.0)
+    assert torch.equal(methods.breadcrumbs(base, base + tau, density=0.9, gamma=0.01), tau)
+    assert torch.equal(methods.breadcrumbs(torch.zeros(1), t(0.25)), t(0.25))
+
+
+def test_breadcrumbs_weights_are_not_normalised_and_parameters_are_checked():
+    base, m1, m2 = torch.zeros(4), t(1.0, 2.0, 3.0, 4.0), t(4.0, 3.0, 2.0, 1.0)
+    out = methods.breadcrumbs(base, m1, m2, weights=[1, 2], density=1.0, gamma=0.0)
+    assert torch.equal(out, m1 + 2 * m2)
+    with pytest.raises(LineageError, match="density \\+ gamma must be at most 1"):
+        methods.breadcrumbs(base, m1, density=0.95, gamma=0.1)
+
+
+def test_model_stock_follows_its_formula():
+    base = t(1.0, 1.0)
+    m1, m2 = base + t(1.0, 0.0), base + t(1.0, 1.0)  # τ at 45°: cos θ = 1/√2
+    cos = 1 / math.sqrt(2)
+    ratio = 2 * cos / (1 + cos)  # k = 2
+    average = (m1 + m2) / 2
+    assert torch.allclose(methods.model_stock(base, m1, m2), ratio * average + (1 - ratio) * base)
+
+
+def test_model_stock_with_three_models_averages_the_pairwise_cosines():
+    base = torch.zeros(3)
+    models = [t(1.0, 0.0, 0.0), t(1.0, 1.0, 0.0), t(0.0, 1.0, 0.0)]  # cosines 1/√2, 1/√2, 0
+    cos = (2 / math.sqrt(2)) / 3
+    ratio = 3 * cos / (1 + 2 * cos)
+    assert torch.allclose(methods.model_stock(base, *models), ratio * sum(models) / 3)
+
+
+def test_model_stock_orthogonal_or_zero_deltas_keep_the_base_and_equal_ones_the_average():
+    base = t(1.0, 2.0)
+    assert torch.equal(methods.model_stock(base, base + t(1.0, 0.0), base + t(0.0, 1.0)), base)
+    assert torch.equal(methods.model_stock(base, base, base + t(0.0, 1.0)), base)
+    same = base + t(0.5, 0.5)
+    assert torch.allclose(methods.model_stock(base, same, same), same)
+
