@@ -217,11 +217,16 @@ def _band(delta: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
     return delta.mul_(at_least_lower.mul_(magnitude.lt_(upper)))
 
 
-def _dare_deltas(base: torch.Tensor, models: Sequence[torch.Tensor], seed: int, density: float) -> list[torch.Tensor]:
-    """Each τᵢ with its entries kept with probability `density` (RNG stream i, 1-based), rescaled by
-    1/density so its expectation is τᵢ."""
-    return [delta.mul_(rng.keep_mask(seed, stream, delta.shape, density, delta.device)).div_(density)
-            for stream, delta in enumerate(_deltas(base, models), start=1)]
+def _dare_masks(base: torch.Tensor, model_count: int, seed: int, density: float) -> list[torch.Tensor]:
+    """DARE's keep masks: model i keeps an entry with probability `density`, from RNG stream i (1-based)."""
+    return [rng.keep_mask(seed, stream, base.shape, density, base.device) for stream in range(1, model_count + 1)]
+
+
+def _dare_deltas(base: torch.Tensor, models: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                 density: float) -> list[torch.Tensor]:
+    """Each τᵢ with its masked-out entries set to 0 and the kept ones rescaled by 1/density, so that
+    its expectation is τᵢ."""
+    return [delta.mul_(mask).div_(density) for delta, mask in zip(_deltas(base, models), masks)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +344,7 @@ def task_arithmetic(base: torch.Tensor, *models: torch.Tensor, weights: Sequence
                     alpha: float = 1.0) -> torch.Tensor:
     """b + alpha·Σ wᵢτᵢ (Ilharco 2023). `weights` (None: all 1) are not normalised: two fine-tunes
     with weights 1 add both their deltas in full; a negative weight subtracts a model's delta.
-    With one model and weight 1 this is add_difference(θ, ..., b) / weighted_sum(b, θ, alpha)."""
+    With one model and weight 1 it is weighted_sum(b, θ, alpha)."""
     w = _model_weights("task_arithmetic", weights, len(models))
     if kernels.use_kernels(base, *models):
         return kernels.linear_combination((base, *models), (1 - alpha * sum(w), *(alpha * x for x in w)))
@@ -386,10 +391,16 @@ def dare_linear(base: torch.Tensor, *models: torch.Tensor, weights: Sequence[flo
     _check_fraction("dare_linear", "density", density, allow_zero=False)
     if kernels.use_kernels(base, *models):
         return kernels.dare(base, models, seed, w, density, alpha, elect_sign=False)
-    out = base.clone()
-    for delta, wi in zip(_dare_deltas(base, models, seed, density), w):
-        out.add_(delta, alpha=alpha * wi)
-    return out
+    masks = _dare_masks(base, len(models), seed, density)
+
+    def on_slice(base: torch.Tensor, *models_then_masks: torch.Tensor) -> torch.Tensor:
+        models, masks = models_then_masks[:len(w)], models_then_masks[len(w):]
+        out = base.clone()
+        for delta, wi in zip(_dare_deltas(base, models, masks, density), w):
+            out.add_(delta, alpha=alpha * wi)
+        return out
+
+    return _elementwise(on_slice, base, *models, *masks)
 
 
 @merge_method("dare_ties", needs_base=True, min_models=2, random=True)
@@ -402,7 +413,13 @@ def dare_ties(base: torch.Tensor, *models: torch.Tensor, weights: Sequence[float
     _check_fraction("dare_ties", "density", density, allow_zero=False)
     if kernels.use_kernels(base, *models):
         return kernels.dare(base, models, seed, w, density, alpha, elect_sign=True)
-    return _elect_and_fuse(_dare_deltas(base, models, seed, density), w).mul_(alpha).add_(base)
+    masks = _dare_masks(base, len(models), seed, density)
+
+    def on_slice(base: torch.Tensor, *models_then_masks: torch.Tensor) -> torch.Tensor:
+        models, masks = models_then_masks[:len(w)], models_then_masks[len(w):]
+        return _elect_and_fuse(_dare_deltas(base, models, masks, density), w).mul_(alpha).add_(base)
+
+    return _elementwise(on_slice, base, *models, *masks)
 
 
 def _della_deltas(base: torch.Tensor, models: Sequence[torch.Tensor], seed: int, density: float,
@@ -470,8 +487,8 @@ def breadcrumbs(base: torch.Tensor, *models: torch.Tensor, weights: Sequence[flo
 @merge_method("model_stock", needs_base=True, min_models=3)
 def model_stock(base: torch.Tensor, *models: torch.Tensor) -> torch.Tensor:
     """Model Stock (Jang 2024): t·avg + (1 − t)·b with avg the mean of the k fine-tunes and
-    t = k·cos θ / (1 + (k − 1)·cos θ), θ the mean pairwise angle between their τᵢ (cos θ clipped
-    to [0, 1]; a zero τ counts as orthogonal). No parameters: t comes from the weights themselves."""
+    t = k·cos θ / (1 + (k − 1)·cos θ), cos θ the mean of the pairwise cosines between their τᵢ
+    (clipped to [0, 1]; a zero τ counts as orthogonal). No parameters: t comes from the weights themselves."""
     deltas = _deltas(base, models)
     cosines = [_cosine(x, y) for i, x in enumerate(deltas) for y in deltas[i + 1:]]
     cos = min(1.0, max(0.0, sum(c or 0.0 for c in cosines) / len(cosines)))
