@@ -27,6 +27,7 @@ _API: dict[str, str] = {
     "inspect": ".inspection:inspect_path",
     "write_base": ".synthetic:write_base",
     "write_child": ".synthetic:write_child",
+    "record": ".record:record",
 }
 
 __all__ = sorted(_API)

@@ -96,5 +96,6 @@ def generate(output: str, size: str, seed: int, dtype: str, parent: str | None, 
     else:
         write_base(output, size=size, seed=seed, dtype=dtype, prediction_type=prediction_type or "epsilon")
     click.echo(f"wrote {output}")
+from .graph_commands import register; register(main)  # noqa: E402,E702 - add, scan, link, tree, compat, hub, registry
 if __name__ == "__main__":
     main()

@@ -28,3 +28,34 @@ def lmerge():
         return result.exit_code, result.stdout, result.stderr
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def isolated_registry(tmp_path_factory, monkeypatch):
+    """Every test (and every process it starts) records into its own registry, never the user's."""
+    home = tmp_path_factory.mktemp("lineage-home")
+    monkeypatch.setenv("LINEAGE_HOME", str(home))
+    return home / "registry.sqlite"
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Factory for tiny safetensors files (a few hundred bytes) that detect as an SDXL checkpoint or,
+    with lora=True, a kohya SDXL LoRA; `seed` makes the tensor data (and so the AutoV3) differ."""
+    import torch
+
+    from lineage.safetensors_io import save_file
+
+    def make(name: str, seed: int, metadata: dict[str, str] | None = None, lora: bool = False) -> str:
+        g = torch.Generator().manual_seed(seed)
+        if lora:
+            key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+            tensors = {f"{key}.lora_down.weight": torch.randn(4, 8, generator=g),
+                       f"{key}.lora_up.weight": torch.randn(8, 4, generator=g)}
+        else:
+            tensors = {"model.diffusion_model.label_emb.0.0.weight": torch.randn(4, 4, generator=g)}
+        path = tmp_path / name
+        save_file(tensors, path, metadata)
+        return str(path)
+
+    return make

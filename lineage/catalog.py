@@ -1,0 +1,70 @@
+"""The built-in family catalog (`data/catalog.json`): the known SDXL anime family, as a graph.
+
+The catalog is a read-only base layer under every user's registry, so that `lmerge tree` shows the
+real family on a fresh install and a user's files can be linked to the models they are copies of.
+Its facts come from the seed articles and HANDBOOK §1; `tests/test_catalog_data.py` checks them.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from typing import Any
+
+import networkx as nx
+
+from .errors import LineageError
+
+CATALOG_SCHEMA = 1
+HUGGINGFACE_MODEL_URL = "https://huggingface.co/"
+
+
+@functools.cache
+def catalog_document() -> dict[str, Any]:
+    """The catalog file as shipped (schema 1: {schema, description, nodes, edges})."""
+    source = resources.files("lineage") / "data" / "catalog.json"
+    document = json.loads(source.read_text(encoding="utf-8"))
+    if document.get("schema") != CATALOG_SCHEMA:
+        raise LineageError(f"built-in catalog has schema {document.get('schema')!r}, expected {CATALOG_SCHEMA}",
+                           str(source))
+    return document
+
+
+@functools.cache
+def catalog_graph() -> nx.DiGraph:
+    """The catalog as a frozen lineage graph; every node and edge has `source: "catalog"`."""
+    document = catalog_document()
+    graph = nx.DiGraph()
+    for node in document["nodes"]:
+        attrs = {k: v for k, v in node.items() if k != "id"}
+        graph.add_node(node["id"], **attrs, source="catalog")
+    for edge in document["edges"]:
+        attrs = {k: v for k, v in edge.items() if k not in ("parent", "child")}
+        graph.add_edge(edge["parent"], edge["child"], **attrs, source="catalog")
+    return nx.freeze(graph)
+
+
+def is_catalog_node(node_id: str) -> bool:
+    return node_id in catalog_graph()
+
+
+def huggingface_repo(attrs: dict[str, Any]) -> str | None:
+    """The `owner/name` of the first Hugging Face model page among a node's `urls`, if any."""
+    for url in attrs.get("urls", ()):
+        if url.startswith(HUGGINGFACE_MODEL_URL):
+            parts = url[len(HUGGINGFACE_MODEL_URL):].split("/")
+            if len(parts) >= 2 and parts[0] not in ("datasets", "spaces"):
+                return f"{parts[0]}/{parts[1]}"
+    return None
+
+
+@functools.cache
+def catalog_node_for_repo() -> dict[str, str]:
+    """Hugging Face repo id (lower case) -> catalog node id, for the catalog nodes that have one."""
+    graph = catalog_graph()
+    found = {}
+    for node_id, attrs in graph.nodes(data=True):
+        repo = huggingface_repo(attrs)
+        if repo:
+            found[repo.lower()] = node_id
+    return found

@@ -1,0 +1,262 @@
+"""`lmerge` commands for the lineage graph: add, scan, link, tree, compat, hub, registry.
+
+Each is a thin layer over `record`, `render`, `compat`, `hub` and `registry`; `register(main)` adds
+them to the command group in cli.py. Every command takes `--registry PATH` (default: $LINEAGE_HOME
+or the user data directory).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .errors import LineageError
+from .graph import RELATIONS, display_name, neighbourhood
+
+_REGISTRY_HELP = "Registry file (default: $LINEAGE_HOME/registry.sqlite, else the user data directory)."
+
+
+def _registry_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--registry", "registry_path", type=click.Path(), default=None, help=_REGISTRY_HELP)(command)
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _label(graph: Any, node: str) -> str:
+    name = display_name(graph, node)
+    return node if name == node else f"{name} [{node}]"
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.option("--parent", "parents", multiple=True,
+              help="A parent: a file, node id, hash or name. Repeat for a merge. "
+                   "Without --parent, the parents the file's metadata names are used.")
+@click.option("--relation", type=click.Choice(list(RELATIONS)),
+              help="How PATH was made from the parents (default: merge for several, else finetune).")
+@click.option("--weight", "weights", type=float, multiple=True, help="Weight of each --parent, in order (merges).")
+@click.option("--name", help="Display name (default: ModelSpec title or the file name).")
+@_registry_option
+def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tuple[float, ...], name: str | None,
+        registry_path: str | None) -> None:
+    """Record a checkpoint or adapter file in the registry."""
+    from .record import record, scan_file
+    from .registry import Registry
+
+    with Registry(registry_path) as reg:
+        if parents:
+            node_id = record(path, parents=parents, relation=relation or ("merge" if len(parents) > 1 else "finetune"),
+                             weights=weights or None, attrs={"name": name} if name else None, registry=reg)
+        elif weights or relation or name:
+            raise LineageError("--relation, --weight and --name go with --parent (metadata brings its own)")
+        else:
+            node_id = scan_file(path, reg)
+        graph = reg.graph()
+    click.echo(f"recorded {path} as {_label(graph, node_id)}")
+    for parent in sorted(graph.predecessors(node_id)):
+        edge = graph.edges[parent, node_id]
+        weight = f" {edge['weight']:.3g}" if edge.get("weight") is not None else ""
+        click.echo(f"  parent: {_label(graph, parent)} ({edge['relation']}{weight})")
+
+
+@click.command()
+@click.argument("directory", type=click.Path())
+@_registry_option
+def scan(directory: str, registry_path: str | None) -> None:
+    """Record every .safetensors file under DIRECTORY, linking the parents their metadata names
+    (our record, A1111, ModelSpec, sd-mecha, kohya). Running it again changes nothing."""
+    from .record import scan as scan_directory
+
+    result = scan_directory(directory, registry_path, on_file=lambda p: click.echo(f"reading {p}", err=True))
+    click.echo(f"recorded {len(result.recorded)} file(s); {result.edges} relation(s) from metadata")
+    for path, problem in result.failed:
+        click.echo(f"error: {problem}" if path in problem else f"error: {path}: {problem}", err=True)
+    if result.failed:
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.argument("node")
+@_registry_option
+def link(path: str, node: str, registry_path: str | None) -> None:
+    """Record the file PATH as a copy of the model NODE (e.g. a catalog entry: noobai-xl-vpred-1.0)."""
+    from .record import link as link_file
+    from .registry import Registry
+
+    with Registry(registry_path) as reg:
+        node_id = link_file(path, node, reg)
+        graph = reg.graph()
+    parent = next(p for p in graph.predecessors(node_id) if graph.edges[p, node_id]["relation"] == "convert")
+    click.echo(f"linked {path} ({node_id[:12]}) to {_label(graph, parent)}")
+
+
+@click.command()
+@click.argument("node", required=False)
+@click.option("--up", is_flag=True, help="Only NODE's ancestors.")
+@click.option("--down", is_flag=True, help="Only NODE's descendants.")
+@click.option("--depth", type=click.IntRange(min=1), help="At most this many generations from NODE.")
+@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot", "svg", "png", "pdf", "json", "graphml"]),
+              help="Output format (default: from -o's extension, else text).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file.")
+@_registry_option
+def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | None, output: str | None,
+         registry_path: str | None) -> None:
+    """Show the lineage tree: the whole family, or NODE's ancestors and descendants.
+
+    NODE is a recorded file, a node id (catalog slug or AutoV3), a hash prefix, a repo id or a name."""
+    from .atomic import atomic_write
+    from .record import node_for
+    from .registry import Registry
+    from .render import BINARY_FORMATS, format_for_path, render
+
+    with Registry(registry_path) as reg:
+        graph = reg.graph()
+        focus = node_for(node, reg) if node else None
+    if focus:
+        graph = neighbourhood(graph, focus, up=up or not down, down=down or not up, depth=depth)
+    elif up or down or depth:
+        raise LineageError("--up, --down and --depth need a NODE")
+    fmt = fmt or (format_for_path(output) if output else "text")
+    if fmt in BINARY_FORMATS and not output:
+        raise LineageError(f"--format {fmt} is binary: give -o FILE")
+    data = render(graph, fmt, focus)
+    if output:
+        atomic_write(output, data)
+        click.echo(f"wrote {output} ({graph.number_of_nodes()} models, {graph.number_of_edges()} relations)")
+    else:
+        click.echo(data, nl=False)
+
+
+@click.command()
+@click.argument("adapter")
+@click.argument("checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_registry_option
+def compat(adapter: str, checkpoint: str, as_json: bool, registry_path: str | None) -> None:
+    """Does ADAPTER (a LoRA, LoKr, ...) fit CHECKPOINT? Answered from the lineage graph; files are
+    recorded first. Exit code 1 when incompatible."""
+    from .compat import check
+    from .record import scan_file
+    from .registry import Registry
+
+    with Registry(registry_path) as reg:
+        ids = [scan_file(spec, reg) if os.path.isfile(spec) else reg.resolve(spec) for spec in (adapter, checkpoint)]
+        result = check(reg.graph(), *ids)
+    if as_json:
+        _echo_json(result.to_dict())
+    else:
+        click.echo(f"{result.verdict}: {result.reason}")
+    if not result.compatible:
+        sys.exit(1)
+
+
+@click.group()
+def hub() -> None:
+    """Hugging Face model cards: base_model chains in and out."""
+
+
+@hub.command("import")
+@click.argument("source")
+@click.option("--as", "as_node", help="The model a card FILE describes: its file, node id or repo id.")
+@click.option("--cards", "cards_dir", type=click.Path(file_okay=False),
+              help="Look for cards in CARDS/<owner>/<name>/README.md before asking the hub.")
+@click.option("--depth", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Follow base_model at most this many cards up.")
+@_registry_option
+def hub_import(source: str, as_node: str | None, cards_dir: str | None, depth: int, registry_path: str | None) -> None:
+    """Read SOURCE's model card (a repo id or a card file) and its base_model chain into the registry."""
+    from .hub import import_card
+
+    result = import_card(source, registry_path, as_node=as_node, cards_dir=cards_dir, max_depth=depth)
+    click.echo(f"imported {len(result.nodes)} model(s), {len(result.edges)} relation(s) starting at {result.root}")
+    for parent, child, relation in result.edges:
+        click.echo(f"  {parent} -> {child} ({relation})")
+    for repo, why in result.not_followed.items():
+        click.echo(f"  not followed: {repo}: {why}", err=True)
+
+
+@hub.command("card")
+@click.argument("node")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Update (or create) this README.md instead of printing the front matter.")
+@_registry_option
+def hub_card(node: str, output: str | None, registry_path: str | None) -> None:
+    """Write the model card front matter (base_model, base_model_relation) of NODE from the graph."""
+    from .hub import card_data, front_matter, write_card
+    from .record import node_for
+    from .registry import Registry
+
+    with Registry(registry_path) as reg:
+        node_id = node_for(node, reg)
+        graph = reg.graph()
+    if output:
+        missing = write_card(graph, node_id, output)
+        click.echo(f"wrote {output}")
+    else:
+        data, missing = card_data(graph, node_id)
+        click.echo(front_matter(data), nl=False)
+    if missing:
+        click.echo(f"left out (no Hugging Face repo id): {', '.join(missing)}", err=True)
+
+
+@click.group("registry")
+def registry_group() -> None:
+    """The registry file: where it is, export and import."""
+
+
+@registry_group.command("info")
+@_registry_option
+def registry_info(registry_path: str | None) -> None:
+    """Where the registry is and what it holds."""
+    from .registry import Registry
+
+    with Registry(registry_path) as reg:
+        user = reg.user_graph()
+    own = sum(attrs.get("source") != "catalog" for _, attrs in user.nodes(data=True))
+    click.echo(f"{reg.path}: {own} model(s), {user.number_of_edges()} relation(s) over the built-in catalog")
+
+
+@registry_group.command("export")
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["json", "graphml"]),
+              help="Default: from the file extension (.graphml), else json.")
+@_registry_option
+def registry_export(output: str, fmt: str | None, registry_path: str | None) -> None:
+    """Write the user's nodes and edges (not the built-in catalog) to OUTPUT."""
+    from .atomic import atomic_write
+    from .interchange import to_graphml, to_json
+    from .registry import Registry
+
+    with Registry(registry_path) as reg:
+        user = reg.user_graph()
+    fmt = fmt or ("graphml" if output.lower().endswith(".graphml") else "json")
+    atomic_write(output, to_graphml(user) if fmt == "graphml" else to_json(user))
+    click.echo(f"wrote {output} ({user.number_of_nodes()} models, {user.number_of_edges()} relations)")
+
+
+@registry_group.command("import")
+@click.argument("source", type=click.Path())
+@_registry_option
+def registry_import(source: str, registry_path: str | None) -> None:
+    """Add the nodes and edges of an export (JSON or GraphML); all of it, or nothing on any error."""
+    from .interchange import read_graph_file
+    from .registry import Registry
+
+    graph = read_graph_file(source)
+    with Registry(registry_path) as reg:
+        counts = reg.import_graph(graph)
+    click.echo(f"imported {counts['nodes']} model(s), {counts['edges']} relation(s) "
+               f"({counts['skipped_catalog']} already in the built-in catalog)")
+
+
+def register(group: click.Group) -> None:
+    """Add the lineage-graph commands to the `lmerge` group."""
+    for command in (add, scan, link, tree, compat, hub, registry_group):
+        group.add_command(command)

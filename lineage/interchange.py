@@ -1,0 +1,151 @@
+"""Lineage graphs as files: a versioned JSON document and GraphML, both ways.
+
+JSON (`lmerge registry export`, `lmerge tree --format json`):
+
+    {"format": "lineage-graph", "version": 1,
+     "nodes": [{"id": "...", "name": "...", ...attributes}],
+     "edges": [{"parent": "...", "child": "...", "relation": "merge", "weight": 0.5, "params": {...}}]}
+
+Every node an edge names is listed (the catalog nodes a user's edges hang from too, with their
+catalog attributes; an import skips those). GraphML keeps the same attributes: text as text, everything else
+(numbers, lists, objects) as JSON text under the attribute name + ".json", so it reads back exactly.
+Reading validates everything first and raises one clear error, so a bad file changes nothing.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+import networkx as nx
+
+from .errors import LineageError
+from .graph import RELATIONS
+
+FORMAT = "lineage-graph"
+VERSION = 1
+_JSON_SUFFIX = ".json"
+
+
+def to_document(graph: nx.DiGraph) -> dict[str, Any]:
+    """The JSON document of a graph (nodes and edges in a stable order)."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "nodes": [{"id": n, **graph.nodes[n]} for n in sorted(graph)],
+        "edges": [{"parent": u, "child": v, **graph.edges[u, v]} for u, v in sorted(graph.edges)],
+    }
+
+
+def to_json(graph: nx.DiGraph) -> str:
+    return json.dumps(to_document(graph), indent=2, ensure_ascii=False, sort_keys=False) + "\n"
+
+
+def _fail(where: str, problem: str) -> LineageError:
+    return LineageError(f"{problem}; nothing was imported", where)
+
+
+def from_document(document: Any, where: str = "<document>") -> nx.DiGraph:
+    """The graph a document describes, after checking all of it."""
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise _fail(where, f"not a {FORMAT} document (expected an object with \"format\": \"{FORMAT}\")")
+    version = document.get("version")
+    if not isinstance(version, int):
+        raise _fail(where, "has no integer \"version\"")
+    if version > VERSION:
+        raise _fail(where, f"document version {version} is newer than this lineage reads ({VERSION}); upgrade lineage")
+    nodes, edges = document.get("nodes"), document.get("edges")
+    if not isinstance(nodes, list) or not isinstance(edges, list):
+        raise _fail(where, "\"nodes\" and \"edges\" must be lists")
+    graph = nx.DiGraph()
+    for i, node in enumerate(nodes):
+        if not isinstance(node, dict) or not isinstance(node.get("id"), str) or not node["id"]:
+            raise _fail(where, f"nodes[{i}] needs a non-empty string \"id\"")
+        if node["id"] in graph:
+            raise _fail(where, f"nodes[{i}]: node {node['id']!r} is listed twice")
+        graph.add_node(node["id"], **{k: v for k, v in node.items() if k != "id"})
+    for i, edge in enumerate(edges):
+        if not isinstance(edge, dict) or not all(isinstance(edge.get(k), str) and edge[k] for k in ("parent", "child")):
+            raise _fail(where, f"edges[{i}] needs string \"parent\" and \"child\"")
+        if edge.get("relation") not in RELATIONS:
+            raise _fail(where, f"edges[{i}] has relation {edge.get('relation')!r}; "
+                               f"expected one of {', '.join(RELATIONS)}")
+        weight = edge.get("weight")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+            raise _fail(where, f"edges[{i}] has a weight that is not a number: {weight!r}")
+        if edge.get("params") is not None and not isinstance(edge["params"], dict):
+            raise _fail(where, f"edges[{i}] has \"params\" that is not an object")
+        for end in ("parent", "child"):
+            if edge[end] not in graph:
+                raise _fail(where, f"edges[{i}]: {end} {edge[end]!r} is not listed in \"nodes\"")
+        if graph.has_edge(edge["parent"], edge["child"]):
+            raise _fail(where, f"edges[{i}]: {edge['parent']} -> {edge['child']} is listed twice")
+        graph.add_edge(edge["parent"], edge["child"], **{k: v for k, v in edge.items() if k not in ("parent", "child")})
+    return graph
+
+
+def _flat(attrs: dict[str, Any]) -> dict[str, str]:
+    """GraphML attributes: text as it is, anything else as JSON text under name + ".json"."""
+    flat = {}
+    for key, value in attrs.items():
+        if isinstance(value, str):
+            flat[key] = value
+        elif value is not None:
+            flat[key + _JSON_SUFFIX] = json.dumps(value, ensure_ascii=False)
+    return flat
+
+
+def _unflat(attrs: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {}
+    for k, v in attrs.items():
+        if k.endswith(_JSON_SUFFIX):
+            try:
+                out[k[:-len(_JSON_SUFFIX)]] = json.loads(v)
+            except (TypeError, json.JSONDecodeError):
+                raise _fail(where, f"attribute {k!r} is not valid JSON: {v!r}") from None
+        else:
+            out[k] = v
+    return out
+
+
+def to_graphml(graph: nx.DiGraph) -> str:
+    flat = nx.DiGraph(format=FORMAT, version=VERSION)
+    flat.add_nodes_from((n, _flat(a)) for n, a in graph.nodes(data=True))
+    flat.add_edges_from((u, v, _flat(a)) for u, v, a in graph.edges(data=True))
+    buffer = io.BytesIO()
+    nx.write_graphml(flat, buffer, encoding="utf-8")
+    return buffer.getvalue().decode("utf-8")
+
+
+def from_graphml(text: str, where: str = "<graphml>") -> nx.DiGraph:
+    try:
+        flat = nx.parse_graphml(text)
+    except Exception as e:  # networkx raises several types (ParseError, NetworkXError, KeyError) for bad input
+        raise _fail(where, f"is not valid GraphML ({e})") from None
+    if not flat.is_directed():
+        raise _fail(where, "is an undirected GraphML graph; lineage edges point from parent to child")
+    document = {
+        "format": flat.graph.get("format"),
+        "version": flat.graph.get("version"),
+        "nodes": [{"id": str(n), **_unflat(a, where)} for n, a in flat.nodes(data=True)],
+        "edges": [{"parent": str(u), "child": str(v), **_unflat(a, where)} for u, v, a in flat.edges(data=True)],
+    }
+    return from_document(document, where)
+
+
+def read_graph_file(path: str | os.PathLike) -> nx.DiGraph:
+    """A graph from a JSON document or a GraphML file (told apart by their first character)."""
+    where = os.fspath(path)
+    try:
+        with open(where, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LineageError(f"cannot read ({getattr(e, 'strerror', None) or e})", where) from None
+    if text.lstrip().startswith("<"):
+        return from_graphml(text, where)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _fail(where, f"is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return from_document(document, where)

@@ -1,0 +1,483 @@
+"""Recording files in the registry: `record` (explicit parents), `scan` (parents from metadata), `link`.
+
+A file's node id is its AutoV3 (the hash of the tensor data, which metadata edits do not change).
+Files are hashed once: the registry remembers path, size and mtime, and an unchanged file is not
+read again. Hashing happens before the registry transaction, so a slow 7 GB file never holds the
+write lock.
+
+What other tools leave in a file's metadata (read by `metadata.lineage_from_metadata`) becomes
+edges, from the first source that names parents, in this order: our own `lineage.record`, A1111 /
+supermerger `sd_merge_recipe` + `sd_merge_models` (which also give the merge steps further up),
+sd-mecha `mecha_recipe`, ModelSpec `merged_from`, kohya `ss_new_sd_model_hash` / `ss_sd_model_hash`.
+A parent named only by a hash or a name becomes a placeholder node until its file is recorded.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .detect import Detection, detect_file
+from .errors import LineageError
+from .graph import ADAPTER_KINDS, check_relation, is_placeholder, reference_id
+from .hashing import AUTOV1_RANGE, FileHashes, hash_file
+from .metadata import lineage_from_metadata
+from .registry import Batch, Registry, using_registry
+from .safetensors_io import SafetensorsFile
+
+# Detected format -> node kind.
+KIND_OF_FORMAT: dict[str, str] = {
+    "sdxl-single-file": "checkpoint", "sdxl-refiner": "checkpoint", "sd1": "checkpoint", "sd2": "checkpoint",
+    "lora-kohya": "lora", "lora-peft": "lora", "locon": "locon", "lokr": "lokr", "loha": "loha",
+}
+
+# ModelSpec key -> node attribute.
+MODELSPEC_ATTRIBUTES: dict[str, str] = {
+    "author": "maker", "date": "date", "license": "license", "resolution": "resolution", "description": "notes",
+}
+
+# kohya training keys kept on the base -> adapter edge.
+KOHYA_PARAMS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
+                "ss_base_model_version", "ss_num_train_images", "ss_training_comment", "ss_training_started_at")
+
+# A1111 merge modes: interp_method -> (relation, weight of each parent given the multiplier M).
+# Weighted sum: A*(1-M) + B*M.  Add difference: A + (B-C)*M.  No interpolation copies A (e.g. to bake a VAE).
+A1111_METHODS: dict[str, tuple[str, Callable[[float], list[float]]]] = {
+    "Weighted sum": ("merge", lambda m: [1 - m, m]),
+    "Add difference": ("merge", lambda m: [1.0, m, -m]),
+    "No interpolation": ("convert", lambda m: [1.0]),
+}
+
+# Metadata that names parents; each edge it gives carries this as its `source`.
+METADATA_SOURCES = ("lineage", "a1111", "sd_mecha", "modelspec", "kohya")
+
+_HEX = re.compile(r"[0-9a-f]+")
+# Hash kinds by their length in hex digits, for hashes other tools write without saying which.
+_HASH_KIND_BY_LENGTH = {64: "sha256", 10: "autov2", 8: "autov1"}
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """A model as metadata names it: by `kind` "autov3" / "sha256" / "autov2" / "autov1" (a hash),
+    "path" (a file, maybe missing) or "name"."""
+
+    kind: str
+    value: str
+    name: str | None = None
+
+
+@dataclass
+class Origin:
+    """What metadata says a model was made from. `child` is None for the file itself (A1111's
+    flattened ancestry also describes the merges its parents came from)."""
+
+    relation: str
+    parents: list[ParentRef]
+    weights: list[float | None]
+    params: dict[str, Any]
+    source: str
+    child: ParentRef | None = None
+
+
+@dataclass
+class FileFacts:
+    """Everything known about a file before touching the registry."""
+
+    path: str
+    hashes: FileHashes
+    stat: os.stat_result
+    attrs: dict[str, Any]
+    origins: list[Origin]
+
+    @property
+    def node_id(self) -> str:
+        return self.hashes.autov3  # type: ignore[return-value]  # describe() guarantees safetensors
+
+
+@dataclass
+class ScanResult:
+    recorded: list[tuple[str, str]] = field(default_factory=list)  # (path, node id)
+    edges: int = 0  # edges read from metadata
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, problem)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a file says about itself
+
+
+def describe(path: str | os.PathLike, registry: Registry | None = None, hashes: FileHashes | None = None) -> FileFacts:
+    """Hashes, detected attributes and metadata lineage of a safetensors file (its header only,
+    plus one hashing pass unless `hashes` is given or the registry has seen the unchanged file)."""
+    path = os.fspath(path)
+    with SafetensorsFile(path) as f:
+        detection = detect_file(f)
+        metadata = f.metadata
+    stat = os.stat(path)
+    if hashes is None and registry is not None:
+        known = registry.known_file(path)
+        if known:
+            stored = known[1]
+            hashes = FileHashes(path, stored.get("sha256"), stored.get("autov1"), stored.get("autov2"),
+                                stored.get("autov3"), stored.get("crc32"))
+    if hashes is None:
+        hashes = hash_file(path)
+    if not hashes.autov3:
+        raise LineageError("has no safetensors data section, so no AutoV3 to identify it", path)
+    attrs = file_attributes(path, detection, metadata, hashes, stat)
+    return FileFacts(path, hashes, stat, attrs, origins_from_metadata(lineage_from_metadata(metadata), attrs["kind"]))
+
+
+def file_attributes(path: str, detection: Detection, metadata: dict[str, str], hashes: FileHashes,
+                    stat: os.stat_result) -> dict[str, Any]:
+    """Node attributes detected from the file: name, kind, architecture, prediction type, hashes, ..."""
+    attrs: dict[str, Any] = {
+        "name": metadata.get("modelspec.title") or metadata.get("ss_output_name") or Path(path).stem,
+        "kind": KIND_OF_FORMAT.get(detection.format, detection.format),
+        "format": detection.format,
+        "architecture": detection.architecture,
+        "prediction_type": detection.prediction_type,
+        "prediction_source": detection.prediction_source,
+        "size": stat.st_size,
+        "hashes": {k: v for k, v in hashes.to_dict().items() if k != "path" and v},
+    }
+    if stat.st_size <= AUTOV1_RANGE[0]:  # AutoV1 of a file this short hashes no bytes: it would match any other
+        attrs["hashes"].pop("autov1", None)
+    for key, attr in MODELSPEC_ATTRIBUTES.items():
+        if metadata.get(f"modelspec.{key}"):
+            attrs[attr] = metadata[f"modelspec.{key}"]
+    return {k: v for k, v in attrs.items() if v is not None}
+
+
+def _hash_ref(value: object, name: str | None = None, full_kind: str = "sha256") -> ParentRef | None:
+    """A reference by a hash whose kind is told by its length (A1111, kohya and ModelSpec conventions);
+    `full_kind` says what a full 64-digit hash is when the writer said so."""
+    if not isinstance(value, str):
+        return None
+    digits = value.lower()
+    if digits.startswith("0x") and len(digits) == 66:  # ModelSpec writes the AutoV3 as 0x + hex
+        return ParentRef("autov3", digits[2:], name) if _HEX.fullmatch(digits[2:]) else None
+    kind = full_kind if len(digits) == 64 else _HASH_KIND_BY_LENGTH.get(len(digits))
+    return ParentRef(kind, digits, name) if kind and _HEX.fullmatch(digits) else None
+
+
+def _named_ref(text: str) -> ParentRef:
+    """A reference by hash if `text` is one, else by path (when it looks like one) or name."""
+    text = text.strip()
+    by_hash = _hash_ref(text)
+    if by_hash:
+        return by_hash
+    if text.endswith((".safetensors", ".ckpt")) or os.sep in text or "/" in text:
+        return ParentRef("path", text, Path(text).stem)
+    return ParentRef("name", text, text)
+
+
+def _weights(values: object, count: int) -> list[float | None]:
+    if isinstance(values, list) and len(values) == count:
+        return [float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else None for w in values]
+    return [None] * count
+
+
+def _from_own_record(record: Any, kind: str) -> list[Origin]:
+    if not isinstance(record, dict) or not isinstance(record.get("inputs"), list):
+        return []
+    parents = []
+    for item in record["inputs"]:
+        if not isinstance(item, dict):
+            continue
+        name = item.get("name") or (Path(item["path"]).stem if isinstance(item.get("path"), str) else None)
+        by_hash = _hash_ref(item.get("autov3"), name)
+        if by_hash and len(by_hash.value) == 64:
+            parents.append(ParentRef("autov3", by_hash.value, name))
+        elif isinstance(item.get("path"), str):
+            parents.append(ParentRef("path", item["path"], name))
+    if not parents:
+        return []
+    relation = record.get("relation") or ("merge" if len(parents) > 1 or record.get("method") else "finetune")
+    weights = _weights(record.get("weights"), len(parents))
+    on_edges = ("inputs", "relation", "weights") if None not in weights else ("inputs", "relation")
+    params = {k: v for k, v in record.items() if k not in on_edges}
+    return [Origin(relation, parents, weights, params, "lineage")]
+
+
+def _a1111_hash_kind(recipe: Any) -> str:
+    """What A1111's 64-digit hashes are: the whole-file sha256, unless the writer says AutoV3 (our merges)."""
+    return "autov3" if isinstance(recipe, dict) and recipe.get("hash_kind") == "autov3" else "sha256"
+
+
+def _a1111_origin(recipe: dict[str, Any], models: dict[str, Any], child: ParentRef | None) -> Origin | None:
+    parents = []
+    for key in ("primary_model_hash", "secondary_model_hash", "tertiary_model_hash"):
+        entry = models.get(recipe.get(key)) if isinstance(recipe.get(key), str) else None
+        ref = _hash_ref(recipe.get(key), entry.get("name") if isinstance(entry, dict) else None,
+                        _a1111_hash_kind(recipe))
+        if ref:
+            parents.append(ref)
+    if not parents:
+        return None
+    method = recipe.get("interp_method") or recipe.get("merge_method") or recipe.get("merge_mode")
+    relation, weights_of = A1111_METHODS.get(method, ("merge", None))
+    multiplier = recipe.get("multiplier", recipe.get("alpha"))
+    weights = weights_of(float(multiplier)) if weights_of and isinstance(multiplier, (int, float)) else None
+    return Origin(relation, parents, _weights(weights, len(parents)), {"method": method, "recipe": recipe},
+                  "a1111", child)
+
+
+def _from_a1111(found: dict[str, Any], kind: str) -> list[Origin]:
+    recipe = found.get("sd_merge_recipe")
+    models = found.get("sd_merge_models")
+    models = models if isinstance(models, dict) else {}
+    origins = [_a1111_origin(recipe, models, None)] if isinstance(recipe, dict) else []
+    for model_hash, entry in models.items():  # the flattened ancestry: how each parent was merged
+        if isinstance(entry, dict) and isinstance(entry.get("sd_merge_recipe"), dict):
+            child = _hash_ref(model_hash, entry.get("name"), _a1111_hash_kind(recipe))
+            if child:
+                origins.append(_a1111_origin(entry["sd_merge_recipe"], models, child))
+    return [o for o in origins if o is not None]
+
+
+def _from_mecha(found: dict[str, Any], kind: str) -> list[Origin]:
+    """sd-mecha's text recipe: `model "path" ...` lines name the inputs, `merge`/`call` lines the methods."""
+    text = found.get("recipe", "")
+    parents, methods = [], []
+    for line in text.splitlines():
+        try:
+            tokens = shlex.split(line)
+        except ValueError:
+            continue
+        if len(tokens) >= 2 and tokens[0] == "model":
+            parents.append(_named_ref(tokens[1]))
+        elif len(tokens) >= 2 and tokens[0] in ("merge", "call"):
+            methods.append(tokens[1])
+    if not parents:
+        return []
+    relation = "merge" if len(parents) > 1 else "convert"
+    params = {"method": methods[-1] if methods else None, "recipe": text}
+    return [Origin(relation, parents, [None] * len(parents), params, "sd_mecha")]
+
+
+def _from_modelspec(found: dict[str, Any], kind: str) -> list[Origin]:
+    sources = [s for s in found.get("merged_from", []) if s]
+    if not sources:
+        return []
+    parents = [_named_ref(s) for s in sources]
+    return [Origin("merge", parents, [None] * len(parents), {"merged_from": sources}, "modelspec")]
+
+
+def _from_kohya(found: dict[str, Any], kind: str) -> list[Origin]:
+    base_name = Path(found["ss_sd_model_name"]).stem if found.get("ss_sd_model_name") else None
+    # ss_new_sd_model_hash: sha256 of the base file; ss_sd_model_hash: its legacy AutoV1.
+    base = _hash_ref(found.get("ss_new_sd_model_hash"), base_name) or _hash_ref(found.get("ss_sd_model_hash"),
+                                                                                 base_name)
+    if base is None:
+        return []
+    relation = "adapter" if kind in ADAPTER_KINDS else "trained"
+    params = {k: found[k] for k in KOHYA_PARAMS if k in found}
+    return [Origin(relation, [base], [None], params, "kohya")]
+
+
+# Readers in priority order: the first that names parents wins (several tools write overlapping keys).
+_ORIGIN_READERS: tuple[tuple[str, Callable[[Any, str], list[Origin]]], ...] = (
+    ("lineage", _from_own_record), ("a1111", _from_a1111), ("sd_mecha", _from_mecha),
+    ("modelspec", _from_modelspec), ("kohya", _from_kohya),
+)
+
+
+def origins_from_metadata(found: dict[str, Any], kind: str) -> list[Origin]:
+    """The parents that metadata (as parsed by `lineage_from_metadata`) names, from its best source."""
+    for key, reader in _ORIGIN_READERS:
+        if key in found:
+            origins = reader(found[key], kind)
+            if origins:
+                return origins
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing to the registry
+
+
+def _put_file(b: Batch, facts: FileFacts, attrs: dict[str, Any] | None, source: str) -> str:
+    """The file's node (detected attributes fill gaps, `attrs` win) and where it was seen."""
+    node_id = facts.node_id
+    stored = b.node_attrs(node_id)
+    if stored is None or "format" not in stored:  # new, or so far only named in some metadata
+        b.put_node(node_id, {**facts.attrs, "source": source, **(attrs or {})})
+    else:
+        b.put_node(node_id, attrs or {}, defaults=facts.attrs)
+    b.put_path(node_id, facts.path, facts.stat)
+    b.absorb_placeholders(node_id, facts.attrs["hashes"])
+    return node_id
+
+
+def _is_file(spec: str | os.PathLike) -> bool:
+    return os.path.isfile(os.fspath(spec))
+
+
+def record(path: str | os.PathLike, *, parents: Sequence[str | os.PathLike] = (), relation: str = "finetune",
+           weights: Sequence[float] | None = None, params: dict[str, Any] | None = None,
+           attrs: dict[str, Any] | None = None, registry: str | os.PathLike | Registry | None = None,
+           hashes: FileHashes | None = None) -> str:
+    """Register a file as a node (id = its AutoV3 hex, computed unless `hashes` is given) and edges
+    from each parent (a parent is a file path, registered on the fly by hash, or an existing node
+    id, catalog id, hash prefix or name). `weights[i]` is the weight of parents[i] on the edge
+    (merges); `params` (method, recipe, trainer config ...) is stored on each edge; `attrs` on the
+    node (kind, prediction_type, name, ...; detected from the file when absent).
+    Idempotent: recording the same file/edges again changes nothing. Returns the node id."""
+    check_relation(relation)
+    if weights is not None and len(weights) != len(parents):
+        raise LineageError(f"{len(weights)} weights for {len(parents)} parents; give one weight per parent")
+    with using_registry(registry) as reg:
+        facts = describe(path, reg, hashes)
+        parent_files = {i: describe(p, reg) for i, p in enumerate(parents) if _is_file(p)}  # hashed outside the lock
+        with reg.batch() as b:
+            node_id = _put_file(b, facts, attrs, "user")
+            for i, spec in enumerate(parents):
+                if i in parent_files:
+                    parent_id = _put_file(b, parent_files[i], None, "user")
+                else:
+                    parent_id = reg.resolve(os.fspath(spec))
+                b.put_edge(parent_id, node_id, relation, weight=None if weights is None else float(weights[i]),
+                           params=params or None, source="user")
+        return node_id
+
+
+def _resolve_ref(b: Batch, reg: Registry, ref: ParentRef, files: dict[str, FileFacts]) -> str:
+    """The node a metadata reference names, creating a placeholder when nothing matches yet."""
+    if ref.kind == "autov3":
+        if not b.has_node(ref.value):  # known by content hash: the node id is settled already
+            b.put_node(ref.value, {"name": ref.name, "hashes": {"autov3": ref.value}, "source": "file metadata"})
+        return ref.value
+    if ref.kind == "path" and ref.value in files:
+        return _put_file(b, files[ref.value], None, "scan")
+    if ref.kind in ("sha256", "autov2", "autov1"):
+        matches = [n for n in reg.find_by_hash(ref.value, ref.kind) if not is_placeholder(n)]
+        if len(matches) == 1:
+            return matches[0]
+        placeholder, attrs = reference_id(ref.kind, ref.value), {"hashes": {ref.kind: ref.value}}
+    else:
+        name = ref.name or ref.value
+        try:
+            return reg.resolve(name)  # a recorded file, hub repo or catalog model of that name
+        except LineageError:
+            placeholder, attrs = reference_id("name", name), {}
+    b.put_node(placeholder, {**attrs, "name": ref.name or ref.value, "source": "file metadata"})
+    return placeholder
+
+
+def _existing_input(ref: ParentRef, near: str) -> str | None:
+    """The file a path reference points to, as written or next to the file that names it."""
+    if ref.kind != "path":
+        return None
+    for candidate in (Path(ref.value), Path(near).parent / ref.value):
+        if candidate.is_file():
+            return os.fspath(candidate)
+    return None
+
+
+def _link_origins(reg: Registry, facts: FileFacts) -> int:
+    """Edges from the parents the file's metadata names; a re-scan replaces what an earlier scan read."""
+    files = {}
+    for origin in facts.origins:  # inputs present on disk are hashed before taking the lock
+        for ref in origin.parents:
+            found = _existing_input(ref, facts.path)
+            if found:
+                files[ref.value] = describe(found, reg)
+    count = 0
+    with reg.batch() as b:
+        direct_parents = set()
+        for origin in facts.origins:
+            child = facts.node_id if origin.child is None else _resolve_ref(b, reg, origin.child, files)
+            for ref, weight in zip(origin.parents, origin.weights):
+                parent = _resolve_ref(b, reg, ref, files)
+                if parent == child:
+                    continue  # e.g. an A1111 "No interpolation" copy that kept the same tensors
+                # An edge above this file (from A1111's ancestry) says `via` which file told us.
+                b.put_edge(parent, child, origin.relation, weight=weight, params=origin.params or None,
+                           source=origin.source, via=None if origin.child is None else facts.node_id)
+                count += 1
+                if origin.child is None:
+                    direct_parents.add(parent)
+        b.drop_parents(facts.node_id, METADATA_SOURCES, keep=direct_parents)
+    return count
+
+
+def scan_file(path: str | os.PathLike, registry: str | os.PathLike | Registry | None = None) -> str:
+    """Record one file with the parents its metadata names (as `scan` does); returns its node id."""
+    with using_registry(registry) as reg:
+        facts = describe(path, reg)
+        with reg.batch() as b:
+            _put_file(b, facts, None, "scan")
+        _link_origins(reg, facts)
+        return facts.node_id
+
+
+def scan(directory: str | os.PathLike, registry: str | os.PathLike | Registry | None = None,
+         on_file: Callable[[str], None] | None = None) -> ScanResult:
+    """Record every .safetensors file under `directory` (or the one file given) and link the parents
+    their metadata names. All files are registered before any edge, so the order does not matter;
+    a broken file is reported in `failed` and the others are still recorded."""
+    root = Path(directory)
+    if not root.exists():
+        raise LineageError("no such file or directory", root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*.safetensors") if p.is_file())
+    result = ScanResult()
+    with using_registry(registry) as reg:
+        described = []
+        for path in files:
+            if on_file:
+                on_file(os.fspath(path))
+            try:
+                facts = describe(path, reg)
+                with reg.batch() as b:
+                    _put_file(b, facts, None, "scan")
+            except LineageError as e:
+                result.failed.append((os.fspath(path), str(e)))
+                continue
+            described.append(facts)
+            result.recorded.append((facts.path, facts.node_id))
+        for facts in described:
+            try:
+                result.edges += _link_origins(reg, facts)
+            except LineageError as e:
+                result.failed.append((facts.path, str(e)))
+    return result
+
+
+def link(path: str | os.PathLike, node: str, registry: str | os.PathLike | Registry | None = None) -> str:
+    """Record `path` as a file of the model `node` (typically a catalog entry): a `convert` edge
+    node -> file. Returns the file's node id."""
+    with using_registry(registry) as reg:
+        facts = describe(path, reg)
+        target = reg.resolve(node)
+        with reg.batch() as b:
+            node_id = _put_file(b, facts, None, "user")
+            b.put_edge(target, node_id, "convert", source="user", note="a file of this model")
+        return node_id
+
+
+def node_for(spec: str | os.PathLike, registry: Registry) -> str:
+    """The node a command-line argument names: a recorded file, or anything `Registry.resolve` takes."""
+    if _is_file(spec):
+        node_id = describe(spec, registry).node_id
+        if not registry.has_node(node_id):
+            raise LineageError("is not in the registry yet; record it with `lmerge add` first", spec)
+        return node_id
+    return registry.resolve(os.fspath(spec))
+
+
+class _CallableModule(types.ModuleType):
+    """`lineage.record` names both this module and its `record` function. Importing the module (as
+    `from lineage.record import scan` does) makes the package attribute the module, so the module
+    itself is callable: `lineage.record(path, ...)` works whichever was imported first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> str:
+        return record(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,466 @@
+"""The user's registry: nodes, edges, hashes and file paths, kept in one SQLite file.
+
+Where: `--registry PATH`, else `$LINEAGE_HOME/registry.sqlite`, else the user data directory
+(`~/.local/share/lineage` on Linux). The built-in catalog is a read-only layer under it: `graph()`
+returns both, user edges may hang under catalog nodes, and nothing can change a catalog node.
+
+Every change happens in one SQLite transaction (`with registry.batch() as b: ...`) that takes the
+write lock up front and waits for other writers, so concurrent processes never lose a write and an
+error leaves the registry as it was. A file that is not a registry, is damaged, or has a newer
+schema is reported and left untouched, never reset.
+
+Tables: `nodes` (id, name, JSON attributes), `edges` (parent, child, relation, JSON attributes;
+the parent may be a catalog node), `hashes` (every known hash of a node, to resolve the hashes other
+tools write into metadata) and `paths` (where a node's file was seen, with size and mtime so an
+unchanged file is not hashed again).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from .catalog import catalog_graph, catalog_node_for_repo, is_catalog_node
+from .errors import LineageError
+from .graph import HUB_PREFIX, check_relation, is_placeholder, reference_id
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x4C4E4752  # "LNGR" in SQLite's header: tells our registries from other databases
+REGISTRY_FILE = "registry.sqlite"
+LOCK_TIMEOUT_S = 60.0
+HASH_KINDS = ("autov3", "sha256", "autov1", "autov2", "crc32")
+_HASH_PREFIX = re.compile(r"[0-9a-f]{8,64}")
+
+SCHEMA = """
+CREATE TABLE nodes (id TEXT PRIMARY KEY, name TEXT COLLATE NOCASE, attrs TEXT NOT NULL);
+CREATE INDEX nodes_by_name ON nodes (name);
+CREATE TABLE edges (parent TEXT NOT NULL, child TEXT NOT NULL, relation TEXT NOT NULL, attrs TEXT NOT NULL,
+                    PRIMARY KEY (parent, child));
+CREATE INDEX edges_by_child ON edges (child);
+CREATE TABLE hashes (kind TEXT NOT NULL, value TEXT NOT NULL, node_id TEXT NOT NULL,
+                     PRIMARY KEY (kind, value, node_id));
+CREATE INDEX hashes_by_value ON hashes (value);
+CREATE INDEX hashes_by_node ON hashes (node_id);
+CREATE TABLE paths (path TEXT PRIMARY KEY, node_id TEXT NOT NULL, size INTEGER, mtime_ns INTEGER,
+                    seen_at REAL NOT NULL);
+CREATE INDEX paths_by_node ON paths (node_id);
+"""
+
+# Is `target` reachable from `start` along user edges? (Catalog edges never lead back into user nodes.)
+_REACHES = """
+WITH RECURSIVE below(id) AS (SELECT ? UNION SELECT edges.child FROM edges JOIN below ON edges.parent = below.id)
+SELECT 1 FROM below WHERE id = ? LIMIT 1
+"""
+
+
+def user_data_dir() -> Path:
+    """The per-user data directory of this platform, for lineage."""
+    home = Path.home()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = home / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    return base / "lineage"
+
+
+def default_registry_path() -> Path:
+    """`$LINEAGE_HOME/registry.sqlite`, else the registry in the user data directory."""
+    home = os.environ.get("LINEAGE_HOME")
+    return (Path(home) if home else user_data_dir()) / REGISTRY_FILE
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+class Registry:
+    """A registry file, opened (and created on first use).
+
+    >>> reg = Registry()                      # $LINEAGE_HOME or the user data dir
+    >>> g = reg.graph()                       # networkx DiGraph: catalog + the user's nodes and edges
+    >>> reg.find_paths(autov3)                # where files with this content were seen
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        chosen = Path(path) if path is not None else default_registry_path()
+        self.path = chosen / REGISTRY_FILE if chosen.is_dir() else chosen
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LineageError(f"cannot create the registry's folder ({e.strerror})", self.path.parent) from None
+        with self._errors_as_lineage_errors():
+            self._conn = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
+            self._open_schema()
+
+    # -- opening -------------------------------------------------------------------------------
+    def _open_schema(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            self._create_schema()
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        app_id = self._conn.execute("PRAGMA application_id").fetchone()[0]
+        if app_id != APPLICATION_ID:
+            raise LineageError("is an SQLite database but not a lineage registry; it was left as it is "
+                               "(choose another file with --registry or LINEAGE_HOME)", self.path)
+        if version > SCHEMA_VERSION:
+            raise LineageError(f"registry schema version {version} is newer than this lineage understands "
+                               f"({SCHEMA_VERSION}); upgrade lineage (the registry was left as it is)", self.path)
+        self._conn.execute("PRAGMA foreign_keys = OFF")
+
+    def _create_schema(self) -> None:
+        """Create the tables of a new (empty) file; several processes may race to do it."""
+        self._conn.execute("PRAGMA journal_mode = WAL")  # readers never wait for a writer
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            fresh = self._conn.execute("PRAGMA user_version").fetchone()[0] == 0
+            if fresh and self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                raise LineageError("is an SQLite database but not a lineage registry; it was left as it is "
+                                   "(choose another file with --registry or LINEAGE_HOME)", self.path)
+            if fresh:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _errors_as_lineage_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            message = str(e)
+            if "locked" in message or "busy" in message:
+                raise LineageError(f"registry is locked by another process (waited {LOCK_TIMEOUT_S:.0f} s)",
+                                   self.path) from None
+            if "unable to open" in message:
+                raise LineageError(f"cannot open the registry ({message})", self.path) from None
+            raise LineageError(f"registry cannot be read ({message}); it was left as it is "
+                               "(restore it from an export or move it away)", self.path) from None
+        except sqlite3.IntegrityError:
+            raise  # a bug in this module, not a damaged file
+        except sqlite3.DatabaseError as e:
+            raise LineageError(f"is not a lineage registry or is damaged ({e}); it was left as it is "
+                               "(restore it from an export or move it away)", self.path) from None
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------------------------
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one consistent view while other processes write."""
+        with self._errors_as_lineage_errors():
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
+
+    def has_node(self, node_id: str) -> bool:
+        if is_catalog_node(node_id):
+            return True
+        with self._errors_as_lineage_errors():
+            return self._conn.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is not None
+
+    def node(self, node_id: str) -> dict[str, Any]:
+        """A node's attributes (a user node's also lists its `paths`, most recent first)."""
+        catalog = catalog_graph()
+        if node_id in catalog:
+            return dict(catalog.nodes[node_id])
+        with self._snapshot() as conn:
+            row = conn.execute("SELECT attrs FROM nodes WHERE id = ?", (node_id,)).fetchone()
+            paths = [p for (p,) in conn.execute(
+                "SELECT path FROM paths WHERE node_id = ? ORDER BY seen_at DESC, path", (node_id,))]
+        if row is None:
+            raise LineageError(f"no node {node_id!r} in the registry or the catalog")
+        attrs = json.loads(row[0])
+        if paths:
+            attrs["paths"] = paths
+        return attrs
+
+    def find_paths(self, autov3: str) -> list[str]:
+        """File paths seen for a content hash (AutoV3), most recently seen first."""
+        with self._errors_as_lineage_errors():
+            rows = self._conn.execute("SELECT path FROM paths WHERE node_id = ? ORDER BY seen_at DESC, path",
+                                      (autov3.lower(),))
+            return [p for (p,) in rows]
+
+    def known_file(self, path: str | os.PathLike) -> tuple[str, dict[str, str]] | None:
+        """(node id, hashes) of a file recorded before whose size and mtime have not changed since."""
+        absolute = os.path.abspath(path)
+        stat = os.stat(absolute)
+        with self._errors_as_lineage_errors():
+            row = self._conn.execute(
+                "SELECT node_id FROM paths WHERE path = ? AND size = ? AND mtime_ns = ?",
+                (absolute, stat.st_size, stat.st_mtime_ns)).fetchone()
+            if row is None:
+                return None
+            hashes = dict(self._conn.execute("SELECT kind, value FROM hashes WHERE node_id = ?", (row[0],)))
+        return (row[0], hashes) if "autov3" in hashes else None
+
+    def find_by_hash(self, value: str, kind: str | None = None) -> list[str]:
+        """Nodes whose `kind` hash is `value`; without `kind`, nodes with any hash starting with `value`."""
+        value = value.lower().removeprefix("0x")
+        with self._errors_as_lineage_errors():
+            if kind:
+                rows = self._conn.execute("SELECT node_id FROM hashes WHERE kind = ? AND value = ? ORDER BY node_id",
+                                          (kind, value))
+            else:
+                rows = self._conn.execute(
+                    "SELECT DISTINCT node_id FROM hashes WHERE value >= ? AND value < ? ORDER BY node_id",
+                    (value, value + "\uffff"))
+            return [n for (n,) in rows]
+
+    def find_by_name(self, name: str) -> list[str]:
+        """User nodes whose display name is `name` (ignoring case)."""
+        with self._errors_as_lineage_errors():
+            return [n for (n,) in self._conn.execute("SELECT id FROM nodes WHERE name = ? ORDER BY id", (name,))]
+
+    def resolve(self, spec: str) -> str:
+        """The node that `spec` names: a node id, a hash prefix (8+ hex digits), a Hugging Face repo
+        id or a display name. Ambiguous or unknown names are errors that list what was found."""
+        if self.has_node(spec):
+            return spec
+        candidates: list[str] = []
+        if _HASH_PREFIX.fullmatch(spec.lower().removeprefix("0x")):
+            candidates = self.find_by_hash(spec)
+        if not candidates:
+            hub = HUB_PREFIX + spec
+            candidates = [hub] if self.has_node(hub) else []
+            if spec.lower() in catalog_node_for_repo():
+                candidates = [catalog_node_for_repo()[spec.lower()]]
+        if not candidates:
+            catalog = catalog_graph()
+            candidates = self.find_by_name(spec) + sorted(
+                n for n, name in catalog.nodes(data="name") if name and name.lower() == spec.lower())
+        if len(candidates) == 1:
+            return candidates[0]
+        if candidates:
+            raise LineageError(f"{spec!r} is ambiguous: it names {', '.join(candidates[:8])}; give a node id")
+        raise LineageError(f"no node {spec!r}: not a file, node id, hash, Hugging Face repo or name known to "
+                           "the registry or the catalog")
+
+    def user_graph(self) -> nx.DiGraph:
+        """The user's own nodes and edges, with the catalog nodes those edges hang from (as in the catalog)."""
+        graph = nx.DiGraph()
+        with self._snapshot() as conn:
+            graph.add_nodes_from((node_id, json.loads(attrs)) for node_id, attrs in
+                                 conn.execute("SELECT id, attrs FROM nodes"))
+            for node_id, path in conn.execute("SELECT node_id, path FROM paths ORDER BY seen_at DESC, path"):
+                graph.nodes[node_id].setdefault("paths", []).append(path)
+            edges = [(parent, child, json.loads(attrs)) for parent, child, attrs in
+                     conn.execute("SELECT parent, child, attrs FROM edges")]
+        graph.add_edges_from(edges)
+        catalog = catalog_graph()
+        graph.add_nodes_from((n, catalog.nodes[n]) for n in {p for p, _, _ in edges} if n in catalog)
+        return graph
+
+    def graph(self) -> nx.DiGraph:
+        """The lineage graph: the built-in catalog with the user's nodes and edges over it."""
+        graph = nx.DiGraph(catalog_graph())
+        user = self.user_graph()
+        graph.add_nodes_from(user.nodes(data=True))
+        graph.add_edges_from(user.edges(data=True))
+        return graph
+
+    # -- writing -------------------------------------------------------------------------------
+    @contextmanager
+    def batch(self) -> Iterator[Batch]:
+        """One transaction: everything done through the batch is committed together, or nothing."""
+        with self._errors_as_lineage_errors():
+            self._conn.execute("BEGIN IMMEDIATE")  # take the write lock now, waiting for other writers
+            try:
+                yield Batch(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def import_graph(self, graph: nx.DiGraph) -> dict[str, int]:
+        """Add the nodes and edges of `graph` (from an export) in one transaction.
+
+        Catalog nodes, and edges the catalog already has, are skipped; anything that would change
+        the catalog, point to an unknown node or close a cycle refuses the whole import."""
+        if not nx.is_directed_acyclic_graph(graph):
+            cycle = " -> ".join(u for u, _ in nx.find_cycle(graph))
+            raise LineageError(f"the imported graph has a cycle ({cycle}); nothing was imported")
+        catalog = catalog_graph()
+        counts = {"nodes": 0, "edges": 0, "skipped_catalog": 0}
+        with self.batch() as b:
+            for node_id in nx.topological_sort(graph):
+                attrs = dict(graph.nodes[node_id])
+                if node_id in catalog:
+                    counts["skipped_catalog"] += 1
+                    continue
+                paths = attrs.pop("paths", [])
+                b.put_node(node_id, attrs)
+                for p in reversed(paths):  # oldest first, so the most recent keeps the newest seen_at
+                    b.put_path(node_id, p)
+                counts["nodes"] += 1
+            # Parents before children: each cycle check then only walks edges already in the registry.
+            for parent, child in ((p, c) for p in nx.topological_sort(graph) for c in graph.successors(p)):
+                attrs = dict(graph.edges[parent, child])
+                if child in catalog:
+                    if catalog.has_edge(parent, child):
+                        counts["skipped_catalog"] += 1
+                        continue
+                    raise LineageError(f"the import would add {parent} -> {child} under the read-only "
+                                       "catalog node; nothing was imported")
+                b.put_edge(parent, child, attrs.pop("relation"), **attrs)
+                counts["edges"] += 1
+        return counts
+
+
+class Batch:
+    """Writes inside one registry transaction (see `Registry.batch`)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+
+    def has_node(self, node_id: str) -> bool:
+        return is_catalog_node(node_id) or self.node_attrs(node_id) is not None
+
+    def node_attrs(self, node_id: str) -> dict[str, Any] | None:
+        row = self._conn.execute("SELECT attrs FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_node(self, node_id: str, attrs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
+        """Create or update a node: `attrs` replace stored values, `defaults` only fill gaps;
+        `names` (every name the node was seen under) and `hashes` accumulate."""
+        if is_catalog_node(node_id):
+            raise LineageError(f"{node_id!r} is a built-in catalog node and cannot be changed; "
+                               "link your file to it instead (lmerge link FILE NODE)")
+        existing = self.node_attrs(node_id)
+        stored = existing or {}
+        merged = {**(defaults or {}), **stored, **attrs}
+        names = [*stored.get("names", []), *attrs.get("names", [])]
+        for source in (stored, defaults or {}, attrs):
+            if source.get("name"):
+                names.append(source["name"])
+        merged["names"] = sorted(set(names))
+        merged["hashes"] = {**stored.get("hashes", {}), **(defaults or {}).get("hashes", {}), **attrs.get("hashes", {})}
+        if not merged["hashes"]:
+            del merged["hashes"]
+        merged = {k: v for k, v in merged.items() if v is not None and v != []}
+        if merged == existing:
+            return
+        self._conn.execute("INSERT INTO nodes (id, name, attrs) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                           "name = excluded.name, attrs = excluded.attrs",
+                           (node_id, merged.get("name"), _dumps(merged)))
+        self._conn.executemany("INSERT OR IGNORE INTO hashes (kind, value, node_id) VALUES (?, ?, ?)",
+                               [(k, v.lower(), node_id) for k, v in merged.get("hashes", {}).items()
+                                if k in HASH_KINDS and v])
+
+    def put_path(self, node_id: str, path: str | os.PathLike, stat: os.stat_result | None = None) -> None:
+        """Remember that `node_id`'s file was seen at `path` (with its size and mtime, when given)."""
+        absolute = os.path.abspath(path)
+        size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (None, None)
+        row = self._conn.execute("SELECT node_id, size, mtime_ns FROM paths WHERE path = ?", (absolute,)).fetchone()
+        if row == (node_id, size, mtime) or (row and row[0] == node_id and stat is None):
+            return  # nothing new: keep the time it was first seen like this
+        self._conn.execute("INSERT INTO paths (path, node_id, size, mtime_ns, seen_at) VALUES (?, ?, ?, ?, ?) "
+                           "ON CONFLICT (path) DO UPDATE SET node_id = excluded.node_id, size = excluded.size, "
+                           "mtime_ns = excluded.mtime_ns, seen_at = excluded.seen_at",
+                           (absolute, node_id, size, mtime, time.time()))
+
+    def put_edge(self, parent: str, child: str, relation: str, **attrs: Any) -> None:
+        """Create or update parent -> child. Refuses unknown nodes, catalog children and cycles."""
+        check_relation(relation)
+        if is_catalog_node(child):
+            raise LineageError(f"{child!r} is a built-in catalog node; its parents cannot be changed")
+        for node_id in (parent, child):
+            if not self.has_node(node_id):
+                raise LineageError(f"no node {node_id!r} in the registry or the catalog")
+        if parent == child or self._conn.execute(_REACHES, (child, parent)).fetchone():
+            raise LineageError(f"refusing edge {parent} -> {child}: the parent already descends from the "
+                               "child (a model cannot descend from itself)")
+        stored = {k: v for k, v in attrs.items() if v is not None}
+        row = self._conn.execute("SELECT relation, attrs FROM edges WHERE parent = ? AND child = ?",
+                                 (parent, child)).fetchone()
+        if row and row[0] == relation and json.loads(row[1]) == {**stored, "relation": relation}:
+            return
+        self._conn.execute("INSERT INTO edges (parent, child, relation, attrs) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT (parent, child) DO UPDATE SET relation = excluded.relation, "
+                           "attrs = excluded.attrs",
+                           (parent, child, relation, _dumps({**stored, "relation": relation})))
+
+    def drop_parents(self, child: str, sources: Iterable[str], keep: Iterable[str]) -> None:
+        """Remove edges into `child` that its own metadata gave (`source` one of `sources`, no `via`
+        another file) and whose parent is not in `keep` (a re-scan found other parents), and the
+        placeholders left without any edge."""
+        kept, dropped_sources = set(keep), set(sources)
+        for parent, text in self._conn.execute("SELECT parent, attrs FROM edges WHERE child = ?", (child,)).fetchall():
+            attrs = json.loads(text)
+            if parent not in kept and attrs.get("source") in dropped_sources and "via" not in attrs:
+                self._conn.execute("DELETE FROM edges WHERE parent = ? AND child = ?", (parent, child))
+                if is_placeholder(parent):
+                    self._drop_if_orphan(parent)
+
+    def _drop_if_orphan(self, node_id: str) -> None:
+        if not self._conn.execute("SELECT 1 FROM edges WHERE parent = ? OR child = ? LIMIT 1",
+                                  (node_id, node_id)).fetchone():
+            self._delete_node(node_id)
+
+    def _delete_node(self, node_id: str) -> None:
+        for table, column in (("nodes", "id"), ("hashes", "node_id"), ("paths", "node_id")):
+            self._conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (node_id,))
+
+    def absorb_placeholders(self, node_id: str, hashes: Mapping[str, str | None]) -> list[str]:
+        """Placeholders for this node's file (a parent that metadata named by sha256, AutoV1 or
+        AutoV2 before the file itself was recorded) become `node_id`: their edges move over."""
+        absorbed = []
+        for kind in ("sha256", "autov1", "autov2"):
+            if not hashes.get(kind):
+                continue
+            placeholder = reference_id(kind, hashes[kind])
+            attrs = self.node_attrs(placeholder)
+            if attrs is None:
+                continue
+            self.put_node(node_id, {"names": attrs.get("names", [])})
+            edges = self._conn.execute("SELECT parent, child, relation, attrs FROM edges WHERE parent = ? OR child = ?",
+                                       (placeholder, placeholder)).fetchall()
+            self._delete_node(placeholder)
+            self._conn.execute("DELETE FROM edges WHERE parent = ? OR child = ?", (placeholder, placeholder))
+            for parent, child, relation, edge_attrs in edges:
+                moved = {k: v for k, v in json.loads(edge_attrs).items() if k != "relation"}
+                self.put_edge(node_id if parent == placeholder else parent,
+                              node_id if child == placeholder else child, relation, **moved)
+            absorbed.append(placeholder)
+        return absorbed
+
+
+def open_registry(registry: str | os.PathLike | Registry | None = None) -> Registry:
+    """`registry` itself when it is a Registry, else the registry at that path (None: the default)."""
+    return registry if isinstance(registry, Registry) else Registry(registry)
+
+
+@contextmanager
+def using_registry(registry: str | os.PathLike | Registry | None = None) -> Iterator[Registry]:
+    """The registry to work on for one call; closed afterwards only if it was opened here."""
+    reg = open_registry(registry)
+    try:
+        yield reg
+    finally:
+        if reg is not registry:
+            reg.close()

@@ -1,0 +1,165 @@
+"""Rendering (lineage/render.py) and `lmerge tree`: structure of text, DOT, Mermaid, JSON and GraphML."""
+import json
+import re
+import shutil
+
+import networkx as nx
+import pytest
+
+from lineage import LineageError
+from lineage.catalog import catalog_graph
+from lineage.graph import add_lineage_edge, neighbourhood
+from lineage.interchange import from_graphml
+from lineage.render import render, to_dot, to_mermaid, to_text
+
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+
+
+@pytest.fixture
+def merge_family():
+    """base (eps) -> a, base -> b (v-pred), a + b -> m (merge 0.3 / 0.7), m -> m2; base -> lora (adapter)."""
+    g = nx.DiGraph()
+    g.add_node("base", name="Base", prediction_type="epsilon", maker="Lab", date="2024-01",
+               urls=["https://example.org/base"])
+    g.add_node("a", name="Model A")
+    g.add_node("b", name="Model B", prediction_type="v")
+    g.add_node("m", name="Mix <1>")
+    g.add_node("m2", name="Mix 2")
+    g.add_node("lora", name="Style", kind="lora")
+    add_lineage_edge(g, "base", "a", "finetune")
+    add_lineage_edge(g, "base", "b", "finetune")
+    add_lineage_edge(g, "a", "m", "merge", weight=0.3, params={"method": "weighted_sum"})
+    add_lineage_edge(g, "b", "m", "merge", weight=0.7, params={"method": "weighted_sum"})
+    add_lineage_edge(g, "m", "m2", "finetune")
+    add_lineage_edge(g, "base", "lora", "adapter")
+    return g
+
+
+def dot_edges(dot: str) -> dict[tuple[str, str], str]:
+    return {(p, c): attrs for p, c, attrs in re.findall(r'^\s*"([^"]+)" -> "([^"]+)" \[(.*)\];$', dot, re.M)
+            if "invis" not in attrs}
+
+
+def dot_nodes(dot: str) -> dict[str, str]:
+    return dict(re.findall(r'^\s*"([^"]+)" \[(label=.*)\];$', dot, re.M))
+
+
+def test_text_tree_shows_a_merge_under_each_parent_once_expanded(merge_family):
+    text = to_text(merge_family, focus="b")
+    lines = text.splitlines()
+    assert lines[0] == "Base  [base]  (eps, Lab, 2024-01)"
+    assert "├─ Model A  [a]" in lines
+    assert "│  └─ ⊕ Mix <1>  [m]  (merge 0.3)" in lines
+    assert "│     └─ Mix 2  [m2]" in lines
+    assert "├─ Model B  [b]  (v-pred)  ◀" in lines
+    assert "│  └─ ⊕ Mix <1>  [m]  (merge 0.7)  … see above" in lines
+    assert "└─ Style  [lora]  (adapter, lora)" in lines
+    assert text.count("Mix 2") == 1
+
+
+def test_dot_structure_labels_and_styles(merge_family):
+    dot = to_dot(merge_family, focus="m")
+    assert dot.startswith("digraph lineage {") and "rankdir=TB" in dot
+    nodes, edges = dot_nodes(dot), dot_edges(dot)
+    assert set(nodes) == set(merge_family)
+    assert set(edges) == set(merge_family.edges)
+    assert 'label=" 0.3"' in edges["a", "m"] and 'label=" 0.7"' in edges["b", "m"]
+    assert "label" not in edges["base", "a"]  # a fine-tune needs no label
+    assert 'style="dashed"' in edges["base", "lora"] and 'label=" adapter"' in edges["base", "lora"]
+    assert 'fillcolor="#FFF9C4"' in nodes["base"] and 'fillcolor="#E1F5FE"' in nodes["b"]
+    assert 'shape="ellipse"' in nodes["lora"] and 'shape="box"' in nodes["a"]
+    assert 'URL="https://example.org/base"' in nodes["base"] and "maker: Lab" in nodes["base"]
+    assert "<B>Mix &lt;1&gt;</B>" in nodes["m"] and 'color="#D84315"' in nodes["m"]  # escaped; the focus
+
+
+def test_dot_boxes_architectures_and_stacks_lone_models():
+    dot = to_dot(catalog_graph())
+    assert 'subgraph "cluster_sdxl"' in dot and 'subgraph "cluster_sd1"' in dot and 'label="SD 2.x"' in dot
+    assert '"sd-2.0" -> "sd-2.1" [style=invis];' in dot
+    assert len(dot_edges(dot)) == catalog_graph().number_of_edges()
+
+
+def test_mermaid_like_the_seed_flowcharts(merge_family):
+    mermaid = to_mermaid(merge_family, focus="m")
+    lines = mermaid.splitlines()
+    assert lines[0] == "flowchart TD"
+    ids = dict(re.findall(r'^(n\d+)[\[(]+"([^"]+)"', mermaid, re.M))
+    by_name = {name: node_id for node_id, name in ids.items()}
+    assert set(by_name) == {"Base", "Model A", "Model B", "Mix <1>", "Mix 2", "Style"}
+    assert f'{by_name["Model A"]} -->|0.3| {by_name["Mix <1>"]}' in lines
+    assert f'{by_name["Base"]} -.->|adapter| {by_name["Style"]}' in lines
+    assert f'{by_name["Base"]} --> {by_name["Model A"]}' in lines
+    assert f'click {by_name["Base"]} "https://example.org/base" "eps, Lab, 2024-01"' in lines
+    assert "classDef epsilon fill:#FFF9C4,stroke:#FBC02D" in mermaid
+    assert f"class {by_name['Model B']} v;" in lines
+    assert f"style {by_name['Mix <1>']} stroke:#D84315,stroke-width:4px" in lines
+
+
+def test_json_and_graphml_carry_everything(merge_family):
+    document = json.loads(render(merge_family, "json"))
+    assert document["format"] == "lineage-graph" and document["version"] == 1
+    assert {n["id"] for n in document["nodes"]} == set(merge_family)
+    merge_edges = {(e["parent"], e["child"]): e for e in document["edges"] if e["relation"] == "merge"}
+    assert merge_edges["a", "m"]["weight"] == 0.3 and merge_edges["b", "m"]["params"] == {"method": "weighted_sum"}
+    back = from_graphml(render(merge_family, "graphml"))
+    assert dict(back.nodes(data=True)) == dict(merge_family.nodes(data=True))
+    assert sorted(back.edges(data=True)) == sorted(merge_family.edges(data=True))
+
+
+@needs_dot
+def test_images_are_laid_out_by_dot(merge_family):
+    svg = render(merge_family, "svg")
+    assert svg.lstrip().startswith("<?xml") and "<title>m</title>" in svg and "Mix &lt;1&gt;" in svg
+    assert render(merge_family, "png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert render(merge_family, "pdf")[:5] == b"%PDF-"
+    with pytest.raises(LineageError, match="unknown format 'gif'"):
+        render(merge_family, "gif")
+
+
+# ---------------------------------------------------------------- lmerge tree
+
+
+def test_tree_on_a_fresh_install_prints_the_seed_family(lmerge):
+    code, out, _ = lmerge("tree")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("Stable Diffusion XL 1.0 base  [sdxl-1.0-base]")
+
+    def depth(node_id):
+        line = next(line for line in lines if f"[{node_id}]" in line)
+        return (len(line) - len(line.lstrip("│ ├└─"))) // 3
+
+    chain = ["sdxl-1.0-base", "kohaku-xl-beta5", "illustrious-xl-v0.1", "noobai-xl-eps-0.5", "noobai-xl-eps-0.6",
+             "noobai-xl-eps-0.75", "noobai-xl-eps-0.77", "noobai-xl-eps-1.0", "noobai-xl-vpred-0.5"]
+    assert [depth(n) for n in chain] == list(range(len(chain)))
+    assert depth("rouwei-0.6-eps") == depth("illustrious-xl-v1.0") == 3
+    for branch in ("pony-diffusion-v6-xl", "animagine-xl-2.0", "animagine-xl-4.0-zero", "aidxl-model-a"):
+        assert depth(branch) == 1
+    assert depth("kohaku-xl-gamma") == 2 and depth("illustrious-xl-v2.0") == 5
+    assert depth("illustrious-xl-v2.0-aesthetic") == 6
+    assert any(line.startswith("Stable Diffusion 1.5  [sd-1.5]") for line in lines)  # its own root
+
+
+def test_tree_of_a_node_up_down_and_depth(lmerge):
+    code, out, _ = lmerge("tree", "noobai-xl-vpred-0.65", "--up")
+    assert code == 0 and "NoobAI-XL V-pred 0.65  [noobai-xl-vpred-0.65]" in out and "◀" in out
+    assert "kohaku-xl-beta5" in out and "noobai-xl-vpred-0.75" not in out and "rouwei" not in out
+    code, out, _ = lmerge("tree", "NoobAI-XL V-pred 0.65", "--down", "--depth", "1")
+    assert code == 0 and set(re.findall(r"\[([a-z0-9.\-]+)\]", out)) == {
+        "noobai-xl-vpred-0.65", "noobai-xl-vpred-0.75", "noobai-xl-vpred-0.75s"}
+    code, _, err = lmerge("tree", "--up")
+    assert code == 1 and "need a NODE" in err
+    code, _, err = lmerge("tree", "no-such-model")
+    assert code == 1 and "no node 'no-such-model'" in err
+
+
+@needs_dot
+def test_tree_writes_files_by_extension(lmerge, tmp_path):
+    code, out, _ = lmerge("tree", "illustrious-xl-v0.1", "--depth", "2", "-o", tmp_path / "tree.png")
+    assert code == 0 and "wrote" in out and (tmp_path / "tree.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, _ = lmerge("tree", "-o", tmp_path / "family.mmd")
+    assert code == 0 and (tmp_path / "family.mmd").read_text().startswith("flowchart TD")
+    code, out, _ = lmerge("tree", "rouwei-0.7-eps", "--format", "dot")
+    assert code == 0 and set(dot_nodes(out)) == set(neighbourhood(catalog_graph(), "rouwei-0.7-eps"))
+    code, _, err = lmerge("tree", "--format", "png")
+    assert code == 1 and "give -o FILE" in err
