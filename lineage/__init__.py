@@ -27,6 +27,7 @@ _API: dict[str, str] = {
     "inspect": ".inspection:inspect_path",
     "write_base": ".synthetic:write_base",
     "write_child": ".synthetic:write_child",
+    "merge": "merge.api:merge",
     "record": ".record:record",
 }
 

@@ -97,5 +97,6 @@ def generate(output: str, size: str, seed: int, dtype: str, parent: str | None, 
         write_base(output, size=size, seed=seed, dtype=dtype, prediction_type=prediction_type or "epsilon")
     click.echo(f"wrote {output}")
 from .graph_commands import register; register(main)  # noqa: E402,E702 - add, scan, link, tree, compat, hub, registry
+from merge.commands import register as _register_merge; _register_merge(main)  # noqa: E402,E702 - merge, reproduce, methods
 if __name__ == "__main__":
     main()

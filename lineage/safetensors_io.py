@@ -297,6 +297,7 @@ class SafetensorsWriter:
         self.data_start = 8 + len(raw)
         self.size = self.data_start + offset
         self._pending = set(self._slots)
+        self._header, self._header_len = header, len(raw)
 
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
@@ -331,6 +332,18 @@ class SafetensorsWriter:
                 f"planned {dtype} {list(shape)}", self.path)
         self._pwrite(_tensor_bytes(tensor), self.data_start + offset)
         self._pending.discard(name)
+
+    def update_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Replace the metadata before `close`, for values known only once the data is written (hashes).
+        The data section is already placed, so the new header must not be longer than the first one:
+        plan with placeholders of the final length. A shorter header is padded with spaces."""
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise LineageError("metadata must map strings to strings", self.path)
+        header = {**self._header, "__metadata__": dict(metadata)}
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(raw) > self._header_len:
+            raise LineageError(f"updated metadata is {len(raw) - self._header_len} bytes longer than planned", self.path)
+        self._pwrite(raw + b" " * (self._header_len - len(raw)), 8)
 
     def close(self) -> None:
         """Finish: fsync, then atomically rename the temporary file onto the destination."""

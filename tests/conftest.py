@@ -59,3 +59,13 @@ def tiny(tmp_path):
         return str(path)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trio(tmp_path_factory) -> dict[str, str]:
+    """A base and two independent fine-tunes of it (for 2- and 3-model merges)."""
+    d = tmp_path_factory.mktemp("trio")
+    base = write_base(d / "base.safetensors", seed=10)
+    return {"base": base,
+            "x": write_child(base, d / "x.safetensors", seed=11),
+            "y": write_child(base, d / "y.safetensors", seed=12)}

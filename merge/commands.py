@@ -1,0 +1,171 @@
+"""`lmerge merge`, `lmerge reproduce` and `lmerge methods`: thin click layers over merge/."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import click
+
+from lineage.errors import LineageError
+
+from .recipe import DTYPES, MISMATCH_POLICIES, Input, Recipe, load_recipe
+from .weights import PRESETS
+
+
+def _param_value(text: str) -> Any:
+    """`--param k=v` values: JSON (numbers, true/false, [lists]), else comma-separated numbers, else text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return [float(v) for v in text.split(",")] if "," in text else text
+    except ValueError:
+        return text
+
+
+def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    params = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise LineageError(f"--param {pair!r}: expected NAME=VALUE")
+        name, value = pair.split("=", 1)
+        params[name.strip()] = _param_value(value.strip())
+    return params
+
+
+def _recipe_from_options(inputs: tuple[str, ...], recipe_file: str | None, method: str | None, alpha: float | None,
+                         blocks: str | None, preset: str | None, params: dict[str, Any], dtype: str | None,
+                         seed: int | None, mismatch: str | None, prediction_type: str | None) -> Recipe:
+    """The recipe file's recipe with the command line's options on top, or one from the options alone."""
+    from .api import build_recipe
+
+    if recipe_file is None:
+        if not inputs:
+            raise LineageError("give the input models (or --recipe FILE)")
+        return build_recipe(inputs, method=method or "weighted_sum", alpha=alpha, params=params, blocks=blocks,
+                            preset=preset, seed=seed or 0, dtype=dtype or "fp16", mismatch=mismatch or "error",
+                            prediction_type=prediction_type)
+    recipe = load_recipe(recipe_file)
+    from_options = build_recipe(inputs or [i.path for i in recipe.inputs], method=method or recipe.method,
+                                alpha=alpha, params=params, blocks=blocks, preset=preset)
+    changed_method = method is not None and method != recipe.method
+    return replace(
+        recipe,
+        method=from_options.method,
+        inputs=tuple(Input(p) for p in inputs) if inputs else recipe.inputs,
+        params=from_options.params if changed_method else {**recipe.params, **from_options.params},
+        per_key=from_options.per_key if changed_method else {**recipe.per_key, **from_options.per_key},
+        seed=recipe.seed if seed is None else seed,
+        dtype=dtype or recipe.dtype,
+        mismatch=mismatch or recipe.mismatch,
+        prediction_type=prediction_type or recipe.prediction_type,
+    )
+
+
+@click.command("merge")
+@click.argument("inputs", nargs=-1, type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="The merged .safetensors file.")
+@click.option("--method", help="A merge method (see `lmerge methods`); default weighted_sum.")
+@click.option("--alpha", type=float, help="weighted_sum of two models: the weight of B, (1-α)A + αB, as in A1111. "
+                                          "Methods over a base: the multiplier of the merged delta.")
+@click.option("--blocks", help='Per-block alpha: the preset\'s values in order ("BASE,IN00,…,OUT08" for '
+                               'supermerger) or NAME=VALUE pairs ("IN04=0.3,M00=1").')
+@click.option("--preset", type=click.Choice(PRESETS), help="Which blocks --blocks names (default supermerger). "
+                                                           "comfyui values are ComfyUI ratios: the weight of model 1.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="A method parameter, e.g. density=0.2 or weights=0.5,0.5 (repeatable).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), help="Dtype of merged tensors (default fp16).")
+@click.option("--seed", type=int, help="Seed of random methods (each tensor's seed derives from it and its key).")
+@click.option("--recipe", "recipe_file", type=click.Path(), help="A TOML recipe; options given here override it.")
+@click.option("--registry", type=click.Path(), help="The lineage registry (default $LINEAGE_HOME or the user data dir).")
+@click.option("--no-record", is_flag=True, help="Do not register the output in the lineage registry.")
+@click.option("--dry-run", is_flag=True, help="Show the plan (keys per method, memory, output size); write nothing.")
+@click.option("--mismatch", type=click.Choice(MISMATCH_POLICIES),
+              help="Keys missing from some inputs or with different shapes: error (default), take them from "
+                   "the first model, or drop them.")
+@click.option("--prediction-type", help="When the inputs' prediction types differ: the one to keep (its markers "
+                                        "are written), e.g. v+ztsnr or epsilon.")
+@click.option("--fail-on-nonfinite", is_flag=True, help="Stop when an input tensor holds NaN/Inf (default: warn).")
+@click.option("--save-recipe", type=click.Path(), help="Also write the recipe (with the inputs' AutoV3) as TOML.")
+@click.option("--workers", type=click.IntRange(1, 64), help="Compute threads (default: cores, at most 4).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan or the result as JSON.")
+def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alpha: float | None, blocks: str | None,
+                  preset: str | None, params: tuple[str, ...], dtype: str | None, seed: int | None,
+                  recipe_file: str | None, registry: str | None, no_record: bool, dry_run: bool, mismatch: str | None,
+                  prediction_type: str | None, fail_on_nonfinite: bool, save_recipe: str | None, workers: int | None,
+                  as_json: bool) -> None:
+    """Merge checkpoints A B [C ...] into OUTPUT, tensor by tensor (bounded memory)."""
+    from .api import DEFAULT_WORKERS, merge, plan
+
+    recipe = _recipe_from_options(inputs, recipe_file, method, alpha, blocks, preset, _parse_params(params), dtype,
+                                  seed, mismatch, prediction_type)
+    workers = workers or DEFAULT_WORKERS
+    if dry_run:
+        merge_plan = plan(recipe, workers)
+        click.echo(json.dumps(merge_plan.summary(), indent=2) if as_json else merge_plan.describe())
+        return
+    result = merge(recipe, output, record=not no_record, registry=registry, workers=workers,
+                   fail_on_nonfinite=fail_on_nonfinite)
+    for path, key in result.nonfinite:
+        click.echo(f"warning: {path}: tensor {key!r} holds NaN or Inf (merged as is)", err=True)
+    if save_recipe:
+        result.recipe.save(save_recipe)
+    if as_json:
+        click.echo(json.dumps({"path": result.path, "autov3": result.autov3, "node": result.node,
+                               "nonfinite": [list(x) for x in result.nonfinite], "plan": result.plan.summary(),
+                               "recipe": result.recipe.to_dict()}, indent=2))
+        return
+    click.echo(f"wrote {output} (AutoV3 {result.autov3[:12]}, {result.plan.counts().get(recipe.method, 0)} tensors "
+               f"merged by {recipe.method}, {len(result.plan.steps)} in all)")
+    if result.node:
+        click.echo(f"recorded as node {result.node}")
+
+
+@click.command("reproduce")
+@click.argument("path", type=click.Path())
+@click.option("--input", "inputs", multiple=True, type=click.Path(),
+              help="An input file, in the recorded order (repeat for each); default: found by AutoV3 in the registry.")
+@click.option("-o", "--output", type=click.Path(), help="Keep the re-run here (default: a temporary file, removed).")
+@click.option("--registry", type=click.Path(), help="The lineage registry to find inputs in.")
+def reproduce_command(path: str, inputs: tuple[str, ...], output: str | None, registry: str | None) -> None:
+    """Re-run the recipe recorded in PATH and check the result has the same AutoV3."""
+    from .reproduce import reproduce
+
+    found = reproduce(path, inputs=inputs, registry=registry, output=output)
+    for used in found.inputs:
+        click.echo(f"input {used}")
+    if not found.matches:
+        raise LineageError(f"not reproduced: the re-run has AutoV3 {found.autov3[:12]}, the file "
+                           f"{found.expected_autov3[:12]}", path)
+    click.echo(f"reproduced {path}: AutoV3 {found.autov3[:12]} matches" + (f" (re-run kept at {output})" if output else ""))
+
+
+@click.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def methods_command(as_json: bool) -> None:
+    """List the merge methods, their parameters and conventions."""
+    from .methods import METHODS
+
+    rows = [{"name": m.name, "needs_base": m.needs_base, "min_models": m.min_models, "max_models": m.max_models,
+             "random": m.random, "elementwise": m.elementwise, "params": m.defaults, "doc": m.doc}
+            for m in sorted(METHODS.values(), key=lambda m: m.name)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=repr))
+        return
+    for row in rows:
+        flags = ", ".join(f for f, on in (("base first", row["needs_base"]), ("random", row["random"]),
+                                           ("elementwise", row["elementwise"])) if on)
+        params = ", ".join(f"{k}={v!r}" for k, v in row["params"].items())
+        click.echo(f"{row['name']}" + (f"  [{flags}]" if flags else "") + (f"  ({params})" if params else ""))
+        first_line = row["doc"].splitlines()[0] if row["doc"] else ""
+        if first_line:
+            click.echo(f"    {first_line}")
+
+
+def register(group: click.Group) -> None:
+    """Add the merge commands to the `lmerge` group."""
+    for command in (merge_command, reproduce_command, methods_command):
+        group.add_command(command)
+

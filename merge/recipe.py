@@ -1,0 +1,260 @@
+"""A merge recipe: which method, on which inputs, with which parameters — and its file format.
+
+The same recipe is written three ways: as Python (`Recipe(...)` or `lineage.merge(...)`), as a TOML
+file (`lmerge merge --recipe FILE`), and as the JSON record every merged file carries under the
+metadata key `lineage.record`. All three are the one dict of `Recipe.to_dict`:
+
+    version = 1                      # recipe format version
+    method = "weighted_sum"          # a name from `lmerge methods`
+    seed = 0                         # random methods: each tensor's seed derives from this and its key
+    dtype = "fp16"                   # output dtype of merged tensors: fp16 | bf16 | fp32
+    mismatch = "error"               # keys missing from some inputs / shapes that disagree:
+                                     #   error | first (take them from the first model) | drop
+    prediction_type = "v+ztsnr"      # only when the parents' prediction types differ: the one to keep
+
+    [params]                         # the method's keyword parameters (scalars, or lists such as weights)
+    alpha = 0.3                      # weighted_sum: the weight of the second model (A1111's convention)
+
+    [per_key.alpha]                  # optional: how `alpha` varies per key (merge/weights.py)
+    preset = "supermerger"           # block preset: supermerger | supermerger-legacy | sd-mecha | comfyui | lineage
+    blocks = "0,0.5,0.5,…"           # a block string in the preset's own convention, or a table in
+                                     # the method's convention: { IN04 = 0.3, M00 = 1.0 }
+    components = { vae = 0.0 }       # per component: unet | clip_l | clip_g | vae
+    overrides = [ { pattern = "attn2\\.to_k", value = 0.1 } ]   # regex searched in the key; last match wins
+
+    [[inputs]]                       # in the method's order (the base first for methods that need one)
+    path = "a.safetensors"           # relative paths are relative to the recipe file
+    autov3 = "1f0c…"                 # sha256 of the data section; filled in when the merge runs
+    name = "a"
+
+TOML was chosen over JSON because people write recipes by hand (comments, less quoting); the
+record inside a checkpoint is JSON because metadata values are strings.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lineage.errors import LineageError
+
+from .weights import KeyWeights
+
+if TYPE_CHECKING:
+    from .methods import MergeMethod
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+RECIPE_VERSION = 1
+DTYPES: dict[str, str] = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}  # recipe name -> safetensors dtype
+MISMATCH_POLICIES = ("error", "first", "drop")
+ParamValue = float | int | bool | str | list[float]
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input model: where it is and, once hashed, its AutoV3 (sha256 of the data section)."""
+
+    path: str
+    autov3: str | None = None
+    name: str = ""  # default: the file name without its extension
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", Path(self.path).stem)
+
+    def to_dict(self) -> dict[str, str]:
+        out = {"path": self.path, "name": self.name}
+        if self.autov3:
+            out["autov3"] = self.autov3
+        return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a merge's tensor data (so the same recipe reproduces it bit for bit)."""
+
+    method: str
+    inputs: tuple[Input, ...]
+    params: Mapping[str, ParamValue] = field(default_factory=dict)
+    per_key: Mapping[str, KeyWeights] = field(default_factory=dict)  # param name -> its per-key variation
+    seed: int = 0
+    dtype: str = "fp16"
+    mismatch: str = "error"
+    prediction_type: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(i if isinstance(i, Input) else Input(os.fspath(i)) for i in self.inputs))
+        if self.dtype not in DTYPES:
+            raise LineageError(f"unknown output dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.mismatch not in MISMATCH_POLICIES:
+            raise LineageError(f"unknown mismatch policy {self.mismatch!r}; choose one of {', '.join(MISMATCH_POLICIES)}")
+        method = self.merge_method
+        method.check_model_count(len(self.inputs))
+        unknown = [p for p in (*self.params, *self.per_key) if p not in method.defaults]
+        if unknown:
+            known = ", ".join(method.defaults) or "none"
+            raise LineageError(f"merge method {self.method!r} has no parameter {', '.join(map(repr, unknown))} "
+                               f"(its parameters: {known})")
+        for name in self.per_key:
+            if not isinstance(self.scalar(name), (int, float)) or isinstance(self.scalar(name), bool):
+                raise LineageError(f"parameter {name!r} of {self.method!r} is not a number, so it cannot vary per key")
+
+    @property
+    def merge_method(self) -> MergeMethod:
+        from .methods import get_method  # torch is imported only once a recipe is used, not by the CLI's startup
+
+        return get_method(self.method)
+
+    @property
+    def storage_dtype(self) -> str:
+        """The safetensors dtype of merged tensors (F16, BF16 or F32)."""
+        return DTYPES[self.dtype]
+
+    def scalar(self, name: str) -> Any:
+        return self.params.get(name, self.merge_method.defaults.get(name))
+
+    def params_for(self, key: str) -> dict[str, Any] | None:
+        """The method's keyword parameters for one tensor, or None when the key is not merged
+        (a block preset leaves it to the first model)."""
+        values = {**self.merge_method.defaults, **self.params}
+        for name, variation in self.per_key.items():
+            value = variation.value_for(key, values[name])
+            if value is None:
+                return None
+            values[name] = value
+        return values
+
+    def with_hashes(self, autov3: list[str]) -> Recipe:
+        return replace(self, inputs=tuple(replace(i, autov3=h) for i, h in zip(self.inputs, autov3)))
+
+    def with_paths(self, paths: list[str]) -> Recipe:
+        return replace(self, inputs=tuple(replace(i, path=p) for i, p in zip(self.inputs, paths)))
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": RECIPE_VERSION, "method": self.method, "seed": self.seed,
+                               "dtype": self.dtype, "mismatch": self.mismatch}
+        if self.prediction_type:
+            out["prediction_type"] = self.prediction_type
+        out["params"] = dict(self.params)
+        if self.per_key:
+            out["per_key"] = {name: w.to_dict() for name, w in self.per_key.items()}
+        out["inputs"] = [i.to_dict() for i in self.inputs]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> Recipe:
+        """Build a recipe from its dict form; relative input paths are taken relative to `base_dir`."""
+        version = data.get("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise LineageError(f"recipe format version {version!r} is not supported (this library reads {RECIPE_VERSION})")
+        # `library` and `weights` (each input's nominal weight) are what a merged file's record adds.
+        known = {"version", "method", "seed", "dtype", "mismatch", "prediction_type", "params", "per_key", "inputs",
+                 "library", "weights"}
+        unknown = set(data) - known
+        if unknown:
+            raise LineageError(f"unknown recipe fields {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        if "method" not in data or not data.get("inputs"):
+            raise LineageError("a recipe needs `method` and at least one [[inputs]] entry")
+        inputs = []
+        for entry in data["inputs"]:
+            path = entry["path"] if isinstance(entry, Mapping) else entry
+            if base_dir is not None and not os.path.isabs(path):
+                path = os.path.join(base_dir, path)
+            if isinstance(entry, Mapping):
+                inputs.append(Input(path, entry.get("autov3"), entry.get("name", "")))
+            else:
+                inputs.append(Input(path))
+        return cls(
+            method=data["method"],
+            inputs=tuple(inputs),
+            params=dict(data.get("params", {})),
+            per_key={name: KeyWeights.from_dict(w) for name, w in data.get("per_key", {}).items()},
+            seed=int(data.get("seed", 0)),
+            dtype=data.get("dtype", "fp16"),
+            mismatch=data.get("mismatch", "error"),
+            prediction_type=data.get("prediction_type"),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=False)
+
+    def to_toml(self) -> str:
+        return to_toml(self.to_dict())
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_toml())
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read a TOML recipe file (a `.json` file holding the same dict is accepted too)."""
+    path = os.fspath(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise LineageError(f"cannot read recipe ({e.strerror})", path) from None
+    try:
+        data = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise LineageError(f"invalid recipe file ({e})", path) from None
+    try:
+        return Recipe.from_dict(data, base_dir=os.path.dirname(os.path.abspath(path)))
+    except LineageError as e:
+        raise LineageError(str(e), path) from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise LineageError(f"malformed recipe ({type(e).__name__}: {e})", path) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# A TOML writer for the recipe's dict: top-level scalars, tables of scalars, nested tables
+# (per_key.alpha) and arrays of tables (inputs). Values: str, bool, int, float, lists, inline tables.
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # JSON's string escapes are valid TOML basic strings
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise LineageError(f"cannot write {type(value).__name__} value {value!r} to a recipe")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    lines = []
+    tables = []
+    for key, value in data.items():
+        if isinstance(value, Mapping) or (isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value)):
+            tables.append((key, value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in tables:
+        if isinstance(value, list):
+            for entry in value:
+                lines += ["", f"[[{_toml_key(key)}]]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in entry.items())]
+        elif all(isinstance(v, Mapping) for v in value.values()) and value:
+            for sub, entry in value.items():
+                lines += ["", f"[{_toml_key(key)}.{_toml_key(sub)}]",
+                          *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in entry.items())]
+        else:
+            lines += ["", f"[{_toml_key(key)}]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,291 @@
+"""The streaming engine on small generated checkpoints: results, pass-through keys, markers, blocks,
+mismatches, NaN/Inf, determinism, metadata and recording."""
+import json
+
+import pytest
+import torch
+
+from lineage.detect import detect
+from lineage.blocks import block_of
+from lineage.errors import LineageError
+from lineage.hashing import hash_file
+from lineage.safetensors_io import SafetensorsFile, SafetensorsWriter, save_file
+from lineage.sdxl import is_pass_through
+from merge.api import build_recipe, merge, plan
+from merge.recipe import Input, Recipe
+
+POSITION_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+LOGIT_SCALE = "conditioner.embedders.1.model.logit_scale"
+
+
+def _tensors(path):
+    with SafetensorsFile(path) as f:
+        return {k: f.read(k) for k in f.keys()}, f.metadata
+
+
+def test_weighted_sum_is_lerp_in_fp32_rounded_once(trio, tmp_path):
+    out = merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", alpha=0.3, record=False)
+    merged, _ = _tensors(out.path)
+    a, _ = _tensors(trio["base"])
+    b, _ = _tensors(trio["x"])
+    assert list(merged) == list(a)  # the first model's key order
+    for key, value in merged.items():
+        if is_pass_through(key) or not value.is_floating_point():
+            assert torch.equal(value, a[key]) and value.dtype == a[key].dtype
+        else:
+            assert torch.equal(value, torch.lerp(a[key].float(), b[key].float(), 0.3).half()), key
+    assert merged[POSITION_IDS].dtype == torch.int64 and torch.equal(merged[POSITION_IDS], a[POSITION_IDS])
+    assert torch.equal(merged[LOGIT_SCALE], a[LOGIT_SCALE])
+
+
+@pytest.mark.parametrize("method, order, alpha", [("weighted_sum", ("base", "x"), 0.3),
+                                                 ("add_difference", ("x", "y", "base"), 0.7)])
+def test_equals_sd_mecha_to_fp16_rounding(trio, tmp_path, method, order, alpha):
+    sd_mecha = pytest.importorskip("sd_mecha")
+    paths = [trio[n] for n in order]
+    ours = merge(paths, tmp_path / "ours.safetensors", method=method, alpha=alpha, record=False)
+    models = [sd_mecha.model(p) for p in paths]
+    sd_mecha.merge(getattr(sd_mecha, method)(*models, alpha=alpha), output=tmp_path / "mecha.safetensors",
+                   merge_dtype=torch.float32, output_dtype=torch.float16)
+    mine, _ = _tensors(ours.path)
+    theirs, _ = _tensors(tmp_path / "mecha.safetensors")
+    assert set(mine) == set(theirs)
+    compared = 0
+    for key, value in mine.items():
+        if is_pass_through(key):  # sd-mecha writes position_ids as fp16; we keep them as they are
+            continue
+        ulp = torch.finfo(torch.float16).eps * value.float().abs().clamp(min=2**-14)
+        assert ((value.float() - theirs[key].float()).abs() <= ulp).all(), key
+        compared += 1
+    assert compared == len(mine) - 2
+
+
+def test_block_weights_touch_exactly_their_block(trio, tmp_path):
+    """alpha 0 everywhere except IN04 = 1: IN04's keys are B's, every other key is A's."""
+    out = merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", alpha=0.0, blocks="IN04=1",
+                preset="supermerger", record=False)
+    merged, _ = _tensors(out.path)
+    a, _ = _tensors(trio["base"])
+    b, _ = _tensors(trio["x"])
+    in_block = [k for k in merged if block_of(k, "supermerger") == "IN04"]
+    assert len(in_block) > 20
+    for key, value in merged.items():
+        source = b if key in in_block else a
+        assert torch.equal(value, source[key]), key
+    assert not torch.equal(a[in_block[0]], b[in_block[0]])  # so the test can tell A from B
+
+
+def test_a_preset_that_leaves_keys_unmerged_copies_the_first_model(trio, tmp_path):
+    result = merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", blocks=",".join(["1"] * 20),
+                   preset="supermerger-legacy", record=False)
+    merged, _ = _tensors(result.path)
+    a, _ = _tensors(trio["base"])
+    b, _ = _tensors(trio["x"])
+    time_keys = [k for k in merged if ".time_embed." in k or ".label_emb." in k]
+    assert time_keys and all(torch.equal(merged[k], a[k]) for k in time_keys)
+    assert torch.equal(merged["model.diffusion_model.out.2.weight"], b["model.diffusion_model.out.2.weight"])
+    assert result.plan.counts()["copy (not merged by the block preset)"] == len(time_keys)
+
+
+def test_different_prediction_types_are_refused_unless_one_is_chosen(family, tmp_path):
+    with pytest.raises(LineageError, match=r"different prediction types .*epsilon.*v\+ztsnr"):
+        merge([family["child"], family["vchild"]], tmp_path / "m.safetensors", record=False)
+    assert not (tmp_path / "m.safetensors").exists()
+    v = merge([family["child"], family["vchild"]], tmp_path / "v.safetensors", prediction_type="v+ztsnr", record=False)
+    eps = merge([family["child"], family["vchild"]], tmp_path / "e.safetensors", prediction_type="epsilon", record=False)
+    assert detect(v.path).prediction_type == "v+ztsnr"
+    assert detect(eps.path).prediction_type == "epsilon"
+    with SafetensorsFile(v.path) as f:
+        assert {"v_pred", "ztsnr"} <= set(f.keys()) and f.metadata["modelspec.prediction_type"] == "v"
+    with SafetensorsFile(eps.path) as f:
+        assert not {"v_pred", "ztsnr"} & set(f.keys()) and f.metadata["modelspec.prediction_type"] == "epsilon"
+
+
+def test_markers_come_through_unchanged(family, tmp_path):
+    result = merge([family["vchild"], family["vchild"]], tmp_path / "m.safetensors", alpha=0.5, record=False)
+    merged, _ = _tensors(result.path)
+    original, _ = _tensors(family["vchild"])
+    for marker in ("v_pred", "ztsnr"):
+        assert torch.equal(merged[marker], original[marker]) and merged[marker].dtype == original[marker].dtype
+
+
+def _without(src, dst, drop=(), reshape=None):
+    """A copy of `src` without the keys `drop` and with `reshape` key -> new shape (zeros)."""
+    with SafetensorsFile(src) as f:
+        plan = {k: (i.dtype, reshape[k] if reshape and k in reshape else i.shape) for k, i in f.tensors.items()
+                if k not in drop}
+        with SafetensorsWriter(dst, plan) as w:
+            for k, (dtype, shape) in plan.items():
+                w.write(k, torch.zeros(shape, dtype=f.tensors[k].torch_dtype) if reshape and k in reshape else f.read(k))
+    return str(dst)
+
+
+def test_missing_keys_and_shape_disagreements(trio, tmp_path):
+    missing = "model.diffusion_model.out.2.bias"
+    odd = "model.diffusion_model.out.0.weight"
+    other = _without(trio["x"], tmp_path / "other.safetensors", drop=[missing], reshape={odd: (3,)})
+    with pytest.raises(LineageError) as e:
+        merge([trio["base"], other], tmp_path / "m.safetensors", record=False)
+    assert missing in str(e.value) and odd in str(e.value) and "lacks 1" in str(e.value)
+    assert not (tmp_path / "m.safetensors").exists()
+
+    first = merge([trio["base"], other], tmp_path / "first.safetensors", mismatch="first", record=False)
+    dropped = merge([trio["base"], other], tmp_path / "drop.safetensors", mismatch="drop", record=False)
+    a, _ = _tensors(trio["base"])
+    merged_first, _ = _tensors(first.path)
+    merged_drop, _ = _tensors(dropped.path)
+    assert torch.equal(merged_first[missing], a[missing]) and torch.equal(merged_first[odd], a[odd])
+    assert missing not in merged_drop and odd not in merged_drop and len(merged_drop) == len(a) - 2
+
+
+def test_nonfinite_inputs_are_reported_with_the_key_or_fail(trio, tmp_path):
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    tensors, _ = _tensors(trio["x"])
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[5] = float("nan")
+    broken = tmp_path / "nan.safetensors"
+    save_file(tensors, broken)
+    result = merge([trio["base"], broken], tmp_path / "m.safetensors", record=False)
+    assert result.nonfinite == [(str(broken), key)]
+    with pytest.raises(LineageError, match=f"{key}.*NaN or Inf"):
+        merge([trio["base"], broken], tmp_path / "f.safetensors", record=False, fail_on_nonfinite=True)
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_same_recipe_same_bytes_including_random_methods(trio, tmp_path):
+    inputs = [trio["base"], trio["x"], trio["y"]]
+    one = merge(inputs, tmp_path / "a.safetensors", method="dare_ties", params={"density": 0.3}, seed=5,
+                record=False, workers=1)
+    two = merge(inputs, tmp_path / "b.safetensors", method="dare_ties", params={"density": 0.3}, seed=5,
+                record=False, workers=3)
+    other_seed = merge(inputs, tmp_path / "c.safetensors", method="dare_ties", params={"density": 0.3}, seed=6,
+                       record=False)
+    assert one.autov3 == two.autov3 == hash_file(two.path).autov3
+    assert other_seed.autov3 != one.autov3
+
+
+def test_output_dtypes(trio, tmp_path):
+    for dtype, stored in (("bf16", "BF16"), ("fp32", "F32")):
+        result = merge([trio["base"], trio["x"]], tmp_path / f"{dtype}.safetensors", dtype=dtype, record=False)
+        with SafetensorsFile(result.path) as f:
+            assert f.tensors["model.diffusion_model.out.2.weight"].dtype == stored
+            assert f.tensors[POSITION_IDS].dtype == "I64"
+
+
+def test_output_equal_to_an_input_is_refused(trio):
+    with pytest.raises(LineageError, match="one of the inputs"):
+        merge([trio["base"], trio["x"]], trio["x"], record=False)
+
+
+def test_a_failing_write_leaves_nothing_and_inputs_intact(trio, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    before = [hash_file(p).sha256 for p in (trio["base"], trio["x"])]
+    real_pwrite, calls = os.pwrite, []
+
+    def full_disk(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 300:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    with pytest.raises(LineageError, match="No space left"):
+        merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", record=False)
+    monkeypatch.undo()
+    assert len(calls) > 300
+    assert os.listdir(tmp_path) == []  # neither the destination nor a partial file
+    assert [hash_file(p).sha256 for p in (trio["base"], trio["x"])] == before
+
+
+def test_metadata_carries_the_record_modelspec_and_a1111_ancestry(trio, tmp_path):
+    first = merge([trio["base"], trio["x"]], tmp_path / "first.safetensors", alpha=0.4, record=False)
+    second = merge([first.path, trio["y"]], tmp_path / "second.safetensors", alpha=0.5, record=False)
+    _, meta = _tensors(second.path)
+    record = json.loads(meta["lineage.record"])
+    hashes = {p: hash_file(p).autov3 for p in (trio["base"], trio["x"], trio["y"], first.path)}
+    assert record["method"] == "weighted_sum" and record["params"] == {"alpha": 0.5}
+    assert [(i["path"], i["autov3"]) for i in record["inputs"]] == [(first.path, hashes[first.path]),
+                                                                    (trio["y"], hashes[trio["y"]])]
+    assert record["weights"] == [0.5, 0.5] and record["library"].startswith("lineage ")
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    assert meta["modelspec.merged_from"] == "first, y"
+    assert meta["modelspec.hash_sha256"] == "0x" + hash_file(second.path).autov3 == "0x" + second.autov3
+    recipe = json.loads(meta["sd_merge_recipe"])
+    assert recipe["interp_method"] == "Weighted sum" and recipe["multiplier"] == 0.5
+    assert recipe["primary_model_hash"] == hashes[first.path]
+    ancestry = json.loads(meta["sd_merge_models"])  # the first merge's own inputs are folded in
+    assert set(ancestry) == {hashes[trio["base"]], hashes[trio["x"]], hashes[first.path], hashes[trio["y"]]}
+    assert ancestry[hashes[first.path]]["sd_merge_recipe"]["secondary_model_hash"] == hashes[trio["x"]]
+    assert Recipe.from_dict(record).inputs[0] == Input(first.path, hashes[first.path], "first")
+
+
+def test_merges_are_recorded_with_weighted_edges(trio, tmp_path, isolated_registry):
+    from lineage.registry import Registry
+
+    result = merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", alpha=0.25)
+    with Registry(isolated_registry) as reg:
+        graph = reg.user_graph()
+    parents = {p: graph.edges[p, result.node] for p in graph.predecessors(result.node)}
+    assert result.node == result.autov3
+    assert {p: e["weight"] for p, e in parents.items()} == {hash_file(trio["base"]).autov3: 0.75,
+                                                            hash_file(trio["x"]).autov3: 0.25}
+    assert all(e["relation"] == "merge" for e in parents.values())
+    # an input the registry has seen is not hashed again
+    again = merge([trio["base"], trio["x"]], tmp_path / "m2.safetensors", alpha=0.25)
+    assert again.autov3 == result.autov3
+
+
+def test_a_changed_input_is_caught(trio, tmp_path):
+    recipe = build_recipe([trio["base"], trio["x"]])
+    wrong = Recipe(recipe.method, (Input(trio["base"], "0" * 64), recipe.inputs[1]))
+    with pytest.raises(LineageError, match="is not the recipe's input"):
+        merge(wrong, tmp_path / "m.safetensors", record=False)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_dry_run_plan(trio):
+    p = plan(build_recipe([trio["base"], trio["x"], trio["y"]], method="ties", params={"density": 0.2}))
+    summary = p.summary()
+    assert summary["steps"] == {"ties": 2513, "pass (pass-through)": 2}
+    assert summary["output_bytes"] == sum(s.nbytes for s in p.steps) > 50_000_000
+    assert summary["memory_estimate_bytes"] > 0
+    assert "2513  ties" in p.describe()
+
+
+KILLED_MERGE = """
+import sys, time
+from lineage.safetensors_io import SafetensorsWriter
+from merge.api import merge
+
+slow_write = SafetensorsWriter.write
+def write(self, name, tensor):  # slow the merge down so it is surely killed midway
+    time.sleep(0.01)
+    slow_write(self, name, tensor)
+SafetensorsWriter.write = write
+merge(sys.argv[1:3], sys.argv[3], record=False, progress=False)
+"""
+
+
+def test_a_killed_merge_leaves_nothing_at_the_destination(trio, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    before = [hash_file(p).sha256 for p in (trio["base"], trio["x"])]
+    out = tmp_path / "out" / "m.safetensors"
+    out.parent.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MERGE, trio["base"], trio["x"], str(out)])
+    deadline = time.monotonic() + 60
+    while not any(n.endswith(".partial") for n in os.listdir(out.parent)):  # the merge is writing
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert [hash_file(p).sha256 for p in (trio["base"], trio["x"])] == before
