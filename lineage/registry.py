@@ -16,6 +16,7 @@ unchanged file is not hashed again).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -78,6 +79,19 @@ def default_registry_path() -> Path:
     """`$LINEAGE_HOME/registry.sqlite`, else the registry in the user data directory."""
     home = os.environ.get("LINEAGE_HOME")
     return (Path(home) if home else user_data_dir()) / REGISTRY_FILE
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building a big graph: its passes over the hundreds of
+    thousands of new dicts (none of them garbage) would otherwise take half the time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _dumps(value: Any) -> str:
@@ -261,27 +275,38 @@ class Registry:
         raise LineageError(f"no node {spec!r}: not a file, node id, hash, Hugging Face repo or name known to "
                            "the registry or the catalog")
 
+    def _user_layer(self) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, dict[str, Any]]]]:
+        """(node id -> attributes, [(parent, child, attributes)]) of the user's part, read in one snapshot.
+
+        SQLite assembles each table into one JSON text (json_group_object/array, SQLite >= 3.38 or the
+        JSON1 extension) that Python parses in a single call: ~10x faster than decoding 100,000 rows
+        one by one."""
+        with self._snapshot() as conn:
+            nodes = json.loads(conn.execute("SELECT json_group_object(id, json(attrs)) FROM nodes").fetchone()[0])
+            for node_id, path in conn.execute("SELECT node_id, path FROM paths ORDER BY seen_at DESC, path"):
+                nodes[node_id].setdefault("paths", []).append(path)
+            edges = json.loads(conn.execute(
+                "SELECT json_group_array(json_array(parent, child, json(attrs))) FROM edges").fetchone()[0])
+        return nodes, [tuple(edge) for edge in edges]
+
     def user_graph(self) -> nx.DiGraph:
         """The user's own nodes and edges, with the catalog nodes those edges hang from (as in the catalog)."""
-        graph = nx.DiGraph()
-        with self._snapshot() as conn:
-            graph.add_nodes_from((node_id, json.loads(attrs)) for node_id, attrs in
-                                 conn.execute("SELECT id, attrs FROM nodes"))
-            for node_id, path in conn.execute("SELECT node_id, path FROM paths ORDER BY seen_at DESC, path"):
-                graph.nodes[node_id].setdefault("paths", []).append(path)
-            edges = [(parent, child, json.loads(attrs)) for parent, child, attrs in
-                     conn.execute("SELECT parent, child, attrs FROM edges")]
-        graph.add_edges_from(edges)
-        catalog = catalog_graph()
-        graph.add_nodes_from((n, catalog.nodes[n]) for n in {p for p, _, _ in edges} if n in catalog)
+        with _gc_paused():
+            nodes, edges = self._user_layer()
+            catalog = catalog_graph()
+            graph = nx.DiGraph()
+            graph.add_nodes_from((n, catalog.nodes[n]) for n in {p for p, _, _ in edges} if n in catalog)
+            graph.add_nodes_from(nodes.items())
+            graph.add_edges_from(edges)
         return graph
 
     def graph(self) -> nx.DiGraph:
         """The lineage graph: the built-in catalog with the user's nodes and edges over it."""
-        graph = nx.DiGraph(catalog_graph())
-        user = self.user_graph()
-        graph.add_nodes_from(user.nodes(data=True))
-        graph.add_edges_from(user.edges(data=True))
+        with _gc_paused():
+            nodes, edges = self._user_layer()
+            graph = nx.DiGraph(catalog_graph())
+            graph.add_nodes_from(nodes.items())
+            graph.add_edges_from(edges)
         return graph
 
     # -- writing -------------------------------------------------------------------------------
