@@ -15,28 +15,10 @@ from lineage.graph import neighbourhood
 from lineage.record import link
 from lineage.registry import Registry
 from lineage.render import render
-from lineage.safetensors_io import SafetensorsFile, SafetensorsWriter
-from lineage.sdxl import is_pass_through
-from merge.methods import get_method
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "family-tree-output")
 out.mkdir(parents=True, exist_ok=True)
 registry = Registry(out / "registry.sqlite")
-
-
-def weighted_sum(a: str, b: str, output: Path, alpha: float) -> str:
-    """(1 - alpha)·A + alpha·B, tensor by tensor (merge/ does this at scale, with recipes and records)."""
-    method = get_method("weighted_sum")
-    with SafetensorsFile(a) as first, SafetensorsFile(b) as second:
-        plan = {key: (info.dtype, info.shape) for key, info in first.tensors.items()}
-        with SafetensorsWriter(output, plan) as writer:
-            for key, info in first.tensors.items():
-                value = first.read(key)
-                if info.is_float and not is_pass_through(key):
-                    value = method.fn(value.float(), second.read(key).float(), alpha=alpha).to(value.dtype)
-                writer.write(key, value)
-    return str(output)
-
 
 # A generated base stands in for SDXL 1.0: linking it hangs the family under the catalog's node.
 base = lineage.write_base(out / "base.safetensors", seed=0)
@@ -49,9 +31,8 @@ lineage.record(vpred, parents=[anime], registry=registry)
 photo = lineage.write_child(base, out / "photo.safetensors", seed=3)
 lineage.record(photo, parents=[base], registry=registry)
 
-mix = weighted_sum(anime, photo, out / "anime-photo-mix.safetensors", alpha=0.3)
-lineage.record(mix, parents=[anime, photo], relation="merge", weights=[0.7, 0.3],
-               params={"method": "weighted_sum", "alpha": 0.3}, registry=registry)
+# 0.7·anime + 0.3·photo; the merge records itself (an edge from each input, with its weight).
+lineage.merge([anime, photo], out / "anime-photo-mix.safetensors", alpha=0.3, registry=registry, progress=False)
 
 family = neighbourhood(registry.graph(), base_id)  # SDXL 1.0 above, our files below
 (out / "family.mmd").write_text(render(family, "mermaid"))

@@ -16,6 +16,7 @@ import click
 
 from .errors import LineageError
 from .graph import RELATIONS, display_name, neighbourhood
+from .render import FORMATS
 
 _REGISTRY_HELP = "Registry file (default: $LINEAGE_HOME/registry.sqlite, else the user data directory)."
 
@@ -102,7 +103,7 @@ def link(path: str, node: str, registry_path: str | None) -> None:
 @click.option("--up", is_flag=True, help="Only NODE's ancestors.")
 @click.option("--down", is_flag=True, help="Only NODE's descendants.")
 @click.option("--depth", type=click.IntRange(min=1), help="At most this many generations from NODE.")
-@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot", "svg", "png", "pdf", "json", "graphml"]),
+@click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="Output format (default: from -o's extension, else text).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file.")
 @_registry_option
@@ -112,13 +113,12 @@ def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | N
 
     NODE is a recorded file, a node id (catalog slug or AutoV3), a hash prefix, a repo id or a name."""
     from .atomic import atomic_write
-    from .record import node_for
     from .registry import Registry
     from .render import BINARY_FORMATS, format_for_path, render
 
     with Registry(registry_path) as reg:
         graph = reg.graph()
-        focus = node_for(node, reg) if node else None
+        focus = reg.resolve(node) if node else None
     if focus:
         graph = neighbourhood(graph, focus, up=up or not down, down=down or not up, depth=depth)
     elif up or down or depth:
@@ -190,11 +190,10 @@ def hub_import(source: str, as_node: str | None, cards_dir: str | None, depth: i
 def hub_card(node: str, output: str | None, registry_path: str | None) -> None:
     """Write the model card front matter (base_model, base_model_relation) of NODE from the graph."""
     from .hub import card_data, front_matter, write_card
-    from .record import node_for
     from .registry import Registry
 
     with Registry(registry_path) as reg:
-        node_id = node_for(node, reg)
+        node_id = reg.resolve(node)
         graph = reg.graph()
     if output:
         missing = write_card(graph, node_id, output)

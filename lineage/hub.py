@@ -23,7 +23,6 @@ from .atomic import atomic_write
 from .catalog import catalog_node_for_repo, huggingface_repo, is_catalog_node
 from .errors import LineageError
 from .graph import ADAPTER_KINDS, HUB_PREFIX, display_name
-from .record import node_for, scan_file
 from .registry import Registry, using_registry
 
 # Hugging Face `base_model_relation` -> our relation, and back.
@@ -109,9 +108,11 @@ def _root(source: str, as_node: str | None, reg: Registry) -> tuple[str, str | N
                                "model's file, node or Hugging Face repo id", source)
         return node_id_for_repo(source), source
     if os.path.isfile(as_node):
+        from .record import scan_file  # imported here: reading a checkpoint's header needs torch
+
         return scan_file(as_node, reg), None
     try:
-        return node_for(as_node, reg), None
+        return reg.resolve(as_node), None
     except LineageError:
         if as_node.count("/") == 1:
             return node_id_for_repo(as_node), as_node

@@ -461,16 +461,6 @@ def link(path: str | os.PathLike, node: str, registry: str | os.PathLike | Regis
         return node_id
 
 
-def node_for(spec: str | os.PathLike, registry: Registry) -> str:
-    """The node a command-line argument names: a recorded file, or anything `Registry.resolve` takes."""
-    if _is_file(spec):
-        node_id = describe(spec, registry).node_id
-        if not registry.has_node(node_id):
-            raise LineageError("is not in the registry yet; record it with `lmerge add` first", spec)
-        return node_id
-    return registry.resolve(os.fspath(spec))
-
-
 class _CallableModule(types.ModuleType):
     """`lineage.record` names both this module and its `record` function. Importing the module (as
     `from lineage.record import scan` does) makes the package attribute the module, so the module

@@ -33,6 +33,7 @@ import networkx as nx
 from .catalog import catalog_graph, catalog_node_for_repo, is_catalog_node
 from .errors import LineageError
 from .graph import HUB_PREFIX, check_relation, is_placeholder, reference_id
+from .hashing import hash_file
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C4E4752  # "LNGR" in SQLite's header: tells our registries from other databases
@@ -115,7 +116,11 @@ class Registry:
             raise LineageError(f"cannot create the registry's folder ({e.strerror})", self.path.parent) from None
         with self._errors_as_lineage_errors():
             self._conn = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
-            self._open_schema()
+            try:
+                self._open_schema()
+            except BaseException:
+                self._conn.close()
+                raise
 
     # -- opening -------------------------------------------------------------------------------
     def _open_schema(self) -> None:
@@ -130,11 +135,10 @@ class Registry:
         if version > SCHEMA_VERSION:
             raise LineageError(f"registry schema version {version} is newer than this lineage understands "
                                f"({SCHEMA_VERSION}); upgrade lineage (the registry was left as it is)", self.path)
-        self._conn.execute("PRAGMA foreign_keys = OFF")
 
     def _create_schema(self) -> None:
-        """Create the tables of a new (empty) file; several processes may race to do it."""
-        self._conn.execute("PRAGMA journal_mode = WAL")  # readers never wait for a writer
+        """Create the tables of a new (empty) file; several processes may race to do it, and a
+        database of another application is refused before anything in it changes."""
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             fresh = self._conn.execute("PRAGMA user_version").fetchone()[0] == 0
@@ -151,6 +155,8 @@ class Registry:
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
+        if fresh:
+            self._conn.execute("PRAGMA journal_mode = WAL")  # kept in the file: readers never wait for a writer
 
     @contextmanager
     def _errors_as_lineage_errors(self) -> Iterator[None]:
@@ -251,9 +257,17 @@ class Registry:
         with self._errors_as_lineage_errors():
             return [n for (n,) in self._conn.execute("SELECT id FROM nodes WHERE name = ? ORDER BY id", (name,))]
 
-    def resolve(self, spec: str) -> str:
-        """The node that `spec` names: a node id, a hash prefix (8+ hex digits), a Hugging Face repo
-        id or a display name. Ambiguous or unknown names are errors that list what was found."""
+    def resolve(self, spec: str | os.PathLike) -> str:
+        """The node that `spec` names: a recorded file, a node id, a hash prefix (8+ hex digits), a
+        Hugging Face repo id or a display name. Ambiguous or unknown names are errors that list what
+        was found."""
+        spec = os.fspath(spec)
+        if os.path.isfile(spec):
+            known = self.known_file(spec)
+            node_id = known[0] if known else hash_file(spec).autov3
+            if node_id is None or not self.has_node(node_id):
+                raise LineageError("is not in the registry yet; record it with `lmerge add` first", spec)
+            return node_id
         if self.has_node(spec):
             return spec
         candidates: list[str] = []

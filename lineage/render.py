@@ -142,9 +142,9 @@ def to_text(graph: nx.DiGraph, focus: str | None = None) -> str:
         if name != node:
             parts.append(f"[{short_id(node)}]")
         facts = summary(attrs)
-        if via is not None and via["relation"] != "finetune":
-            relation = via["relation"] + (f" {via['weight']:.3g}" if via.get("weight") is not None else "")
-            facts.insert(0, relation)
+        how = RELATION_STYLES[via["relation"]]["label"] if via is not None else None
+        if how:
+            facts.insert(0, how + (f" {via['weight']:.3g}" if via.get("weight") is not None else ""))
         if facts:
             parts.append("(" + ", ".join(facts) + ")")
         if node == focus:
@@ -274,7 +274,8 @@ def to_image(graph: nx.DiGraph, fmt: str, focus: str | None = None) -> bytes:
 
 
 def _mermaid_text(value: str) -> str:
-    return value.replace('"', "#quot;").replace("\n", " ")
+    """Text inside a Mermaid label: quotes and angle brackets as Mermaid's entity codes."""
+    return value.replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;").replace("\n", " ")
 
 
 MERMAID_CLASSES: dict[str, str] = {

@@ -272,3 +272,14 @@ def test_cli_uses_the_registry_option(lmerge, tiny, tmp_path, isolated_registry)
     elsewhere = tmp_path / "elsewhere.sqlite"
     code, _, _ = lmerge("add", tiny("a.safetensors", 1), "--registry", elsewhere)
     assert code == 0 and elsewhere.is_file() and not isolated_registry.exists()
+
+
+def test_scan_reads_the_lineage_a_merge_writes(family, tmp_path):
+    """The merge engine's output metadata (our record, ModelSpec, A1111) gives its parents back on a scan."""
+    output = tmp_path / "mix.safetensors"
+    lineage.merge([family["base"], family["child"]], output, alpha=0.25, record=False, progress=False)
+    node = scan_file(output)
+    edges = edges_into(node)
+    assert {p: e["weight"] for p, e in edges.items()} == {hash_file(family["base"]).autov3: 0.75,
+                                                          hash_file(family["child"]).autov3: 0.25}
+    assert all(e["source"] == "lineage" and e["params"]["method"] == "weighted_sum" for e in edges.values())

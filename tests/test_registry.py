@@ -113,8 +113,10 @@ def test_other_databases_and_newer_schemas_are_refused(tmp_path):
     other = tmp_path / "other.sqlite"
     with sqlite3.connect(other) as conn:
         conn.execute("CREATE TABLE photos (id INTEGER)")
+    foreign = other.read_bytes()
     with pytest.raises(LineageError, match="not a lineage registry"):
         Registry(other)
+    assert other.read_bytes() == foreign  # not even its journal mode changed
     newer = tmp_path / "newer.sqlite"
     Registry(newer).close()
     with sqlite3.connect(newer) as conn:

@@ -6,7 +6,7 @@ import shutil
 import networkx as nx
 import pytest
 
-from lineage import LineageError
+from lineage import LineageError, hash_file
 from lineage.catalog import catalog_graph
 from lineage.graph import add_lineage_edge, neighbourhood
 from lineage.interchange import from_graphml
@@ -85,14 +85,14 @@ def test_mermaid_like_the_seed_flowcharts(merge_family):
     assert lines[0] == "flowchart TD"
     ids = dict(re.findall(r'^(n\d+)[\[(]+"([^"]+)"', mermaid, re.M))
     by_name = {name: node_id for node_id, name in ids.items()}
-    assert set(by_name) == {"Base", "Model A", "Model B", "Mix <1>", "Mix 2", "Style"}
-    assert f'{by_name["Model A"]} -->|0.3| {by_name["Mix <1>"]}' in lines
+    assert set(by_name) == {"Base", "Model A", "Model B", "Mix #lt;1#gt;", "Mix 2", "Style"}
+    assert f'{by_name["Model A"]} -->|0.3| {by_name["Mix #lt;1#gt;"]}' in lines
     assert f'{by_name["Base"]} -.->|adapter| {by_name["Style"]}' in lines
     assert f'{by_name["Base"]} --> {by_name["Model A"]}' in lines
     assert f'click {by_name["Base"]} "https://example.org/base" "eps, Lab, 2024-01"' in lines
     assert "classDef epsilon fill:#FFF9C4,stroke:#FBC02D" in mermaid
     assert f"class {by_name['Model B']} v;" in lines
-    assert f"style {by_name['Mix <1>']} stroke:#D84315,stroke-width:4px" in lines
+    assert f"style {by_name['Mix #lt;1#gt;']} stroke:#D84315,stroke-width:4px" in lines
 
 
 def test_json_and_graphml_carry_everything(merge_family):
@@ -163,3 +163,14 @@ def test_tree_writes_files_by_extension(lmerge, tmp_path):
     assert code == 0 and set(dot_nodes(out)) == set(neighbourhood(catalog_graph(), "rouwei-0.7-eps"))
     code, _, err = lmerge("tree", "--format", "png")
     assert code == 1 and "give -o FILE" in err
+
+
+def test_tree_of_a_recorded_file(lmerge, tiny):
+    path = tiny("mine.safetensors", 1)
+    code, _, err = lmerge("tree", path)
+    assert code == 1 and "is not in the registry yet" in err
+    lmerge("add", path, "--parent", "rouwei-0.8-eps")
+    code, out, _ = lmerge("tree", path, "--up", "--depth", "1")
+    assert code == 0 and out.splitlines() == [
+        "RouWei 0.8 epsilon  [rouwei-0.8-eps]  (eps, Minthybasis, 13M images)",
+        f"└─ mine  [{hash_file(path).autov3[:12]}]  ◀"]
