@@ -1,4 +1,5 @@
 """The SQLite registry: location, transactions, integrity rules, damaged files, export/import, concurrency."""
+import json
 import multiprocessing
 import os
 import sqlite3
@@ -236,3 +237,19 @@ def test_eight_processes_registering_fifty_nodes_each_lose_nothing(tmp_path):
         assert _user_counts(reg) == (400, 400)  # 8 chains of 50, each hanging under the catalog's SDXL base
         assert all(len(reg.find_paths(n)) == 1 for n in reg.user_graph() if n != "sdxl-1.0-base")
         assert reg.graph().out_degree("sdxl-1.0-base") == catalog_graph().out_degree("sdxl-1.0-base") + 8
+
+
+def test_cli_registry_info_export_import(lmerge, tiny, tmp_path):
+    with Registry() as reg:
+        _populate(reg, tiny)
+    code, out, _ = lmerge("registry", "info")
+    assert code == 0 and out.endswith("registry.sqlite: 3 model(s), 3 relation(s) over the built-in catalog\n")
+    for name in ("backup.json", "backup.graphml"):
+        code, out, _ = lmerge("registry", "export", tmp_path / name)
+        assert code == 0 and out == f"wrote {tmp_path / name} (4 models, 3 relations)\n"  # + sdxl-1.0-base
+        code, out, _ = lmerge("registry", "import", tmp_path / name, "--registry", tmp_path / f"{name}.sqlite")
+        assert code == 0 and out == "imported 3 model(s), 3 relation(s) (1 already in the built-in catalog)\n"
+    assert json.loads((tmp_path / "backup.json").read_text())["format"] == "lineage-graph"
+    (tmp_path / "broken.json").write_text('{"format": "lineage-graph", "version": 1, "nodes": [')
+    code, _, err = lmerge("registry", "import", tmp_path / "broken.json")
+    assert code == 1 and err.startswith(f"error: {tmp_path / 'broken.json'}: is not valid JSON")
