@@ -178,6 +178,8 @@ def hub_import(source: str, as_node: str | None, cards_dir: str | None, depth: i
     click.echo(f"imported {len(result.nodes)} model(s), {len(result.edges)} relation(s) starting at {result.root}")
     for parent, child, relation in result.edges:
         click.echo(f"  {parent} -> {child} ({relation})")
+    if result.skipped:
+        click.echo(f"  {len(result.skipped)} relation(s) left to the read-only built-in catalog", err=True)
     for repo, why in result.not_followed.items():
         click.echo(f"  not followed: {repo}: {why}", err=True)
 
