@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import mmap
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +48,8 @@ from .methods import MergeMethod
 from .recipe import Recipe
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per input: fits in cache, large enough that torch's per-op cost is small
+RELEASE_BEHIND_BYTES = 2 << 20  # the largest page-cache folio a fault maps (a PMD)
+WHOLE_REUSE_ELEMENTS = 1 << 24  # whole-tensor methods reuse per-worker fp32 buffers up to 64 MiB per input
 HASH_CHUNK_BYTES = 16 << 20
 OUTPUT_SLOTS_PER_WORKER = 2  # results that may wait for the writer: keeps workers busy while it flushes
 
@@ -251,23 +254,55 @@ class RunResult:
     nonfinite: list[tuple[str, str]]  # (input path, key) of input tensors holding NaN or Inf
 
 
+class _MappedInput:
+    """One input mapped into memory: tensors are read straight from the page cache (no copy into
+    our own buffers), and the pages a worker is done with are dropped from the process's resident
+    set (MADV_DONTNEED), so RSS stays at the pieces in flight rather than the whole file."""
+
+    def __init__(self, f: SafetensorsFile):
+        with open(f.path, "rb") as fh:
+            # A private (copy-on-write) mapping is writable for torch.frombuffer; nothing writes to it.
+            self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.tensors = f.tensors
+
+    def elements(self, key: str, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start+count) of a tensor, flat, in its stored dtype (a view on the mapping)."""
+        dtype = self.tensors[key].torch_dtype
+        return torch.frombuffer(self.map, dtype=dtype, count=count, offset=self.tensors[key].begin + start * dtype.itemsize)
+
+    def release(self, key: str, start: int, count: int) -> None:
+        """Drop the pages of those elements from the resident set (they stay in the page cache).
+        A fault maps the whole page-cache folio around the address, which may reach back into pages
+        released before, so the range starts RELEASE_BEHIND_BYTES earlier."""
+        info = self.tensors[key]
+        size = info.torch_dtype.itemsize
+        begin = max(0, info.begin + start * size - RELEASE_BEHIND_BYTES) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = info.begin + (start + count) * size
+        if end > begin:
+            self.map.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+
 class _Scratch(threading.local):
-    """Per-worker chunk buffers, allocated once and reused for every tensor."""
+    """Per-worker fp32 buffers, reused for every tensor: chunk buffers for elementwise methods, and
+    whole-tensor buffers (up to WHOLE_REUSE_ELEMENTS) for the others, so inputs cost no fresh pages."""
 
     def __init__(self) -> None:
-        self.raw: list[torch.Tensor] = []
-        self.fp32: list[torch.Tensor] = []
+        self.chunks: list[torch.Tensor] = []
+        self.wholes: list[torch.Tensor] = []
 
-    def ensure(self, n_inputs: int) -> None:
-        while len(self.raw) < n_inputs:
-            self.raw.append(torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.uint8))  # room for F64
-            self.fp32.append(torch.empty(CHUNK_ELEMENTS, dtype=torch.float32))
+    def chunk(self, i: int) -> torch.Tensor:
+        while len(self.chunks) <= i:
+            self.chunks.append(torch.empty(CHUNK_ELEMENTS, dtype=torch.float32))
+        return self.chunks[i]
 
-
-def _range(info: TensorInfo, start: int, count: int) -> TensorInfo:
-    """Elements [start, start+count) of a tensor, as a TensorInfo that `read_into` can fill."""
-    size = info.torch_dtype.itemsize
-    return TensorInfo(info.name, info.dtype, (count,), info.begin + start * size, info.begin + (start + count) * size)
+    def whole(self, i: int, numel: int) -> torch.Tensor:
+        if numel > WHOLE_REUSE_ELEMENTS:  # the few huge tensors (token embeddings) get their own
+            return torch.empty(numel, dtype=torch.float32)
+        while len(self.wholes) <= i:
+            self.wholes.append(torch.empty(0, dtype=torch.float32))
+        if self.wholes[i].numel() < numel:
+            self.wholes[i] = torch.empty(numel, dtype=torch.float32)
+        return self.wholes[i][:numel]
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -282,6 +317,7 @@ class _Run:
     def __init__(self, plan: MergePlan, files: Sequence[SafetensorsFile], fail_on_nonfinite: bool):
         self.plan = plan
         self.files = files
+        self.mapped = [_MappedInput(f) for f in files]
         self.method = plan.recipe.merge_method
         self.elementwise = is_elementwise(self.method)
         self.fail_on_nonfinite = fail_on_nonfinite
@@ -296,6 +332,15 @@ class _Run:
         with self.lock:
             if (path, key) not in self.nonfinite:
                 self.nonfinite.append((path, key))
+
+    def _fp32(self, idx: int, key: str, start: int, count: int, buffer: torch.Tensor, check: bool) -> torch.Tensor:
+        """Elements of input idx's tensor converted into `buffer` (fp32), checked for NaN/Inf if asked."""
+        x = buffer[:count]
+        x.copy_(self.mapped[idx].elements(key, start, count))
+        self.mapped[idx].release(key, start, count)
+        if check and not _all_finite(x):
+            self._note_nonfinite(idx, key)
+        return x
 
     def compute(self, step: Step, slot: torch.Tensor) -> torch.Tensor:
         """Fill the start of `slot` with the step's output bytes; returns that view in the output dtype."""
@@ -320,30 +365,17 @@ class _Run:
         if self.elementwise:
             self._chunked(step, out, inputs, lambda *xs: self.method.fn(*xs, **params))
             return
-        xs = []
-        for idx in inputs:
-            x = self.files[idx].read(step.key).float()
-            if not _all_finite(x):
-                self._note_nonfinite(idx, step.key)
-            xs.append(x)
+        numel = out.numel()
+        xs = [self._fp32(i, step.key, 0, numel, self.scratch.whole(i, numel), check=True).view(step.shape)
+              for i in inputs]
         out.copy_(self.method.fn(*xs, **params).reshape(-1))
 
     def _chunked(self, step: Step, out: torch.Tensor, inputs: Sequence[int], fn: Callable[..., torch.Tensor]) -> None:
         """Run `fn` over CHUNK_ELEMENTS-sized pieces of the inputs' tensors, through reused fp32 buffers."""
-        self.scratch.ensure(len(self.files))
-        infos = [self.files[idx].tensors[step.key] for idx in inputs]
         check = step.action == "merge"
         for start in range(0, out.numel(), CHUNK_ELEMENTS):
             count = min(CHUNK_ELEMENTS, out.numel() - start)
-            xs = []
-            for slot_idx, (idx, info) in enumerate(zip(inputs, infos)):
-                raw = self.scratch.raw[slot_idx]
-                self.files[idx].read_into(_range(info, start, count), raw)
-                x = self.scratch.fp32[slot_idx][:count]
-                x.copy_(raw[: count * info.torch_dtype.itemsize].view(info.torch_dtype))
-                if check and not _all_finite(x):
-                    self._note_nonfinite(idx, step.key)
-                xs.append(x)
+            xs = [self._fp32(idx, step.key, start, count, self.scratch.chunk(n), check) for n, idx in enumerate(inputs)]
             out[start:start + count].copy_(fn(*xs))
 
 
@@ -400,7 +432,11 @@ def run_plan(plan: MergePlan, files: Sequence[SafetensorsFile], output: str,
         hasher.start()
         stack.callback(hasher.join)
         stack.callback(stop_hashing.set)  # on an error: stop hashing before the files are closed
-        pool = stack.enter_context(ThreadPoolExecutor(plan.workers, thread_name_prefix="lineage-merge"))
+        # Parallelism comes from the workers; torch's own threads inside each would fight them for
+        # the cores (and spin while waiting). Restore the caller's setting afterwards.
+        stack.callback(torch.set_num_threads, torch.get_num_threads())
+        pool = stack.enter_context(ThreadPoolExecutor(plan.workers, thread_name_prefix="lineage-merge",
+                                                      initializer=torch.set_num_threads, initargs=(1,)))
         stack.callback(pool.shutdown, cancel_futures=True)
         bar = stack.enter_context(tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merge",
                                        disable=None if progress else True, leave=False))
