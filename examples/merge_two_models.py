@@ -1,0 +1,24 @@
+"""Merge two checkpoints with a weighted sum, streaming, and look at what the output records.
+
+    python examples/merge_two_models.py [OUTPUT_DIR]
+"""
+import json
+import sys
+from pathlib import Path
+
+import lineage
+
+out = Path(sys.argv[1] if len(sys.argv) > 1 else "merge-output")
+out.mkdir(parents=True, exist_ok=True)
+base = lineage.write_base(out / "base.safetensors", seed=0)  # generated SDXL checkpoints (~60 MB each)
+tuned = lineage.write_child(base, out / "tuned.safetensors", seed=1)
+
+# (1 - 0.3)·base + 0.3·tuned: alpha is the weight of the second model, as in A1111.
+result = lineage.merge([base, tuned], out / "merged.safetensors", alpha=0.3, registry=out / "registry.sqlite")
+print(result.plan.describe())
+print(f"AutoV3 {result.autov3}  (registry node {result.node})")
+
+with lineage.SafetensorsFile(result.path) as f:
+    record = json.loads(f.metadata["lineage.record"])
+    print("record:", record["method"], record["params"], [(i["name"], i["autov3"][:12]) for i in record["inputs"]])
+    print("ModelSpec merged_from:", f.metadata["modelspec.merged_from"])
