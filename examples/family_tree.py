@@ -12,7 +12,7 @@ from pathlib import Path
 import lineage
 from lineage.catalog import catalog_graph
 from lineage.graph import neighbourhood
-from lineage.record import link
+from lineage.recording import link
 from lineage.registry import Registry
 from lineage.render import render
 

@@ -22,13 +22,13 @@ _API: dict[str, str] = {
     "SafetensorsWriter": ".safetensors_io:SafetensorsWriter",
     "read_header": ".safetensors_io:read_header",
     "save_file": ".safetensors_io:save_file",
-    "detect": ".detect:detect",
-    "require_sdxl": ".detect:require_sdxl",
+    "detect": ".detection:detect",
+    "require_sdxl": ".detection:require_sdxl",
     "inspect": ".inspection:inspect_path",
     "write_base": ".synthetic:write_base",
     "write_child": ".synthetic:write_child",
     "merge": "merge.api:merge",
-    "record": ".record:record",
+    "record": ".recording:record",
 }
 
 __all__ = sorted(_API)

@@ -47,7 +47,7 @@ def _label(graph: Any, node: str) -> str:
 def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tuple[float, ...], name: str | None,
         registry_path: str | None) -> None:
     """Record a checkpoint or adapter file in the registry."""
-    from .record import record, scan_file
+    from .recording import record, scan_file
     from .registry import Registry
 
     with Registry(registry_path) as reg:
@@ -72,7 +72,7 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
 def scan(directory: str, registry_path: str | None) -> None:
     """Record every .safetensors file under DIRECTORY, linking the parents their metadata names
     (our record, A1111, ModelSpec, sd-mecha, kohya). Running it again changes nothing."""
-    from .record import scan as scan_directory
+    from .recording import scan as scan_directory
 
     result = scan_directory(directory, registry_path, on_file=lambda p: click.echo(f"reading {p}", err=True))
     click.echo(f"recorded {len(result.recorded)} file(s); {result.edges} relation(s) from metadata")
@@ -88,7 +88,7 @@ def scan(directory: str, registry_path: str | None) -> None:
 @_registry_option
 def link(path: str, node: str, registry_path: str | None) -> None:
     """Record the file PATH as a copy of the model NODE (e.g. a catalog entry: noobai-xl-vpred-1.0)."""
-    from .record import link as link_file
+    from .recording import link as link_file
     from .registry import Registry
 
     with Registry(registry_path) as reg:
@@ -143,7 +143,7 @@ def compat(adapter: str, checkpoint: str, as_json: bool, registry_path: str | No
     """Does ADAPTER (a LoRA, LoKr, ...) fit CHECKPOINT? Answered from the lineage graph; files are
     recorded first. Exit code 1 when incompatible."""
     from .compat import check
-    from .record import scan_file
+    from .recording import scan_file
     from .registry import Registry
 
     with Registry(registry_path) as reg:

@@ -108,7 +108,7 @@ def _root(source: str, as_node: str | None, reg: Registry) -> tuple[str, str | N
                                "model's file, node or Hugging Face repo id", source)
         return node_id_for_repo(source), source
     if os.path.isfile(as_node):
-        from .record import scan_file  # imported here: reading a checkpoint's header needs torch
+        from .recording import scan_file  # imported here: reading a checkpoint's header needs torch
 
         return scan_file(as_node, reg), None
     try:

@@ -5,7 +5,7 @@ import os
 from collections import Counter, defaultdict
 from typing import Any
 
-from .detect import Detection, detect_file, detect_folder
+from .detection import Detection, detect_file, detect_folder
 from .hashing import hash_file
 from .metadata import lineage_from_metadata
 from .safetensors_io import SafetensorsFile, TensorInfo

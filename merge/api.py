@@ -113,7 +113,7 @@ def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLik
     hashed = recipe.with_hashes(result.input_autov3)
     node = None
     if record:
-        from lineage.record import record as record_file
+        from lineage.recording import record as record_file
 
         node = record_file(output, parents=[i.path for i in recipe.inputs], relation="merge",
                            weights=None if None in edge_weights(hashed) else edge_weights(hashed),

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lineage.detect import require_sdxl
+from lineage.detection import require_sdxl
 from lineage.errors import LineageError
 from lineage.safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo
 from lineage.sdxl import MARKER_KEYS, MARKERS_FOR_PREDICTION, is_pass_through

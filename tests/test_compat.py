@@ -7,7 +7,7 @@ import torch
 import lineage
 from lineage import LineageError, hash_file
 from lineage.compat import check
-from lineage.record import link, scan_file
+from lineage.recording import link, scan_file
 from lineage.registry import Registry
 from lineage.safetensors_io import save_file
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from lineage.detect import detect, require_sdxl
+from lineage.detection import detect, require_sdxl
 from lineage.errors import CheckpointError
 from lineage.safetensors_io import save_file
 from lineage.synthetic import write_base

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lineage.detect import detect
+from lineage.detection import detect
 from lineage.blocks import block_of
 from lineage.errors import LineageError
 from lineage.hashing import hash_file

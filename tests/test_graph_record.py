@@ -7,9 +7,9 @@ import sqlite3
 import pytest
 
 import lineage
-import lineage.record as record_module
+import lineage.recording as record_module
 from lineage import LineageError, hash_file
-from lineage.record import link, scan, scan_file
+from lineage.recording import link, scan, scan_file
 from lineage.registry import Registry
 
 

@@ -9,7 +9,7 @@ import pytest
 from lineage import LineageError
 from lineage.catalog import catalog_graph
 from lineage.interchange import from_document, read_graph_file, to_graphml, to_json
-from lineage.record import record
+from lineage.recording import record
 from lineage.registry import Registry, default_registry_path, user_data_dir
 
 

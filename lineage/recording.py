@@ -16,14 +16,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import sys
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .detect import Detection, detect_file
+from .detection import Detection, detect_file
 from .errors import LineageError
 from .graph import ADAPTER_KINDS, check_relation, is_placeholder, reference_id
 from .hashing import AUTOV1_RANGE, FileHashes, hash_file
@@ -460,14 +458,3 @@ def link(path: str | os.PathLike, node: str, registry: str | os.PathLike | Regis
             b.put_edge(target, node_id, "convert", source="user", note="a file of this model")
         return node_id
 
-
-class _CallableModule(types.ModuleType):
-    """`lineage.record` names both this module and its `record` function. Importing the module (as
-    `from lineage.record import scan` does) makes the package attribute the module, so the module
-    itself is callable: `lineage.record(path, ...)` works whichever was imported first."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> str:
-        return record(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
