@@ -33,12 +33,16 @@ AUTOV1_RANGE = (0x100000, 0x110000)
 
 @dataclass(frozen=True)
 class FileHashes:
+    """A file's identity hashes. `hash_file` fills them all (autov3 is None for non-safetensors files);
+    a writer that knows only its data section's AutoV3 (a merge hashes it while writing) leaves the
+    whole-file hashes None rather than reading the file again."""
+
     path: str
-    sha256: str
-    autov1: str
-    autov2: str
-    autov3: str | None  # None when the file is not safetensors
-    crc32: str
+    sha256: str | None
+    autov1: str | None
+    autov2: str | None
+    autov3: str | None
+    crc32: str | None
 
     def to_dict(self) -> dict[str, str | None]:
         return asdict(self)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lineage.errors import LineageError
+from lineage.hashing import FileHashes
 from lineage.safetensors_io import SafetensorsFile, refuse_overwriting_inputs
 
 from .engine import MergePlan, plan_merge, run_plan
@@ -115,7 +116,10 @@ def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLik
     if record:
         from lineage.recording import record as record_file
 
+        # The AutoV3 came from the write stream: no second read of the output just to register it.
+        stream_hashes = FileHashes(output, None, None, None, result.output_autov3, None)
         node = record_file(output, parents=[i.path for i in recipe.inputs], relation="merge",
                            weights=None if None in edge_weights(hashed) else edge_weights(hashed),
-                           params={"method": recipe.method, "recipe": hashed.to_dict()}, registry=registry)
+                           params={"method": recipe.method, "recipe": hashed.to_dict()}, registry=registry,
+                           hashes=stream_hashes)
     return MergeResult(output, result.output_autov3, hashed, merge_plan, result.nonfinite, node)

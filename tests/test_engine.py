@@ -289,3 +289,18 @@ def test_a_killed_merge_leaves_nothing_at_the_destination(trio, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
     assert [hash_file(p).sha256 for p in (trio["base"], trio["x"])] == before
+
+
+def test_recording_a_merge_does_not_read_the_output_again(trio, tmp_path, monkeypatch):
+    import lineage.recording as recording
+    from lineage.registry import Registry
+
+    registry = tmp_path / "reg.sqlite"
+    hashed = []
+    real_hash_file = recording.hash_file
+    monkeypatch.setattr(recording, "hash_file", lambda p: hashed.append(str(p)) or real_hash_file(p))
+    out = merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", alpha=0.5, registry=registry)
+    assert str(out.path) not in hashed  # the AutoV3 computed while writing is the node id
+    assert out.node == out.autov3 == hash_file(out.path).autov3
+    node = Registry(registry).node(out.node)
+    assert node["hashes"] == {"autov3": out.autov3}
