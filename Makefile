@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 BENCH  ?= /tmp/lineage-bench
 
-.PHONY: setup test demo bench-hash clean
+.PHONY: setup test demo bench-hash bench-registry bench-merge clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,15 @@ demo: setup
 # Hash a full-size generated SDXL checkpoint (6.9 GB, written to $(BENCH)) beside `openssl dgst -sha256`.
 bench-hash: setup
 	$(PY) benchmarks/bench_hash.py --dir $(BENCH)
+
+# A 100,000-node registry: open, ancestors of the deepest node, a 200-node subtree to DOT, beside baselines.
+bench-registry: setup
+	$(PY) benchmarks/bench_registry.py
+
+# Merges of full-size generated SDXL checkpoints beside the I/O floor and sd-mecha (installs the bench extra).
+bench-merge: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/bench_merge.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
