@@ -12,7 +12,9 @@ Planning reads only the inputs' headers. Every output key gets one step:
 Running overlaps reading, computing and writing:
 - a pool of worker threads computes steps (pread, torch and pwrite release the GIL). Methods that
   declare themselves elementwise are run on chunks of `CHUNK_ELEMENTS` elements through buffers each
-  worker reuses, so the working set stays in cache and no page is freshly faulted per tensor; other
+  worker reuses, so the working set stays in cache and no page is freshly faulted per tensor; a
+  method with per-tensor statistics (TIES' thresholds) gets them first, computed from the inputs'
+  ranking entries (a strided sample of a large tensor), and then runs on chunks the same way; other
   methods get whole fp32 tensors;
 - each result lands in one of a few reused output slots, which the worker writes at its planned
   offset (pwrite); the calling thread takes the results in file order and feeds them to the
@@ -44,7 +46,7 @@ from lineage.errors import LineageError
 from lineage.safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo
 from lineage.sdxl import MARKER_KEYS, MARKERS_FOR_PREDICTION, is_pass_through
 
-from .methods import MergeMethod
+from .methods import MergeMethod, ranking_entries
 from .recipe import Recipe
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per input: fits in cache, large enough that torch's per-op cost is small
@@ -68,8 +70,8 @@ def tensor_seed(seed: int, key: str) -> int:
 
 
 def is_elementwise(method: MergeMethod) -> bool:
-    """Whether the method may be run on pieces of a tensor: it declares itself elementwise and needs
-    no per-tensor random stream."""
+    """Whether the method may be run on pieces of a tensor: it declares itself elementwise (given its
+    statistics, if it has any) and needs no per-tensor random stream."""
     return method.elementwise and not method.random
 
 
@@ -363,12 +365,20 @@ class _Run:
             params["seed"] = tensor_seed(self.plan.recipe.seed, step.key)
         inputs = range(len(self.files))
         if self.elementwise:
+            if self.method.statistics is not None:
+                params["statistics"] = self.method.statistics(self._ranking_entries(step), params)
             self._chunked(step, out, inputs, lambda *xs: self.method.fn(*xs, **params))
             return
         numel = out.numel()
         xs = [self._fp32(i, step.key, 0, numel, self.scratch.whole(i, numel), check=True).view(step.shape)
               for i in inputs]
         out.copy_(self.method.fn(*xs, **params).reshape(-1))
+
+    def _ranking_entries(self, step: Step) -> list[torch.Tensor]:
+        """Each input's entries at the ranking positions, in fp32: a method's statistics read only
+        these. Their pages stay mapped; the chunked pass that follows reads and releases them."""
+        numel = math.prod(step.shape)
+        return [ranking_entries(m.elements(step.key, 0, numel)).float() for m in self.mapped]
 
     def _chunked(self, step: Step, out: torch.Tensor, inputs: Sequence[int], fn: Callable[..., torch.Tensor]) -> None:
         """Run `fn` over CHUNK_ELEMENTS-sized pieces of the inputs' tensors, through reused fp32 buffers."""

@@ -12,6 +12,8 @@ from lineage.hashing import hash_file
 from lineage.safetensors_io import SafetensorsFile, SafetensorsWriter, save_file
 from lineage.sdxl import is_pass_through
 from merge.api import build_recipe, merge, plan
+from merge.engine import CHUNK_ELEMENTS, is_elementwise
+from merge.methods import EXACT_RANK_LIMIT, get_method
 from merge.recipe import Input, Recipe
 
 POSITION_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
@@ -304,3 +306,45 @@ def test_recording_a_merge_does_not_read_the_output_again(trio, tmp_path, monkey
     assert out.node == out.autov3 == hash_file(out.path).autov3
     node = Registry(registry).node(out.node)
     assert node["hashes"] == {"autov3": out.autov3}
+
+
+LARGE_KEY = "model.diffusion_model.lineage_test_large.weight"  # an extra key: 600,000 entries
+
+
+@pytest.fixture(scope="module")
+def trio_with_a_large_tensor(trio, tmp_path_factory):
+    """The trio plus one 600,000-entry tensor each: above the statistics' sample size and spanning
+    three engine chunks (the small checkpoints' largest tensors have 294,912 entries)."""
+    d = tmp_path_factory.mktemp("trio_large")
+    g = torch.Generator().manual_seed(3)
+    base_large = torch.randn(600, 1000, generator=g)
+    paths = {}
+    for n, name in enumerate(("base", "x", "y")):
+        tensors, metadata = _tensors(trio[name])
+        tensors[LARGE_KEY] = (base_large + (0.1 * torch.randn(600, 1000, generator=g) if n else 0)).half()
+        paths[name] = str(d / f"{name}.safetensors")
+        save_file(tensors, paths[name], metadata)
+    return paths
+
+
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.2}),
+                                            ("ties", {"density": 0.5, "weights": [1.0, 2.0], "alpha": 0.8}),
+                                            ("breadcrumbs", {"density": 0.8, "gamma": 0.05})])
+def test_chunked_methods_with_statistics_equal_the_whole_tensor_method(trio_with_a_large_tensor, tmp_path,
+                                                                       method, params):
+    """The engine runs TIES and breadcrumbs chunk by chunk after computing their thresholds from the
+    ranking entries; the output must be bit-identical to the method on whole fp32 tensors."""
+    paths = [trio_with_a_large_tensor[n] for n in ("base", "x", "y")]
+    assert is_elementwise(get_method(method))
+    out = merge(paths, tmp_path / "m.safetensors", method=method, params=params, record=False)
+    merged, _ = _tensors(out.path)
+    inputs = [_tensors(p)[0] for p in paths]
+    assert merged[LARGE_KEY].numel() > max(CHUNK_ELEMENTS, EXACT_RANK_LIMIT)
+    compared = 0
+    for key, value in merged.items():
+        if is_pass_through(key) or not value.is_floating_point() or value.numel() == 0:
+            continue
+        whole = get_method(method).fn(*(i[key].float() for i in inputs), **params).half()
+        assert torch.equal(value, whole), key
+        compared += 1
+    assert compared == len(merged) - 2

@@ -69,10 +69,30 @@ def test_every_method_merging_identical_models_gives_that_model(name):
 
 @pytest.mark.parametrize("name", [n for n, m in sorted(METHODS.items()) if m.elementwise])
 def test_elementwise_methods_give_the_same_result_on_pieces(name):
+    """Pieces given the whole tensor's statistics (if the method has any) give the whole's result."""
+    method = get_method(name)
     inputs = sample_inputs(name, shape=(5, 7))
     whole = call(name, *inputs)
-    pieces = torch.cat([call(name, *(x.reshape(-1)[i:i + 4] for x in inputs)) for i in range(0, 35, 4)])
+    params = {}
+    if method.statistics is not None:
+        params["statistics"] = method.statistics(inputs, method.defaults)
+    pieces = torch.cat([call(name, *(x.reshape(-1)[i:i + 4] for x in inputs), **params) for i in range(0, 35, 4)])
     assert torch.allclose(whole.reshape(-1), pieces, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n, m in sorted(METHODS.items()) if m.statistics is not None])
+def test_statistics_from_the_ranking_entries_equal_those_of_the_whole_tensors(name):
+    """The engine computes a method's statistics from the inputs' ranking entries only (a strided
+    sample above EXACT_RANK_LIMIT entries); they must be exactly what the method computes itself,
+    and the method given them must return exactly its own result."""
+    method = get_method(name)
+    inputs = sample_inputs(name, shape=(600, 1000))  # 600,000 entries: above the sample size
+    assert inputs[0].numel() > methods.EXACT_RANK_LIMIT
+    entries = [methods.ranking_entries(x) for x in inputs]
+    assert entries[0].numel() == methods.EXACT_RANK_LIMIT
+    from_entries = method.statistics(entries, method.defaults)
+    assert from_entries == method.statistics(inputs, method.defaults)
+    assert torch.equal(call(name, *inputs, statistics=from_entries), call(name, *inputs))
 
 
 @pytest.mark.parametrize("name", ["ties", "train_difference", "task_arithmetic", "breadcrumbs", "geometric_median"])
@@ -425,3 +445,15 @@ def test_model_stock_orthogonal_or_zero_deltas_keep_the_base_and_equal_ones_the_
     same = base + t(0.5, 0.5)
     assert torch.allclose(methods.model_stock(base, same, same), same)
 
+
+
+def test_kth_largest_is_torch_kthvalue_exactly():
+    """The selection behind every magnitude threshold (numpy's partition on the CPU) picks the same
+    order statistic as torch.kthvalue, repeated values and signed zeros included."""
+    g = torch.Generator().manual_seed(5)
+    values = torch.cat([torch.randn(5000, generator=g).abs(), torch.zeros(300), -torch.zeros(200),
+                        torch.randint(0, 4, (500,), generator=g).float()])
+    for count in (1, 2, 299, 1000, 4700, 5300, values.numel()):
+        expected = torch.kthvalue(values, values.numel() - count + 1).values.item()
+        assert methods._kth_largest(values, count) == expected, count
+    assert methods._kth_largest(values, 0) == math.inf
