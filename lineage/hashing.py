@@ -9,9 +9,8 @@
 |        | Civitai shows the first 12, kohya's `sshs_model_hash` is all of it)          |
 | crc32  | of the whole file, 8 hex                                                    |
 
-The file is memory-mapped and walked in chunks by two threads (hashlib and zlib release the GIL):
-one hashes the whole file, the other the data section, and each takes the CRC32 of half the chunks,
-which are joined with `crc32_combine`. The threads run freely but stay within a window of chunks of
+The file is memory-mapped and walked in chunks by two threads (hashlib and zlib-ng release the GIL):
+one takes the sha256 and CRC32 of the whole file, the other the sha256 of the data section. The threads run freely but stay within a window of chunks of
 each other, and a chunk's pages are dropped from the mapping once both are past it, so resident
 memory stays at a few chunks whatever the file size.
 """
@@ -22,8 +21,9 @@ import mmap
 import os
 import struct
 import threading
-import zlib
 from dataclasses import asdict, dataclass
+
+from zlib_ng import zlib_ng  # CRC32 with carry-less multiply: ~20 GB/s against zlib's ~4
 
 from .errors import CheckpointError
 
@@ -46,49 +46,6 @@ class FileHashes:
 
     def to_dict(self) -> dict[str, str | None]:
         return asdict(self)
-
-
-# -- CRC32 combination (zlib's crc32_combine, which Python's zlib module does not expose) ----------
-_CRC_POLY = 0xEDB88320
-
-
-def _gf2_times(matrix: list[int], vector: int) -> int:
-    total = 0
-    i = 0
-    while vector:
-        if vector & 1:
-            total ^= matrix[i]
-        vector >>= 1
-        i += 1
-    return total
-
-
-def _gf2_square(matrix: list[int]) -> list[int]:
-    return [_gf2_times(matrix, matrix[n]) for n in range(32)]
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC32 of A+B given crc32(A), crc32(B) and len(B): the GF(2) operator for len2 zero bytes
-    applied to crc1 (by repeated squaring), xored with crc2."""
-    if len2 == 0:
-        return crc1
-    odd = [_CRC_POLY] + [1 << n for n in range(31)]  # operator for one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four zero bits
-    while True:
-        even = _gf2_square(odd)  # first pass: one zero byte
-        if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
 
 
 def _data_start(head: bytes, size: int) -> int | None:
@@ -133,15 +90,15 @@ def hash_file(path: str | os.PathLike, chunk_size: int = CHUNK) -> FileHashes:
 def _hash_mapped(mm: mmap.mmap, size: int, data_start: int | None, chunk_size: int,
                  window: int = 8) -> tuple[str, str | None, int]:
     chunks = [(a, min(a + chunk_size, size)) for a in range(0, size, chunk_size)]
-    half = len(chunks) // 2  # thread 0 takes the CRC of chunks[:half], thread 1 of chunks[half:]
     view = memoryview(mm)
     sha_file, sha_data = hashlib.sha256(), hashlib.sha256()
-    crcs = [0, 0]
+    crc = 0
     position = [0, 0]  # chunks each thread has finished
     progress = threading.Condition()
     errors: list[BaseException] = []
 
     def work(worker: int) -> None:
+        nonlocal crc
         other = 1 - worker
         try:
             for i, (a, b) in enumerate(chunks):
@@ -151,10 +108,9 @@ def _hash_mapped(mm: mmap.mmap, size: int, data_start: int | None, chunk_size: i
                     return
                 if worker == 0:
                     sha_file.update(view[a:b])
+                    crc = zlib_ng.crc32(view[a:b], crc)
                 elif data_start is not None and b > data_start:
                     sha_data.update(view[max(a, data_start):b])
-                if (i < half) == (worker == 0):
-                    crcs[worker] = zlib.crc32(view[a:b], crcs[worker])
                 with progress:
                     position[worker] = i + 1
                     both_done = position[other] > i
@@ -174,6 +130,4 @@ def _hash_mapped(mm: mmap.mmap, size: int, data_start: int | None, chunk_size: i
     view.release()
     if errors:
         raise errors[0]
-    second_len = sum(b - a for a, b in chunks[half:])
-    crc = crc32_combine(crcs[0], crcs[1], second_len)
     return sha_file.hexdigest(), (sha_data.hexdigest() if data_start is not None else None), crc

@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 
-from lineage.hashing import crc32_combine, hash_file
+from lineage.hashing import hash_file
 
 
 def test_hashes_match_independent_definitions(family):
@@ -41,12 +41,6 @@ def test_non_safetensors_file_has_no_autov3(tmp_path):
     p.write_bytes(os.urandom(3000))
     h = hash_file(p)
     assert h.autov3 is None and h.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-@pytest.mark.parametrize("la,lb", [(0, 7), (7, 0), (1, 1), (1000, 12345), (5, 1 << 20)])
-def test_crc32_combine(la, lb):
-    a, b = os.urandom(la), os.urandom(lb)
-    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), lb) == zlib.crc32(a + b)
 
 
 def test_hash_cli_json(lmerge, family):
