@@ -11,7 +11,6 @@ seeded with (seed, key), so the same call always writes byte-identical files.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -20,6 +19,7 @@ import torch
 
 from .errors import LineageError
 from .safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter
+from .seeding import key_seed
 from .sdxl import COMPONENT_PREFIXES, MARKERS_FOR_PREDICTION, base_inventory
 
 # Per component: full-size dimension -> small dimension. Dimensions not listed (kernel sizes, 77
@@ -54,8 +54,7 @@ def sdxl_shapes(size: str = "small", components: Iterable[str] = COMPONENTS) -> 
 
 
 def _generator(seed: int, key: str) -> torch.Generator:
-    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(key_seed(seed, key))
 
 
 def _weight_scale(key: str, shape: tuple[int, ...]) -> float:

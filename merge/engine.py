@@ -44,6 +44,7 @@ from tqdm import tqdm
 from lineage.detection import require_sdxl
 from lineage.errors import LineageError
 from lineage.safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo
+from lineage.seeding import key_seed
 from lineage.sdxl import MARKER_KEYS, MARKERS_FOR_PREDICTION, is_pass_through
 
 from .methods import MergeMethod, ranking_entries
@@ -60,13 +61,6 @@ def placeholder_autov3(i: int) -> str:
     """A stand-in hash of the final length (distinct per input), reserving the header space the real
     hashes take once known."""
     return format(i, "064x")
-
-
-def tensor_seed(seed: int, key: str) -> int:
-    """The seed of one tensor for random methods: from the recipe seed and the key, so results do
-    not depend on the order or the threads that computed them."""
-    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def is_elementwise(method: MergeMethod) -> bool:
@@ -362,7 +356,7 @@ class _Run:
     def _merge(self, step: Step, out: torch.Tensor) -> None:
         params = dict(step.params or {})
         if self.method.random:
-            params["seed"] = tensor_seed(self.plan.recipe.seed, step.key)
+            params["seed"] = key_seed(self.plan.recipe.seed, step.key)
         inputs = range(len(self.files))
         if self.elementwise:
             if self.method.statistics is not None:
