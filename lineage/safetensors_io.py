@@ -258,7 +258,9 @@ def _umask() -> int:
     return mask
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor as stored in safetensors (C order, native little-endian), without a copy
+    when the tensor is already a contiguous CPU tensor."""
     t = tensor.detach().to("cpu").contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
@@ -330,7 +332,7 @@ class SafetensorsWriter:
             raise LineageError(
                 f"tensor {name!r} is {DTYPE_NAMES.get(tensor.dtype, tensor.dtype)} {list(tensor.shape)}, "
                 f"planned {dtype} {list(shape)}", self.path)
-        self._pwrite(_tensor_bytes(tensor), self.data_start + offset)
+        self._pwrite(tensor_bytes(tensor), self.data_start + offset)
         self._pending.discard(name)
 
     def update_metadata(self, metadata: Mapping[str, str]) -> None:

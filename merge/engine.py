@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from lineage.detection import require_sdxl
 from lineage.errors import LineageError
-from lineage.safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo
+from lineage.safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo, tensor_bytes
 from lineage.seeding import key_seed
 from lineage.sdxl import MARKER_KEYS, MARKERS_FOR_PREDICTION, is_pass_through
 
@@ -398,10 +398,6 @@ def data_section_autov3(f: SafetensorsFile, stop: threading.Event | None = None)
     return digest.hexdigest()
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-
-
 def run_plan(plan: MergePlan, files: Sequence[SafetensorsFile], output: str,
              metadata: Callable[[list[str], str], dict[str, str]], *,
              known_autov3: Sequence[str | None] = (), fail_on_nonfinite: bool = False,
@@ -453,7 +449,7 @@ def run_plan(plan: MergePlan, files: Sequence[SafetensorsFile], output: str,
 
         def finish_oldest() -> None:  # in file order: the output's AutoV3 hashes the data section in order
             step, future, slot = pending.popleft()
-            output_digest.update(_bytes_of(future.result()))
+            output_digest.update(tensor_bytes(future.result()))
             free_slots.append(slot)
             bar.update(step.nbytes)
 
