@@ -6,8 +6,8 @@ section) and may hold "__metadata__" (str -> str).
 
 Reading never maps or loads a whole file: each tensor is read with `pread` into its own buffer,
 so memory is bounded by the tensors a caller holds. Writing plans the header from the tensors'
-dtypes and shapes first, then writes tensors one at a time at their offsets (in any order, from
-any thread) into a temporary file that is fsynced and renamed over the destination only when
+dtypes and shapes first, then streams the tensors in that order into a temporary file (in large
+direct-I/O blocks, see `direct_write`) that is fsynced and renamed over the destination only when
 every tensor is in place.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .direct_write import BlockWriter
 from .errors import CheckpointError, LineageError
 
 # safetensors dtype name -> torch dtype. Sizes come from torch.
@@ -268,14 +269,15 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 class SafetensorsWriter:
     """Write a safetensors file tensor by tensor, atomically.
 
-    The plan (name -> (dtype name, shape), in file order) fixes the header up front. Tensors may
-    then be written in any order with `write`; `close` checks that all were written, fsyncs and
+    The plan (name -> (dtype name, shape), in file order) fixes the header up front. Tensors are
+    then written in the plan's order with `write`; `close` checks that all were written, fsyncs and
     renames the temporary file into place. On any error (or `abort`) the temporary file is removed
-    and the destination is left untouched.
+    and the destination is left untouched. With `hash_data`, the writer takes the sha256 of the
+    data section as it goes (`data_sha256`: the output's AutoV3, without reading it back).
     """
 
     def __init__(self, path: str | os.PathLike, plan: Mapping[str, tuple[str, tuple[int, ...]]],
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, *, hash_data: bool = False):
         self.path = os.fspath(path)
         if os.path.isdir(self.path):
             raise LineageError("is a directory, expected an output file path", self.path)
@@ -285,21 +287,24 @@ class SafetensorsWriter:
                 raise LineageError(f"metadata must map strings to strings, got {k!r}: {type(v).__name__}", self.path)
 
         header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-        self._slots: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        self._slots: dict[str, tuple[str, tuple[int, ...]]] = {}
         offset = 0
         for name, (dtype, shape) in plan.items():
             if dtype not in DTYPES:
                 raise LineageError(f"cannot write tensor {name!r}: unknown dtype {dtype!r}", self.path)
             nbytes = math.prod(shape) * dtype_size(dtype)
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._slots[name] = (dtype, tuple(shape), offset, nbytes)
+            self._slots[name] = (dtype, tuple(shape))
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the safetensors library does
         self.data_start = 8 + len(raw)
         self.size = self.data_start + offset
-        self._pending = set(self._slots)
+        self._names = list(self._slots)  # tensors arrive in this order
+        self._written = 0
         self._header, self._header_len = header, len(raw)
+        self._new_header: bytes | None = None
+        self._hash_data = hash_data
 
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
@@ -307,33 +312,38 @@ class SafetensorsWriter:
         except OSError as e:
             raise LineageError(f"cannot create output ({e.strerror})", self.path) from None
         self._fd = fd
+        self._blocks: BlockWriter | None = None
         try:
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the user's usual mode
-            self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
+            self._blocks = BlockWriter(fd, self._tmp, self.size, hash_from=self.data_start if hash_data else None)
+            self._blocks.append(struct.pack("<Q", len(raw)) + raw)
         except BaseException:
             self.abort()
             raise
 
-    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        while len(view):
-            try:
-                n = os.pwrite(self._fd, view, offset)
-            except OSError as e:
-                raise LineageError(f"write failed ({e.strerror}); nothing was written at the destination", self.path) from None
-            view, offset = view[n:], offset + n
-
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor. Thread-safe for distinct names."""
+        """Write the next planned tensor (tensors come in the plan's order)."""
         if name not in self._slots:
             raise LineageError(f"tensor {name!r} was not in the write plan", self.path)
-        dtype, shape, offset, nbytes = self._slots[name]
+        dtype, shape = self._slots[name]
         if DTYPE_NAMES.get(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
             raise LineageError(
                 f"tensor {name!r} is {DTYPE_NAMES.get(tensor.dtype, tensor.dtype)} {list(tensor.shape)}, "
                 f"planned {dtype} {list(shape)}", self.path)
-        self._pwrite(tensor_bytes(tensor), self.data_start + offset)
-        self._pending.discard(name)
+        expected = self._names[self._written] if self._written < len(self._names) else None
+        if name != expected:
+            raise LineageError(f"tensor {name!r} written out of order: the plan has {expected!r} next", self.path)
+        assert self._blocks is not None
+        self._blocks.append(tensor_bytes(tensor))
+        self._written += 1
+
+    def data_sha256(self) -> str:
+        """sha256 of the data section written (AutoV3); every planned tensor must be written."""
+        if not self._hash_data:
+            raise LineageError("the writer was not asked to hash its data (hash_data=True)", self.path)
+        self._check_complete()
+        assert self._blocks is not None
+        return self._blocks.sha256()
 
     def update_metadata(self, metadata: Mapping[str, str]) -> None:
         """Replace the metadata before `close`, for values known only once the data is written (hashes).
@@ -345,16 +355,23 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         if len(raw) > self._header_len:
             raise LineageError(f"updated metadata is {len(raw) - self._header_len} bytes longer than planned", self.path)
-        self._pwrite(raw + b" " * (self._header_len - len(raw)), 8)
+        self._new_header = raw + b" " * (self._header_len - len(raw))  # written at close, over the first
+
+    def _check_complete(self) -> None:
+        if self._written < len(self._slots):
+            missing = self._names[self._written:]
+            raise LineageError(f"{len(missing)} planned tensors were never written (first: {missing[0]!r})", self.path)
 
     def close(self) -> None:
         """Finish: fsync, then atomically rename the temporary file onto the destination."""
         if self._fd < 0:
             return
         try:
-            if self._pending:
-                missing = sorted(self._pending)
-                raise LineageError(f"{len(missing)} planned tensors were never written (first: {missing[0]!r})", self.path)
+            self._check_complete()
+            assert self._blocks is not None
+            self._blocks.finish()
+            if self._new_header is not None:
+                self._pwrite(self._new_header, 8)
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
@@ -368,8 +385,20 @@ class SafetensorsWriter:
         finally:
             os.close(dir_fd)
 
+    def _pwrite(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while len(view):
+            try:
+                n = os.pwrite(self._fd, view, offset)
+            except OSError as e:
+                raise LineageError(f"write failed ({e.strerror}); nothing was written at the destination", self.path) from None
+            view, offset = view[n:], offset + n
+
     def abort(self) -> None:
         """Drop the partial output; the destination is untouched."""
+        if self._blocks is not None:
+            self._blocks.abort()
+            self._blocks = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

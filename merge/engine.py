@@ -16,9 +16,10 @@ Running overlaps reading, computing and writing:
   method with per-tensor statistics (TIES' thresholds) gets them first, computed from the inputs'
   ranking entries (a strided sample of a large tensor), and then runs on chunks the same way; other
   methods get whole fp32 tensors;
-- each result lands in one of a few reused output slots, which the worker writes at its planned
-  offset (pwrite); the calling thread takes the results in file order and feeds them to the
-  output's AutoV3 before the slot is reused;
+- each result lands in one of a few reused output slots; the calling thread takes the results in
+  file order and hands them to the writer, which hashes them (the output's AutoV3) and streams
+  them to disk in large direct-I/O blocks from its own thread (`lineage.direct_write`), and the
+  slot is reused;
 - another thread hashes the inputs' data sections (their AutoV3) unless the caller knows them.
 Memory is bounded by the slots, the workers' chunk buffers and, for whole-tensor methods, the
 tensors in flight — never by the checkpoint size. The output is written to a temporary file that is
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 from lineage.detection import require_sdxl
 from lineage.errors import LineageError
-from lineage.safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo, tensor_bytes
+from lineage.safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo
 from lineage.seeding import key_seed
 from lineage.sdxl import MARKER_KEYS, MARKERS_FOR_PREDICTION, is_pass_through
 
@@ -412,7 +413,6 @@ def run_plan(plan: MergePlan, files: Sequence[SafetensorsFile], output: str,
     slot_count = OUTPUT_SLOTS_PER_WORKER * plan.workers
     slot_bytes = max((s.nbytes for s in plan.steps), default=0)
     free_slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(slot_count)]  # pages touched lazily
-    output_digest = hashlib.sha256()
 
     hash_error: list[BaseException] = []
     stop_hashing = threading.Event()
@@ -427,7 +427,8 @@ def run_plan(plan: MergePlan, files: Sequence[SafetensorsFile], output: str,
 
     placeholders = [placeholder_autov3(i) for i in range(n)]
     with ExitStack() as stack:
-        writer = stack.enter_context(SafetensorsWriter(output, plan.output_plan, metadata(placeholders, placeholder_autov3(n))))
+        writer = stack.enter_context(SafetensorsWriter(output, plan.output_plan, metadata(placeholders, placeholder_autov3(n)),
+                                                       hash_data=True))
         hasher = threading.Thread(target=hash_inputs, name="lineage-hash-inputs", daemon=True)
         hasher.start()
         stack.callback(hasher.join)
@@ -442,14 +443,9 @@ def run_plan(plan: MergePlan, files: Sequence[SafetensorsFile], output: str,
                                        disable=None if progress else True, leave=False))
         pending: deque[tuple[Step, Future[torch.Tensor], torch.Tensor]] = deque()
 
-        def compute_and_write(step: Step, slot: torch.Tensor) -> torch.Tensor:
-            out = run.compute(step, slot)
-            writer.write(step.key, out)  # at its planned offset; the writer takes any order
-            return out
-
-        def finish_oldest() -> None:  # in file order: the output's AutoV3 hashes the data section in order
+        def finish_oldest() -> None:  # the writer takes the tensors in file order
             step, future, slot = pending.popleft()
-            output_digest.update(tensor_bytes(future.result()))
+            writer.write(step.key, future.result())
             free_slots.append(slot)
             bar.update(step.nbytes)
 
@@ -457,7 +453,7 @@ def run_plan(plan: MergePlan, files: Sequence[SafetensorsFile], output: str,
             if not free_slots:
                 finish_oldest()
             slot = free_slots.pop()
-            pending.append((step, pool.submit(compute_and_write, step, slot), slot))
+            pending.append((step, pool.submit(run.compute, step, slot), slot))
         while pending:
             finish_oldest()
         hasher.join()  # on success the hasher runs to the end
@@ -468,5 +464,6 @@ def run_plan(plan: MergePlan, files: Sequence[SafetensorsFile], output: str,
             if inp.autov3 and inp.autov3.lower() != found:
                 raise LineageError(f"its content (AutoV3 {found[:12]}) is not the recipe's input "
                                    f"(AutoV3 {inp.autov3[:12]}); nothing was written", f.path)
-        writer.update_metadata(metadata(hashes, output_digest.hexdigest()))
-    return RunResult(output_digest.hexdigest(), hashes, run.nonfinite)
+        output_autov3 = writer.data_sha256()
+        writer.update_metadata(metadata(hashes, output_autov3))
+    return RunResult(output_autov3, hashes, run.nonfinite)

@@ -188,7 +188,7 @@ def test_a_failing_write_leaves_nothing_and_inputs_intact(trio, tmp_path, monkey
 
     def full_disk(fd, data, offset):
         calls.append(offset)
-        if len(calls) > 300:
+        if len(calls) > 2:  # the third 16 MiB block of a ~60 MB output: midway
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
@@ -196,7 +196,7 @@ def test_a_failing_write_leaves_nothing_and_inputs_intact(trio, tmp_path, monkey
     with pytest.raises(LineageError, match="No space left"):
         merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", record=False)
     monkeypatch.undo()
-    assert len(calls) > 300
+    assert len(calls) > 2
     assert os.listdir(tmp_path) == []  # neither the destination nor a partial file
     assert [hash_file(p).sha256 for p in (trio["base"], trio["x"])] == before
 

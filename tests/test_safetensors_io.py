@@ -6,7 +6,8 @@ import safetensors.torch
 import torch
 
 from lineage.errors import LineageError
-from lineage.safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, refuse_overwriting_inputs, save_file
+from lineage.safetensors_io import (DTYPES, SafetensorsFile, SafetensorsWriter, plan_of, refuse_overwriting_inputs,
+                                    save_file)
 
 
 def _every_dtype() -> dict[str, torch.Tensor]:
@@ -57,18 +58,77 @@ def test_data_section_is_8_byte_aligned(tmp_path):
         assert f.data_start % 8 == 0
 
 
-def test_writer_accepts_any_order_and_refuses_unplanned_or_misshapen_tensors(tmp_path):
+def test_writer_takes_the_plan_order_and_refuses_unplanned_or_misshapen_tensors(tmp_path):
     plan = {"a": ("F32", (2,)), "b": ("F16", (3,))}
     path = tmp_path / "o.safetensors"
     with SafetensorsWriter(path, plan) as w:
-        w.write("b", torch.ones(3, dtype=torch.float16))
+        with pytest.raises(LineageError, match="out of order: the plan has 'a' next"):
+            w.write("b", torch.ones(3, dtype=torch.float16))
         with pytest.raises(LineageError, match="not in the write plan"):
             w.write("c", torch.ones(1))
         with pytest.raises(LineageError, match="planned F32"):
             w.write("a", torch.ones(2, dtype=torch.float16))
         w.write("a", torch.zeros(2))
+        w.write("b", torch.ones(3, dtype=torch.float16))
     got = safetensors.torch.load_file(str(path))
     assert got["a"].tolist() == [0, 0] and got["b"].tolist() == [1, 1, 1]
+
+
+def test_writer_streams_blocks_and_hashes_its_data_section(tmp_path, monkeypatch):
+    """Tensors larger than a block, spanning blocks, and a last partial block come out bit-exact; the
+    file has exactly its size (the padding of the last direct write is cut); data_sha256 is AutoV3."""
+    import hashlib
+
+    from lineage import direct_write
+
+    monkeypatch.setattr(direct_write, "BLOCK_BYTES", 3 * direct_write.ALIGN)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"big": torch.randn(10_000, generator=g), "odd": torch.randn(7, generator=g).half(),
+               "empty": torch.empty(0), "last": torch.arange(1001, dtype=torch.int64)}
+    path = tmp_path / "o.safetensors"
+    with SafetensorsWriter(path, plan_of(tensors), {"k": "v"}, hash_data=True) as w:
+        for name, t in tensors.items():
+            w.write(name, t)
+        autov3 = w.data_sha256()
+    got = safetensors.torch.load_file(str(path))
+    assert all(torch.equal(got[k], t) for k, t in tensors.items())
+    with SafetensorsFile(path) as f:
+        data = path.read_bytes()[f.data_start:]
+    assert len(data) == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert autov3 == hashlib.sha256(data).hexdigest()
+
+
+def test_without_direct_io_the_same_bytes_are_written(tmp_path, monkeypatch):
+    """A file system without O_DIRECT (tmpfs, macOS), or one refusing a direct write, gets the same file."""
+    import errno as errno_
+
+    from lineage import direct_write
+
+    tensors = {"x": torch.randn(5000), "y": torch.ones(3, dtype=torch.float16)}
+    save_file(tensors, tmp_path / "direct.safetensors")
+    monkeypatch.setattr(direct_write, "_open_direct", lambda path: None)
+    save_file(tensors, tmp_path / "buffered.safetensors")
+    monkeypatch.undo()
+    import fcntl
+
+    probe = direct_write._open_direct(str(tmp_path / "direct.safetensors"))
+    if probe is None:
+        pytest.skip("this file system takes no O_DIRECT writes")
+    os.close(probe)
+    real_pwrite, refused = os.pwrite, []
+
+    def no_direct(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno_.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", no_direct)
+    save_file(tensors, tmp_path / "refused.safetensors")
+    monkeypatch.undo()
+    assert refused
+    data = (tmp_path / "direct.safetensors").read_bytes()
+    assert (tmp_path / "buffered.safetensors").read_bytes() == data == (tmp_path / "refused.safetensors").read_bytes()
 
 
 def test_unfinished_write_leaves_nothing(tmp_path):
@@ -94,12 +154,8 @@ def test_exception_midway_keeps_the_previous_destination(tmp_path):
 def test_disk_full_gives_a_clear_error_and_no_output(tmp_path, monkeypatch):
     dest = tmp_path / "out.safetensors"
     w = SafetensorsWriter(dest, {"a": ("F32", (1000,))})
-    real_pwrite = os.pwrite
-
     def full(fd, data, offset):
-        if offset > 8:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(LineageError, match="No space left on device"):
