@@ -50,14 +50,15 @@ from lineage.safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, T
 from lineage.seeding import key_seed
 from lineage.sdxl import MARKER_KEYS, MARKERS_FOR_PREDICTION, is_pass_through
 
-from .methods import MergeMethod, ranking_entries
+from .methods import SLICE_ELEMENTS, MergeMethod, ranking_entries
 from .recipe import Recipe
 
-CHUNK_ELEMENTS = 1 << 19  # 2 MiB of fp32 per input: stays in cache, large enough that per-op costs are small
+CHUNK_ELEMENTS = SLICE_ELEMENTS  # 1 MiB of fp32 per input: stays in cache, large enough that per-op costs are small
 RELEASE_BEHIND_BYTES = 2 << 20  # the largest page-cache folio a fault maps (a PMD)
+RELEASE_EVERY_BYTES = 8 << 20  # input bytes read between two releases of their pages
 WHOLE_REUSE_ELEMENTS = 1 << 24  # whole-tensor methods reuse per-worker fp32 buffers up to 64 MiB per input
 HASH_CHUNK_BYTES = 16 << 20
-OUTPUT_SLOTS_PER_WORKER = 2  # results that may wait for the writer: keeps workers busy while it flushes
+OUTPUT_SLOTS_PER_WORKER = 4  # steps in flight per worker: a worker that finishes early takes more while a long step runs
 
 
 def placeholder_autov3(i: int) -> str:
@@ -294,13 +295,14 @@ class _Scratch(threading.local):
     whole-tensor buffers (up to WHOLE_REUSE_ELEMENTS) for the others, so inputs cost no fresh pages."""
 
     def __init__(self) -> None:
-        self.chunks: list[torch.Tensor] = []
+        self.chunk_rows = torch.empty(0, CHUNK_ELEMENTS, dtype=torch.float32)
         self.wholes: list[torch.Tensor] = []
 
-    def chunk(self, i: int) -> torch.Tensor:
-        while len(self.chunks) <= i:
-            self.chunks.append(torch.empty(CHUNK_ELEMENTS, dtype=torch.float32))
-        return self.chunks[i]
+    def chunks(self, n: int) -> torch.Tensor:
+        """n chunk buffers as the rows of one tensor (so one reduction can check them all)."""
+        if self.chunk_rows.shape[0] < n:
+            self.chunk_rows = torch.empty(n, CHUNK_ELEMENTS, dtype=torch.float32)
+        return self.chunk_rows[:n]
 
     def whole(self, i: int, numel: int) -> torch.Tensor:
         if numel > WHOLE_REUSE_ELEMENTS:  # the few huge tensors (token embeddings) get their own
@@ -394,12 +396,30 @@ class _Run:
         return [ranking_entries(m.elements(step.key, 0, numel)).float() for m in self.mapped]
 
     def _chunked(self, step: Step, out: torch.Tensor, inputs: Sequence[int], fn: Callable[..., torch.Tensor]) -> None:
-        """Run `fn` over CHUNK_ELEMENTS-sized pieces of the inputs' tensors, through reused fp32 buffers."""
+        """Run `fn` over CHUNK_ELEMENTS-sized pieces of the inputs' tensors, through reused fp32
+        buffers. Merged inputs are checked for NaN/Inf with one reduction per piece over all of
+        them; their pages are dropped from the resident set every RELEASE_EVERY_BYTES (a madvise
+        per piece cost more than the check)."""
         check = step.action == "merge"
-        for start in range(0, out.numel(), CHUNK_ELEMENTS):
-            count = min(CHUNK_ELEMENTS, out.numel() - start)
-            xs = [self._fp32(idx, step.key, start, count, self.scratch.chunk(n), check) for n, idx in enumerate(inputs)]
+        numel = out.numel()
+        rows = self.scratch.chunks(len(inputs))
+        itemsize = max(self.files[idx].tensors[step.key].torch_dtype.itemsize for idx in inputs)
+        released = 0
+        for start in range(0, numel, CHUNK_ELEMENTS):
+            count = min(CHUNK_ELEMENTS, numel - start)
+            xs = [row[:count] for row in rows]
+            for x, idx in zip(xs, inputs):
+                x.copy_(self.mapped[idx].elements(step.key, start, count))
+            if check and not _all_finite(rows[:, :count]):
+                for x, idx in zip(xs, inputs):
+                    if not _all_finite(x):
+                        self._note_nonfinite(idx, step.key)
             out[start:start + count].copy_(fn(*xs))
+            end = start + count
+            if (end - released) * itemsize >= RELEASE_EVERY_BYTES or end == numel:
+                for idx in inputs:
+                    self.mapped[idx].release(step.key, released, end - released)
+                released = end
 
 
 def data_section_autov3(f: SafetensorsFile, stop: threading.Event | None = None) -> str | None:

@@ -106,7 +106,8 @@ def get_method(name: str) -> MergeMethod:
 
 # Elements per slice in `_elementwise`: the slice's temporaries stay in the CPU cache, where a
 # full-size temporary would cost a fresh allocation (page faults) and a trip to memory per operation.
-_CHUNK = 1 << 17
+# The merge engine feeds elementwise methods pieces of this size, which pass through unsliced.
+SLICE_ELEMENTS = 1 << 18
 
 # Magnitude thresholds (TIES, breadcrumbs) are exact order statistics up to this many entries; larger
 # tensors take them from this many evenly spread entries (a full selection on 13M entries costs
@@ -116,13 +117,13 @@ EXACT_RANK_LIMIT = 1 << 18
 
 def _elementwise(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
     """fn(*tensors) for an elementwise fn, computed slice by slice on the CPU (same result, faster)."""
-    if not tensors[0].is_cpu:
+    if not tensors[0].is_cpu or tensors[0].numel() <= SLICE_ELEMENTS:
         return fn(*tensors)
     out = torch.empty(tensors[0].shape, dtype=torch.float32)
     flat_out = out.view(-1)
     flats = [t.reshape(-1) for t in tensors]
-    for start in range(0, flat_out.numel(), _CHUNK):
-        flat_out[start:start + _CHUNK] = fn(*(f[start:start + _CHUNK] for f in flats))
+    for start in range(0, flat_out.numel(), SLICE_ELEMENTS):
+        flat_out[start:start + SLICE_ELEMENTS] = fn(*(f[start:start + SLICE_ELEMENTS] for f in flats))
     return out
 
 
@@ -341,9 +342,9 @@ def _gram_matrix(points: Sequence[torch.Tensor]) -> torch.Tensor:
     """Gram matrix (fp64) of the points taken relative to the first one, accumulated slice by slice."""
     flats = [p.reshape(-1) for p in points]
     gram = torch.zeros(len(points), len(points), dtype=torch.float64, device=flats[0].device)
-    for start in range(0, flats[0].numel(), _CHUNK):
-        origin = flats[0][start:start + _CHUNK]
-        rows = torch.stack([f[start:start + _CHUNK] - origin for f in flats]).double()
+    for start in range(0, flats[0].numel(), SLICE_ELEMENTS):
+        origin = flats[0][start:start + SLICE_ELEMENTS]
+        rows = torch.stack([f[start:start + SLICE_ELEMENTS] - origin for f in flats]).double()
         gram += rows @ rows.T
     return gram
 

@@ -99,7 +99,7 @@ def test_statistics_from_the_ranking_entries_equal_those_of_the_whole_tensors(na
 def test_slicing_inside_a_method_does_not_change_its_result(monkeypatch, name):
     inputs = sample_inputs(name, shape=(10, 13))
     whole = call(name, *inputs)
-    monkeypatch.setattr(methods, "_CHUNK", 7)  # 130 entries in 19 uneven slices
+    monkeypatch.setattr(methods, "SLICE_ELEMENTS", 7)  # 130 entries in 19 uneven slices
     assert torch.allclose(call(name, *inputs), whole, rtol=0, atol=1e-6)
 
 
