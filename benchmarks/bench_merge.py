@@ -7,7 +7,10 @@ Generates base / child1 / child2 (6.9 GB each, the real 2,515 SDXL keys and shap
 if they are missing and records them in a registry there (so `lmerge merge` finds their AutoV3
 instead of hashing them; the cost of that first hashing is printed). Then, alternately in the same
 run, for each job:
-- floor: read the inputs and write one output-sized file in 16 MiB blocks, then fsync;
+- floor: read the inputs and write one output-sized file in 16 MiB blocks, then fsync (HANDBOOK §11:
+  the floor the targets refer to);
+- floor, O_DIRECT: the same with the output written as lmerge writes it (aligned blocks, O_DIRECT,
+  no page cache), for reference;
 - lmerge: `lmerge merge ... --no-record` (the output is still hashed and its metadata written);
 - sd-mecha 1.1.8 (`pip install -e '.[bench]'`) with the recipe HANDBOOK §12 uses;
 each a subprocess under /usr/bin/time -v. Prints a table of median wall time, ratio to the floor and
@@ -49,6 +52,25 @@ for offset in range(0, size, len(block)):
     for f in fds:
         os.preadv(f, [view[:n]], offset)
     os.pwrite(fd, view[:n], offset)
+os.fsync(fd)
+"""
+
+# The same, but the output written the way lmerge writes it: 16 MiB page-aligned blocks with O_DIRECT
+# (no page cache), then fsync. Not the floor the targets refer to (HANDBOOK §11), shown beside it.
+FLOOR_DIRECT = """
+import mmap, os, sys
+out, inputs = sys.argv[1], sys.argv[2:]
+block = mmap.mmap(-1, 16 << 20)
+view = memoryview(block)
+fds = [os.open(p, os.O_RDONLY) for p in inputs]
+size = os.fstat(fds[0]).st_size
+fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+for offset in range(0, size, len(block)):
+    n = min(len(block), size - offset)
+    for f in fds:
+        os.preadv(f, [view[:n]], offset)
+    os.pwrite(fd, view[:-(-n // 4096) * 4096], offset)
+os.ftruncate(fd, size)
 os.fsync(fd)
 """
 
@@ -112,6 +134,7 @@ def main() -> None:
             inputs = [files[n] for n in names]
             commands = {
                 "I/O floor": [sys.executable, "-c", FLOOR, out, *inputs],
+                "floor, O_DIRECT": [sys.executable, "-c", FLOOR_DIRECT, out, *inputs],
                 "lmerge merge": [sys.executable, "-m", "lineage.cli", "merge", *inputs, "-o", out, *options,
                                  "--no-record"],
             }
