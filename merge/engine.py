@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lineage import direct_write
 from lineage.allocator import keep_freed_memory
 from lineage.detection import require_sdxl
 from lineage.errors import LineageError
@@ -133,7 +134,7 @@ class MergePlan:
         else:  # whole fp32 tensors: the inputs as stored and in fp32, the result, ~2 temporaries
             numels = sorted((s.nbytes // DTYPES[s.dtype].itemsize for s in merged), reverse=True)[: self.workers]
             working = sum(numel * (n * (2 + 4) + 3 * 4) for numel in numels)
-        return sum(largest_outputs) + working
+        return sum(largest_outputs) + working + direct_write.BLOCKS * direct_write.BLOCK_BYTES
 
     def summary(self) -> dict[str, Any]:
         return {
