@@ -41,9 +41,10 @@ class BlockWriter:
     waits for both threads and re-raises any error they met, naming `path`. With `hash_from`,
     `sha256()` is the hex digest of the bytes appended from that offset on."""
 
-    def __init__(self, fd: int, path: str, expected_size: int, hash_from: int | None = None):
+    def __init__(self, fd: int, path: str, reopen: str, expected_size: int, hash_from: int | None = None):
+        """`reopen`: a path that opens the file `fd` refers to (for a second, O_DIRECT descriptor)."""
         self.fd, self.path = fd, path
-        self.direct_fd = _open_direct(path)
+        self.direct_fd = _open_direct(reopen)
         self.block_bytes = min(BLOCK_BYTES, max(ALIGN, -(-expected_size // ALIGN) * ALIGN))
         self._hash_from = hash_from
         self._digest = hashlib.sha256()

@@ -253,6 +253,32 @@ def refuse_overwriting_inputs(output: str | os.PathLike, inputs: Iterable[str | 
             raise LineageError("output path is one of the inputs; choose another output file", out)
 
 
+def _create_temporary(path: str) -> tuple[int, str | None]:
+    """A file to write the output into before it is renamed onto `path`: on Linux an anonymous one
+    (O_TMPFILE) in the destination's directory, which the kernel frees if the process is killed, so
+    not even a partial file is left behind; elsewhere a hidden `.NAME.*.partial` beside `path`.
+    Returns the descriptor and the temporary's path (None while anonymous)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
+        try:
+            return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), None
+        except OSError:  # the file system has no anonymous files (or the directory is not writable: see below)
+            pass
+    try:
+        return tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=directory)
+    except OSError as e:
+        raise LineageError(f"cannot create output ({e.strerror})", path) from None
+
+
+def _unused_name(path: str) -> str:
+    directory, base = os.path.split(os.path.abspath(path))
+    for _ in range(100):
+        candidate = os.path.join(directory, f".{base}.{os.urandom(4).hex()}.partial")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise LineageError("cannot find an unused temporary name beside the output", path)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -306,16 +332,13 @@ class SafetensorsWriter:
         self._new_header: bytes | None = None
         self._hash_data = hash_data
 
-        directory = os.path.dirname(os.path.abspath(self.path))
-        try:
-            fd, self._tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".partial", dir=directory)
-        except OSError as e:
-            raise LineageError(f"cannot create output ({e.strerror})", self.path) from None
-        self._fd = fd
+        self._fd, self._tmp = _create_temporary(self.path)
         self._blocks: BlockWriter | None = None
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the user's usual mode
-            self._blocks = BlockWriter(fd, self._tmp, self.size, hash_from=self.data_start if hash_data else None)
+            os.fchmod(self._fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the user's usual mode
+            reopen = self._tmp if self._tmp is not None else f"/proc/self/fd/{self._fd}"
+            self._blocks = BlockWriter(self._fd, self.path, reopen, self.size,
+                                       hash_from=self.data_start if hash_data else None)
             self._blocks.append(struct.pack("<Q", len(raw)) + raw)
         except BaseException:
             self.abort()
@@ -373,6 +396,13 @@ class SafetensorsWriter:
             if self._new_header is not None:
                 self._pwrite(self._new_header, 8)
             os.fsync(self._fd)
+            if self._tmp is None:  # give the anonymous file a name beside the destination, then rename it
+                self._tmp = _unused_name(self.path)
+                dir_fd = os.open(os.path.dirname(self._tmp), os.O_RDONLY)
+                try:  # a dir fd makes os.link call linkat, which follows the /proc link (link() would not)
+                    os.link(f"/proc/self/fd/{self._fd}", os.path.basename(self._tmp), dst_dir_fd=dir_fd)
+                finally:
+                    os.close(dir_fd)
             os.close(self._fd)
             self._fd = -1
             os.replace(self._tmp, self.path)
@@ -402,7 +432,7 @@ class SafetensorsWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if os.path.exists(self._tmp):
+        if self._tmp is not None and os.path.exists(self._tmp):
             os.unlink(self._tmp)
 
     def __enter__(self) -> SafetensorsWriter:

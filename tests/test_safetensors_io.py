@@ -184,3 +184,39 @@ def test_output_gets_the_usual_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def test_without_anonymous_files_a_hidden_partial_file_is_used_and_removed(tmp_path, monkeypatch):
+    """Where O_TMPFILE is missing (not Linux, or a file system without it) the output goes through a
+    `.NAME.*.partial` file beside the destination: renamed into place when complete, removed on error."""
+    monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+    dest = tmp_path / "out.safetensors"
+    seen = []
+    with SafetensorsWriter(dest, {"a": ("F32", (2,)), "b": ("F32", (2,))}) as w:
+        w.write("a", torch.ones(2))
+        seen = os.listdir(tmp_path)
+        w.write("b", torch.zeros(2))
+    assert len(seen) == 1 and seen[0].startswith(".out.safetensors.") and seen[0].endswith(".partial")
+    assert os.listdir(tmp_path) == ["out.safetensors"]
+    assert safetensors.torch.load_file(str(dest))["b"].tolist() == [0, 0]
+    with pytest.raises(RuntimeError):
+        with SafetensorsWriter(tmp_path / "other.safetensors", {"a": ("F32", (2,))}) as w:
+            raise RuntimeError("midway")
+    assert os.listdir(tmp_path) == ["out.safetensors"]
+
+
+def test_with_anonymous_files_nothing_shows_in_the_directory_until_complete(tmp_path):
+    if not hasattr(os, "O_TMPFILE"):
+        pytest.skip("no O_TMPFILE on this platform")
+    dest = tmp_path / "out.safetensors"
+    with SafetensorsWriter(dest, {"a": ("F32", (2,))}) as w:
+        assert os.listdir(tmp_path) == []
+        w.write("a", torch.ones(2))
+    assert os.listdir(tmp_path) == ["out.safetensors"]
+    assert oct(dest.stat().st_mode & 0o777) == oct(0o666 & ~_current_umask())
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
