@@ -7,8 +7,8 @@ section) and may hold "__metadata__" (str -> str).
 Reading never maps or loads a whole file: each tensor is read with `pread` into its own buffer,
 so memory is bounded by the tensors a caller holds. Writing plans the header from the tensors'
 dtypes and shapes first, then streams the tensors in that order into a temporary file (in large
-direct-I/O blocks, see `direct_write`) that is fsynced and renamed over the destination only when
-every tensor is in place.
+direct-I/O blocks, see `direct_write`; on Linux an anonymous file that a killed process leaves no
+trace of) that is fsynced and renamed over the destination only when every tensor is in place.
 """
 from __future__ import annotations
 
