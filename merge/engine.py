@@ -14,7 +14,7 @@ Running overlaps reading, computing and writing:
   declare themselves elementwise are run on chunks of `CHUNK_ELEMENTS` elements through buffers each
   worker reuses, so the working set stays in cache and no page is freshly faulted per tensor; a
   method with per-tensor statistics (TIES' thresholds) gets them first, computed from the inputs'
-  ranking entries (a strided sample of a large tensor), and then runs on chunks the same way; other
+  ranking entries (a spread sample of a large tensor), and then runs on chunks the same way; other
   methods get whole fp32 tensors;
 - each result lands in one of a few reused output slots; the calling thread takes the results in
   file order and hands them to the writer, which hashes them (the output's AutoV3) and streams
