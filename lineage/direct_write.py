@@ -59,8 +59,9 @@ class BlockWriter:
         self._fill = 0  # bytes in the current block
         self._offset = 0  # file offset of the current block
         self._finished = False
-        self._threads = [threading.Thread(target=self._hash_blocks, name="lineage-hash-output", daemon=True),
-                         threading.Thread(target=self._write_blocks, name="lineage-write", daemon=True)]
+        self._threads = [threading.Thread(target=self._write_blocks, name="lineage-write", daemon=True)]
+        if hash_from is not None:
+            self._threads.append(threading.Thread(target=self._hash_blocks, name="lineage-hash-output", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -121,8 +122,7 @@ class BlockWriter:
             self.direct_fd = None
 
     def _hash_blocks(self) -> None:
-        if self._hash_from is None:
-            return
+        assert self._hash_from is not None
         while (block := self._to_hash.get()) is not None:
             buffer, offset, filled, _ = block
             start = max(0, self._hash_from - offset)
@@ -145,14 +145,14 @@ class BlockWriter:
     def _write(self, view: memoryview, offset: int) -> None:
         if self.direct_fd is not None:
             try:
-                _write_all(self.direct_fd, view, offset)
+                write_all(self.direct_fd, view, offset)
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 os.close(self.direct_fd)  # the file system takes no direct writes after all
                 self.direct_fd = None
-        _write_all(self.fd, view, offset)
+        write_all(self.fd, view, offset)
 
     def _failure(self) -> LineageError:
         e = self._error
@@ -169,7 +169,8 @@ def _open_direct(path: str) -> int | None:
         return None
 
 
-def _write_all(fd: int, view: memoryview, offset: int) -> None:
+def write_all(fd: int, view: memoryview, offset: int) -> None:
+    """pwrite all of `view` at `offset` (a write may take fewer bytes than asked)."""
     while len(view):
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .direct_write import BlockWriter
+from .direct_write import BlockWriter, write_all
 from .errors import CheckpointError, LineageError
 
 # safetensors dtype name -> torch dtype. Sizes come from torch.
@@ -416,13 +416,10 @@ class SafetensorsWriter:
             os.close(dir_fd)
 
     def _pwrite(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        while len(view):
-            try:
-                n = os.pwrite(self._fd, view, offset)
-            except OSError as e:
-                raise LineageError(f"write failed ({e.strerror}); nothing was written at the destination", self.path) from None
-            view, offset = view[n:], offset + n
+        try:
+            write_all(self._fd, memoryview(data), offset)
+        except OSError as e:
+            raise LineageError(f"write failed ({e.strerror}); nothing was written at the destination", self.path) from None
 
     def abort(self) -> None:
         """Drop the partial output; the destination is untouched."""
