@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from lineage.synthetic import write_base
+from lineage.sdxl.synthetic import write_base
 
 
 def timed(cmd: list[str]) -> tuple[float, int]:

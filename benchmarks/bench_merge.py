@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from lineage.synthetic import write_base, write_child
+from lineage.sdxl.synthetic import write_base, write_child
 
 # job -> (inputs, lmerge options, sd-mecha recipe over models m[0], m[1], ...)
 JOBS: dict[str, tuple[tuple[str, ...], list[str], str]] = {

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from merge import methods
+from lineage.merge import methods
 
 SDXL_PARAMETERS = 3.5e9
 SHAPE = (1280, 10240)

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import networkx as nx
 
-from lineage.catalog import catalog_graph
-from lineage.graph import ancestors
-from lineage.registry import Registry
-from lineage.render import to_dot
+from lineage.graph.catalog import catalog_graph
+from lineage.graph.model import ancestors
+from lineage.graph.registry import Registry
+from lineage.graph.render import to_dot
 
 TARGETS_S = {"open": 3.0, "ancestors": 0.050, "dot": 1.0}
 SUBTREE_NODES = 200

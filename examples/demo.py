@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import lineage
-from lineage.catalog import catalog_graph
-from lineage.graph import neighbourhood
-from lineage.inspection import format_report
-from lineage.recording import link
-from lineage.registry import Registry
-from lineage.render import render
+from lineage.graph.catalog import catalog_graph
+from lineage.graph.model import neighbourhood
+from lineage.sdxl.inspection import format_report
+from lineage.graph.recording import link
+from lineage.graph.registry import Registry
+from lineage.graph.render import render
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "demo-output")
 out.mkdir(parents=True, exist_ok=True)

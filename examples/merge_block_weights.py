@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import lineage
-from merge.api import build_recipe
-from merge.recipe import load_recipe
-from merge.weights import KeyWeights
+from lineage.merge.api import build_recipe
+from lineage.merge.recipe import load_recipe
+from lineage.merge.weights import KeyWeights
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "merge-output")
 out.mkdir(parents=True, exist_ok=True)

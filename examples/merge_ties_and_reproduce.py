@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import lineage
-from merge.reproduce import reproduce
+from lineage.merge.reproduce import reproduce
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "merge-output")
 out.mkdir(parents=True, exist_ok=True)

@@ -12,23 +12,23 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> "module:attribute" (modules relative to this package unless they start with a top-level package)
+# public name -> "module:attribute" (or a subpackage), relative to this package
 _API: dict[str, str] = {
     "CheckpointError": ".errors:CheckpointError",
     "LineageError": ".errors:LineageError",
-    "FileHashes": ".hashing:FileHashes",
-    "hash_file": ".hashing:hash_file",
-    "SafetensorsFile": ".safetensors_io:SafetensorsFile",
-    "SafetensorsWriter": ".safetensors_io:SafetensorsWriter",
-    "read_header": ".safetensors_io:read_header",
-    "save_file": ".safetensors_io:save_file",
-    "detect": ".detection:detect",
-    "require_sdxl": ".detection:require_sdxl",
-    "inspect": ".inspection:inspect_path",
-    "write_base": ".synthetic:write_base",
-    "write_child": ".synthetic:write_child",
-    "merge": "merge.api:merge",
-    "record": ".recording:record",
+    "FileHashes": ".io.hashing:FileHashes",
+    "hash_file": ".io.hashing:hash_file",
+    "SafetensorsFile": ".io.safetensors:SafetensorsFile",
+    "SafetensorsWriter": ".io.safetensors:SafetensorsWriter",
+    "read_header": ".io.safetensors:read_header",
+    "save_file": ".io.safetensors:save_file",
+    "detect": ".sdxl.detection:detect",
+    "require_sdxl": ".sdxl.detection:require_sdxl",
+    "inspect": ".sdxl.inspection:inspect_path",
+    "write_base": ".sdxl.synthetic:write_base",
+    "write_child": ".sdxl.synthetic:write_child",
+    "merge": ".merge",  # the package, callable: lineage.merge(inputs, output, ...)
+    "record": ".graph.recording:record",
 }
 
 __all__ = sorted(_API)
@@ -36,10 +36,12 @@ __all__ = sorted(_API)
 
 def __getattr__(name: str) -> Any:
     try:
-        module, attribute = _API[name].split(":")
+        module, _, attribute = _API[name].partition(":")
     except KeyError:
         raise AttributeError(f"module 'lineage' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module, __name__), attribute)
+    value = importlib.import_module(module, __name__)
+    if attribute:
+        value = getattr(value, attribute)
     globals()[name] = value  # cache: the next access is a plain lookup
     return value
 

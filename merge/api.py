@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lineage.errors import LineageError
-from lineage.hashing import FileHashes
-from lineage.safetensors_io import SafetensorsFile, refuse_overwriting_inputs
+from lineage.io.hashing import FileHashes
+from lineage.io.safetensors import SafetensorsFile, refuse_overwriting_inputs
 
 from .engine import MergePlan, plan_merge, run_plan
 from .recipe import Input, ParamValue, Recipe
@@ -63,7 +63,7 @@ def build_recipe(inputs: Sequence[str | os.PathLike], *, method: str = "weighted
 def _known_hashes(recipe: Recipe, registry: Any) -> list[str | None]:
     """Inputs' AutoV3 from an existing registry that has seen the unchanged files (saves hashing
     them); a registry that does not exist yet is not created for this."""
-    from lineage.registry import Registry, default_registry_path, open_registry
+    from lineage.graph.registry import Registry, default_registry_path, open_registry
 
     if not isinstance(registry, Registry) and not Path(registry or default_registry_path()).exists():
         return [None] * len(recipe.inputs)
@@ -114,7 +114,7 @@ def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLik
     hashed = recipe.with_hashes(result.input_autov3)
     node = None
     if record:
-        from lineage.recording import record as record_file
+        from lineage.graph.recording import record as record_file
 
         # The AutoV3 came from the write stream: no second read of the output just to register it.
         stream_hashes = FileHashes(output, None, None, None, result.output_autov3, None)

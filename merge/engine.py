@@ -43,13 +43,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lineage import direct_write
-from lineage.allocator import keep_freed_memory
-from lineage.detection import require_sdxl
+from lineage.io import direct_write
+from lineage.engine.allocator import keep_freed_memory
+from lineage.sdxl.detection import require_sdxl
 from lineage.errors import LineageError
-from lineage.safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo
-from lineage.seeding import key_seed
-from lineage.sdxl import MARKER_KEYS, MARKERS_FOR_PREDICTION, is_pass_through
+from lineage.io.safetensors import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo
+from lineage.engine.seeding import key_seed
+from lineage.sdxl.layout import MARKER_KEYS, MARKERS_FOR_PREDICTION, is_pass_through
 
 from .methods import SLICE_ELEMENTS, MergeMethod, ranking_entries
 from .recipe import Recipe

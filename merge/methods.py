@@ -26,7 +26,7 @@ Shared parameter names (b = base, θᵢ = the other models, τᵢ = θᵢ − b,
 
 Register a new one from a script:
 
-    from merge.methods import merge_method
+    from lineage.merge.methods import merge_method
 
     @merge_method("my_average", min_models=2)
     def my_average(*models, weights=None): ...

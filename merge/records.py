@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lineage import __version__
-from lineage.metadata import LINEAGE_RECORD_KEY, lineage_from_metadata
+from lineage.graph.metadata import LINEAGE_RECORD_KEY, lineage_from_metadata
 
 from .recipe import Recipe
 

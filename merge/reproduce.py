@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lineage.errors import LineageError
-from lineage.metadata import LINEAGE_RECORD_KEY, lineage_from_metadata
-from lineage.safetensors_io import SafetensorsFile
+from lineage.graph.metadata import LINEAGE_RECORD_KEY, lineage_from_metadata
+from lineage.io.safetensors import SafetensorsFile
 
 from .api import DEFAULT_WORKERS, merge
 from .engine import data_section_autov3
@@ -54,7 +54,7 @@ def recorded_recipe(path: str | os.PathLike) -> tuple[Recipe, str]:
 def _registry_paths(autov3: str | None, registry: Any) -> list[str]:
     if not autov3:
         return []
-    from lineage.registry import open_registry
+    from lineage.graph.registry import open_registry
 
     reg = open_registry(registry)
     try:

@@ -24,9 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lineage.blocks import BLOCK_NAMES, block_of
+from lineage.sdxl.blocks import BLOCK_NAMES, block_of
 from lineage.errors import LineageError
-from lineage.sdxl import COMPONENT_PREFIXES, component_of
+from lineage.sdxl.layout import COMPONENT_PREFIXES, component_of
 
 PRESETS: tuple[str, ...] = tuple(BLOCK_NAMES)
 DEFAULT_PRESET = "supermerger"

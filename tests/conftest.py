@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from lineage.cli import main
-from lineage.synthetic import write_base, write_child
+from lineage.sdxl.synthetic import write_base, write_child
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +44,7 @@ def tiny(tmp_path):
     with lora=True, a kohya SDXL LoRA; `seed` makes the tensor data (and so the AutoV3) differ."""
     import torch
 
-    from lineage.safetensors_io import save_file
+    from lineage.io.safetensors import save_file
 
     def make(name: str, seed: int, metadata: dict[str, str] | None = None, lora: bool = False) -> str:
         g = torch.Generator().manual_seed(seed)

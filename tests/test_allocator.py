@@ -3,7 +3,7 @@ import resource
 import pytest
 import torch
 
-from lineage import allocator
+from lineage.engine import allocator
 
 
 def _minor_faults_for(allocations: int) -> int:

@@ -2,8 +2,8 @@ from collections import Counter
 
 import pytest
 
-from lineage.blocks import BLOCK_NAMES, SCHEMES, block_of
-from lineage.sdxl import base_inventory
+from lineage.sdxl.blocks import BLOCK_NAMES, SCHEMES, block_of
+from lineage.sdxl.layout import base_inventory
 
 P = "model.diffusion_model."
 

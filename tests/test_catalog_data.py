@@ -1,4 +1,4 @@
-"""Checks of the built-in family catalog, lineage/data/catalog.json.
+"""Checks of the built-in family catalog, lineage/graph/data/catalog.json.
 
 Structure (ids, edges, relations, acyclicity, formatting) and specific facts taken from the
 seed articles (000-004) and HANDBOOK section 1.
@@ -11,7 +11,7 @@ import re
 import networkx as nx
 import pytest
 
-CATALOG = pathlib.Path(__file__).resolve().parents[1] / "lineage" / "data" / "catalog.json"
+CATALOG = pathlib.Path(__file__).resolve().parents[1] / "lineage" / "graph" / "data" / "catalog.json"
 
 KINDS = {"checkpoint", "lora", "lokr", "loha"}
 ARCHITECTURES = {"sdxl", "sd1", "sd2"}

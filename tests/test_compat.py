@@ -6,10 +6,10 @@ import torch
 
 import lineage
 from lineage import LineageError, hash_file
-from lineage.compat import check
-from lineage.recording import link, scan_file
-from lineage.registry import Registry
-from lineage.safetensors_io import save_file
+from lineage.graph.compat import check
+from lineage.graph.recording import link, scan_file
+from lineage.graph.registry import Registry
+from lineage.io.safetensors import save_file
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from lineage.detection import detect, require_sdxl
+from lineage.sdxl.detection import detect, require_sdxl
 from lineage.errors import CheckpointError
-from lineage.safetensors_io import save_file
-from lineage.synthetic import write_base
+from lineage.io.safetensors import save_file
+from lineage.sdxl.synthetic import write_base
 
 
 def test_sdxl_single_file_variants(family, tmp_path):

@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 
-from lineage.detection import detect
-from lineage.blocks import block_of
+from lineage.sdxl.detection import detect
+from lineage.sdxl.blocks import block_of
 from lineage.errors import LineageError
-from lineage.hashing import hash_file
-from lineage.safetensors_io import SafetensorsFile, SafetensorsWriter, save_file
-from lineage.sdxl import is_pass_through
-from merge.api import build_recipe, merge, plan
-from merge.engine import CHUNK_ELEMENTS, is_elementwise
-from merge.methods import EXACT_RANK_LIMIT, get_method
-from merge.recipe import Input, Recipe
+from lineage.io.hashing import hash_file
+from lineage.io.safetensors import SafetensorsFile, SafetensorsWriter, save_file
+from lineage.sdxl.layout import is_pass_through
+from lineage.merge.api import build_recipe, merge, plan
+from lineage.merge.engine import CHUNK_ELEMENTS, is_elementwise
+from lineage.merge.methods import EXACT_RANK_LIMIT, get_method
+from lineage.merge.recipe import Input, Recipe
 
 POSITION_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
 LOGIT_SCALE = "conditioner.embedders.1.model.logit_scale"
@@ -224,7 +224,7 @@ def test_metadata_carries_the_record_modelspec_and_a1111_ancestry(trio, tmp_path
 
 
 def test_merges_are_recorded_with_weighted_edges(trio, tmp_path, isolated_registry):
-    from lineage.registry import Registry
+    from lineage.graph.registry import Registry
 
     result = merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", alpha=0.25)
     with Registry(isolated_registry) as reg:
@@ -258,8 +258,8 @@ def test_dry_run_plan(trio):
 
 KILLED_MERGE = """
 import sys, time
-from lineage.safetensors_io import SafetensorsWriter
-from merge.api import merge
+from lineage.io.safetensors import SafetensorsWriter
+from lineage.merge.api import merge
 
 slow_write = SafetensorsWriter.write
 def write(self, name, tensor):  # slow the merge down so it is surely killed midway
@@ -296,8 +296,8 @@ def test_a_killed_merge_leaves_nothing_at_the_destination(trio, tmp_path):
 
 
 def test_recording_a_merge_does_not_read_the_output_again(trio, tmp_path, monkeypatch):
-    import lineage.recording as recording
-    from lineage.registry import Registry
+    import lineage.graph.recording as recording
+    from lineage.graph.registry import Registry
 
     registry = tmp_path / "reg.sqlite"
     hashed = []

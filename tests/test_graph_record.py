@@ -7,10 +7,10 @@ import sqlite3
 import pytest
 
 import lineage
-import lineage.recording as record_module
+import lineage.graph.recording as record_module
 from lineage import LineageError, hash_file
-from lineage.recording import link, scan, scan_file
-from lineage.registry import Registry
+from lineage.graph.recording import link, scan, scan_file
+from lineage.graph.registry import Registry
 
 
 def dump(path) -> list[str]:

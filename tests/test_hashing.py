@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 
-from lineage.hashing import hash_file
+from lineage.io.hashing import hash_file
 
 
 def test_hashes_match_independent_definitions(family):
@@ -26,7 +26,7 @@ def test_small_chunks_give_the_same_hashes(family):
 
 
 def test_autov3_ignores_metadata(tmp_path, family):
-    from lineage.safetensors_io import SafetensorsFile, save_file
+    from lineage.io.safetensors import SafetensorsFile, save_file
 
     with SafetensorsFile(family["base"]) as f:
         tensors = {k: f.read(k) for k in list(f.keys())[:20]}

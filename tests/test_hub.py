@@ -7,8 +7,8 @@ import yaml
 
 import lineage
 from lineage import LineageError
-from lineage.hub import card_data, import_card, write_card
-from lineage.registry import Registry
+from lineage.graph.hub import card_data, import_card, write_card
+from lineage.graph.registry import Registry
 
 
 @pytest.fixture(autouse=True)

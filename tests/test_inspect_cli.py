@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from lineage.safetensors_io import save_file
-from lineage.synthetic import write_base
+from lineage.io.safetensors import save_file
+from lineage.sdxl.synthetic import write_base
 
 
 def test_inspect_json_with_hashes(lmerge, family):
@@ -25,7 +25,7 @@ def test_inspect_json_with_hashes(lmerge, family):
 
 
 def test_inspect_reports_missing_unexpected_and_lineage(lmerge, tmp_path, family):
-    from lineage.safetensors_io import SafetensorsFile
+    from lineage.io.safetensors import SafetensorsFile
 
     with SafetensorsFile(family["base"]) as f:
         tensors = {k: f.read(k) for k in f.keys() if k.startswith("model.diffusion_model.") and "out." not in k[:26]}
@@ -97,9 +97,9 @@ def test_directory_where_a_file_is_expected(lmerge, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     path = tmp_path / "e.safetensors"
     path.write_bytes(b"")
-    r = subprocess.run([sys.executable, "-m", "lineage.cli", "--debug", "inspect", str(path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "lineage", "--debug", "inspect", str(path)], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "lineage.cli", "inspect", str(path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "lineage", "inspect", str(path)], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip() == f"error: {path}: empty file"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge import kernels, methods, rng
+from lineage.merge import kernels, methods, rng
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_kernels_under_the_interpreter in a child pytest")
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_methods_work_without_triton():
     script = ("import sys; sys.modules['triton'] = None  # makes `import triton` fail\n"
               "import torch\n"
-              "from merge import kernels, methods\n"
+              "from lineage.merge import kernels, methods\n"
               "assert kernels.triton is None and not kernels.use_kernels(torch.ones(1))\n"
               "print(methods.ties(torch.zeros(3), torch.tensor([1.0, -2.0, 3.0]), density=0.5).tolist())\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)

@@ -2,8 +2,8 @@
 import json
 import shutil
 
-from lineage.hashing import hash_file
-from lineage.safetensors_io import SafetensorsFile
+from lineage.io.hashing import hash_file
+from lineage.io.safetensors import SafetensorsFile
 
 
 def test_merge_writes_records_and_reports(lmerge, trio, tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lineage.errors import LineageError
-from merge import methods, rng
-from merge.methods import METHODS, get_method, merge_method
+from lineage.merge import methods, rng
+from lineage.merge.methods import METHODS, get_method, merge_method
 
 
 def t(*rows) -> torch.Tensor:

@@ -4,8 +4,8 @@ import sys
 import pytest
 
 from lineage.errors import LineageError
-from merge.recipe import Input, Recipe, load_recipe
-from merge.weights import KeyWeights
+from lineage.merge.recipe import Input, Recipe, load_recipe
+from lineage.merge.weights import KeyWeights
 
 if sys.version_info >= (3, 11):
     import tomllib

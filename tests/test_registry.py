@@ -7,10 +7,10 @@ import sqlite3
 import pytest
 
 from lineage import LineageError
-from lineage.catalog import catalog_graph
-from lineage.interchange import from_document, read_graph_file, to_graphml, to_json
-from lineage.recording import record
-from lineage.registry import Registry, default_registry_path, user_data_dir
+from lineage.graph.catalog import catalog_graph
+from lineage.graph.interchange import from_document, read_graph_file, to_graphml, to_json
+from lineage.graph.recording import record
+from lineage.graph.registry import Registry, default_registry_path, user_data_dir
 
 
 def _user_counts(reg):
@@ -209,7 +209,7 @@ def test_an_import_that_fails_half_way_applies_nothing(tiny, edges, problem):
 def _register_fifty(worker: int, directory: str, registry: str, start: multiprocessing.Barrier) -> None:
     import torch
 
-    from lineage.safetensors_io import save_file
+    from lineage.io.safetensors import save_file
 
     files = []
     for i in range(50):

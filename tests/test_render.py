@@ -7,10 +7,10 @@ import networkx as nx
 import pytest
 
 from lineage import LineageError, hash_file
-from lineage.catalog import catalog_graph
-from lineage.graph import add_lineage_edge, neighbourhood
-from lineage.interchange import from_graphml
-from lineage.render import render, to_dot, to_mermaid, to_text
+from lineage.graph.catalog import catalog_graph
+from lineage.graph.model import add_lineage_edge, neighbourhood
+from lineage.graph.interchange import from_graphml
+from lineage.graph.render import render, to_dot, to_mermaid, to_text
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge import rng
+from lineage.merge import rng
 
 
 def reference_uniform(seed: int, stream: int, index: int) -> float:

@@ -6,7 +6,7 @@ import safetensors.torch
 import torch
 
 from lineage.errors import LineageError
-from lineage.safetensors_io import (DTYPES, SafetensorsFile, SafetensorsWriter, plan_of, refuse_overwriting_inputs,
+from lineage.io.safetensors import (DTYPES, SafetensorsFile, SafetensorsWriter, plan_of, refuse_overwriting_inputs,
                                     save_file)
 
 
@@ -79,7 +79,7 @@ def test_writer_streams_blocks_and_hashes_its_data_section(tmp_path, monkeypatch
     file has exactly its size (the padding of the last direct write is cut); data_sha256 is AutoV3."""
     import hashlib
 
-    from lineage import direct_write
+    from lineage.io import direct_write
 
     monkeypatch.setattr(direct_write, "BLOCK_BYTES", 3 * direct_write.ALIGN)
     g = torch.Generator().manual_seed(0)
@@ -102,7 +102,7 @@ def test_without_direct_io_the_same_bytes_are_written(tmp_path, monkeypatch):
     """A file system without O_DIRECT (tmpfs, macOS), or one refusing a direct write, gets the same file."""
     import errno as errno_
 
-    from lineage import direct_write
+    from lineage.io import direct_write
 
     tensors = {"x": torch.randn(5000), "y": torch.ones(3, dtype=torch.float16)}
     save_file(tensors, tmp_path / "direct.safetensors")

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import torch
 
-from lineage.hashing import hash_file
-from lineage.safetensors_io import SafetensorsFile
-from lineage.synthetic import sdxl_shapes, write_base, write_child
+from lineage.io.hashing import hash_file
+from lineage.io.safetensors import SafetensorsFile
+from lineage.sdxl.synthetic import sdxl_shapes, write_base, write_child
 
 TSV = Path(__file__).with_name("sd_xl_base_1.0_keys.tsv")
 

@@ -2,7 +2,7 @@
 import pytest
 
 from lineage.errors import LineageError
-from merge.weights import BLOCK_NAMES, KeyWeights, parse_blocks
+from lineage.merge.weights import BLOCK_NAMES, KeyWeights, parse_blocks
 
 UNET = "model.diffusion_model."
 TIME = UNET + "time_embed.0.weight"

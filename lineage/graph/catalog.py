@@ -13,7 +13,7 @@ from typing import Any
 
 import networkx as nx
 
-from .errors import LineageError
+from lineage.errors import LineageError
 
 CATALOG_SCHEMA = 1
 HUGGINGFACE_MODEL_URL = "https://huggingface.co/"
@@ -22,7 +22,7 @@ HUGGINGFACE_MODEL_URL = "https://huggingface.co/"
 @functools.cache
 def catalog_document() -> dict[str, Any]:
     """The catalog file as shipped (schema 1: {schema, description, nodes, edges})."""
-    source = resources.files("lineage") / "data" / "catalog.json"
+    source = resources.files("lineage.graph") / "data" / "catalog.json"
     document = json.loads(source.read_text(encoding="utf-8"))
     if document.get("schema") != CATALOG_SCHEMA:
         raise LineageError(f"built-in catalog has schema {document.get('schema')!r}, expected {CATALOG_SCHEMA}",

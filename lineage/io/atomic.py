@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from .errors import LineageError
+from lineage.errors import LineageError
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import networkx as nx
 
-from .errors import LineageError
+from lineage.errors import LineageError
 
 # relation -> what it means (shown in `--help` and error messages).
 RELATIONS: dict[str, str] = {

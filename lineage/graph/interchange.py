@@ -20,8 +20,8 @@ from typing import Any
 
 import networkx as nx
 
-from .errors import LineageError
-from .graph import RELATIONS
+from lineage.errors import LineageError
+from lineage.graph.model import RELATIONS
 
 FORMAT = "lineage-graph"
 VERSION = 1

@@ -1,12 +1,11 @@
 """`lmerge` commands for the lineage graph: add, scan, link, tree, compat, hub, registry.
 
 Each is a thin layer over `record`, `render`, `compat`, `hub` and `registry`; `register(main)` adds
-them to the command group in cli.py. Every command takes `--registry PATH` (default: $LINEAGE_HOME
+them to the `lmerge` group (lineage/cli). Every command takes `--registry PATH` (default: $LINEAGE_HOME
 or the user data directory).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -14,19 +13,16 @@ from typing import Any
 
 import click
 
-from .errors import LineageError
-from .graph import RELATIONS, display_name, neighbourhood
-from .render import FORMATS
+from lineage.cli.output import echo_json
+from lineage.errors import LineageError
+from lineage.graph.model import RELATIONS, display_name, neighbourhood
+from lineage.graph.render import FORMATS
 
 _REGISTRY_HELP = "Registry file (default: $LINEAGE_HOME/registry.sqlite, else the user data directory)."
 
 
 def _registry_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--registry", "registry_path", type=click.Path(), default=None, help=_REGISTRY_HELP)(command)
-
-
-def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def _label(graph: Any, node: str) -> str:
@@ -47,8 +43,8 @@ def _label(graph: Any, node: str) -> str:
 def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tuple[float, ...], name: str | None,
         registry_path: str | None) -> None:
     """Record a checkpoint or adapter file in the registry."""
-    from .recording import record, scan_file
-    from .registry import Registry
+    from lineage.graph.recording import record, scan_file
+    from lineage.graph.registry import Registry
 
     with Registry(registry_path) as reg:
         if parents:
@@ -72,7 +68,7 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
 def scan(directory: str, registry_path: str | None) -> None:
     """Record every .safetensors file under DIRECTORY, linking the parents their metadata names
     (our record, A1111, ModelSpec, sd-mecha, kohya). Running it again changes nothing."""
-    from .recording import scan as scan_directory
+    from lineage.graph.recording import scan as scan_directory
 
     result = scan_directory(directory, registry_path, on_file=lambda p: click.echo(f"reading {p}", err=True))
     click.echo(f"recorded {len(result.recorded)} file(s); {result.edges} relation(s) from metadata")
@@ -88,8 +84,8 @@ def scan(directory: str, registry_path: str | None) -> None:
 @_registry_option
 def link(path: str, node: str, registry_path: str | None) -> None:
     """Record the file PATH as a copy of the model NODE (e.g. a catalog entry: noobai-xl-vpred-1.0)."""
-    from .recording import link as link_file
-    from .registry import Registry
+    from lineage.graph.recording import link as link_file
+    from lineage.graph.registry import Registry
 
     with Registry(registry_path) as reg:
         node_id = link_file(path, node, reg)
@@ -112,9 +108,9 @@ def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | N
     """Show the lineage tree: the whole family, or NODE's ancestors and descendants.
 
     NODE is a recorded file, a node id (catalog slug or AutoV3), a hash prefix, a repo id or a name."""
-    from .atomic import atomic_write
-    from .registry import Registry
-    from .render import BINARY_FORMATS, format_for_path, render
+    from lineage.io.atomic import atomic_write
+    from lineage.graph.registry import Registry
+    from lineage.graph.render import BINARY_FORMATS, format_for_path, render
 
     with Registry(registry_path) as reg:
         graph = reg.graph()
@@ -142,15 +138,15 @@ def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | N
 def compat(adapter: str, checkpoint: str, as_json: bool, registry_path: str | None) -> None:
     """Does ADAPTER (a LoRA, LoKr, ...) fit CHECKPOINT? Answered from the lineage graph; files are
     recorded first. Exit code 1 when incompatible."""
-    from .compat import check
-    from .recording import scan_file
-    from .registry import Registry
+    from lineage.graph.compat import check
+    from lineage.graph.recording import scan_file
+    from lineage.graph.registry import Registry
 
     with Registry(registry_path) as reg:
         ids = [scan_file(spec, reg) if os.path.isfile(spec) else reg.resolve(spec) for spec in (adapter, checkpoint)]
         result = check(reg.graph(), *ids)
     if as_json:
-        _echo_json(result.to_dict())
+        echo_json(result.to_dict())
     else:
         click.echo(f"{result.verdict}: {result.reason}")
     if not result.compatible:
@@ -172,7 +168,7 @@ def hub() -> None:
 @_registry_option
 def hub_import(source: str, as_node: str | None, cards_dir: str | None, depth: int, registry_path: str | None) -> None:
     """Read SOURCE's model card (a repo id or a card file) and its base_model chain into the registry."""
-    from .hub import import_card
+    from lineage.graph.hub import import_card
 
     result = import_card(source, registry_path, as_node=as_node, cards_dir=cards_dir, max_depth=depth)
     click.echo(f"imported {len(result.nodes)} model(s), {len(result.edges)} relation(s) starting at {result.root}")
@@ -191,8 +187,8 @@ def hub_import(source: str, as_node: str | None, cards_dir: str | None, depth: i
 @_registry_option
 def hub_card(node: str, output: str | None, registry_path: str | None) -> None:
     """Write the model card front matter (base_model, base_model_relation) of NODE from the graph."""
-    from .hub import card_data, front_matter, write_card
-    from .registry import Registry
+    from lineage.graph.hub import card_data, front_matter, write_card
+    from lineage.graph.registry import Registry
 
     with Registry(registry_path) as reg:
         node_id = reg.resolve(node)
@@ -216,7 +212,7 @@ def registry_group() -> None:
 @_registry_option
 def registry_info(registry_path: str | None) -> None:
     """Where the registry is and what it holds."""
-    from .registry import Registry
+    from lineage.graph.registry import Registry
 
     with Registry(registry_path) as reg:
         user = reg.user_graph()
@@ -231,9 +227,9 @@ def registry_info(registry_path: str | None) -> None:
 @_registry_option
 def registry_export(output: str, fmt: str | None, registry_path: str | None) -> None:
     """Write the user's nodes and edges (not the built-in catalog) to OUTPUT."""
-    from .atomic import atomic_write
-    from .interchange import to_graphml, to_json
-    from .registry import Registry
+    from lineage.io.atomic import atomic_write
+    from lineage.graph.interchange import to_graphml, to_json
+    from lineage.graph.registry import Registry
 
     with Registry(registry_path) as reg:
         user = reg.user_graph()
@@ -247,8 +243,8 @@ def registry_export(output: str, fmt: str | None, registry_path: str | None) -> 
 @_registry_option
 def registry_import(source: str, registry_path: str | None) -> None:
     """Add the nodes and edges of an export (JSON or GraphML); all of it, or nothing on any error."""
-    from .interchange import read_graph_file
-    from .registry import Registry
+    from lineage.graph.interchange import read_graph_file
+    from lineage.graph.registry import Registry
 
     graph = read_graph_file(source)
     with Registry(registry_path) as reg:

@@ -19,11 +19,11 @@ import networkx as nx
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
-from .atomic import atomic_write
-from .catalog import catalog_node_for_repo, huggingface_repo, is_catalog_node
-from .errors import LineageError
-from .graph import ADAPTER_KINDS, HUB_PREFIX, display_name
-from .registry import Registry, using_registry
+from lineage.io.atomic import atomic_write
+from lineage.graph.catalog import catalog_node_for_repo, huggingface_repo, is_catalog_node
+from lineage.errors import LineageError
+from lineage.graph.model import ADAPTER_KINDS, HUB_PREFIX, display_name
+from lineage.graph.registry import Registry, using_registry
 
 # Hugging Face `base_model_relation` -> our relation, and back.
 RELATION_FROM_HUB: dict[str, str] = {"finetune": "finetune", "merge": "merge", "adapter": "adapter",
@@ -108,7 +108,7 @@ def _root(source: str, as_node: str | None, reg: Registry) -> tuple[str, str | N
                                "model's file, node or Hugging Face repo id", source)
         return node_id_for_repo(source), source
     if os.path.isfile(as_node):
-        from .recording import scan_file  # imported here: reading a checkpoint's header needs torch
+        from lineage.graph.recording import scan_file  # imported here: reading a checkpoint's header needs torch
 
         return scan_file(as_node, reg), None
     try:

@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from .errors import CheckpointError
-from .safetensors_io import DTYPE_NAMES, refuse_overwriting_inputs, save_file
+from lineage.errors import CheckpointError
+from lineage.io.safetensors import DTYPE_NAMES, refuse_overwriting_inputs, save_file
 
 
 def _flatten(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -30,10 +30,10 @@ from typing import Any
 
 import networkx as nx
 
-from .catalog import catalog_graph, catalog_node_for_repo, is_catalog_node
-from .errors import LineageError
-from .graph import HUB_PREFIX, check_relation, is_placeholder, reference_id
-from .hashing import hash_file
+from lineage.graph.catalog import catalog_graph, catalog_node_for_repo, is_catalog_node
+from lineage.errors import LineageError
+from lineage.graph.model import HUB_PREFIX, check_relation, is_placeholder, reference_id
+from lineage.io.hashing import hash_file
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C4E4752  # "LNGR" in SQLite's header: tells our registries from other databases

@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from .errors import LineageError
+from lineage.errors import LineageError
 
 BLOCK_BYTES = 16 << 20  # one write call; a multiple of every device's logical block size
 ALIGN = 4096  # O_DIRECT wants buffer address, offset and length aligned to the logical block size

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 from zlib_ng import zlib_ng  # CRC32 with carry-less multiply: ~20 GB/s against zlib's ~4
 
-from .errors import CheckpointError
+from lineage.errors import CheckpointError
 
 CHUNK = 32 * 1024 * 1024
 AUTOV1_RANGE = (0x100000, 0x110000)

@@ -24,8 +24,8 @@ from typing import Any
 
 import networkx as nx
 
-from .errors import LineageError
-from .graph import ADAPTER_KINDS, PREDICTION_FAMILY, display_name, lowest_common_ancestors, path, require_node
+from lineage.errors import LineageError
+from lineage.graph.model import ADAPTER_KINDS, PREDICTION_FAMILY, display_name, lowest_common_ancestors, path, require_node
 
 BASE_RELATIONS = ("adapter", "trained")  # edges from an adapter's base to the adapter
 

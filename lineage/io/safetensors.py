@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .direct_write import BlockWriter, write_all
-from .errors import CheckpointError, LineageError
+from lineage.io.direct_write import BlockWriter, write_all
+from lineage.errors import CheckpointError, LineageError
 
 # safetensors dtype name -> torch dtype. Sizes come from torch.
 DTYPES: dict[str, torch.dtype] = {

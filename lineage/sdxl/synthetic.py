@@ -17,10 +17,10 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .errors import LineageError
-from .safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter
-from .seeding import key_seed
-from .sdxl import COMPONENT_PREFIXES, MARKERS_FOR_PREDICTION, base_inventory
+from lineage.errors import LineageError
+from lineage.io.safetensors import DTYPES, SafetensorsFile, SafetensorsWriter
+from lineage.engine.seeding import key_seed
+from lineage.sdxl.layout import COMPONENT_PREFIXES, MARKERS_FOR_PREDICTION, base_inventory
 
 # Per component: full-size dimension -> small dimension. Dimensions not listed (kernel sizes, 77
 # tokens, 4 latent channels, ...) stay. Widths stay consistent: CLIP-L 768 -> 64 and CLIP-G

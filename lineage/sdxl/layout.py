@@ -96,7 +96,7 @@ class InventoryEntry:
 @functools.cache
 def base_inventory() -> dict[str, InventoryEntry]:
     """The 2,515 keys of the public SDXL 1.0 base file with component, dtype and shape."""
-    text = resources.files("lineage").joinpath("data/sd_xl_base_1.0_keys.tsv").read_text()
+    text = resources.files("lineage.sdxl").joinpath("data/sd_xl_base_1.0_keys.tsv").read_text()
     inventory = {}
     for line in text.splitlines():
         if not line or line.startswith("#") or line.startswith("key\t"):

@@ -5,11 +5,11 @@ import os
 from collections import Counter, defaultdict
 from typing import Any
 
-from .detection import Detection, detect_file, detect_folder
-from .hashing import hash_file
-from .metadata import lineage_from_metadata
-from .safetensors_io import SafetensorsFile, TensorInfo
-from .sdxl import base_inventory, component_of, is_marker
+from lineage.sdxl.detection import Detection, detect_file, detect_folder
+from lineage.io.hashing import hash_file
+from lineage.graph.metadata import lineage_from_metadata
+from lineage.io.safetensors import SafetensorsFile, TensorInfo
+from lineage.sdxl.layout import base_inventory, component_of, is_marker
 
 
 def _stats(tensors: list[TensorInfo]) -> dict[str, Any]:

@@ -1,0 +1,4 @@
+"""`python -m lineage` runs the `lmerge` command line."""
+from lineage.cli import main
+
+main()

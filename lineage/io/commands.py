@@ -1,0 +1,40 @@
+"""`lmerge` commands for files as files: hash, convert."""
+from __future__ import annotations
+
+import click
+
+from lineage.cli.output import echo_json
+
+
+@click.command("hash")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects.")
+def hash_command(paths: tuple[str, ...], as_json: bool) -> None:
+    """Compute SHA256, AutoV1, AutoV2, AutoV3 and CRC32 of each file in one read pass."""
+    from lineage.io.hashing import hash_file
+
+    results = [hash_file(p).to_dict() for p in paths]
+    if as_json:
+        echo_json(results)
+        return
+    for r in results:
+        click.echo(r["path"])
+        for name in ("sha256", "autov1", "autov2", "autov3", "crc32"):
+            click.echo(f"  {name:<7} {r[name] if r[name] is not None else '-'}")
+
+
+@click.command()
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+def convert(src: str, dst: str) -> None:
+    """Convert a pickle checkpoint (.ckpt/.pt/.bin) to safetensors, loading only plain tensors."""
+    from lineage.io.pickle_convert import convert_pickle
+
+    n = convert_pickle(src, dst)
+    click.echo(f"wrote {dst} ({n} tensors)")
+
+
+def register(group: click.Group) -> None:
+    """Add the file commands to the `lmerge` group."""
+    for command in (hash_command, convert):
+        group.add_command(command)

@@ -1,0 +1,47 @@
+"""`lmerge` commands for SDXL checkpoints as such: inspect, generate."""
+from __future__ import annotations
+
+import click
+
+from lineage.cli.output import echo_json
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--hash", "with_hashes", is_flag=True, help="Also compute the identity hashes (reads the whole file).")
+def inspect(path: str, as_json: bool, with_hashes: bool) -> None:
+    """Show the format, architecture, components, prediction type and recorded lineage of PATH."""
+    from lineage.sdxl.inspection import format_report, inspect_path
+
+    report = inspect_path(path, with_hashes=with_hashes)
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo(format_report(report))
+
+
+@click.command()
+@click.argument("output", type=click.Path())
+@click.option("--size", type=click.Choice(["small", "full"]), default="small", show_default=True,
+              help="small: reduced widths (~60 MB); full: the real SDXL shapes (6.9 GB in fp16).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["F16", "BF16", "F32"]), default="F16", show_default=True)
+@click.option("--parent", type=click.Path(), help="Write a fine-tune of this checkpoint instead of a base.")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v", "v+ztsnr"]), help="Marker tensors to write.")
+@click.option("--rank", type=int, default=8, show_default=True, help="Rank of the planted delta of a fine-tune.")
+def generate(output: str, size: str, seed: int, dtype: str, parent: str | None, prediction_type: str | None, rank: int) -> None:
+    """Write a generated SDXL checkpoint (real key names) for tests, demos and benchmarks."""
+    from lineage.sdxl.synthetic import write_base, write_child
+
+    if parent:
+        write_child(parent, output, seed=seed, rank=rank, prediction_type=prediction_type)
+    else:
+        write_base(output, size=size, seed=seed, dtype=dtype, prediction_type=prediction_type or "epsilon")
+    click.echo(f"wrote {output}")
+
+
+def register(group: click.Group) -> None:
+    """Add the SDXL checkpoint commands to the `lmerge` group."""
+    for command in (inspect, generate):
+        group.add_command(command)
