@@ -40,14 +40,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from lineage.io import direct_write
 from lineage.engine.allocator import keep_freed_memory
 from lineage.sdxl.detection import require_sdxl
 from lineage.errors import LineageError
-from lineage.io.safetensors import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo
+from lineage.io.safetensors import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo, dtype_size
+from lineage.lazy import torch
 from lineage.engine.seeding import key_seed
 from lineage.sdxl.layout import MARKER_KEYS, MARKERS_FOR_PREDICTION, is_pass_through
 
@@ -92,7 +92,7 @@ class Step:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * dtype_size(self.dtype)
 
 
 @dataclass
@@ -132,7 +132,7 @@ class MergePlan:
         if is_elementwise(self.recipe.merge_method):
             working = self.workers * CHUNK_ELEMENTS * (n * (8 + 4) + 4)
         else:  # whole fp32 tensors: the inputs as stored and in fp32, the result, ~2 temporaries
-            numels = sorted((s.nbytes // DTYPES[s.dtype].itemsize for s in merged), reverse=True)[: self.workers]
+            numels = sorted((s.nbytes // dtype_size(s.dtype) for s in merged), reverse=True)[: self.workers]
             working = sum(numel * (n * (2 + 4) + 3 * 4) for numel in numels)
         return sum(largest_outputs) + working + direct_write.BLOCKS * direct_write.BLOCK_BYTES
 

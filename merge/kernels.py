@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+from lineage.lazy import torch
 
 from . import rng
 

@@ -41,11 +41,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from lineage.errors import LineageError
+from lineage.lazy import LazyModule, torch
 
-from . import kernels, rng
+from . import rng
+
+kernels = LazyModule("lineage.merge.kernels")  # imports Triton (~0.1 s): only when a merge runs
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ A merge method gives each fine-tune its own `stream` (its position among the mod
 """
 from __future__ import annotations
 
-import torch
+from lineage.lazy import torch
 
 MASK32 = 0xFFFF_FFFF
 MASK64 = 0xFFFF_FFFF_FFFF_FFFF

@@ -20,13 +20,15 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-import torch
-
 from lineage.io.direct_write import BlockWriter, write_all
 from lineage.errors import CheckpointError, LineageError
+from lineage.lazy import LazyDict, torch
 
-# safetensors dtype name -> torch dtype. Sizes come from torch.
-DTYPES: dict[str, torch.dtype] = {
+# safetensors dtype name -> bytes per element: headers are checked with this alone, without torch.
+DTYPE_SIZES: dict[str, int] = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "U32": 4, "I32": 4, "U64": 8, "I64": 8,
+                               "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors dtype name -> torch dtype, built on first use (so torch is imported only then).
+DTYPES: Mapping[str, torch.dtype] = LazyDict(lambda: {
     "BOOL": torch.bool,
     "U8": torch.uint8,
     "I8": torch.int8,
@@ -42,8 +44,8 @@ DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+})
+DTYPE_NAMES: Mapping[torch.dtype, str] = LazyDict(lambda: {v: k for k, v in DTYPES.items()})
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
 
 # A header larger than this is not a checkpoint header (the safetensors library uses 100 MB too).
@@ -78,7 +80,7 @@ class TensorInfo:
 
 
 def dtype_size(dtype: str) -> int:
-    return DTYPES[dtype].itemsize
+    return DTYPE_SIZES[dtype]
 
 
 def _parse_header(path: str, raw: bytes, file_size: int, header_len: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -100,7 +102,7 @@ def _parse_header(path: str, raw: bytes, file_size: int, header_len: int) -> tup
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise CheckpointError(f"invalid safetensors header: entry {name!r} lacks dtype/shape/data_offsets", path)
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if dtype not in DTYPE_SIZES:
             raise CheckpointError(f"tensor {name!r} has unknown dtype {dtype!r}", path)
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise CheckpointError(f"tensor {name!r} has an invalid shape {shape!r}", path)
