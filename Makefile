@@ -4,8 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 BENCH  ?= /tmp/lineage-bench
+# torch's CPU build comes from PyTorch's own index: PyPI's Linux torch wheels are CUDA builds, which
+# bring several GB of CUDA libraries and Triton. Its dependencies come from PyPI with the package.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test demo bench-hash bench-registry bench-merge clean
+.PHONY: setup test test-fast lint demo bench-hash bench-registry bench-merge clean
 
 setup: $(STAMP)
 
@@ -13,12 +16,21 @@ $(STAMP): pyproject.toml
 	@command -v dot >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq graphviz >/dev/null; } \
 		|| echo "note: graphviz's dot is missing (install the graphviz package to render PNG/SVG trees)"
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-deps --index-url $(TORCH_INDEX) torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
+# The whole suite, the tests marked slow (sd-mecha comparisons, larger files) included: what CI runs.
 test: setup
 	$(PY) -m pytest
+
+# The suite without the tests marked slow, for quick runs while working.
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+# ruff with the rules in pyproject.toml ([tool.ruff]).
+lint: setup
+	$(PY) -m ruff check .
 
 demo: setup
 	$(PY) examples/demo.py
