@@ -3,7 +3,7 @@ recorded with their parents and drawn next to the built-in catalog of the real S
 
     python examples/demo.py [OUTPUT_DIR]     (default: ./demo-output)
 
-Writes into OUTPUT_DIR: the checkpoints (real SDXL key names at reduced widths, ~60 MB each),
+Writes into OUTPUT_DIR: the checkpoints (real SDXL key names at reduced widths, 59 MB each),
 `registry.sqlite` (a registry of its own, never the user's), `family.{svg,png,mmd}` and
 `catalog.{svg,png}` (the images need Graphviz's `dot`).
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 import lineage
 from lineage.graph.catalog import catalog_graph
 from lineage.graph.model import neighbourhood
-from lineage.sdxl.inspection import format_report
 from lineage.graph.recording import link
 from lineage.graph.registry import Registry
 from lineage.graph.render import render
+from lineage.sdxl.inspection import format_report
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "demo-output")
 out.mkdir(parents=True, exist_ok=True)

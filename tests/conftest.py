@@ -1,4 +1,4 @@
-"""Shared fixtures: small generated SDXL checkpoints (real key names, reduced widths)."""
+"""Shared fixtures: generated SDXL checkpoints (real key names, reduced widths), the CLI, an isolated registry."""
 from __future__ import annotations
 
 import pytest
@@ -10,9 +10,9 @@ from lineage.sdxl.synthetic import write_base, write_child
 
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, str]:
-    """base -> child (epsilon fine-tune) -> vchild (v-pred fine-tune of child)."""
+    """base -> child (epsilon fine-tune) -> vchild (v-pred fine-tune of child), at the tiny size."""
     d = tmp_path_factory.mktemp("family")
-    base = write_base(d / "base.safetensors", seed=0)
+    base = write_base(d / "base.safetensors", size="tiny", seed=0)
     child = write_child(base, d / "child.safetensors", seed=1)
     vchild = write_child(child, d / "vchild.safetensors", seed=2, prediction_type="v+ztsnr")
     return {"base": base, "child": child, "vchild": vchild}
@@ -63,9 +63,18 @@ def tiny(tmp_path):
 
 @pytest.fixture(scope="session")
 def trio(tmp_path_factory) -> dict[str, str]:
-    """A base and two independent fine-tunes of it (for 2- and 3-model merges)."""
+    """A base and two independent fine-tunes of it (for 2- and 3-model merges), at the tiny size."""
     d = tmp_path_factory.mktemp("trio")
-    base = write_base(d / "base.safetensors", seed=10)
+    base = write_base(d / "base.safetensors", size="tiny", seed=10)
     return {"base": base,
             "x": write_child(base, d / "x.safetensors", seed=11),
             "y": write_child(base, d / "y.safetensors", seed=12)}
+
+
+@pytest.fixture(scope="session")
+def small_pair(tmp_path_factory) -> dict[str, str]:
+    """A base and a fine-tune at the small size (59 MB each), for tests that need an output larger than
+    a few of the writer's 16 MiB blocks."""
+    d = tmp_path_factory.mktemp("small_pair")
+    base = write_base(d / "base.safetensors", size="small", seed=20)
+    return {"base": base, "x": write_child(base, d / "x.safetensors", seed=21)}

@@ -40,6 +40,7 @@ def test_weighted_sum_is_lerp_in_fp32_rounded_once(trio, tmp_path):
     assert torch.equal(merged[LOGIT_SCALE], a[LOGIT_SCALE])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, order, alpha", [("weighted_sum", ("base", "x"), 0.3),
                                                  ("add_difference", ("x", "y", "base"), 0.7)])
 def test_equals_sd_mecha_to_fp16_rounding(trio, tmp_path, method, order, alpha):
@@ -179,11 +180,11 @@ def test_output_equal_to_an_input_is_refused(trio):
         merge([trio["base"], trio["x"]], trio["x"], record=False)
 
 
-def test_a_failing_write_leaves_nothing_and_inputs_intact(trio, tmp_path, monkeypatch):
+def test_a_failing_write_leaves_nothing_and_inputs_intact(small_pair, tmp_path, monkeypatch):
     import errno
     import os
 
-    before = [hash_file(p).sha256 for p in (trio["base"], trio["x"])]
+    before = [hash_file(p).sha256 for p in (small_pair["base"], small_pair["x"])]
     real_pwrite, calls = os.pwrite, []
 
     def full_disk(fd, data, offset):
@@ -194,11 +195,11 @@ def test_a_failing_write_leaves_nothing_and_inputs_intact(trio, tmp_path, monkey
 
     monkeypatch.setattr(os, "pwrite", full_disk)
     with pytest.raises(LineageError, match="No space left"):
-        merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", record=False)
+        merge([small_pair["base"], small_pair["x"]], tmp_path / "m.safetensors", record=False)
     monkeypatch.undo()
     assert len(calls) > 2
     assert os.listdir(tmp_path) == []  # neither the destination nor a partial file
-    assert [hash_file(p).sha256 for p in (trio["base"], trio["x"])] == before
+    assert [hash_file(p).sha256 for p in (small_pair["base"], small_pair["x"])] == before
 
 
 def test_metadata_carries_the_record_modelspec_and_a1111_ancestry(trio, tmp_path):
@@ -251,7 +252,7 @@ def test_dry_run_plan(trio):
     p = plan(build_recipe([trio["base"], trio["x"], trio["y"]], method="ties", params={"density": 0.2}))
     summary = p.summary()
     assert summary["steps"] == {"ties": 2513, "pass (pass-through)": 2}
-    assert summary["output_bytes"] == sum(s.nbytes for s in p.steps) > 50_000_000
+    assert summary["output_bytes"] == sum(s.nbytes for s in p.steps) > 5_000_000
     assert summary["memory_estimate_bytes"] > 0
     assert "2513  ties" in p.describe()
 

@@ -4,9 +4,14 @@ import torch
 
 from lineage.io.hashing import hash_file
 from lineage.io.safetensors import SafetensorsFile
-from lineage.sdxl.synthetic import sdxl_shapes, write_base, write_child
+from lineage.sdxl.detection import detect
+from lineage.sdxl.synthetic import sdxl_shapes, write_base
 
 TSV = Path(__file__).with_name("sd_xl_base_1.0_keys.tsv")
+PREFIXES = {"unet": "model.diffusion_model.", "clip_l": "conditioner.embedders.0.",
+            "clip_g": "conditioner.embedders.1.", "vae": "first_stage_model."}
+TO_K = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+IN_PROJ = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
 
 
 def _tsv_inventory() -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -23,12 +28,11 @@ def test_full_size_plan_is_exactly_the_sdxl_base_inventory():
     expected = _tsv_inventory()
     assert len(expected) == 2515
     assert sdxl_shapes("full") == expected
-    # Per-component totals from HANDBOOK §2.
-    params = {}
+    # Per-component parameter counts of the public SDXL 1.0 base file.
+    params: dict[str, int] = {}
     for key, (_, shape) in expected.items():
-        comp = next(c for c, p in [("unet", "model.diffusion_model."), ("clip_l", "conditioner.embedders.0."),
-                                   ("clip_g", "conditioner.embedders.1."), ("vae", "first_stage_model.")] if key.startswith(p))
-        params[comp] = params.get(comp, 0) + torch.Size(shape).numel()
+        component = next(c for c, prefix in PREFIXES.items() if key.startswith(prefix))
+        params[component] = params.get(component, 0) + torch.Size(shape).numel()
     assert params["unet"] == 2_567_463_684 and params["clip_g"] == 694_659_841 and params["vae"] == 83_653_863
 
 
@@ -36,21 +40,49 @@ def test_small_plan_has_the_same_keys_and_consistent_widths():
     small = sdxl_shapes("small")
     assert small.keys() == _tsv_inventory().keys()
     assert small["model.diffusion_model.input_blocks.0.0.weight"][1] == (32, 4, 3, 3)
-    # cross-attention context = CLIP-L width + CLIP-G width
-    assert small["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"][1][1] == 64 + 80
-    assert small["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"][1] == (240, 80)
+    assert small[TO_K][1][1] == 64 + 80  # cross-attention context = CLIP-L width + CLIP-G width
+    assert small[IN_PROJ][1] == (240, 80)
+
+
+def test_tiny_plan_divides_every_width_by_32():
+    full, tiny = sdxl_shapes("full"), sdxl_shapes("tiny")
+    assert tiny.keys() == full.keys()
+    kept = {1, 3, 4, 8, 77}  # scalars, RGB, latent channels (4, and 8 = mean and log-variance), tokens
+    for key, (dtype, shape) in full.items():
+        tiny_dtype, tiny_shape = tiny[key]
+        assert tiny_dtype == dtype and len(tiny_shape) == len(shape), key
+        for d, t in zip(shape, tiny_shape, strict=True):
+            assert (t == d) if d in kept else (t * 32 == d), (key, shape, tiny_shape)
+    assert tiny["model.diffusion_model.input_blocks.0.0.weight"][1] == (10, 4, 3, 3)
+    assert tiny[TO_K][1][1] == 24 + 40  # the context stays CLIP-L width + CLIP-G width
+    assert tiny["model.diffusion_model.label_emb.0.0.weight"][1] == (40, 88)  # pooled CLIP-G + 6 size embeddings
+    assert tiny[IN_PROJ][1] == (120, 40)  # q, k, v stacked
+
+
+def test_a_tiny_checkpoint_is_a_complete_sdxl_file_of_7_mb(tmp_path, lmerge):
+    code, _, err = lmerge("generate", tmp_path / "tiny.safetensors", "--size", "tiny")
+    assert code == 0, err
+    tiny = tmp_path / "tiny.safetensors"
+    found = detect(tiny)
+    assert (found.format, found.variant) == ("sdxl-single-file", "full")
+    with SafetensorsFile(tiny) as f:
+        assert {k: (i.dtype, i.shape) for k, i in f.tensors.items()} == sdxl_shapes("tiny")
+    params = {size: sum(torch.Size(s).numel() for _, s in sdxl_shapes(size).values()) for size in ("tiny", "full")}
+    assert params["tiny"] < params["full"] / 1000  # widths / 32: about 1/1024 of the parameters
+    assert tiny.stat().st_size < 8_000_000  # 3.5 M parameters in fp16 and a 0.34 MB header for 2,515 keys
 
 
 def test_generation_is_deterministic(tmp_path):
-    a = write_base(tmp_path / "a.safetensors", seed=5, components=["unet"])
-    b = write_base(tmp_path / "b.safetensors", seed=5, components=["unet"])
-    c = write_base(tmp_path / "c.safetensors", seed=6, components=["unet"])
+    a = write_base(tmp_path / "a.safetensors", size="tiny", seed=5, components=["unet"])
+    b = write_base(tmp_path / "b.safetensors", size="tiny", seed=5, components=["unet"])
+    c = write_base(tmp_path / "c.safetensors", size="tiny", seed=6, components=["unet"])
     assert hash_file(a).autov3 == hash_file(b).autov3 != hash_file(c).autov3
 
 
 def test_child_has_a_planted_low_rank_delta_and_markers(family):
     key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
-    with SafetensorsFile(family["base"]) as p, SafetensorsFile(family["child"]) as c, SafetensorsFile(family["vchild"]) as v:
+    with (SafetensorsFile(family["base"]) as p, SafetensorsFile(family["child"]) as c,
+          SafetensorsFile(family["vchild"]) as v):
         delta = c.read(key).float() - p.read(key).float()
         s = torch.linalg.svdvals(delta)
         assert s[7] > 10 * s[8]  # rank 8 planted, noise far below it
@@ -63,7 +95,7 @@ def test_child_has_a_planted_low_rank_delta_and_markers(family):
 
 
 def test_other_dtypes_and_components(tmp_path):
-    path = write_base(tmp_path / "bf.safetensors", dtype="BF16", components=["unet", "vae"])
+    path = write_base(tmp_path / "bf.safetensors", size="tiny", dtype="BF16", components=["unet", "vae"])
     with SafetensorsFile(path) as f:
         assert {i.dtype for i in f.tensors.values()} == {"BF16"}
         assert not any(k.startswith("conditioner.") for k in f.keys())

@@ -2,7 +2,9 @@
 
 Every generated file has the real single-file SDXL key names and structure (HANDBOOK §2):
 - size "full": exactly the 2,515 keys and shapes of the public SDXL 1.0 base file (6.9 GB in fp16);
-- size "small": the same keys with every width shrunk (320 -> 32 channels, ...), ~60 MB in fp16.
+- size "small": the same keys with every width shrunk about tenfold (320 -> 32 channels, ...), 59 MB in fp16;
+- size "tiny": the same keys with every width divided by 32 (320 -> 10 channels, ...), 7 MB in fp16:
+  for tests of logic that does not depend on tensor sizes.
 
 A "child" is a fine-tune of a parent file: each changed weight gets a planted low-rank delta plus
 small noise, so lineage detection, merges and LoRA extraction have real structure to find. A child
@@ -15,23 +17,34 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 
-import torch
-
+from lineage.engine.seeding import key_seed
 from lineage.errors import LineageError
 from lineage.io.safetensors import DTYPES, SafetensorsFile, SafetensorsWriter
-from lineage.engine.seeding import key_seed
+from lineage.lazy import torch
 from lineage.sdxl.layout import COMPONENT_PREFIXES, MARKERS_FOR_PREDICTION, base_inventory
 
-# Per component: full-size dimension -> small dimension. Dimensions not listed (kernel sizes, 77
-# tokens, 4 latent channels, ...) stay. Widths stay consistent: CLIP-L 768 -> 64 and CLIP-G
-# 1280 -> 80 give a cross-attention context of 144 (2048 full) and an ADM input of 80 + 6*16 = 176 (2816).
-SMALL_DIMS: dict[str, dict[int, int]] = {
-    "unet": {320: 32, 640: 64, 960: 96, 1280: 128, 1920: 192, 2560: 256, 5120: 512, 10240: 1024, 2048: 144, 2816: 176},
-    "clip_l": {768: 64, 3072: 256, 49408: 1000},
-    "clip_g": {1280: 80, 3840: 240, 5120: 320, 49408: 1000},
-    "vae": {128: 16, 256: 32, 512: 64},
+# Per reduced size and component: full-size dimension -> reduced dimension. Dimensions not listed
+# (kernel sizes, 77 tokens, 4 latent channels, ...) stay. Widths stay consistent with each other: the
+# cross-attention context (2048 full) is the CLIP-L width plus the CLIP-G width, and the ADM input
+# (2816 full) is the pooled CLIP-G width plus six 256-wide size embeddings, reduced alike.
+REDUCED_DIMS: dict[str, dict[str, dict[int, int]]] = {
+    # CLIP-L 768 -> 64, CLIP-G 1280 -> 80: context 144, ADM input 80 + 6*16 = 176
+    "small": {
+        "unet": {320: 32, 640: 64, 960: 96, 1280: 128, 1920: 192, 2560: 256, 5120: 512, 10240: 1024, 2048: 144,
+                 2816: 176},
+        "clip_l": {768: 64, 3072: 256, 49408: 1000},
+        "clip_g": {1280: 80, 3840: 240, 5120: 320, 49408: 1000},
+        "vae": {128: 16, 256: 32, 512: 64},
+    },
+    # every width / 32: CLIP-L 768 -> 24, CLIP-G 1280 -> 40: context 64, ADM input 40 + 6*8 = 88
+    "tiny": {
+        "unet": {320: 10, 640: 20, 960: 30, 1280: 40, 1920: 60, 2560: 80, 5120: 160, 10240: 320, 2048: 64, 2816: 88},
+        "clip_l": {768: 24, 3072: 96, 49408: 1544},
+        "clip_g": {1280: 40, 3840: 120, 5120: 160, 49408: 1544},
+        "vae": {128: 4, 256: 8, 512: 16},
+    },
 }
-SIZES = ("small", "full")
+SIZES = ("tiny", "small", "full")
 COMPONENTS = tuple(COMPONENT_PREFIXES)
 LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
 
@@ -48,7 +61,8 @@ def sdxl_shapes(size: str = "small", components: Iterable[str] = COMPONENTS) -> 
     for key, entry in base_inventory().items():
         if entry.component not in wanted:
             continue
-        dims = entry.shape if size == "full" else tuple(SMALL_DIMS[entry.component].get(d, d) for d in entry.shape)
+        reduce = REDUCED_DIMS[size][entry.component] if size in REDUCED_DIMS else {}
+        dims = tuple(reduce.get(d, d) for d in entry.shape)
         shapes[key] = (entry.dtype, dims)
     return shapes
 
@@ -91,7 +105,8 @@ def _child_tensor(key: str, parent: torch.Tensor, seed: int, rank: int, strength
 
 def _marker_plan(prediction_type: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     if prediction_type not in MARKERS_FOR_PREDICTION:
-        raise LineageError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(MARKERS_FOR_PREDICTION)}")
+        raise LineageError(f"unknown prediction type {prediction_type!r}; "
+                           f"choose one of {', '.join(MARKERS_FOR_PREDICTION)}")
     return {k: ("F32", (0,)) for k in MARKERS_FOR_PREDICTION[prediction_type]}
 
 
