@@ -1,6 +1,6 @@
 """Generated SDXL checkpoints for tests, the demo and benchmarks (no downloads needed).
 
-Every generated file has the real single-file SDXL key names and structure (HANDBOOK §2):
+Every generated file has the real single-file SDXL key names and structure (docs/layouts.md):
 - size "full": exactly the 2,515 keys and shapes of the public SDXL 1.0 base file (6.9 GB in fp16);
 - size "small": the same keys with every width shrunk about tenfold (320 -> 32 channels, ...), 59 MB in fp16;
 - size "tiny": the same keys with every width divided by 32 (320 -> 10 channels, ...), 7 MB in fp16:
