@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+SLOW = {"demo.py"}  # `make demo`: a family of small-size (59 MB) checkpoints, three merges, pictures
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [pytest.param(p, marks=[pytest.mark.slow] if p.name in SLOW else [])
+                                    for p in EXAMPLES], ids=lambda p: p.name)
 def test_example_runs(script, tmp_path):
     r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
