@@ -13,8 +13,8 @@ built the first time it is read.
 
 The stand-in imports through `importlib.import_module`, which holds the import system's lock for the
 module while it initialises, so threads that reach torch for the first time together all get the one
-fully initialised module. (`importlib.util.LazyLoader` has no such lock before Python 3.12.x: a worker
-thread racing the main thread on first use sees a half-initialised torch and an AttributeError.)
+fully initialised module. (`importlib.util.LazyLoader` has no such lock in Python 3.11: four threads
+touching a torch loaded through it together got AttributeErrors from the half-initialised module.)
 """
 from __future__ import annotations
 

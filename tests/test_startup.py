@@ -73,7 +73,7 @@ def test_the_probe_sees_torch_when_a_command_needs_it(files, tmp_path):
 
 def test_lazy_torch_is_imported_once_when_threads_first_touch_it_together():
     """Worker threads that reach torch at the same moment all get the one fully initialised module
-    (importlib.util.LazyLoader, before Python 3.12.x, hands some of them a half-initialised one)."""
+    (importlib.util.LazyLoader on Python 3.11 hands some of them a half-initialised one)."""
     script = """
 import sys, threading
 from lineage.lazy import torch
