@@ -89,6 +89,7 @@ def test_a_symlink_destination_is_written_at_its_target_and_stays_a_link(lmerge,
         "export.json": ("registry", "export", "--format", "json"),
         "m.safetensors": ("merge", a, b, "--no-record", "-o"),
         "recipe.toml": ("merge", a, b, "--no-record", "-o", tmp_path / "m2.safetensors", "--save-recipe"),
+        "README.md": ("hub", "card", "illustrious-xl-v1.0", "-o"),
     }.items():
         target = tmp_path / f"real-{name}"
         target.write_text("old")
@@ -99,6 +100,7 @@ def test_a_symlink_destination_is_written_at_its_target_and_stays_a_link(lmerge,
         assert link.is_symlink() and os.readlink(link) == target.name, name
         assert target.read_bytes() != b"old", name
     assert (tmp_path / "real-recipe.toml").read_text().startswith("version = 1")
+    assert "base_model:" in (tmp_path / "real-README.md").read_text()  # the card kept its text and gained the chain
 
 
 def test_a_dangling_symlink_destination_creates_its_target(tmp_path):

@@ -122,3 +122,18 @@ def test_json_header_values_are_plain_python_values(tmp_path):
     path = _write(tmp_path / "h.safetensors", json.dumps(header), b"\0" * 4)
     with SafetensorsFile(path) as f:
         assert f.metadata == {"ünï": "✓"} and f.info("w").shape == (1, 2)
+
+
+def test_a_hostile_header_fails_fast_with_a_short_message(tmp_path):
+    """A million 64-bit dimensions (whose exact product would take minutes to compute) under a
+    megabyte-long name: refused in well under a second, in a message that stays short."""
+    import time
+
+    name, shape = "n" * 1_000_000, [2**64 - 1] * 1_000_000
+    header = json.dumps({name: {"dtype": "F32", "shape": shape, "data_offsets": [0, 8]}})
+    path = _write(tmp_path / "h.safetensors", header, EIGHT)
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match="is too large for any file") as e:
+        SafetensorsFile(path)
+    assert time.perf_counter() - started < 5
+    assert len(str(e.value)) < len(path) + 300 and "(1,000,002 characters)" in str(e.value)

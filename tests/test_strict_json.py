@@ -13,7 +13,7 @@ from lineage.io import strict_json
     ("[NaN]", "NaN is not a JSON number"),
     ("[-Infinity]", "-Infinity is not a JSON number"),
     ("[1e400]", "number 1e400 is out of range"),
-    ("[" + "9" * 5000 + "]", "(5000 digits) is out of range"),
+    ("[" + "9" * 5000 + "]", "(5000 characters) is out of range"),
     ("[18446744073709551616]", "out of range (more than 64 bits)"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ('["\\ud800"]', "lone UTF-16 surrogate"),

@@ -130,13 +130,15 @@ def _write_through(found: Destination, data: bytes) -> None:
     if found.descriptor is not None:
         _write_all(found.descriptor, data, found.path)
         return
-    try:  # non-blocking, so a FIFO without a reader is an error (ENXIO) rather than a hang
-        fd = os.open(found.path, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # so a FIFO without a reader is an error (ENXIO), not a hang
+    try:
+        fd = os.open(found.path, os.O_WRONLY | nonblocking | getattr(os, "O_NOCTTY", 0))
     except OSError as e:
         problem = "is a named pipe that nobody reads" if e.errno == errno.ENXIO else f"cannot write ({e.strerror})"
         raise LineageError(problem, found.path) from None
     try:
-        os.set_blocking(fd, True)
+        if nonblocking:
+            os.set_blocking(fd, True)
         _write_all(fd, data, found.path)
     finally:
         os.close(fd)

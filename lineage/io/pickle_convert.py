@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lineage.errors import CheckpointError
+from lineage.errors import CheckpointError, brief
 from lineage.io.atomic import file_destination
 from lineage.io.inputs import open_input
 from lineage.io.safetensors import DTYPE_NAMES, save_file
@@ -41,8 +41,8 @@ class Conversion:
 
 def _child_name(prefix: str, key: object, src: str) -> str:
     if isinstance(key, bool) or not isinstance(key, (str, int)):
-        raise CheckpointError(f"entry {prefix or '<top level>'!r} has a key of type {type(key).__name__} "
-                              f"({key!r}); only text and integer keys make tensor names", src)
+        raise CheckpointError(f"entry {brief(prefix or '<top level>')} has a key of type {type(key).__name__} "
+                              f"({brief(key)}); only text and integer keys make tensor names", src)
     return f"{prefix}.{key}" if prefix else str(key)
 
 
@@ -100,14 +100,14 @@ def flatten_checkpoint(obj: object, src: str) -> tuple[dict[str, torch.Tensor], 
                                       "dict of named tensors)", src)
             problem = _unstorable(item)
             if problem:
-                raise CheckpointError(f"tensor {name!r} {problem}", src)
+                raise CheckpointError(f"tensor {brief(name)} {problem}", src)
             if name in tensors:
-                raise CheckpointError(f"two entries flatten to the same tensor name {name!r}: "
+                raise CheckpointError(f"two entries flatten to the same tensor name {brief(name)}: "
                                       f"{_keys_text(origin[name])} and {_keys_text(keys)}", src)
             tensors[name], origin[name] = item, keys
         elif isinstance(item, (dict, list, tuple)):
             if id(item) in on_path:
-                raise CheckpointError(f"entry {name or '<top level>'!r} contains itself", src)
+                raise CheckpointError(f"entry {brief(name or '<top level>')} contains itself", src)
             on_path.add(id(item))
             stack.append(_Leave(id(item)))
             children = item.items() if isinstance(item, dict) else enumerate(item)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lineage.errors import CheckpointError, LineageError
+from lineage.errors import CheckpointError, LineageError, brief
 from lineage.io import strict_json
 from lineage.io.atomic import file_destination
 from lineage.io.direct_write import BlockWriter, write_all
@@ -88,29 +88,29 @@ def dtype_size(dtype: str) -> int:
 
 def _tensor_info(path: str, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
     """One header entry, checked as strictly as the safetensors library checks it (or more)."""
+    tensor = f"tensor {brief(name)}"
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise CheckpointError(f"invalid safetensors header: entry {name!r} lacks dtype/shape/data_offsets", path)
+        raise CheckpointError(f"invalid safetensors header: entry {brief(name)} lacks dtype/shape/data_offsets", path)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise CheckpointError(f"tensor {name!r} has unknown dtype {dtype!r}", path)
+        raise CheckpointError(f"{tensor} has unknown dtype {brief(dtype)}", path)
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-        raise CheckpointError(f"tensor {name!r} has an invalid shape {shape!r}", path)
+        raise CheckpointError(f"{tensor} has an invalid shape {brief(shape)}", path)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        raise CheckpointError(f"tensor {name!r} has invalid data_offsets {offsets!r}", path)
+        raise CheckpointError(f"{tensor} has invalid data_offsets {brief(offsets)}", path)
     begin, end = offsets
     if begin > end:
-        raise CheckpointError(f"tensor {name!r} has out-of-range data_offsets {offsets} (they end before they begin)",
-                              path)
+        raise CheckpointError(f"{tensor} has out-of-range data_offsets {offsets} (they end before they begin)", path)
     if end > data_len:
-        raise CheckpointError(f"truncated file: tensor {name!r} ends at data byte {end} but the data section has "
+        raise CheckpointError(f"truncated file: {tensor} ends at data byte {end} but the data section has "
                               f"only {data_len} bytes", path)
-    elements = math.prod(d for d in shape if d)  # the library multiplies in 64 bits: refuse what would overflow
-    if elements * dtype_size(dtype) * 8 > MAX_COUNT:
-        raise CheckpointError(f"tensor {name!r}: shape {shape} is too large for any file", path)
-    expected = math.prod(shape) * dtype_size(dtype)
+    elements = _element_count(shape)
+    if elements is None or elements * dtype_size(dtype) * 8 > MAX_COUNT:
+        raise CheckpointError(f"{tensor}: shape {brief(shape)} is too large for any file", path)
+    expected = elements * dtype_size(dtype)
     if end - begin != expected:
         raise CheckpointError(
-            f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes but data_offsets span {end - begin}",
+            f"{tensor}: shape {brief(shape)} of {dtype} needs {expected} bytes but data_offsets span {end - begin}",
             path)
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
@@ -120,16 +120,29 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
+def _element_count(shape: list[int]) -> int | None:
+    """The number of elements, or None when the running product leaves 64 bits (the library's
+    overflow check, in the same order); stopping there also keeps a million-dimension shape cheap."""
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count > MAX_COUNT:
+            return None
+    return count
+
+
 def _check_layout(path: str, tensors: dict[str, TensorInfo], data_start: int, file_size: int) -> None:
     """Tensors must tile the data section exactly, as the safetensors library requires: no overlap,
     no gap between two tensors, no bytes after the last one."""
     covered, previous = data_start, None
     for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
         if info.begin < covered:
-            raise CheckpointError(f"tensors {previous!r} and {info.name!r} have overlapping data_offsets", path)
+            raise CheckpointError(f"tensors {brief(previous)} and {brief(info.name)} have overlapping data_offsets",
+                                  path)
         if info.begin > covered:
-            after = f"between tensors {previous!r} and {info.name!r}" if previous else f"before tensor {info.name!r}"
-            raise CheckpointError(f"{info.begin - covered} bytes {after} belong to no tensor "
+            where = (f"between tensors {brief(previous)} and {brief(info.name)}" if previous is not None
+                     else f"before tensor {brief(info.name)}")
+            raise CheckpointError(f"{info.begin - covered} bytes {where} belong to no tensor "
                                   "(data_offsets must be contiguous)", path)
         covered, previous = info.end, info.name
     if covered < file_size:

@@ -21,6 +21,8 @@ import math
 import re
 from typing import Any
 
+from lineage.errors import brief
+
 MAX_INTEGER = 2**64 - 1
 _MAX_INTEGER_DIGITS = len(str(MAX_INTEGER))
 # A \uD800-\uDFFF escape: the only way a surrogate gets into a decoded string (UTF-8 cannot encode one).
@@ -38,23 +40,25 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise JSONError(f"key {key!r} appears twice in one object")
+                raise JSONError(f"key {brief(key)} appears twice in one object")
             seen.add(key)
     return obj
 
 
+def _number_text(text: str) -> str:
+    return text if len(text) <= 24 else f"{text[:12]}…({len(text)} characters)"
+
+
 def _integer(text: str) -> int:
     if len(text.lstrip("-")) > _MAX_INTEGER_DIGITS or abs(value := int(text)) > MAX_INTEGER:
-        shown = text if len(text) <= 24 else f"{text[:12]}…({len(text)} digits)"
-        raise JSONError(f"integer {shown} is out of range (more than 64 bits)")
+        raise JSONError(f"integer {_number_text(text)} is out of range (more than 64 bits)")
     return value
 
 
 def _float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        shown = text if len(text) <= 24 else f"{text[:12]}…({len(text)} characters)"
-        raise JSONError(f"number {shown} is out of range")
+        raise JSONError(f"number {_number_text(text)} is out of range")
     return value
 
 
@@ -69,7 +73,7 @@ def _check_strings(value: Any) -> None:
         item = stack.pop()
         if isinstance(item, str):
             if _SURROGATE.search(item):
-                raise JSONError(f"string {item!r} holds a lone UTF-16 surrogate (not valid Unicode)")
+                raise JSONError(f"string {brief(item)} holds a lone UTF-16 surrogate (not valid Unicode)")
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
