@@ -18,3 +18,13 @@ class LineageError(Exception):
 
 class CheckpointError(LineageError):
     """A file that is not a valid checkpoint of the expected kind."""
+
+
+BRIEF_CHARS = 80
+
+
+def brief(value: object) -> str:
+    """A value from a user's file as an error message shows it: its repr (one line, escapes visible),
+    cut short, since a name or a shape in a damaged or hostile file can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= BRIEF_CHARS else f"{text[:BRIEF_CHARS - 20]}… ({len(text):,} characters)"

@@ -19,7 +19,8 @@ from typing import Any
 
 from lineage.errors import LineageError
 from lineage.io.hashing import FileHashes
-from lineage.io.safetensors import SafetensorsFile, refuse_overwriting_inputs
+from lineage.io.atomic import file_destination
+from lineage.io.safetensors import SafetensorsFile
 
 from .engine import MergePlan, plan_merge, run_plan
 from .recipe import Input, ParamValue, Recipe
@@ -99,7 +100,7 @@ def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLik
         raise LineageError(f"options {', '.join(options)} are part of the recipe; set them on the Recipe")
     recipe = recipe.with_paths([os.path.abspath(i.path) for i in recipe.inputs])  # the record names files exactly
     output = os.fspath(output)
-    refuse_overwriting_inputs(output, [i.path for i in recipe.inputs])
+    file_destination(output, [i.path for i in recipe.inputs])  # never onto an input, a device or a pipe
     known = _known_hashes(recipe, registry)
     with ExitStack() as stack:
         files = [stack.enter_context(SafetensorsFile(i.path)) for i in recipe.inputs]

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from lineage.errors import LineageError
+from lineage.io.atomic import atomic_write, destination, file_destination
 
 from .recipe import DTYPES, MISMATCH_POLICIES, Input, Recipe, load_recipe
 from .weights import PRESETS
@@ -106,12 +107,17 @@ def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alph
         merge_plan = plan(recipe, workers)
         click.echo(json.dumps(merge_plan.summary(), indent=2) if as_json else merge_plan.describe())
         return
+    # Neither -o nor --save-recipe may land on a file this command reads, nor on each other: checked before merging.
+    read = [*(i.path for i in recipe.inputs), recipe_file]
+    file_destination(output, read)
+    if save_recipe:
+        destination(save_recipe, [*read, output])
     result = merge(recipe, output, record=not no_record, registry=registry, workers=workers,
                    fail_on_nonfinite=fail_on_nonfinite)
     for path, key in result.nonfinite:
         click.echo(f"warning: {path}: tensor {key!r} holds NaN or Inf (merged as is)", err=True)
     if save_recipe:
-        result.recipe.save(save_recipe)
+        atomic_write(save_recipe, result.recipe.to_toml(), inputs=[*read, output])
     if as_json:
         click.echo(json.dumps({"path": result.path, "autov3": result.autov3, "node": result.node,
                                "nonfinite": [list(x) for x in result.nonfinite], "plan": result.plan.summary(),

@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lineage.errors import LineageError
+from lineage.io.atomic import atomic_write
+from lineage.io.inputs import read_input
 
 from .weights import KeyWeights
 
@@ -192,19 +194,16 @@ class Recipe:
         return to_toml(self.to_dict())
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.to_toml())
+        atomic_write(path, self.to_toml())
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a TOML recipe file (a `.json` file holding the same dict is accepted too)."""
     path = os.fspath(path)
     try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise LineageError(f"cannot read recipe ({e.strerror})", path) from None
-    try:
+        text = read_input(path).decode("utf-8")  # a FIFO or device is refused, not waited on
         data = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise LineageError(f"invalid recipe file ({e})", path) from None
     try:
         return Recipe.from_dict(data, base_dir=os.path.dirname(os.path.abspath(path)))

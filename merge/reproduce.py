@@ -15,6 +15,7 @@ from typing import Any
 
 from lineage.errors import LineageError
 from lineage.graph.metadata import LINEAGE_RECORD_KEY, lineage_from_metadata
+from lineage.io.atomic import file_destination
 from lineage.io.safetensors import SafetensorsFile
 
 from .api import DEFAULT_WORKERS, merge
@@ -90,6 +91,7 @@ def reproduce(path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = 
     recipe, expected = recorded_recipe(path)
     recipe = recipe.with_paths(locate_inputs(recipe, inputs, registry))
     if output is not None:
+        file_destination(output, [path])  # the re-run must not replace the file it checks
         result = merge(recipe, output, record=False, workers=workers, progress=progress)
         return Reproduction(path, expected, result.autov3, [i.path for i in recipe.inputs], os.fspath(output))
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path)), prefix=".lmerge-reproduce-") as tmp:

@@ -6,8 +6,8 @@ import safetensors.torch
 import torch
 
 from lineage.errors import LineageError
-from lineage.io.safetensors import (DTYPES, SafetensorsFile, SafetensorsWriter, plan_of, refuse_overwriting_inputs,
-                                    save_file)
+from lineage.io.atomic import refuse_inputs
+from lineage.io.safetensors import DTYPES, SafetensorsFile, SafetensorsWriter, plan_of, save_file
 
 
 def _every_dtype() -> dict[str, torch.Tensor]:
@@ -168,9 +168,9 @@ def test_refuses_to_overwrite_an_input(tmp_path):
     a = tmp_path / "a.safetensors"
     save_file({"x": torch.ones(1)}, a)
     os.symlink(a, tmp_path / "link.safetensors")
-    with pytest.raises(LineageError, match="one of the inputs"):
-        refuse_overwriting_inputs(tmp_path / "link.safetensors", [a])
-    refuse_overwriting_inputs(tmp_path / "new.safetensors", [a])
+    with pytest.raises(LineageError, match="is one of the inputs of this command"):
+        refuse_inputs(tmp_path / "link.safetensors", [a])
+    refuse_inputs(tmp_path / "new.safetensors", [a])
 
 
 def test_metadata_must_be_strings(tmp_path):

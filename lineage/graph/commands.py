@@ -124,7 +124,7 @@ def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | N
         raise LineageError(f"--format {fmt} is binary: give -o FILE")
     data = render(graph, fmt, focus)
     if output:
-        atomic_write(output, data)
+        atomic_write(output, data, inputs=[reg.path])
         click.echo(f"wrote {output} ({graph.number_of_nodes()} models, {graph.number_of_edges()} relations)")
     else:
         click.echo(data, nl=False)
@@ -194,7 +194,7 @@ def hub_card(node: str, output: str | None, registry_path: str | None) -> None:
         node_id = reg.resolve(node)
         graph = reg.graph()
     if output:
-        missing = write_card(graph, node_id, output)
+        missing = write_card(graph, node_id, output, inputs=[reg.path])
         click.echo(f"wrote {output}")
     else:
         data, missing = card_data(graph, node_id)
@@ -234,7 +234,7 @@ def registry_export(output: str, fmt: str | None, registry_path: str | None) -> 
     with Registry(registry_path) as reg:
         user = reg.user_graph()
     fmt = fmt or ("graphml" if output.lower().endswith(".graphml") else "json")
-    atomic_write(output, to_graphml(user) if fmt == "graphml" else to_json(user))
+    atomic_write(output, to_graphml(user) if fmt == "graphml" else to_json(user), inputs=[reg.path])
     click.echo(f"wrote {output} ({user.number_of_nodes()} models, {user.number_of_edges()} relations)")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import networkx as nx
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
-from lineage.io.atomic import atomic_write
+from lineage.io.atomic import atomic_write, destination
 from lineage.graph.catalog import catalog_node_for_repo, huggingface_repo, is_catalog_node
 from lineage.errors import LineageError
 from lineage.graph.model import ADAPTER_KINDS, HUB_PREFIX, display_name
@@ -194,13 +195,16 @@ def front_matter(data: ModelCardData) -> str:
     return f"---\n{data.to_yaml()}\n---\n"
 
 
-def write_card(graph: nx.DiGraph, node: str, path: str | os.PathLike) -> list[str]:
+def write_card(graph: nx.DiGraph, node: str, path: str | os.PathLike,
+               inputs: Sequence[str | os.PathLike] = ()) -> list[str]:
     """Set `base_model` / `base_model_relation` in the card at `path` (its text is kept), or write a
-    new card there. Returns the parents left out (no repo id)."""
+    new card there; `inputs` are files the card must not replace (the registry). Returns the parents
+    left out (no repo id)."""
+    found = destination(path, inputs)
     data, missing = card_data(graph, node)
-    if os.path.isfile(path):
+    if found.target is not None and os.path.isfile(found.target):  # a card to update (not /dev/stdout)
         try:
-            card = ModelCard.load(Path(path))
+            card = ModelCard.load(Path(found.target))
         except CARD_ERRORS as e:
             raise LineageError(_card_error(os.fspath(path), e), path) from None
         card.data.base_model = data.base_model
@@ -208,5 +212,5 @@ def write_card(graph: nx.DiGraph, node: str, path: str | os.PathLike) -> list[st
         text = str(card)
     else:
         text = front_matter(data) + f"\n# {display_name(graph, node)}\n"
-    atomic_write(path, text)
+    atomic_write(path, text, inputs)
     return missing

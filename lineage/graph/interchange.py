@@ -14,7 +14,6 @@ Reading validates everything first and raises one clear error, so a bad file cha
 from __future__ import annotations
 
 import io
-import json
 import os
 from typing import Any
 
@@ -22,6 +21,8 @@ import networkx as nx
 
 from lineage.errors import LineageError
 from lineage.graph.model import RELATIONS
+from lineage.io import strict_json
+from lineage.io.inputs import read_input
 
 FORMAT = "lineage-graph"
 VERSION = 1
@@ -39,11 +40,23 @@ def to_document(graph: nx.DiGraph) -> dict[str, Any]:
 
 
 def to_json(graph: nx.DiGraph) -> str:
-    return json.dumps(to_document(graph), indent=2, ensure_ascii=False, sort_keys=False) + "\n"
+    """The document as JSON text; a NaN or infinity (which no JSON reader accepts) is an error naming it."""
+    try:
+        return strict_json.dumps(to_document(graph), indent=2, ensure_ascii=False) + "\n"
+    except strict_json.JSONError as e:
+        raise LineageError(f"cannot write the graph as JSON: {e}") from None
 
 
 def _fail(where: str, problem: str) -> LineageError:
     return LineageError(f"{problem}; nothing was imported", where)
+
+
+def _refuse_nonfinite(entry: dict[str, Any], name: str, where: str) -> None:
+    """NaN and infinities (GraphML's "NaN"/"INF" doubles, or an export made by hand) have no place in a
+    registry: every later command would carry them into JSON that nothing can read."""
+    found = strict_json.nonfinite_path(entry)
+    if found is not None:
+        raise _fail(where, f"{name}.{found} is not a finite number")
 
 
 def from_document(document: Any, where: str = "<document>") -> nx.DiGraph:
@@ -64,6 +77,7 @@ def from_document(document: Any, where: str = "<document>") -> nx.DiGraph:
             raise _fail(where, f"nodes[{i}] needs a non-empty string \"id\"")
         if node["id"] in graph:
             raise _fail(where, f"nodes[{i}]: node {node['id']!r} is listed twice")
+        _refuse_nonfinite(node, f"nodes[{i}]", where)
         graph.add_node(node["id"], **{k: v for k, v in node.items() if k != "id"})
     for i, edge in enumerate(edges):
         if not isinstance(edge, dict) or not all(isinstance(edge.get(k), str) and edge[k] for k in ("parent", "child")):
@@ -71,6 +85,7 @@ def from_document(document: Any, where: str = "<document>") -> nx.DiGraph:
         if edge.get("relation") not in RELATIONS:
             raise _fail(where, f"edges[{i}] has relation {edge.get('relation')!r}; "
                                f"expected one of {', '.join(RELATIONS)}")
+        _refuse_nonfinite(edge, f"edges[{i}]", where)
         weight = edge.get("weight")
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
             raise _fail(where, f"edges[{i}] has a weight that is not a number: {weight!r}")
@@ -92,7 +107,7 @@ def _flat(attrs: dict[str, Any]) -> dict[str, str]:
         if isinstance(value, str):
             flat[key] = value
         elif value is not None:
-            flat[key + _JSON_SUFFIX] = json.dumps(value, ensure_ascii=False)
+            flat[key + _JSON_SUFFIX] = strict_json.dumps(value, ensure_ascii=False)
     return flat
 
 
@@ -100,10 +115,12 @@ def _unflat(attrs: dict[str, Any], where: str) -> dict[str, Any]:
     out = {}
     for k, v in attrs.items():
         if k.endswith(_JSON_SUFFIX):
+            if not isinstance(v, str):
+                raise _fail(where, f"attribute {k!r} is not JSON text: {v!r}")
             try:
-                out[k[:-len(_JSON_SUFFIX)]] = json.loads(v)
-            except (TypeError, json.JSONDecodeError):
-                raise _fail(where, f"attribute {k!r} is not valid JSON: {v!r}") from None
+                out[k[:-len(_JSON_SUFFIX)]] = strict_json.loads(v)
+            except strict_json.JSONError as e:
+                raise _fail(where, f"attribute {k!r} is not valid JSON ({e}): {v[:80]!r}") from None
         else:
             out[k] = v
     return out
@@ -111,8 +128,11 @@ def _unflat(attrs: dict[str, Any], where: str) -> dict[str, Any]:
 
 def to_graphml(graph: nx.DiGraph) -> str:
     flat = nx.DiGraph(format=FORMAT, version=VERSION)
-    flat.add_nodes_from((n, _flat(a)) for n, a in graph.nodes(data=True))
-    flat.add_edges_from((u, v, _flat(a)) for u, v, a in graph.edges(data=True))
+    try:
+        flat.add_nodes_from((n, _flat(a)) for n, a in graph.nodes(data=True))
+        flat.add_edges_from((u, v, _flat(a)) for u, v, a in graph.edges(data=True))
+    except strict_json.JSONError as e:
+        raise LineageError(f"cannot write the graph as GraphML: {e}") from None
     buffer = io.BytesIO()
     nx.write_graphml(flat, buffer, encoding="utf-8")
     return buffer.getvalue().decode("utf-8")
@@ -138,14 +158,13 @@ def read_graph_file(path: str | os.PathLike) -> nx.DiGraph:
     """A graph from a JSON document or a GraphML file (told apart by their first character)."""
     where = os.fspath(path)
     try:
-        with open(where, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LineageError(f"cannot read ({getattr(e, 'strerror', None) or e})", where) from None
+        text = read_input(where).decode("utf-8")  # a FIFO or device is refused, not waited on
+    except UnicodeDecodeError as e:
+        raise LineageError(f"cannot read ({e})", where) from None
     if text.lstrip().startswith("<"):
         return from_graphml(text, where)
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _fail(where, f"is not valid JSON ({e.msg} at line {e.lineno})") from None
+        document = strict_json.loads(text)
+    except strict_json.JSONError as e:
+        raise _fail(where, f"is not valid JSON ({e})") from None
     return from_document(document, where)

@@ -10,9 +10,10 @@ such, never raised.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
+
+from lineage.io import strict_json
 
 LINEAGE_RECORD_KEY = "lineage.record"
 KOHYA_KEYS = (
@@ -24,10 +25,12 @@ KOHYA_KEYS = (
 
 
 def _json(value: str) -> Any:
+    """A JSON value from metadata, parsed strictly: NaN, infinities, overflowing numbers, duplicate keys
+    and lone surrogates make it unparsed, so they never reach the registry or our JSON output."""
     try:
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        return {"unparsed": value, "error": f"not valid JSON ({e.msg})"}
+        return strict_json.loads(value)
+    except strict_json.JSONError as e:
+        return {"unparsed": value, "error": f"not valid JSON ({e})"}
 
 
 def lineage_from_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ A parent named only by a hash or a name becomes a placeholder node until its fil
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -25,6 +26,7 @@ from lineage.sdxl.detection import Detection, detect_file
 from lineage.errors import LineageError
 from lineage.graph.model import ADAPTER_KINDS, check_relation, is_placeholder, reference_id
 from lineage.io.hashing import AUTOV1_RANGE, FileHashes, hash_file
+from lineage.io.inputs import check_input
 from lineage.graph.metadata import lineage_from_metadata
 from lineage.graph.registry import Batch, Registry, using_registry
 from lineage.io.safetensors import SafetensorsFile
@@ -330,6 +332,9 @@ def record(path: str | os.PathLike, *, parents: Sequence[str | os.PathLike] = ()
     check_relation(relation)
     if weights is not None and len(weights) != len(parents):
         raise LineageError(f"{len(weights)} weights for {len(parents)} parents; give one weight per parent")
+    for weight in weights or ():
+        if not math.isfinite(weight):
+            raise LineageError(f"weight {weight} is not a finite number (a parent's weight in a merge must be finite)")
     with using_registry(registry) as reg:
         facts = describe(path, reg, hashes)
         parent_files = {i: describe(p, reg) for i, p in enumerate(parents) if _is_file(p)}  # hashed outside the lock
@@ -421,9 +426,10 @@ def scan(directory: str | os.PathLike, registry: str | os.PathLike | Registry | 
     their metadata names. All files are registered before any edge, so the order does not matter;
     a broken file is reported in `failed` and the others are still recorded."""
     root = Path(directory)
-    if not root.exists():
-        raise LineageError("no such file or directory", root)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*.safetensors") if p.is_file())
+    if not root.is_dir():
+        check_input(root)  # one file: refused up front unless it is a regular file
+    # Every *.safetensors that is not a folder is read: a pipe or broken link among them is reported, not skipped.
+    files = [root] if not root.is_dir() else sorted(p for p in root.rglob("*.safetensors") if not p.is_dir())
     result = ScanResult()
     with using_registry(registry) as reg:
         described = []

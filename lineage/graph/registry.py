@@ -33,7 +33,9 @@ import networkx as nx
 from lineage.graph.catalog import catalog_graph, catalog_node_for_repo, is_catalog_node
 from lineage.errors import LineageError
 from lineage.graph.model import HUB_PREFIX, check_relation, is_placeholder, reference_id
+from lineage.io import strict_json
 from lineage.io.hashing import hash_file
+from lineage.io.inputs import check_input
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C4E4752  # "LNGR" in SQLite's header: tells our registries from other databases
@@ -62,6 +64,12 @@ _REACHES = """
 WITH RECURSIVE below(id) AS (SELECT ? UNION SELECT edges.child FROM edges JOIN below ON edges.parent = below.id)
 SELECT 1 FROM below WHERE id = ? LIMIT 1
 """
+
+
+# Every node as one JSON object {id: attrs} and every edge as one JSON array [[parent, child, attrs]].
+_ALL_NODES = "SELECT '{' || coalesce(group_concat(json_quote(id) || ':' || attrs, ','), '') || '}' FROM nodes"
+_ALL_EDGES = ("SELECT '[' || coalesce(group_concat('[' || json_quote(parent) || ',' || json_quote(child) || ',' "
+              "|| attrs || ']', ','), '') || ']' FROM edges")
 
 
 def user_data_dir() -> Path:
@@ -95,8 +103,20 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def _dumps(value: Any, what: str) -> str:
+    """A row's attributes as JSON text; NaN and infinities are refused (SQLite's JSON functions, other
+    JSON readers and our own exports could not read them back), naming `what` would have held one."""
+    try:
+        return strict_json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    except strict_json.JSONError as e:
+        raise LineageError(f"refusing to record {what}: {e} (NaN and infinities cannot be stored)") from None
+
+
+def _loads(text: str) -> Any:
+    """A stored row's attributes. Versions before the refusal in `_dumps` stored NaN and infinities (as
+    `json.dumps` writes them: NaN, Infinity, -Infinity); they read as null, an unknown value, so that
+    one such row cannot make the whole registry unreadable."""
+    return json.loads(text, parse_constant=lambda _: None)
 
 
 class Registry:
@@ -110,6 +130,8 @@ class Registry:
     def __init__(self, path: str | os.PathLike | None = None):
         chosen = Path(path) if path is not None else default_registry_path()
         self.path = chosen / REGISTRY_FILE if chosen.is_dir() else chosen
+        if os.path.lexists(self.path):
+            check_input(self.path)  # a pipe, device or broken link is no registry
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -214,7 +236,7 @@ class Registry:
                 "SELECT path FROM paths WHERE node_id = ? ORDER BY seen_at DESC, path", (node_id,))]
         if row is None:
             raise LineageError(f"no node {node_id!r} in the registry or the catalog")
-        attrs = json.loads(row[0])
+        attrs = _loads(row[0])
         if paths:
             attrs["paths"] = paths
         return attrs
@@ -262,6 +284,8 @@ class Registry:
         Hugging Face repo id or a display name. Ambiguous or unknown names are errors that list what
         was found."""
         spec = os.fspath(spec)
+        if os.path.lexists(spec) and not os.path.isdir(spec):
+            check_input(spec)  # a pipe or a broken link named as a model is refused, not looked up by name
         if os.path.isfile(spec):
             known = self.known_file(spec)
             node_id = known[0] if known else hash_file(spec).autov3
@@ -292,15 +316,15 @@ class Registry:
     def _user_layer(self) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, dict[str, Any]]]]:
         """(node id -> attributes, [(parent, child, attributes)]) of the user's part, read in one snapshot.
 
-        SQLite assembles each table into one JSON text (json_group_object/array, SQLite >= 3.38 or the
-        JSON1 extension) that Python parses in a single call: ~10x faster than decoding 100,000 rows
-        one by one."""
+        SQLite joins each table into one JSON text (the stored attribute texts as they are, so a row
+        an older version wrote with NaN reads as null rather than failing SQLite's JSON check) that
+        Python parses in a single call: ~10x faster than decoding 100,000 rows one by one."""
         with self._snapshot() as conn:
-            nodes = json.loads(conn.execute("SELECT json_group_object(id, json(attrs)) FROM nodes").fetchone()[0])
+            nodes = _loads(conn.execute(_ALL_NODES).fetchone()[0])
             for node_id, path in conn.execute("SELECT node_id, path FROM paths ORDER BY seen_at DESC, path"):
-                nodes[node_id].setdefault("paths", []).append(path)
-            edges = json.loads(conn.execute(
-                "SELECT json_group_array(json_array(parent, child, json(attrs))) FROM edges").fetchone()[0])
+                if node_id in nodes:
+                    nodes[node_id].setdefault("paths", []).append(path)
+            edges = _loads(conn.execute(_ALL_EDGES).fetchone()[0])
         return nodes, [tuple(edge) for edge in edges]
 
     def user_graph(self) -> nx.DiGraph:
@@ -382,7 +406,7 @@ class Batch:
 
     def node_attrs(self, node_id: str) -> dict[str, Any] | None:
         row = self._conn.execute("SELECT attrs FROM nodes WHERE id = ?", (node_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return _loads(row[0]) if row else None
 
     def put_node(self, node_id: str, attrs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
         """Create or update a node: `attrs` replace stored values, `defaults` only fill gaps;
@@ -406,7 +430,7 @@ class Batch:
             return
         self._conn.execute("INSERT INTO nodes (id, name, attrs) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
                            "name = excluded.name, attrs = excluded.attrs",
-                           (node_id, merged.get("name"), _dumps(merged)))
+                           (node_id, merged.get("name"), _dumps(merged, f"node {node_id}")))
         self._conn.executemany("INSERT OR IGNORE INTO hashes (kind, value, node_id) VALUES (?, ?, ?)",
                                [(k, v.lower(), node_id) for k, v in merged.get("hashes", {}).items()
                                 if k in HASH_KINDS and v])
@@ -437,12 +461,13 @@ class Batch:
         stored = {k: v for k, v in attrs.items() if v is not None}
         row = self._conn.execute("SELECT relation, attrs FROM edges WHERE parent = ? AND child = ?",
                                  (parent, child)).fetchone()
-        if row and row[0] == relation and json.loads(row[1]) == {**stored, "relation": relation}:
+        if row and row[0] == relation and _loads(row[1]) == {**stored, "relation": relation}:
             return
         self._conn.execute("INSERT INTO edges (parent, child, relation, attrs) VALUES (?, ?, ?, ?) "
                            "ON CONFLICT (parent, child) DO UPDATE SET relation = excluded.relation, "
                            "attrs = excluded.attrs",
-                           (parent, child, relation, _dumps({**stored, "relation": relation})))
+                           (parent, child, relation, _dumps({**stored, "relation": relation},
+                                                            f"the edge {parent} -> {child}")))
 
     def drop_parents(self, child: str, sources: Iterable[str], keep: Iterable[str]) -> None:
         """Remove edges into `child` that its own metadata gave (`source` one of `sources`, no `via`
@@ -450,7 +475,7 @@ class Batch:
         placeholders left without any edge."""
         kept, dropped_sources = set(keep), set(sources)
         for parent, text in self._conn.execute("SELECT parent, attrs FROM edges WHERE child = ?", (child,)).fetchall():
-            attrs = json.loads(text)
+            attrs = _loads(text)
             if parent not in kept and attrs.get("source") in dropped_sources and "via" not in attrs:
                 self._conn.execute("DELETE FROM edges WHERE parent = ? AND child = ?", (parent, child))
                 if is_placeholder(parent):
@@ -482,7 +507,7 @@ class Batch:
             self._delete_node(placeholder)
             self._conn.execute("DELETE FROM edges WHERE parent = ? OR child = ?", (placeholder, placeholder))
             for parent, child, relation, edge_attrs in edges:
-                moved = {k: v for k, v in json.loads(edge_attrs).items() if k != "relation"}
+                moved = {k: v for k, v in _loads(edge_attrs).items() if k != "relation"}
                 self.put_edge(node_id if parent == placeholder else parent,
                               node_id if child == placeholder else child, relation, **moved)
             absorbed.append(placeholder)

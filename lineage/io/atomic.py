@@ -1,30 +1,187 @@
-"""Writing small output files (rendered trees, exports, model cards) so a reader never sees half of one."""
+"""Where a command's output may go, and writing small outputs (recipes, trees, exports, model cards)
+so that no reader ever sees half of one.
+
+Every output path goes through `destination` first. It refuses a destination that is one of the
+files the command reads (`--save-recipe a.safetensors` would otherwise replace an input model with
+a recipe), and decides how the bytes get there without ever replacing something that is not a
+regular file with one:
+
+| the path is                                  | written how                                            |
+|----------------------------------------------|--------------------------------------------------------|
+| a regular file, or nothing yet               | to a temporary file beside it, renamed over it          |
+| a symbolic link (to a file, or dangling)     | the same, at the link's final target; the link stays    |
+| /dev/stdout, /dev/stderr, /dev/fd/N          | straight to that open descriptor                        |
+| a character device (/dev/null) or a FIFO     | written through in place (a FIFO needs a reader)        |
+| a directory, block device, socket, link loop | refused                                                 |
+
+Model files (`SafetensorsWriter`) are written only to regular files: `file_destination` refuses
+the rows that write through.
+"""
 from __future__ import annotations
 
+import errno
 import os
+import re
+import stat
 import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from lineage.errors import LineageError
+from lineage.io.inputs import FILE_KINDS
+
+# /dev/stdout -> /proc/self/fd/1: opening the link again would start a new file description (at
+# offset 0, without O_APPEND), so the bytes go to the descriptor the process already has.
+_DESCRIPTOR_PATH = re.compile(r"/(?:proc/self|dev)/fd/(\d+)")
+_MAX_LINKS = 40  # as the kernel's limit on symbolic links in one lookup
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write `data` to a temporary file next to `path`, flush it to disk, then rename it over `path`."""
-    target = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(target))
+@dataclass(frozen=True)
+class Destination:
+    """How an output reaches `path`: replacing the regular file `target` atomically, writing to the
+    open descriptor `descriptor`, or writing through the device or FIFO at `path` in place."""
+
+    path: str
+    target: str | None = None
+    descriptor: int | None = None
+
+    @property
+    def replaces_a_file(self) -> bool:
+        return self.target is not None
+
+
+def _open_descriptor(path: str) -> int | None:
+    """N when `path` is, or links to, /dev/fd/N or /proc/self/fd/N."""
+    current = os.path.abspath(path)
+    for _ in range(_MAX_LINKS):
+        match = _DESCRIPTOR_PATH.fullmatch(current)
+        if match:
+            return int(match.group(1))
+        try:
+            link = os.readlink(current)
+        except OSError:
+            return None
+        current = os.path.normpath(os.path.join(os.path.dirname(current), link))
+    return None
+
+
+def _identity(path: str) -> tuple[object, ...]:
+    """What makes two paths the same file: device and inode when it exists, else its resolved path."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return (status.st_dev, status.st_ino)
+
+
+def refuse_inputs(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Raise if `path` is (or links to) one of `inputs`: writing it would destroy a file the command reads."""
+    out = os.fspath(path)
+    mine = _identity(out)
+    for inp in inputs:
+        if inp is not None and _identity(os.fspath(inp)) == mine:
+            raise LineageError(f"is one of the inputs of this command ({os.fspath(inp)}); "
+                               "choose another output file", out)
+
+
+def destination(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Destination:
+    """Check an output path before any work is done; see the module's table for what is allowed."""
+    path = os.fspath(path)
+    refuse_inputs(path, inputs)
+    descriptor = _open_descriptor(path)
+    if descriptor is not None:
+        return Destination(path, descriptor=descriptor)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:  # a new file, or a dangling link whose target will be created
+        return Destination(path, target=os.path.realpath(path))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LineageError("is a symbolic link loop; refusing to write there", path) from None
+        raise LineageError(f"cannot write here ({e.strerror})", path) from None
+    kind = stat.S_IFMT(mode)
+    if kind == stat.S_IFREG:
+        return Destination(path, target=os.path.realpath(path))
+    if kind in (stat.S_IFCHR, stat.S_IFIFO):
+        return Destination(path)
+    raise LineageError(f"is {FILE_KINDS.get(kind, 'not a regular file')}; refusing to write an output there", path)
+
+
+def file_destination(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> str:
+    """The regular file a model output replaces (a symlink's target), refusing devices and pipes."""
+    found = destination(path, inputs)
+    if found.target is None:
+        raise LineageError("is not a regular file (a device, pipe or open descriptor); a model file is written "
+                           "only to a regular file", found.path)
+    return found.target
+
+
+def _write_all(fd: int, data: bytes, path: str) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except OSError as e:
+            raise LineageError(f"cannot write ({e.strerror})", path) from None
+        view = view[written:]
+
+
+def _write_through(found: Destination, data: bytes) -> None:
+    if found.descriptor is not None:
+        _write_all(found.descriptor, data, found.path)
+        return
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # so a FIFO without a reader is an error (ENXIO), not a hang
+    try:
+        fd = os.open(found.path, os.O_WRONLY | nonblocking | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        problem = "is a named pipe that nobody reads" if e.errno == errno.ENXIO else f"cannot write ({e.strerror})"
+        raise LineageError(problem, found.path) from None
+    try:
+        if nonblocking:
+            os.set_blocking(fd, True)
+        _write_all(fd, data, found.path)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace(found: Destination, data: bytes) -> None:
+    target = found.target
+    assert target is not None
+    folder = os.path.dirname(target)
     try:
         fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
     except OSError as e:
-        raise LineageError(f"cannot write here ({e.strerror})", target) from None
+        where = found.path if target == os.path.abspath(found.path) else f"{found.path} (-> {target})"
+        raise LineageError(f"cannot write here ({e.strerror})", where) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            # mkstemp makes the file private; give it the mode a plain open() would (or the old file's).
-            os.fchmod(f.fileno(), os.stat(target).st_mode & 0o7777 if os.path.exists(target) else 0o644)
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            # mkstemp makes the file private; give it the old file's mode, or the one a plain open() would.
+            old_mode = os.stat(target).st_mode & 0o7777 if os.path.exists(target) else 0o666 & ~_umask()
+            os.fchmod(f.fileno(), old_mode)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, target)
     except BaseException as e:
         os.unlink(temporary)
         if isinstance(e, OSError):
-            raise LineageError(f"cannot write ({e.strerror})", target) from None
+            raise LineageError(f"cannot write ({e.strerror})", found.path) from None
         raise
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes,
+                 inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Write `data` (text is UTF-8) to `path` as `destination` decides: never onto one of `inputs`,
+    never half a file, never a regular file in place of a link, device or pipe."""
+    found = destination(path, inputs)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    if found.replaces_a_file:
+        _replace(found, raw)
+    else:
+        _write_through(found, raw)

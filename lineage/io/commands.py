@@ -5,6 +5,8 @@ import click
 
 from lineage.cli.output import echo_json
 
+LISTED = 10  # left-out entries named in convert's message
+
 
 @click.command("hash")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
@@ -27,11 +29,15 @@ def hash_command(paths: tuple[str, ...], as_json: bool) -> None:
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
 def convert(src: str, dst: str) -> None:
-    """Convert a pickle checkpoint (.ckpt/.pt/.bin) to safetensors, loading only plain tensors."""
+    """Convert a pickle checkpoint (.ckpt/.pt/.bin) to safetensors, loading only plain tensors.
+    Entries that are not tensors (step counters, optimizer state beside state_dict) are listed as left out."""
     from lineage.io.pickle_convert import convert_pickle
 
-    n = convert_pickle(src, dst)
-    click.echo(f"wrote {dst} ({n} tensors)")
+    done = convert_pickle(src, dst)
+    click.echo(f"wrote {dst} ({done.tensors} tensors)")
+    if done.left_out:
+        shown = ", ".join(done.left_out[:LISTED]) + (", …" if len(done.left_out) > LISTED else "")
+        click.echo(f"left out {len(done.left_out)} entries that are not tensors: {shown}", err=True)
 
 
 def register(group: click.Group) -> None:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from zlib_ng import zlib_ng  # CRC32 with carry-less multiply: ~20 GB/s against zlib's ~4
 
 from lineage.errors import CheckpointError
+from lineage.io.inputs import open_input
 
 CHUNK = 32 * 1024 * 1024
 AUTOV1_RANGE = (0x100000, 0x110000)
@@ -61,12 +62,7 @@ def _data_start(head: bytes, size: int) -> int | None:
 def hash_file(path: str | os.PathLike, chunk_size: int = CHUNK) -> FileHashes:
     """All identity hashes of one file in a single pass."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise CheckpointError("is a directory, expected a file to hash", path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise CheckpointError(f"cannot open ({e.strerror})", path) from None
+    fd = open_input(path)  # a FIFO, device, directory or broken link is refused here
     try:
         size = os.fstat(fd).st_size
         if size == 0:

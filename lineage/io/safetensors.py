@@ -17,11 +17,14 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from lineage.errors import CheckpointError, LineageError, brief
+from lineage.io import strict_json
+from lineage.io.atomic import file_destination
 from lineage.io.direct_write import BlockWriter, write_all
-from lineage.errors import CheckpointError, LineageError
+from lineage.io.inputs import open_input
 from lineage.lazy import LazyDict, torch
 
 # safetensors dtype name -> bytes per element: headers are checked with this alone, without torch.
@@ -50,6 +53,8 @@ FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
 
 # A header larger than this is not a checkpoint header (the safetensors library uses 100 MB too).
 MAX_HEADER_BYTES = 100_000_000
+# Sizes and offsets are 64-bit in the format (the library reads them as u64).
+MAX_COUNT = strict_json.MAX_INTEGER
 
 
 @dataclass(frozen=True)
@@ -83,50 +88,88 @@ def dtype_size(dtype: str) -> int:
     return DTYPE_SIZES[dtype]
 
 
-def _parse_header(path: str, raw: bytes, file_size: int, header_len: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def _tensor_info(path: str, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    """One header entry, checked as strictly as the safetensors library checks it (or more)."""
+    tensor = f"tensor {brief(name)}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CheckpointError(f"invalid safetensors header: entry {brief(name)} lacks dtype/shape/data_offsets", path)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"{tensor} has unknown dtype {brief(dtype)}", path)
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise CheckpointError(f"{tensor} has an invalid shape {brief(shape)}", path)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise CheckpointError(f"{tensor} has invalid data_offsets {brief(offsets)}", path)
+    begin, end = offsets
+    if begin > end:
+        raise CheckpointError(f"{tensor} has out-of-range data_offsets {offsets} (they end before they begin)", path)
+    if end > data_len:
+        raise CheckpointError(f"truncated file: {tensor} ends at data byte {end} but the data section has "
+                              f"only {data_len} bytes", path)
+    elements = _element_count(shape)
+    if elements is None or elements * dtype_size(dtype) * 8 > MAX_COUNT:
+        raise CheckpointError(f"{tensor}: shape {brief(shape)} is too large for any file", path)
+    expected = elements * dtype_size(dtype)
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{tensor}: shape {brief(shape)} of {dtype} needs {expected} bytes but data_offsets span {end - begin}",
+            path)
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _is_count(value: object) -> bool:
+    """A size or offset: a non-negative 64-bit integer (JSON true/false are not numbers)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+
+
+def _element_count(shape: list[int]) -> int | None:
+    """The number of elements, or None when the running product leaves 64 bits (the library's
+    overflow check, in the same order); stopping there also keeps a million-dimension shape cheap."""
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count > MAX_COUNT:
+            return None
+    return count
+
+
+def _check_layout(path: str, tensors: dict[str, TensorInfo], data_start: int, file_size: int) -> None:
+    """Tensors must tile the data section exactly, as the safetensors library requires: no overlap,
+    no gap between two tensors, no bytes after the last one."""
+    covered, previous = data_start, None
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin < covered:
+            raise CheckpointError(f"tensors {brief(previous)} and {brief(info.name)} have overlapping data_offsets",
+                                  path)
+        if info.begin > covered:
+            where = (f"between tensors {brief(previous)} and {brief(info.name)}" if previous is not None
+                     else f"before tensor {brief(info.name)}")
+            raise CheckpointError(f"{info.begin - covered} bytes {where} belong to no tensor "
+                                  "(data_offsets must be contiguous)", path)
+        covered, previous = info.end, info.name
+    if covered < file_size:
+        raise CheckpointError(f"{file_size - covered} bytes after the last tensor belong to no tensor "
+                              "(data_offsets must cover the whole data section)", path)
+
+
+def _parse_header(path: str, raw: bytes, file_size: int,
+                  header_len: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = strict_json.loads(raw)
+    except strict_json.JSONError as e:
         raise CheckpointError(f"invalid safetensors header JSON ({e})", path) from None
     if not isinstance(header, dict):
         raise CheckpointError("invalid safetensors header: JSON is not an object", path)
 
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError("invalid safetensors header: __metadata__ must map strings to strings", path)
 
     data_start = 8 + header_len
-    data_len = file_size - data_start
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise CheckpointError(f"invalid safetensors header: entry {name!r} lacks dtype/shape/data_offsets", path)
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
-            raise CheckpointError(f"tensor {name!r} has unknown dtype {dtype!r}", path)
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise CheckpointError(f"tensor {name!r} has an invalid shape {shape!r}", path)
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise CheckpointError(f"tensor {name!r} has invalid data_offsets {offsets!r}", path)
-        begin, end = offsets
-        if not 0 <= begin <= end or end > data_len:
-            if end > data_len and begin <= end:
-                raise CheckpointError(
-                    f"truncated file: tensor {name!r} ends at data byte {end} but the data section has "
-                    f"only {data_len} bytes", path)
-            raise CheckpointError(f"tensor {name!r} has out-of-range data_offsets {offsets}", path)
-        expected = math.prod(shape) * dtype_size(dtype)
-        if end - begin != expected:
-            raise CheckpointError(
-                f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes but data_offsets span {end - begin}",
-                path)
-        tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
-
-    previous: TensorInfo | None = None
-    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
-        if previous is not None and info.begin < previous.end:
-            raise CheckpointError(f"tensors {previous.name!r} and {info.name!r} have overlapping data_offsets", path)
-        previous = info
+    tensors = {name: _tensor_info(path, name, entry, data_start, file_size - data_start)
+               for name, entry in header.items()}
+    _check_layout(path, tensors, data_start, file_size)
     return tensors, metadata
 
 
@@ -140,14 +183,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        if os.path.isdir(self.path):
-            raise CheckpointError("is a directory, expected a .safetensors file", self.path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CheckpointError("no such file", self.path) from None
-        except OSError as e:
-            raise CheckpointError(f"cannot open ({e.strerror})", self.path) from None
+        self._fd = open_input(self.path)  # a FIFO, device, directory or broken link is refused here
         try:
             self._read_header()
         except BaseException:
@@ -240,21 +276,6 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
 # Writing
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
-def refuse_overwriting_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
-    """Raise if `output` is one of `inputs` (writing it would destroy an input mid-read)."""
-    out = os.fspath(output)
-    for inp in inputs:
-        if _same_file(out, os.fspath(inp)):
-            raise LineageError("output path is one of the inputs; choose another output file", out)
-
-
 def _create_temporary(path: str) -> tuple[int, str | None]:
     """A file to write the output into before it is renamed onto `path`: on Linux an anonymous one
     (O_TMPFILE) in the destination's directory, which the kernel frees if the process is killed, so
@@ -306,9 +327,7 @@ class SafetensorsWriter:
 
     def __init__(self, path: str | os.PathLike, plan: Mapping[str, tuple[str, tuple[int, ...]]],
                  metadata: Mapping[str, str] | None = None, *, hash_data: bool = False):
-        self.path = os.fspath(path)
-        if os.path.isdir(self.path):
-            raise LineageError("is a directory, expected an output file path", self.path)
+        self.path = file_destination(path)  # a symlink's target; directories, devices and pipes are refused
         metadata = dict(metadata or {})
         for k, v in metadata.items():
             if not isinstance(k, str) or not isinstance(v, str):
