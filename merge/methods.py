@@ -267,6 +267,7 @@ def get_method(name: str) -> MergeMethod:
 # full-size temporary would cost a fresh allocation (page faults) and a trip to memory per operation.
 # The merge engine feeds elementwise methods pieces of this size, which pass through unsliced.
 SLICE_ELEMENTS = 1 << 18
+SMALLEST_FLOAT = 2.0 ** -149  # the smallest positive fp32 (subnormal)
 
 
 def _elementwise(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
@@ -324,14 +325,34 @@ def _flat(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _ranked_magnitudes(delta: torch.Tensor) -> torch.Tensor:
-    """|delta| as TIES and breadcrumbs rank it: non-finite entries as ranking.NON_FINITE (below
-    every finite magnitude, so never in a kept band)."""
+    """|delta| as DELLA ranks it: non-finite entries as ranking.NON_FINITE (below every finite magnitude)."""
     return delta.abs().nan_to_num_(nan=ranking.NON_FINITE, posinf=ranking.NON_FINITE)
 
 
+# Selecting entries with fp32 0/1 masks: torch.where and masked_fill with a bool mask cost ~20x
+# more per entry on the CPU. A product leaks a dropped NaN or Inf (NaN·0 = NaN), which the helpers
+# below rule out.
+
 def _trim(delta: torch.Tensor, threshold: float) -> torch.Tensor:
-    """delta with the entries below `threshold` in magnitude (and the non-finite ones) set to 0."""
-    return torch.where(_ranked_magnitudes(delta) >= threshold, delta, 0.0)
+    """delta with the entries below `threshold` in magnitude, and the non-finite ones, set to 0 (in place)."""
+    # A non-finite entry is never kept (it takes no rank, module doc): zeroing every non-finite product is exact.
+    return delta.mul_(delta.abs().ge_(threshold)).nan_to_num_(0.0, 0.0, 0.0)
+
+
+def _band(delta: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    """delta with the entries whose magnitude is outside [lower, upper), and the non-finite ones, set
+    to 0 (in place)."""
+    magnitude = delta.abs()
+    at_least_lower = magnitude.clone().ge_(lower)
+    return delta.mul_(at_least_lower.mul_(magnitude.lt_(upper))).nan_to_num_(0.0, 0.0, 0.0)
+
+
+def _masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """values (in place) where the fp32 0/1 `keep` is 1, exactly 0 where it is 0: a dropped NaN or Inf
+    included, a kept one left as it is."""
+    if bool(torch.isfinite(values.sum())):  # the common case: a product is exact
+        return values.mul_(keep)
+    return torch.where(keep > 0, values, 0.0)
 
 
 def _elect_and_fuse(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -345,15 +366,11 @@ def _elect_and_fuse(deltas: Sequence[torch.Tensor], weights: Sequence[float]) ->
     agreeing_weight = torch.zeros_like(elected)
     for delta, w in zip(deltas, weights):
         agrees = (delta * elected).gt_(0)  # same sign as the elected one, and not dropped
-        agreeing_sum.addcmul_(delta, agrees, value=w)
+        agreeing_sum.addcmul_(delta, agrees, value=w)  # a kept NaN or ±Inf makes the election NaN, and this sum
         agreeing_weight.add_(agrees, alpha=w)
-    return torch.where(agreeing_weight > 0, agreeing_sum.div_(agreeing_weight), elected.mul_(0.0))
-
-
-def _band(delta: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
-    """delta with the entries whose magnitude is outside [lower, upper) (and the non-finite ones) set to 0."""
-    magnitude = _ranked_magnitudes(delta)
-    return torch.where(magnitude.ge(lower).logical_and_(magnitude.lt_(upper)), delta, 0.0)
+    # Where none agrees the sum is 0 (NaN after a NaN election): dividing by the smallest float keeps
+    # that, where 0/0 would make every such entry NaN.
+    return agreeing_sum.div_(agreeing_weight.clamp_(min=SMALLEST_FLOAT))
 
 
 def _dare_masks(base: torch.Tensor, model_count: int, seed: int, density: float) -> list[torch.Tensor]:
@@ -365,7 +382,7 @@ def _dare_deltas(base: torch.Tensor, models: Sequence[torch.Tensor], masks: Sequ
                  density: float) -> list[torch.Tensor]:
     """Each τᵢ with its masked-out entries set to 0 (NaN included) and the kept ones rescaled by
     1/density, so that its expectation is τᵢ."""
-    return [torch.where(mask, delta.div_(density), 0.0) for delta, mask in zip(_deltas(base, models), masks)]
+    return [_masked(delta, mask).div_(density) for delta, mask in zip(_deltas(base, models), masks)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,9 +418,10 @@ def train_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha
     def on_slice(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         learned = b - c
         distance_to_a = (b - a).abs_()
-        total = learned.abs().add_(distance_to_a)
-        share = torch.where(total > 0, distance_to_a.div_(total), 0.0)  # NaN from a NaN input stays NaN below
-        return learned.mul_(share).mul_(1.8 * alpha).add_(a)
+        share = distance_to_a / learned.abs().add_(distance_to_a)
+        # 0/0 where both distances are 0. (A NaN share from a non-finite input multiplies a non-finite
+        # B − C or is added to a non-finite A: the entry stays non-finite.)
+        return learned.mul_(share.nan_to_num_(nan=0.0)).mul_(1.8 * alpha).add_(a)
 
     return _elementwise(on_slice, a, b, c)
 
@@ -609,7 +627,7 @@ def _della_deltas(base: torch.Tensor, models: Sequence[torch.Tensor], seed: int,
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=delta.device).expand_as(order))
         keep_probability = (ranks.float() + 0.5).mul_(2 * epsilon / max(n, 1)).add_(density - epsilon)
         keep = rng.keep_mask(seed, stream, rows.shape, keep_probability, delta.device)
-        pruned.append(torch.where(keep, rows.div(keep_probability), 0.0).reshape(delta.shape))
+        pruned.append(_masked(rows, keep).div_(keep_probability).reshape(delta.shape))
     return pruned
 
 

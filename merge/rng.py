@@ -72,7 +72,7 @@ def uniform(seed: int, stream: int, numel: int, device: torch.device | str = "cp
 
 def keep_mask(seed: int, stream: int, shape: torch.Size | tuple[int, ...], keep_probability: float | torch.Tensor,
               device: torch.device | str = "cpu") -> torch.Tensor:
-    """A Bernoulli keep mask (bool) of `shape`: element i is kept when uniform_i < keep_probability.
+    """A Bernoulli keep mask (fp32 0/1) of `shape`: element i is kept when uniform_i < keep_probability.
 
     A scalar probability is rounded to fp32 first, so this CPU code and the GPU kernel, which
     receives it as an fp32 argument, compare the very same two numbers."""
@@ -82,4 +82,4 @@ def keep_mask(seed: int, stream: int, shape: torch.Size | tuple[int, ...], keep_
     u = uniform(seed, stream, numel, device).reshape(shape)
     if not isinstance(keep_probability, torch.Tensor):
         keep_probability = torch.tensor(keep_probability, dtype=torch.float32, device=device)
-    return u < keep_probability
+    return (u < keep_probability).to(torch.float32)

@@ -602,7 +602,7 @@ def test_breadcrumbs_drops_non_finite_deltas():
 def test_a_dropped_nan_stays_dropped_in_dare_and_a_kept_one_stays_nan():
     base = torch.zeros(4096)
     model = torch.full((4096,), NAN)
-    kept = _dare_mask(5, 1, base.shape, 0.3)
+    kept = _dare_mask(5, 1, base.shape, 0.3).bool()
     out = methods.dare_linear(base, model, density=0.3, seed=5)
     assert torch.equal(out[~kept], base[~kept])  # NaN·0 would be NaN
     assert out[kept].isnan().all()
