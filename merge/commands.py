@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import replace
 from typing import Any
 
@@ -15,13 +16,15 @@ from .weights import PRESETS
 
 
 def _param_value(text: str) -> Any:
-    """`--param k=v` values: JSON (numbers, true/false, [lists]), else comma-separated numbers, else text."""
+    """`--param k=v` values: JSON (numbers, true/false, [lists]), else a number as Python reads it
+    (`nan` and `inf` too: the method's parameter types refuse them with the parameter named), else
+    comma-separated numbers, else text."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         pass
     try:
-        return [float(v) for v in text.split(",")] if "," in text else text
+        return [float(v) for v in text.split(",")] if "," in text else float(text)
     except ValueError:
         return text
 
@@ -149,25 +152,41 @@ def reproduce_command(path: str, inputs: tuple[str, ...], output: str | None, re
 
 
 @click.command("methods")
+@click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
-def methods_command(as_json: bool) -> None:
-    """List the merge methods, their parameters and conventions."""
-    from .methods import METHODS
+def methods_command(name: str | None, as_json: bool) -> None:
+    """List the merge methods, their parameters and conventions (NAME: one method in full)."""
+    from .methods import METHODS, NONFINITE_RULE, get_method
 
+    chosen = [get_method(name)] if name else sorted(METHODS.values(), key=lambda m: m.name)
     rows = [{"name": m.name, "needs_base": m.needs_base, "min_models": m.min_models, "max_models": m.max_models,
-             "random": m.random, "elementwise": m.elementwise, "params": m.defaults, "doc": m.doc}
-            for m in sorted(METHODS.values(), key=lambda m: m.name)]
+             "random": m.random, "elementwise": m.elementwise, "params": m.defaults,
+             "param_types": {p.name: p.type.describe() for p in m.params.values()}, "peers": m.peers,
+             "doc": m.doc} for m in chosen]
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=repr))
         return
-    for row in rows:
+    for method, row in zip(chosen, rows):
         flags = ", ".join(f for f, on in (("base first", row["needs_base"]), ("random", row["random"]),
                                            ("elementwise", row["elementwise"])) if on)
         params = ", ".join(f"{k}={v!r}" for k, v in row["params"].items())
         click.echo(f"{row['name']}" + (f"  [{flags}]" if flags else "") + (f"  ({params})" if params else ""))
-        first_line = row["doc"].splitlines()[0] if row["doc"] else ""
-        if first_line:
-            click.echo(f"    {first_line}")
+        if name:  # the whole docstring, as written
+            click.echo("\n".join(f"    {line}" if line else "" for line in row["doc"].splitlines()))
+        else:  # its first sentence
+            first = " ".join(row["doc"].split("\n\n")[0].split())
+            click.echo(_indented(first.split(". ")[0].rstrip(".") + "."))
+        click.echo(f"    takes {method.models_described()}")
+        for param, kind in row["param_types"].items():
+            click.echo(f"    {param}: {kind}")
+        if row["peers"]:
+            click.echo(_indented(f"vs peers: {row['peers']}"))
+    click.echo("\n" + NONFINITE_RULE)
+
+
+def _indented(text: str) -> str:
+    return textwrap.fill(text, width=100, initial_indent="    ", subsequent_indent="      ",
+                         break_on_hyphens=False)
 
 
 def register(group: click.Group) -> None:

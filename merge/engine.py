@@ -14,7 +14,7 @@ Running overlaps reading, computing and writing:
   declare themselves elementwise are run on chunks of `CHUNK_ELEMENTS` elements through buffers each
   worker reuses, so the working set stays in cache and no page is freshly faulted per tensor; a
   method with per-tensor statistics (TIES' thresholds) gets them first, computed from the inputs'
-  ranking entries (a spread sample of a large tensor), and then runs on chunks the same way; other
+  whole tensors as mapped, and then runs on chunks the same way; other
   methods get whole fp32 tensors;
 - each result lands in one of a few reused output slots; the calling thread takes the results in
   file order and hands them to the writer, which hashes them (the output's AutoV3) and streams
@@ -51,7 +51,7 @@ from lineage.lazy import torch
 from lineage.engine.seeding import key_seed
 from lineage.sdxl.layout import MARKER_KEYS, MARKERS_FOR_PREDICTION, is_pass_through
 
-from .methods import SLICE_ELEMENTS, MergeMethod, ranking_entries
+from .methods import SLICE_ELEMENTS, MergeMethod
 from .recipe import Recipe
 
 CHUNK_ELEMENTS = SLICE_ELEMENTS  # 1 MiB of fp32 per input: stays in cache, large enough that per-op costs are small
@@ -382,19 +382,15 @@ class _Run:
         inputs = range(len(self.files))
         if self.elementwise:
             if self.method.statistics is not None:
-                params["statistics"] = self.method.statistics(self._ranking_entries(step), params)
+                numel = out.numel()
+                params["statistics"] = self.method.statistics(
+                    [m.elements(step.key, 0, numel) for m in self.mapped], params)
             self._chunked(step, out, inputs, lambda *xs: self.method.fn(*xs, **params))
             return
         numel = out.numel()
         xs = [self._fp32(i, step.key, 0, numel, self.scratch.whole(i, numel), check=True).view(step.shape)
               for i in inputs]
         out.copy_(self.method.fn(*xs, **params).reshape(-1))
-
-    def _ranking_entries(self, step: Step) -> list[torch.Tensor]:
-        """Each input's entries at the ranking positions, in fp32: a method's statistics read only
-        these. Their pages stay mapped; the chunked pass that follows reads and releases them."""
-        numel = math.prod(step.shape)
-        return [ranking_entries(m.elements(step.key, 0, numel)).float() for m in self.mapped]
 
     def _chunked(self, step: Step, out: torch.Tensor, inputs: Sequence[int], fn: Callable[..., torch.Tensor]) -> None:
         """Run `fn` over CHUNK_ELEMENTS-sized pieces of the inputs' tensors, through reused fp32

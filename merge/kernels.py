@@ -6,8 +6,8 @@ Each kernel makes one pass over its inputs, whatever the number of models:
 
 - `linear_combination`: Σ cᵢ·xᵢ over N inputs — weighted sum, linear average, add difference and
   task arithmetic are all this with the right coefficients;
-- `ties`: trim each delta at its magnitude threshold (computed by torch), elect the sign, take the
-  disjoint mean;
+- `ties`: trim each delta at its magnitude threshold (computed by torch; non-finite deltas are
+  dropped), elect the sign, take the disjoint mean;
 - `dare`: keep each delta entry with probability `density` from the counter-based RNG of
   merge/rng.py (bit for bit the mask the CPU draws), rescale by 1/density, then sum or elect+fuse;
 - `uniform`: the RNG itself, so its agreement with the CPU can be tested directly.
@@ -101,8 +101,15 @@ if triton is not None:
 
     @triton.jit
     def _ties_delta(model_ptr, base, offsets, inside, threshold):
+        # Kept: |delta| at or above the threshold and finite (a NaN or Inf never takes a slot).
         delta = tl.load(model_ptr + offsets, mask=inside).to(tl.float32) - base
-        return tl.where(tl.abs(delta) >= threshold, delta, 0.0)
+        magnitude = tl.abs(delta)
+        return tl.where((magnitude >= threshold) & (magnitude < float("inf")), delta, 0.0)
+
+    @triton.jit
+    def _disjoint_mean(agreeing_sum, agreeing_weight, elected):
+        # 0 where no model agrees, NaN where the election itself is NaN (elected·0), as on the CPU.
+        return tl.where(agreeing_weight != 0.0, agreeing_sum / agreeing_weight, elected * 0.0)
 
     @triton.jit
     def _ties_kernel(out_ptr, base_ptr, models, thresholds, weights, alpha, numel, BLOCK: tl.constexpr):
@@ -119,9 +126,7 @@ if triton is not None:
             agrees = delta * elected > 0.0
             agreeing_sum += tl.where(agrees, weights[i] * delta, 0.0)
             agreeing_weight += tl.where(agrees, weights[i], 0.0)
-        # Where no model agrees the sum is 0 too: dividing it by 1 gives 0 without a 0/0.
-        fused = agreeing_sum / tl.where(agreeing_weight != 0.0, agreeing_weight, 1.0)
-        tl.store(out_ptr + offsets, base + alpha * fused, mask=inside)
+        tl.store(out_ptr + offsets, base + alpha * _disjoint_mean(agreeing_sum, agreeing_weight, elected), mask=inside)
 
     @triton.jit
     def _dare_delta(model_ptr, base, offsets, inside, k0, k1, density):
@@ -144,7 +149,7 @@ if triton is not None:
                 agrees = delta * total > 0.0
                 agreeing_sum += tl.where(agrees, weights[i] * delta, 0.0)
                 agreeing_weight += tl.where(agrees, weights[i], 0.0)
-            total = agreeing_sum / tl.where(agreeing_weight != 0.0, agreeing_weight, 1.0)
+            total = _disjoint_mean(agreeing_sum, agreeing_weight, total)
         tl.store(out_ptr + offsets, base + alpha * total, mask=inside)
 
 

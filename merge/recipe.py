@@ -95,20 +95,33 @@ class Recipe:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(i if isinstance(i, Input) else Input(os.fspath(i)) for i in self.inputs))
+        for name in ("method", "dtype", "mismatch"):
+            _expect(isinstance(getattr(self, name), str), name, "a string", getattr(self, name))
+        _expect(self.prediction_type is None or isinstance(self.prediction_type, str), "prediction_type",
+                "a string", self.prediction_type)
+        _expect(_is_whole_number(self.seed), "seed", "a whole number", self.seed)
         if self.dtype not in DTYPES:
             raise LineageError(f"unknown output dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.mismatch not in MISMATCH_POLICIES:
             raise LineageError(f"unknown mismatch policy {self.mismatch!r}; choose one of {', '.join(MISMATCH_POLICIES)}")
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Every parameter value the recipe can give any key, checked against the method's types
+        (one-line errors naming the parameter), and the rule between the scalar values."""
         method = self.merge_method
-        method.check_model_count(len(self.inputs))
-        unknown = [p for p in (*self.params, *self.per_key) if p not in method.defaults]
-        if unknown:
-            known = ", ".join(method.defaults) or "none"
-            raise LineageError(f"merge method {self.method!r} has no parameter {', '.join(map(repr, unknown))} "
-                               f"(its parameters: {known})")
-        for name in self.per_key:
-            if not isinstance(self.scalar(name), (int, float)) or isinstance(self.scalar(name), bool):
-                raise LineageError(f"parameter {name!r} of {self.method!r} is not a number, so it cannot vary per key")
+        count = len(self.inputs)
+        method.check_model_count(count)
+        method.check_names([*self.params, *self.per_key])
+        for name, value in self.params.items():
+            method.check_value(name, value, count)
+        for name, variation in self.per_key.items():
+            if not method.params[name].type.varies_per_key:
+                raise LineageError(f"parameter {name!r} of {self.method!r} cannot vary per key: only a number "
+                                   f"can, it is a {method.params[name].type.describe()}")
+            for where, value in variation.values():
+                method.check_value(name, value, count, f"per_key.{name} {where}")
+        method.check_constraint({**method.defaults, **self.params})
 
     @property
     def merge_method(self) -> MergeMethod:
@@ -127,12 +140,15 @@ class Recipe:
     def params_for(self, key: str) -> dict[str, Any] | None:
         """The method's keyword parameters for one tensor, or None when the key is not merged
         (a block preset leaves it to the first model)."""
-        values = {**self.merge_method.defaults, **self.params}
+        method = self.merge_method
+        values = {**method.defaults, **self.params}
         for name, variation in self.per_key.items():
             value = variation.value_for(key, values[name])
             if value is None:
                 return None
             values[name] = value
+        if self.per_key:  # each value was checked; this key's combination of them is checked here
+            method.check_constraint(values, f"key {key}")
         return values
 
     def with_hashes(self, autov3: list[str]) -> Recipe:
@@ -154,8 +170,10 @@ class Recipe:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> Recipe:
-        """Build a recipe from its dict form; relative input paths are taken relative to `base_dir`."""
+    def from_dict(cls, data: Any, base_dir: str | os.PathLike | None = None) -> Recipe:
+        """Build a recipe from its dict form (a TOML file, or the JSON record read back from a merged
+        file's metadata), every value type-checked; relative input paths are taken relative to `base_dir`."""
+        _expect(isinstance(data, Mapping), "", "a table", data)
         version = data.get("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
             raise LineageError(f"recipe format version {version!r} is not supported (this library reads {RECIPE_VERSION})")
@@ -167,8 +185,17 @@ class Recipe:
             raise LineageError(f"unknown recipe fields {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
         if "method" not in data or not data.get("inputs"):
             raise LineageError("a recipe needs `method` and at least one [[inputs]] entry")
+        _expect(isinstance(data.get("library", ""), str), "library", "a string", data.get("library"))
+        _expect(isinstance(data.get("weights", []), list), "weights", "a list", data.get("weights"))
+        params = data.get("params", {})
+        _expect(isinstance(params, Mapping), "params", "a table", params)
+        per_key = data.get("per_key", {})
+        _expect(isinstance(per_key, Mapping), "per_key", "a table of tables", per_key)
+        entries = data["inputs"]
+        _expect(isinstance(entries, list), "inputs", "a list of [[inputs]] tables", entries)
         inputs = []
-        for entry in data["inputs"]:
+        for i, entry in enumerate(entries):
+            _check_input_entry(entry, f"inputs[{i}]")
             path = entry["path"] if isinstance(entry, Mapping) else entry
             if base_dir is not None and not os.path.isabs(path):
                 path = os.path.join(base_dir, path)
@@ -179,9 +206,9 @@ class Recipe:
         return cls(
             method=data["method"],
             inputs=tuple(inputs),
-            params=dict(data.get("params", {})),
-            per_key={name: KeyWeights.from_dict(w) for name, w in data.get("per_key", {}).items()},
-            seed=int(data.get("seed", 0)),
+            params=dict(params),
+            per_key={str(name): KeyWeights.from_dict(w, f"per_key.{name}") for name, w in per_key.items()},
+            seed=data.get("seed", 0),
             dtype=data.get("dtype", "fp16"),
             mismatch=data.get("mismatch", "error"),
             prediction_type=data.get("prediction_type"),
@@ -195,6 +222,39 @@ class Recipe:
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write(path, self.to_toml())
+
+
+def _is_whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _expect(ok: bool, field_name: str, kind: str, value: Any) -> None:
+    """A one-line error naming the recipe field unless `ok`."""
+    if not ok:
+        where = f"recipe field `{field_name}`" if field_name else "a recipe"
+        raise LineageError(f"{where} must be {kind}, got {value!r}")
+
+
+INPUT_FIELDS = {"path": "a file path", "autov3": "a hex string", "name": "a string"}  # an [[inputs]] table's keys
+
+
+def _check_input_entry(entry: Any, field_name: str) -> None:
+    """An [[inputs]] entry: a path string, or a table of INPUT_FIELDS with at least `path`."""
+    if isinstance(entry, str):
+        return
+    _expect(isinstance(entry, Mapping), field_name, "a path or a table with `path`", entry)
+    unknown = set(entry) - set(INPUT_FIELDS)
+    if unknown:
+        raise LineageError(f"unknown fields in recipe `{field_name}`: {', '.join(sorted(map(str, unknown)))}; "
+                           f"known: {', '.join(INPUT_FIELDS)}")
+    _expect("path" in entry, f"{field_name}.path", "given", None)
+    for key, kind in INPUT_FIELDS.items():
+        value = entry.get(key)
+        if key == "autov3" and value is not None:
+            ok = isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
+        else:
+            ok = value is None and key != "path" or isinstance(value, str)
+        _expect(ok, f"{field_name}.{key}", kind, value)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

@@ -5,13 +5,17 @@ A parameter such as `alpha` can be
 - per component (`unet`, `clip_l`, `clip_g`, `vae`);
 - per block, in one of the block presets of `lineage.blocks` (supermerger's 20-value XL string in its
   current and legacy meaning, sd-mecha's blocks, ComfyUI's ModelMergeSDXL sliders, our finer set);
-- per key, by regular-expression overrides.
+- per key, by regular-expression overrides, searched in the key with RE2 (google-re2): its matching
+  time grows linearly with the key, so no pattern can hang a merge, also one read back from a
+  file's metadata. RE2 has no backreferences or lookaround; such a pattern is refused up front.
 The most specific wins: scalar < component < block < override (the last matching override wins).
 
 Convention: every value stored here is in the method's own convention; for `weighted_sum` `alpha`
 is the weight of the second model B, as in A1111/supermerger: (1-α)·A + α·B. ComfyUI's slider
 ratio is the weight of model 1, the opposite, so block strings given in the `comfyui` preset are
-converted on parsing (α = 1 - ratio) and stored as α.
+converted on parsing (α = 1 - ratio) and stored as α. A NAME=VALUE string leaves the blocks it does
+not name at the scalar value, except in the `comfyui` preset, where they stay at ComfyUI's untouched
+slider, ratio 1.0: model 1 kept (α = 0).
 
 A preset may leave keys "not merged" (supermerger before 2025-11 kept time_embed/label_emb of A,
 ComfyUI does not merge the text encoders or the VAE): for those `value_for` returns None and the
@@ -19,8 +23,8 @@ engine copies the first model's tensor, unless an override names the key.
 """
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +37,11 @@ DEFAULT_PRESET = "supermerger"
 
 # Presets whose block values users write as the weight of the FIRST model (converted to α = 1 - v).
 FIRST_MODEL_WEIGHT_PRESETS = frozenset({"comfyui"})
+
+# The value, in the preset's own convention, of a block a NAME=VALUE string does not name, for
+# presets whose untouched blocks have a value of their own: ComfyUI's sliders start at ratio 1.0.
+# (In other presets an unnamed block keeps the parameter's scalar value.)
+UNNAMED_BLOCK_VALUE: dict[str, float] = {"comfyui": 1.0}
 
 # supermerger's 26-value SD 1.x string: BASE, IN00..IN11, M00, OUT00..OUT11. SDXL has no IN09-11 /
 # OUT09-11, so such a string converts to the 20-value XL string by dropping those six.
@@ -52,7 +61,8 @@ def parse_blocks(text: str, preset: str = DEFAULT_PRESET) -> dict[str, float]:
     Two forms:
     - positional numbers in the preset's block order, e.g. supermerger's 20 values
       "BASE,IN00,…,IN08,M00,OUT00,…,OUT08" (a 26-value SD 1.x string is accepted and converted);
-    - named values, e.g. "IN04=0.3,M00=1" (blocks not named keep the parameter's scalar value).
+    - named values, e.g. "IN04=0.3,M00=1" (blocks not named keep the parameter's scalar value, or
+      the preset's UNNAMED_BLOCK_VALUE: ComfyUI's untouched sliders keep model 1).
     """
     _check_preset(preset)
     items = [s.strip() for s in text.replace("\n", ",").split(",") if s.strip()]
@@ -66,6 +76,8 @@ def parse_blocks(text: str, preset: str = DEFAULT_PRESET) -> dict[str, float]:
         if unknown:
             raise LineageError(f"unknown block names for preset {preset!r}: {', '.join(unknown)}; "
                                f"known: {', '.join(names)}")
+        if preset in UNNAMED_BLOCK_VALUE:
+            values = {n: values.get(n, UNNAMED_BLOCK_VALUE[preset]) for n in names}
     elif any("=" in s for s in items):
         raise LineageError("a block-weight string is either all numbers or all NAME=VALUE pairs, not a mix")
     else:
@@ -91,6 +103,41 @@ def _number(text: str, what: str) -> float:
         raise LineageError(f"{what}: {text.strip()!r} is not a number") from None
 
 
+@functools.lru_cache(maxsize=256)
+def _override_pattern(pattern: str) -> Any:
+    """An override's pattern compiled by RE2 (see the module doc); a one-line error if RE2 refuses it."""
+    import re2  # google-re2
+
+    options = re2.Options()
+    options.log_errors = False  # RE2 would also print the error on stderr
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as e:
+        reason = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise LineageError(f"key override pattern {pattern!r} is not valid RE2 syntax ({reason}); override "
+                           "patterns cannot use backreferences or lookaround") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _table(value: Any, field_name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise LineageError(f"recipe field `{field_name}` must be a table, got {value!r}")
+    return value
+
+
+def _numbers(value: Any, field_name: str) -> dict[str, float]:
+    """A table of numbers (name -> value), each checked."""
+    out = {}
+    for name, number in _table(value, field_name).items():
+        if not _is_number(number):
+            raise LineageError(f"recipe field `{field_name}.{name}` must be a number, got {number!r}")
+        out[str(name)] = float(number)
+    return out
+
+
 @dataclass(frozen=True)
 class KeyWeights:
     """How one merge parameter departs from its scalar value, key by key."""
@@ -112,10 +159,7 @@ class KeyWeights:
         if unknown:
             raise LineageError(f"unknown components {', '.join(unknown)}; known: {', '.join(COMPONENT_PREFIXES)}")
         for pattern, _ in self.overrides:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise LineageError(f"invalid key override pattern {pattern!r}: {e}") from None
+            _override_pattern(pattern)
 
     def value_for(self, key: str, scalar: float) -> float | None:
         """The parameter's value for `key` given its scalar value, or None when the preset leaves
@@ -128,9 +172,15 @@ class KeyWeights:
             block = block_of(key, self.preset)
             value = None if block is None else self.blocks.get(block, value)
         for pattern, override in self.overrides:
-            if re.search(pattern, key):
+            if _override_pattern(pattern).search(key):
                 value = override
         return value
+
+    def values(self) -> list[tuple[str, float]]:
+        """Every value it can give a key, with where it is set (for checking them all up front)."""
+        return [*((f"block {name}", v) for name, v in self.blocks.items()),
+                *((f"component {name}", v) for name, v in self.components.items()),
+                *((f"override {pattern!r}", v) for pattern, v in self.overrides)]
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON/TOML form (what recipes and the output's record store)."""
@@ -145,19 +195,41 @@ class KeyWeights:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> KeyWeights:
+    def from_dict(cls, data: Any, field_name: str = "per_key") -> KeyWeights:
+        """From the JSON/TOML form, every value type-checked; errors name the field (`field_name` is
+        where the table sits in the recipe, e.g. per_key.alpha)."""
+        data = _table(data, field_name)
         known = {"preset", "blocks", "components", "overrides"}
         unknown = set(data) - known
         if unknown:
-            raise LineageError(f"unknown weight fields {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+            raise LineageError(f"unknown fields in `{field_name}`: {', '.join(sorted(unknown))}; "
+                               f"known: {', '.join(sorted(known))}")
         preset = data.get("preset")
+        if preset is not None and not isinstance(preset, str):
+            raise LineageError(f"recipe field `{field_name}.preset` must be a preset name, got {preset!r}")
         blocks = data.get("blocks", {})
         if isinstance(blocks, str):  # a block string, in the preset's convention
             blocks = parse_blocks(blocks, preset or DEFAULT_PRESET)
             preset = preset or DEFAULT_PRESET
-        return cls(
-            preset=preset,
-            blocks={str(k): float(v) for k, v in blocks.items()},
-            components={str(k): float(v) for k, v in data.get("components", {}).items()},
-            overrides=tuple((str(o["pattern"]), float(o["value"])) for o in data.get("overrides", [])),
-        )
+        overrides = data.get("overrides", [])
+        if isinstance(overrides, str) or not isinstance(overrides, Sequence):
+            raise LineageError(f"recipe field `{field_name}.overrides` must be a list of "
+                               f"{{ pattern, value }} tables, got {overrides!r}")
+        pairs = []
+        for i, override in enumerate(overrides):
+            where = f"{field_name}.overrides[{i}]"
+            override = _table(override, where)
+            if set(override) != {"pattern", "value"}:
+                raise LineageError(f"recipe field `{where}` must have exactly `pattern` and `value`, "
+                                   f"got {', '.join(map(str, override)) or 'nothing'}")
+            if not isinstance(override["pattern"], str):
+                raise LineageError(f"recipe field `{where}.pattern` must be a string, got {override['pattern']!r}")
+            if not _is_number(override["value"]):
+                raise LineageError(f"recipe field `{where}.value` must be a number, got {override['value']!r}")
+            pairs.append((override["pattern"], float(override["value"])))
+        block_values = _numbers(blocks, f"{field_name}.blocks")
+        components = _numbers(data.get("components", {}), f"{field_name}.components")
+        try:
+            return cls(preset=preset, blocks=block_values, components=components, overrides=tuple(pairs))
+        except LineageError as e:  # a preset, block, component or pattern it does not know
+            raise LineageError(f"`{field_name}`: {e}") from None

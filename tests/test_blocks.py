@@ -18,6 +18,8 @@ P = "model.diffusion_model."
     ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight", {"supermerger": "BASE", "comfyui": None, "lineage": "CLIP_L"}),
     ("conditioner.embedders.1.model.ln_final.weight", {"supermerger": "BASE", "sd-mecha": "BASE", "lineage": "CLIP_G"}),
     ("first_stage_model.decoder.conv_in.weight", {"supermerger": "BASE", "sd-mecha": "VAE", "comfyui": None, "lineage": "VAE"}),
+    ("conditioner.embedders.1.model.text_projection", {"supermerger": None, "supermerger-legacy": None, "sd-mecha": "BASE",
+                                                       "lineage": "CLIP_G"}),
 ])
 def test_block_tables(key, expected):
     for scheme, block in expected.items():
@@ -32,8 +34,13 @@ def test_every_inventory_key_lands_in_a_named_block():
     counts = Counter(block_of(k, "lineage") for k in base_inventory())
     assert None not in counts and set(counts) == set(BLOCK_NAMES["lineage"])
     assert counts["CLIP_L"] == 197 and counts["CLIP_G"] == 390 and counts["VAE"] == 248
-    # supermerger's 20 values cover every UNet key.
-    assert all(block_of(k, "supermerger") for k in base_inventory())
+    # supermerger's 20 values cover every key with "weight" or "bias" in its name; it keeps model
+    # A's tensor for the others.
+    unmerged = sorted(k for k in base_inventory() if block_of(k, "supermerger") is None)
+    assert unmerged == ["conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+                        "conditioner.embedders.1.model.logit_scale",
+                        "conditioner.embedders.1.model.positional_embedding",
+                        "conditioner.embedders.1.model.text_projection"]
     assert len(BLOCK_NAMES["supermerger"]) == 20
 
 

@@ -145,3 +145,18 @@ def test_dare_kernel_matches_the_method(with_kernels, name, count):
 def test_kernels_accept_empty_tensors():
     empty = torch.zeros(0)
     assert kernels.linear_combination((empty, empty), (0.5, 0.5)).shape == (0,)
+
+
+@interpreted
+@pytest.mark.parametrize("name, params", [("ties", {"density": 0.3}), ("dare_ties", {"density": 0.5, "seed": 7}),
+                                          ("dare_linear", {"density": 0.5, "seed": 7})])
+def test_kernels_follow_the_non_finite_rule_as_the_cpu_does(with_kernels, name, params):
+    """NaN and Inf deltas take no TIES slot, dropped ones contribute nothing, kept ones stay non-finite."""
+    tensors = models_over_a_base(2)
+    for model, odd in zip(tensors[1:], (float("nan"), float("inf"))):
+        model.view(-1)[::7] = odd
+    out, reference = with_kernels(name, *tensors, **params)
+    assert torch.equal(out.isnan(), reference.isnan()) and torch.equal(out.isinf(), reference.isinf())
+    finite = torch.isfinite(reference)
+    assert torch.allclose(out[finite], reference[finite], rtol=1e-6, atol=1e-5)
+    assert finite.any() and (name == "ties") == bool(finite.all())  # TIES drops them all

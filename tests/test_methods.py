@@ -11,6 +11,7 @@ import torch
 from lineage.errors import LineageError
 from lineage.merge import methods, rng
 from lineage.merge.methods import METHODS, get_method, merge_method
+from lineage.merge.parameters import Count, Share
 
 
 def t(*rows) -> torch.Tensor:
@@ -81,18 +82,17 @@ def test_elementwise_methods_give_the_same_result_on_pieces(name):
 
 
 @pytest.mark.parametrize("name", [n for n, m in sorted(METHODS.items()) if m.statistics is not None])
-def test_statistics_from_the_ranking_entries_equal_those_of_the_whole_tensors(name):
-    """The engine computes a method's statistics from the inputs' ranking entries only (a strided
-    sample above EXACT_RANK_LIMIT entries); they must be exactly what the method computes itself,
-    and the method given them must return exactly its own result."""
+def test_statistics_from_the_stored_flat_tensors_equal_those_of_the_method(name):
+    """The engine gives a method's statistics each input's whole flat tensor as stored (fp16 views of
+    the mapped file); they must be exactly what the method computes itself on fp32 tensors, and the
+    method given them must return exactly its own result."""
     method = get_method(name)
-    inputs = sample_inputs(name, shape=(600, 1000))  # 600,000 entries: above the sample size
-    assert inputs[0].numel() > methods.EXACT_RANK_LIMIT
-    entries = [methods.ranking_entries(x) for x in inputs]
-    assert entries[0].numel() == methods.EXACT_RANK_LIMIT
-    from_entries = method.statistics(entries, method.defaults)
-    assert from_entries == method.statistics(inputs, method.defaults)
-    assert torch.equal(call(name, *inputs, statistics=from_entries), call(name, *inputs))
+    stored = [x.half() for x in sample_inputs(name, shape=(600, 1000))]  # above the old sample size
+    inputs = [x.float() for x in stored]
+    from_stored = method.statistics([x.reshape(-1) for x in stored], method.defaults)
+    assert from_stored == method.statistics(inputs, method.defaults)
+    assert torch.equal(call(name, *inputs, statistics=from_stored), call(name, *inputs))
+    assert all(torch.equal(x.float(), y) for x, y in zip(stored, inputs))  # inputs untouched
 
 
 @pytest.mark.parametrize("name", ["ties", "train_difference", "task_arithmetic", "breadcrumbs", "geometric_median"])
@@ -124,17 +124,64 @@ def test_unknown_method_lists_the_known_ones():
 def test_a_user_registers_a_method_from_a_script(monkeypatch):
     monkeypatch.setattr(methods, "METHODS", dict(METHODS))
 
-    @merge_method("midpoint_plus", min_models=2, max_models=2, elementwise=True)
+    @merge_method("midpoint_plus", elementwise=True)
     def midpoint_plus(a, b, *, offset: float = 0.0):
         """The midpoint of A and B plus `offset`."""
         return (a + b) / 2 + offset
 
     registered = methods.get_method("midpoint_plus")
     assert registered.defaults == {"offset": 0.0} and registered.elementwise and not registered.random
+    assert (registered.min_models, registered.max_models, registered.needs_base) == (2, 2, False)
     assert registered.doc == "The midpoint of A and B plus `offset`."
     assert torch.equal(registered.fn(t(1.0, 2.0), t(3.0, 6.0), offset=1.0), t(3.0, 5.0))
     with pytest.raises(LineageError, match="takes 2 models"):
         registered.check_model_count(3)
+    with pytest.raises(LineageError, match="parameter 'offset' must be a finite number, got inf"):
+        midpoint_plus(t(1.0), t(2.0), offset=math.inf)  # a plain float parameter is any finite number
+
+
+def test_a_signature_declares_base_model_count_randomness_and_parameter_types(monkeypatch):
+    monkeypatch.setattr(methods, "METHODS", dict(METHODS))
+
+    @merge_method("sparse_sum")
+    def sparse_sum(base, *models, share: Share = 0.5, rounds: Count = 2, seed: int):
+        """Keeps a random `share` of each delta, `rounds` times."""
+        return base
+
+    @merge_method("three_way")
+    def three_way(a, b, c, *, weight: float = 1.0):
+        """`weight` of the third."""
+        return a
+
+    declared = methods.get_method("sparse_sum")
+    assert (declared.needs_base, declared.min_models, declared.max_models, declared.random) == (True, 2, None, True)
+    assert declared.defaults == {"share": 0.5, "rounds": 2}  # seed is the engine's, not the user's
+    fixed = methods.get_method("three_way")
+    assert (fixed.needs_base, fixed.min_models, fixed.max_models, fixed.random) == (False, 3, 3, False)
+    with pytest.raises(LineageError, match="parameter 'share' must be in \\[0, 1\\], got 2"):
+        declared.check_params({"share": 2}, 3)
+    with pytest.raises(LineageError, match="parameter 'rounds' must be a whole number, got 1.5"):
+        declared.check_params({"rounds": 1.5}, 3)
+    with pytest.raises(LineageError, match="takes at least 2 models \\(the base first\\), got 1"):
+        sparse_sum(t(1.0), seed=0)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def f(a, b, *, x=1.0): ...", "parameter 'x' needs a type"),
+    ("def f(a, b, *, x: float): ...", "parameter 'x' needs a default"),
+    ("def f(a, b, *, x: Share = 1.5): ...", "the default of 'x' must be in \\[0, 1\\], got 1.5"),
+    ("def f(a, b, **extra): ...", "\\*\\*kwargs is not allowed"),
+    ("def f(*, x: float = 1.0): ...", "takes no models"),
+    ("def f(a, b, *, statistics=None): ...", "a `statistics` function and a `statistics` keyword parameter"),
+])
+def test_a_declaration_mistake_is_a_type_error_naming_the_method(monkeypatch, source, message):
+    monkeypatch.setattr(methods, "METHODS", dict(METHODS))
+    namespace = {"Share": Share}
+    exec(source, namespace)
+    with pytest.raises(TypeError, match=f"merge method 'bad': {message}"):
+        merge_method("bad")(namespace["f"])
+    with pytest.raises(TypeError, match="min_models is for methods taking \\*models"):
+        merge_method("bad", min_models=3)(lambda a, b: a)
 
 
 def test_random_methods_are_marked_and_their_seed_is_not_a_parameter():
@@ -200,10 +247,12 @@ def test_linear_normalises_the_weights():
 
 
 def test_linear_refuses_bad_weights():
-    with pytest.raises(LineageError, match="'linear': 2 weights given for 3 models"):
+    with pytest.raises(LineageError, match="'linear': parameter 'weights' takes one number per model \\(3\\), got 2"):
         methods.linear(t(1.0), t(2.0), t(3.0), weights=[1, 2])
-    with pytest.raises(LineageError, match="weights sum to 0"):
+    with pytest.raises(LineageError, match="'linear': the weights sum to 0"):
         methods.linear(t(1.0), t(2.0), weights=[1, -1])
+    with pytest.raises(LineageError, match="'linear': parameter 'weights' must be finite numbers, got \\[1, nan\\]"):
+        methods.linear(t(1.0), t(2.0), weights=[1, math.nan])
 
 
 def test_geometric_median_of_points_with_known_medians():
@@ -293,26 +342,16 @@ def test_ties_density_one_is_a_sign_elected_mean_and_zero_is_the_base():
     assert torch.equal(methods.ties(base, m1, m2, density=0.0), base)
 
 
-def test_ties_threshold_is_exact_up_to_the_limit_and_close_above():
-    g = torch.Generator().manual_seed(3)
-    small = torch.randn(methods.EXACT_RANK_LIMIT, generator=g)
-    kept = (methods.ties(torch.zeros_like(small), small, density=0.2) != 0).sum().item()
-    assert kept == round(0.2 * small.numel())  # continuous values: no ties
-    # Above the limit the threshold comes from a spread sample: rows with different scales and
-    # a column structure must not bias it.
-    large = torch.randn(600, 3000, generator=g) * torch.linspace(0.1, 3, 3000)
-    share = (methods.ties(torch.zeros_like(large), large, density=0.2) != 0).float().mean().item()
-    assert abs(share - 0.2) < 0.003
-
-
 def test_ties_refuses_bad_parameters():
     base, m = torch.zeros(3), torch.ones(3)
-    with pytest.raises(LineageError, match="'ties': density must be in \\[0, 1\\], got 1.5"):
+    with pytest.raises(LineageError, match="'ties': parameter 'density' must be in \\[0, 1\\], got 1.5"):
         methods.ties(base, m, density=1.5)
-    with pytest.raises(LineageError, match="'ties': weights must be positive"):
+    with pytest.raises(LineageError, match="'ties': parameter 'weights' must be positive"):
         methods.ties(base, m, m, weights=[1, 0])
-    with pytest.raises(LineageError, match="'ties': 1 weights given for 2 models"):
+    with pytest.raises(LineageError, match="'ties': parameter 'weights' takes one number per model \\(2\\), got 1"):
         methods.ties(base, m, m, weights=[1])
+    with pytest.raises(LineageError, match="'ties': parameter 'threshold' must be one of 'exact', 'sampled'"):
+        methods.ties(base, m, threshold="approximate")
 
 
 def _dare_mask(seed: int, stream: int, shape, density: float) -> torch.Tensor:
@@ -368,7 +407,7 @@ def test_dare_draws_an_independent_mask_per_model():
 
 
 def test_dare_refuses_zero_density():
-    with pytest.raises(LineageError, match="'dare_ties': density must be in \\(0, 1\\], got 0"):
+    with pytest.raises(LineageError, match="'dare_ties': parameter 'density' must be in \\(0, 1\\], got 0"):
         methods.dare_ties(torch.zeros(2), torch.ones(2), density=0, seed=1)
 
 
@@ -446,14 +485,209 @@ def test_model_stock_orthogonal_or_zero_deltas_keep_the_base_and_equal_ones_the_
     assert torch.allclose(methods.model_stock(base, same, same), same)
 
 
+# ---------------------------------------------------------------------------------------------
+# Exact thresholds on every tensor size
 
-def test_kth_largest_is_torch_kthvalue_exactly():
-    """The selection behind every magnitude threshold (numpy's partition on the CPU) picks the same
-    order statistic as torch.kthvalue, repeated values and signed zeros included."""
-    g = torch.Generator().manual_seed(5)
-    values = torch.cat([torch.randn(5000, generator=g).abs(), torch.zeros(300), -torch.zeros(200),
-                        torch.randint(0, 4, (500,), generator=g).float()])
-    for count in (1, 2, 299, 1000, 4700, 5300, values.numel()):
-        expected = torch.kthvalue(values, values.numel() - count + 1).values.item()
-        assert methods._kth_largest(values, count) == expected, count
-    assert methods._kth_largest(values, 0) == math.inf
+
+def _whole_tensor_threshold(tau: torch.Tensor, count: int) -> float:
+    """The count-th largest |τ| by torch.kthvalue over the whole tensor (+inf for count 0)."""
+    magnitudes = tau.abs().reshape(-1)
+    return math.inf if count == 0 else torch.kthvalue(magnitudes, magnitudes.numel() - count + 1).values.item()
+
+
+def reference_ties(base: torch.Tensor, models: list[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES written directly with whole-tensor operations (equal weights, alpha 1)."""
+    count = max(1, math.floor(density * base.numel() + 0.5))
+    trimmed = []
+    for model in models:
+        tau = model - base
+        trimmed.append(torch.where(tau.abs() >= _whole_tensor_threshold(tau, count), tau, 0.0))
+    elected = trimmed[0].clone()
+    for tau in trimmed[1:]:
+        elected += tau
+    agreeing_sum, agreeing_count = torch.zeros_like(base), torch.zeros_like(base)
+    for tau in trimmed:
+        agrees = (tau * elected > 0).float()
+        agreeing_sum += tau * agrees
+        agreeing_count += agrees
+    return torch.where(agreeing_count > 0, agreeing_sum / agreeing_count, 0.0) + base
+
+
+def reference_breadcrumbs(base: torch.Tensor, models: list[torch.Tensor], density: float, gamma: float) -> torch.Tensor:
+    n = base.numel()
+    dropped = math.floor(gamma * n + 0.5)
+    kept = min(max(1, math.floor(density * n + 0.5)), n - dropped)
+    out = base.clone()
+    for model in models:
+        tau = model - base
+        lower, upper = _whole_tensor_threshold(tau, dropped + kept), _whole_tensor_threshold(tau, dropped)
+        out += torch.where((tau.abs() >= lower) & (tau.abs() < upper), tau, 0.0)
+    return out
+
+
+def large_models(kind: str = "fp16", shape=(700, 1100), count=2, seed=21) -> list[torch.Tensor]:
+    """A base and fine-tunes with deltas of one kind: "fp16" (stored in fp16, as checkpoints are:
+    the deltas take few distinct magnitudes, so thresholds fall among many ties), "integers" (ties
+    of a seventh of the entries each), "continuous" (fp32, scales varying by column: no ties)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g) * 0.02
+    if kind == "fp16":
+        base = base.half().float()
+        return [base] + [(base + torch.randn(shape, generator=g) * 1e-3).half().float() for _ in range(count)]
+    if kind == "integers":
+        return [base] + [base + torch.randint(-3, 4, shape, generator=g).float() for _ in range(count)]
+    scale = torch.linspace(1e-4, 3e-3, shape[-1])
+    return [base] + [base + torch.randn(shape, generator=g) * scale for _ in range(count)]
+
+
+@pytest.mark.parametrize("density, kind", [(0.2, "fp16"), (0.05, "fp16"), (0.5, "integers"), (0.2, "continuous")])
+def test_ties_equals_a_whole_tensor_reference_above_the_old_sample_size(density, kind):
+    base, *models = large_models(kind)
+    assert base.numel() > 1 << 18  # where a 262,144-entry sample used to stand in for the tensor
+    expected = reference_ties(base, models, density)
+    assert torch.equal(methods.ties(base, *models, density=density), expected)
+    if kind == "continuous":  # the sampled estimate (still an option) does not: this test sees the difference
+        assert not torch.equal(methods.ties(base, *models, density=density, threshold="sampled"), expected)
+
+
+def test_ties_keeps_exactly_the_requested_count_on_a_large_tensor():
+    g = torch.Generator().manual_seed(3)
+    tau = torch.randn(600, 3000, generator=g) * torch.linspace(0.1, 3, 3000)  # continuous: no ties
+    kept = (methods.ties(torch.zeros_like(tau), tau, density=0.2) != 0).sum().item()
+    assert kept == round(0.2 * tau.numel())
+
+
+@pytest.mark.parametrize("density, gamma, kind", [(0.9, 0.01, "fp16"), (0.3, 0.1, "integers"), (0.5, 0.0, "fp16"),
+                                                 (0.8, 0.05, "continuous")])
+def test_breadcrumbs_equals_a_whole_tensor_reference_above_the_old_sample_size(density, gamma, kind):
+    base, *models = large_models(kind, seed=5)
+    expected = reference_breadcrumbs(base, models, density, gamma)
+    assert torch.equal(methods.breadcrumbs(base, *models, density=density, gamma=gamma), expected)
+    if kind == "continuous":
+        sampled = methods.breadcrumbs(base, *models, density=density, gamma=gamma, threshold="sampled")
+        assert not torch.equal(sampled, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite inputs (the module doc's rule)
+
+NAN, INF = math.nan, math.inf
+
+
+def test_a_nan_or_inf_delta_never_takes_a_ties_slot():
+    base = torch.zeros(4)
+    # density 0.25 keeps one entry of four: the largest finite |τ| (5), not the NaN or the Inf.
+    for odd in (NAN, INF, -INF):
+        assert torch.equal(methods.ties(base, t(odd, 5.0, 1.0, 0.5), density=0.25), t(0.0, 5.0, 0.0, 0.0))
+    # Above the old sample size too, where thresholds come from a bracketed pass.
+    base, model = large_models("continuous", count=1)
+    spoiled = model.clone().reshape(-1)
+    spoiled[::1000] = NAN
+    spoiled[7::1000] = INF
+    spoiled = spoiled.reshape(model.shape)
+    finite = torch.isfinite(spoiled)
+    expected = reference_ties(base, [torch.where(finite, spoiled, base)], 0.2)  # as if those entries were unchanged
+    out = methods.ties(base, spoiled, density=0.2)
+    assert torch.isfinite(out).all()
+    kept = (out != base).sum().item()
+    assert kept == round(0.2 * base.numel()) and torch.equal(out, expected)
+
+
+def test_breadcrumbs_drops_non_finite_deltas():
+    base = torch.zeros(5)
+    out = methods.breadcrumbs(base, t(NAN, INF, 3.0, 2.0, 1.0), density=0.4, gamma=0.2)  # drop 1 on top, keep 2
+    assert torch.equal(out, t(0.0, 0.0, 0.0, 2.0, 1.0))
+
+
+def test_a_dropped_nan_stays_dropped_in_dare_and_a_kept_one_stays_nan():
+    base = torch.zeros(4096)
+    model = torch.full((4096,), NAN)
+    kept = _dare_mask(5, 1, base.shape, 0.3).bool()
+    out = methods.dare_linear(base, model, density=0.3, seed=5)
+    assert torch.equal(out[~kept], base[~kept])  # NaN·0 would be NaN
+    assert out[kept].isnan().all()
+    for name in ("dare_ties", "della"):
+        out = call(name, base, model, density=0.3, seed=5)
+        assert (out == 0).any() and out.isnan().any() and not out.isinf().any()
+
+
+def test_inf_is_never_clamped_to_the_largest_float():
+    base = torch.zeros(2048)
+    model = torch.full((2048,), INF)
+    for name in ("dare_linear", "dare_ties"):
+        out = call(name, base, model, density=0.5, seed=1)
+        assert set(out.unique().tolist()) == {0.0, INF}, name  # not 3.4e38
+    assert methods.task_arithmetic(t(0.0), t(INF), alpha=0.5).item() == INF
+
+
+def test_a_nan_does_not_turn_model_stocks_cosine_into_one():
+    base = torch.zeros(3)
+    models = [t(1.0, 0.0, NAN), t(0.0, 1.0, 0.0)]  # orthogonal where both are finite
+    out = methods.model_stock(base, *models)
+    assert torch.equal(out[:2], t(0.0, 0.0))  # t = 0: the base, as for orthogonal deltas (not the average)
+    assert out[2].isnan()  # the NaN entry itself stays NaN
+
+
+def test_slerp_and_geometric_median_leave_non_finite_entries_out_of_their_statistics():
+    a, b = t(2.0, 0.0, 1.0), t(0.0, 2.0, NAN)
+    out = methods.slerp(a, b, alpha=0.5)
+    assert torch.allclose(out[:2], methods.slerp(a[:2], b[:2], alpha=0.5)) and out[2].isnan()
+    points = [t(0.0, NAN), t(1.0, 5.0), t(10.0, 7.0)]
+    median = methods.geometric_median(*points)
+    assert torch.allclose(median[0], t(1.0)[0], atol=1e-5) and median[1].isnan()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every parameter checked before any work: `lmerge merge --dry-run`
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--method", "ties", "--param", "density=1.5"),
+     "merge method 'ties': parameter 'density' must be in [0, 1], got 1.5"),
+    (("--method", "ties", "--param", "density=abc"),
+     "merge method 'ties': parameter 'density' must be a number, got 'abc'"),
+    (("--method", "ties", "--param", "alpha=nan"),
+     "merge method 'ties': parameter 'alpha' must be a finite number, got nan"),
+    (("--method", "ties", "--param", "weights=1,2,3"),
+     "merge method 'ties': parameter 'weights' takes one number per model (2), got 3: [1.0, 2.0, 3.0]"),
+    (("--method", "dare_ties", "--param", "density=0"),
+     "merge method 'dare_ties': parameter 'density' must be in (0, 1], got 0"),
+    (("--method", "breadcrumbs", "--param", "density=0.95", "--param", "gamma=0.1"),
+     "merge method 'breadcrumbs': density + gamma must be at most 1, got 0.95 + 0.1"),
+    (("--method", "ties", "--param", "threshold=fast"),
+     "merge method 'ties': parameter 'threshold' must be one of 'exact', 'sampled', got 'fast'"),
+    (("--method", "ties", "--blocks", "nan" + ",0" * 19),
+     "merge method 'ties': parameter 'alpha' must be a finite number, got nan (per_key.alpha block BASE)"),
+])
+def test_dry_run_refuses_a_bad_parameter_naming_it(lmerge, trio, tmp_path, args, message):
+    code, _, stderr = lmerge("merge", trio["base"], trio["x"], trio["y"], "-o", tmp_path / "out.safetensors",
+                             *args, "--dry-run")
+    assert code == 1 and message in stderr and stderr.count("\n") == 1, stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_checks_every_per_key_value_of_a_recipe(lmerge, trio, tmp_path):
+    inputs = "".join(f'[[inputs]]\npath = "{trio[n]}"\n' for n in ("base", "x", "y"))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('method = "ties"\n[per_key.density]\noverrides = [{ pattern = "attn2", value = 1.5 }]\n' + inputs)
+    code, _, stderr = lmerge("merge", "--recipe", recipe, "-o", tmp_path / "out.safetensors", "--dry-run")
+    assert code == 1 and stderr.count("\n") == 1
+    assert "parameter 'density' must be in [0, 1], got 1.5 (per_key.density override 'attn2')" in stderr
+    # Values fine one by one but not together on some keys: the key is named.
+    recipe.write_text('method = "breadcrumbs"\n[params]\ndensity = 0.95\n'
+                      '[per_key.gamma]\noverrides = [{ pattern = "attn2\\\\.to_k", value = 0.1 }]\n' + inputs)
+    code, _, stderr = lmerge("merge", "--recipe", recipe, "-o", tmp_path / "out.safetensors", "--dry-run")
+    assert code == 1 and stderr.count("\n") == 1
+    assert "density + gamma must be at most 1, got 0.95 + 0.1 (key model.diffusion_model." in stderr
+    assert ".attn2.to_k." in stderr
+
+
+def test_methods_lists_types_peer_differences_and_the_non_finite_rule(lmerge):
+    code, stdout, _ = lmerge("methods")
+    assert code == 0
+    assert "density: number in [0, 1]" in stdout and "threshold: exact | sampled" in stdout
+    for peer_note in ("lerp(‖A‖, ‖B‖, alpha)", "vote_sgn", "della_eps"):  # SLERP norms, TIES signs, DELLA
+        assert peer_note in stdout
+    assert methods.NONFINITE_RULE in stdout and "never takes a TIES" not in methods.NONFINITE_RULE[:20]
+    code, stdout, _ = lmerge("methods", "ties")
+    assert code == 0 and stdout.startswith("ties  [base first, elementwise]") and "sampled" in stdout

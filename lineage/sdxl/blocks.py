@@ -16,6 +16,10 @@ CLIP_L = r"conditioner\.embedders\.0\."
 CLIP_G = r"conditioner\.embedders\.1\."
 VAE = r"first_stage_model\."
 
+# supermerger merges only keys with "weight" or "bias" in their names: the others (OpenCLIP-G's
+# `positional_embedding` and `text_projection`) keep model A's tensor. Matches exactly those keys.
+NEITHER_WEIGHT_NOR_BIAS = r"(?!.*(?:weight|bias))"
+
 _UNET_LEVELS = [
     (UNET + r"input_blocks\.(\d+)\.", "IN{0:02d}"),
     (UNET + r"middle_block\.", "M00"),
@@ -27,6 +31,7 @@ SCHEMES: dict[str, list[tuple[str, str | None]]] = {
     # sd-webui-supermerger since 2025-11: 20 values BASE, IN00..IN08, M00, OUT00..OUT08.
     # time_embed/label_emb follow IN00; the text encoders and the VAE take BASE.
     "supermerger": [
+        (NEITHER_WEIGHT_NOR_BIAS, None),
         (TEXT, "BASE"),
         (VAE, "BASE"),
         (UNET + r"(?:time_embed|label_emb)\.", "IN00"),
@@ -34,6 +39,7 @@ SCHEMES: dict[str, list[tuple[str, str | None]]] = {
     ],
     # supermerger before 2025-11: the same 20 values, but time_embed/label_emb were not merged.
     "supermerger-legacy": [
+        (NEITHER_WEIGHT_NOR_BIAS, None),
         (TEXT, "BASE"),
         (VAE, "BASE"),
         (UNET + r"(?:time_embed|label_emb)\.", None),
