@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import replace
 from typing import Any
 
@@ -114,13 +115,18 @@ def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alph
         result.recipe.save(save_recipe)
     if as_json:
         click.echo(json.dumps({"path": result.path, "autov3": result.autov3, "node": result.node,
+                               "record_error": result.record_error,
                                "nonfinite": [list(x) for x in result.nonfinite], "plan": result.plan.summary(),
                                "recipe": result.recipe.to_dict()}, indent=2))
-        return
-    click.echo(f"wrote {output} (AutoV3 {result.autov3[:12]}, {result.plan.counts().get(recipe.method, 0)} tensors "
-               f"merged by {recipe.method}, {len(result.plan.steps)} in all)")
-    if result.node:
-        click.echo(f"recorded as node {result.node}")
+    else:
+        click.echo(f"wrote {output} (AutoV3 {result.autov3[:12]}, {result.plan.counts().get(recipe.method, 0)} "
+                   f"tensors merged by {recipe.method}, {len(result.plan.steps)} in all)")
+        if result.node:
+            click.echo(f"recorded as node {result.node}")
+    if result.record_error:  # the output is complete and stays: recording it can be done again
+        later = f"lmerge scan {shlex.quote(output)}" + (f" --registry {shlex.quote(registry)}" if registry else "")
+        click.echo(f"warning: {output} was written but not recorded in the registry ({result.record_error}); "
+                   f"record it later with `{later}`", err=True)
 
 
 @click.command("reproduce")

@@ -12,8 +12,9 @@ Conventions every method follows:
 - Methods marked `elementwise` compute each output entry from the same entry of the inputs alone
   (no whole-tensor statistic such as a norm or a top-k), so the engine may run them on pieces.
 - A method may also declare `statistics`: a cheap per-tensor step, `statistics(inputs, params)`,
-  that computes scalars (e.g. TIES' magnitude thresholds) from the inputs' entries at
-  `ranking_positions(numel)` only, and gives the same result on the whole inputs. The method takes
+  that computes scalars (e.g. TIES' magnitude thresholds) from each input's whole flat tensor as
+  stored (any dtype; the engine passes them before converting anything), reading the entries at
+  `ranking_positions(numel)` only, and gives the same result on the fp32 inputs. The method takes
   them as its keyword `statistics` (None: it computes them itself); given them, an `elementwise`
   method is elementwise, so the engine computes them once per tensor and then runs it on pieces.
 
@@ -58,7 +59,7 @@ class MergeMethod:
     random: bool  # takes a per-tensor `seed`
     defaults: dict[str, Any] = field(default_factory=dict)  # keyword parameters and their defaults
     elementwise: bool = False  # each output entry depends only on the same entry of the inputs (and the statistics)
-    # Per-tensor scalars from the inputs' ranking entries, passed to fn as `statistics` (see the module doc).
+    # Per-tensor scalars from the inputs' whole flat tensors as stored, passed to fn as `statistics` (module doc).
     statistics: Callable[[Sequence[torch.Tensor], Mapping[str, Any]], Any] | None = None
 
     @property
@@ -194,7 +195,7 @@ def ranking_entries(x: torch.Tensor) -> torch.Tensor:
 
 def _delta_magnitudes_for_ranking(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     """|model − base| at the ranking positions (every entry for small tensors, a sample above)."""
-    return (ranking_entries(model) - ranking_entries(base)).abs_()
+    return (ranking_entries(model).float() - ranking_entries(base).float()).abs_()
 
 
 def _kth_largest(values: torch.Tensor, count: int) -> float:

@@ -192,7 +192,11 @@ class Recipe:
         return to_toml(self.to_dict())
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.to_toml())
+        """Write the recipe as TOML, its input paths relative to the recipe file's folder (as `load_recipe`
+        reads them): a shared recipe carries no absolute local paths."""
+        folder = os.path.dirname(os.path.abspath(path))
+        relative = self.with_paths([os.path.relpath(os.path.abspath(i.path), folder) for i in self.inputs])
+        Path(path).write_text(relative.to_toml())
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
