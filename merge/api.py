@@ -82,7 +82,7 @@ def plan(recipe: Recipe, workers: int = DEFAULT_WORKERS) -> MergePlan:
         return plan_merge(recipe, files, workers)
 
 
-def run_recipe(recipe: Recipe, output: str | None, *, title: str | None = None, known_autov3: Sequence[str | None] = (),
+def run_recipe(recipe: Recipe, output: str | None, *, registry: Any = None, title: str | None = None,
                workers: int = DEFAULT_WORKERS, progress: bool = True,
                fail_on_nonfinite: bool = False) -> tuple[MergePlan, RunResult, list[tuple[str, str]]]:
     """Plan and run a recipe into `output` with its metadata (None: only compute the output's AutoV3).
@@ -94,15 +94,16 @@ def run_recipe(recipe: Recipe, output: str | None, *, title: str | None = None, 
 
     with ExitStack() as stack:
         inputs = [stack.enter_context(InputFile(i.path)) for i in recipe.inputs]
+        known = _known_hashes(recipe, registry)  # after opening: a later change shows in the run's own checks
         merge_plan = plan_merge(recipe, [f.header for f in inputs], workers)
         jobs = MergeJobs(merge_plan, [f.path for f in inputs], fail_on_nonfinite)
-        name = title or Path(output or recipe.inputs[0].path).stem
+        name = title or Path(output or "").stem
 
         def metadata(input_autov3: list[str | None], output_autov3: str | None) -> dict[str, str]:
             return merge_metadata(recipe.with_hashes(input_autov3), merge_plan.prediction_type, name, output_autov3,
                                   [f.header.metadata for f in inputs])
 
-        result = run_jobs(inputs, jobs.jobs(), output, metadata=metadata, known_autov3=known_autov3,
+        result = run_jobs(inputs, jobs.jobs(), output, metadata=metadata, known_autov3=known,
                           expected_autov3=[i.autov3 for i in recipe.inputs], workers=workers, progress=progress,
                           description="merge")
     return merge_plan, result, jobs.nonfinite
@@ -125,8 +126,7 @@ def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLik
         raise LineageError(f"options {', '.join(options)} are part of the recipe; set them on the Recipe")
     output = os.fspath(output)
     refuse_overwriting_inputs(output, [i.path for i in recipe.inputs])
-    known = _known_hashes(recipe, registry)
-    merge_plan, result, nonfinite = run_recipe(recipe, output, title=title, known_autov3=known, workers=workers,
+    merge_plan, result, nonfinite = run_recipe(recipe, output, registry=registry, title=title, workers=workers,
                                                progress=progress, fail_on_nonfinite=fail_on_nonfinite)
     hashed = recipe.with_hashes(result.input_autov3)
     node, record_error = None, None

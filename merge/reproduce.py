@@ -84,7 +84,7 @@ def reproduce(path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = 
     recipe = recipe.with_paths(locate_inputs(recipe, path, inputs, registry))
     used = [i.path for i in recipe.inputs]
     if output is not None:
-        result = merge(recipe, output, record=False, workers=workers, progress=progress)
+        result = merge(recipe, output, record=False, registry=registry, workers=workers, progress=progress)
         return Reproduction(path, expected, result.autov3, used, os.fspath(output))
-    _, run, _ = run_recipe(recipe, None, workers=workers, progress=progress)
+    _, run, _ = run_recipe(recipe, None, registry=registry, workers=workers, progress=progress)
     return Reproduction(path, expected, run.output_autov3, used, None)

@@ -296,7 +296,8 @@ def test_a_killed_merge_leaves_nothing_at_the_destination(trio, tmp_path):
     assert [hash_file(p).sha256 for p in (trio["base"], trio["x"])] == before
 
 
-def test_recording_a_merge_does_not_read_the_output_again(trio, tmp_path, monkeypatch):
+def test_recording_a_merge_reads_no_file_again(trio, tmp_path, monkeypatch):
+    """The output's AutoV3 comes from the write stream, the inputs' from the run's own hashing."""
     import lineage.graph.recording as recording
     from lineage.graph.registry import Registry
 
@@ -305,10 +306,26 @@ def test_recording_a_merge_does_not_read_the_output_again(trio, tmp_path, monkey
     real_hash_file = recording.hash_file
     monkeypatch.setattr(recording, "hash_file", lambda p: hashed.append(str(p)) or real_hash_file(p))
     out = merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", alpha=0.5, registry=registry)
-    assert str(out.path) not in hashed  # the AutoV3 computed while writing is the node id
+    assert hashed == []  # neither the output nor the inputs (new to this registry) are read again
     assert out.node == out.autov3 == hash_file(out.path).autov3
-    node = Registry(registry).node(out.node)
-    assert node["hashes"] == {"autov3": out.autov3}
+    with Registry(registry) as reg:
+        assert reg.node(out.node)["hashes"] == {"autov3": out.autov3}
+        assert set(reg.user_graph().predecessors(out.node)) == {hash_file(p).autov3 for p in (trio["base"], trio["x"])}
+
+
+def test_known_input_hashes_come_from_one_registry_lookup(trio, tmp_path, monkeypatch):
+    from lineage.graph.registry import Registry
+
+    registry = tmp_path / "reg.sqlite"
+    merge([trio["base"], trio["x"]], tmp_path / "first.safetensors", registry=registry)  # the registry sees the inputs
+    lookups = []
+    real_known_file = Registry.known_file
+    monkeypatch.setattr(Registry, "known_file", lambda self, p: lookups.append(str(p)) or real_known_file(self, p))
+    hashed = []
+    monkeypatch.setattr("lineage.engine.inputs.InputFile.data_autov3", lambda self, stop=None: hashed.append(self.path))
+    again = merge([trio["base"], trio["x"]], tmp_path / "again.safetensors", alpha=0.2, registry=registry)
+    assert lookups == [trio["base"], trio["x"]] and hashed == []  # looked up once, not hashed, not looked up again
+    assert again.recipe.inputs[0].autov3 == hash_file(trio["base"]).autov3
 
 
 LARGE_KEY = "model.diffusion_model.lineage_test_large.weight"  # an extra key: 600,000 entries

@@ -346,3 +346,22 @@ def test_data_section_hash_of_an_input(trio):
     with InputFile(trio["y"]) as f:
         data = open(trio["y"], "rb").read()[f.header.data_start:]
         assert f.data_autov3() == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("anonymous", [True, False])
+def test_a_file_that_cannot_be_put_in_place_is_one_error_and_leaves_the_old_one(tmp_path, monkeypatch, anonymous):
+    import errno
+
+    if not anonymous:
+        monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+    out = tmp_path / "m.safetensors"
+    save_file({"old": torch.zeros(2)}, out)
+    before = out.read_bytes()
+
+    def refused(src, dst):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(LineageError, match="cannot put the output in place \\(Permission denied\\)"):
+        save_file({"new": torch.ones(3)}, out)
+    assert os.listdir(tmp_path) == ["m.safetensors"] and out.read_bytes() == before

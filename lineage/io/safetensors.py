@@ -383,6 +383,9 @@ class SafetensorsWriter:
                 self._name = None
             os.close(self._fd)
             self._fd = -1
+        except OSError as e:
+            self.abort()
+            raise LineageError(f"cannot put the output in place ({e.strerror}); nothing was written", self.path) from None
         except BaseException:
             self.abort()
             raise
