@@ -19,7 +19,7 @@ from lineage.io import direct_write
 # merge/methods.py's SLICE_ELEMENTS, so an elementwise method takes each piece whole.
 CHUNK_ELEMENTS = 1 << 18
 OUTPUT_SLOTS_PER_WORKER = 4  # jobs in flight per worker: one that finishes early takes more while a long one runs
-WHOLE_REUSE_BYTES = 64 << 20  # whole-tensor buffers a worker reuses, per source; larger tensors get their own
+WHOLE_REUSE_BYTES = 64 << 20  # a worker keeps whole-tensor buffers up to this size (see executor._WorkerBuffers)
 SLOT_ALIGN = 64  # each output's offset in its job's slot: any dtype can view it, and no cache line is shared
 
 

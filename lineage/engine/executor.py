@@ -7,8 +7,8 @@ Running overlaps reading, computing and writing:
   (InputFile.prefetch), so a worker finds them in the page cache;
 - a worker checks that the job's inputs are unchanged (lineage/engine/inputs.py), hands the job a
   reader per source and a view of each of its outputs inside an output slot, and calls it. Readers
-  read through buffers the worker reuses for every job (stored bytes, fp32 chunks, whole fp32
-  tensors), so no page is freshly faulted per tensor;
+  read into buffers that cost no freshly faulted pages per tensor: recycled by the allocator, or
+  kept by the worker where the allocator would not (_WorkerBuffers);
 - the calling thread takes finished jobs in file order and gives their outputs to the writer, which
   hashes them (the output's AutoV3) and streams them to disk in large direct-I/O blocks from its own
   threads (lineage/io/direct_write.py); the slot is then reused. A run without an output file (a
@@ -42,7 +42,7 @@ from tqdm import tqdm
 from lineage.errors import LineageError
 from lineage.io.safetensors import DTYPES, SafetensorsWriter, TensorInfo, tensor_bytes
 
-from .allocator import keep_freed_memory
+from .allocator import KEEP_MMAP_THRESHOLD, keep_freed_memory
 from .budget import CHUNK_ELEMENTS, OUTPUT_SLOTS_PER_WORKER, SLOT_ALIGN, WHOLE_REUSE_BYTES
 from .inputs import InputFile
 from .jobs import Job
@@ -66,28 +66,28 @@ class RunResult:
 
 
 class _WorkerBuffers(threading.local):
-    """Buffers one worker thread reuses for every job. Per source position: a staging buffer for
-    stored bytes (a chunk, or a whole tensor) and a whole-tensor fp32 buffer; and one fp32 block whose
-    rows hold a chunk of each source (so one reduction can look at all of them). Buffers above
-    WHOLE_REUSE_BYTES (the few huge tensors, e.g. token embeddings) are allocated for the job alone."""
+    """Buffers one worker thread keeps from job to job, so that reading costs no freshly faulted pages.
+    Most buffers need no keeping: while a run lasts, glibc recycles freed blocks up to the allocator's
+    KEEP_MMAP_THRESHOLD (allocator.py), and maps larger ones afresh. That is cheap for the few large
+    tensors read as stored, but jobs that convert whole tensors to fp32 double their size, and many
+    of those land above the threshold: a worker keeps one fp32 buffer per source position for them,
+    up to WHOLE_REUSE_BYTES (larger ones, the token embeddings, are allocated per job). It also keeps
+    one fp32 block whose rows hold a chunk of each source (so one reduction can look at all of them)."""
 
     def __init__(self) -> None:
-        self.chunk_staging: list[torch.Tensor] = []
-        self.whole_staging: list[torch.Tensor] = []
-        self.whole_fp32: list[torch.Tensor] = []
+        self.fp32: list[torch.Tensor] = []
         self.rows = torch.empty(0, CHUNK_ELEMENTS, dtype=torch.float32)
 
-    @staticmethod
-    def reused(pool: list[torch.Tensor], position: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A flat tensor of `numel` elements of `dtype` from `pool[position]`, grown as needed."""
-        nbytes = numel * dtype.itemsize
-        if nbytes > WHOLE_REUSE_BYTES:
-            return torch.empty(numel, dtype=dtype)
-        while len(pool) <= position:
-            pool.append(torch.empty(0, dtype=torch.uint8))
-        if pool[position].numel() < nbytes:
-            pool[position] = torch.empty(nbytes, dtype=torch.uint8)
-        return pool[position][:nbytes].view(dtype)
+    def whole_fp32(self, position: int, numel: int) -> torch.Tensor:
+        """A flat fp32 tensor of `numel` elements, kept for `position` when its size is worth keeping."""
+        nbytes = numel * 4
+        if not KEEP_MMAP_THRESHOLD < nbytes <= WHOLE_REUSE_BYTES:
+            return torch.empty(numel, dtype=torch.float32)
+        while len(self.fp32) <= position:
+            self.fp32.append(torch.empty(0, dtype=torch.float32))
+        if self.fp32[position].numel() < numel:
+            self.fp32[position] = torch.empty(numel, dtype=torch.float32)
+        return self.fp32[position][:numel]
 
     def chunk_rows(self, n: int) -> torch.Tensor:
         if self.rows.shape[0] < n:
@@ -96,8 +96,8 @@ class _WorkerBuffers(threading.local):
 
 
 class SourceReader:
-    """A job's access to one of its source tensors, through the worker's reused buffers. What it
-    returns stays valid until the job returns (`elements`: until this reader's next read)."""
+    """A job's access to one of its source tensors, through the worker's buffers. What it returns
+    stays valid until the job returns."""
 
     def __init__(self, file: InputFile, info: TensorInfo, buffers: _WorkerBuffers, position: int):
         self.file = file
@@ -118,23 +118,23 @@ class SourceReader:
     def stored(self) -> torch.Tensor:
         """The whole tensor, flat, in its stored dtype (read once per job)."""
         if self._stored is None:
-            stored = _WorkerBuffers.reused(self._buffers.whole_staging, self._position, self.numel, self.dtype)
+            stored = torch.empty(self.numel, dtype=self.dtype)
             self._read(self.info.begin, stored)
             self._stored = stored
         return self._stored
 
     def elements(self, start: int, count: int) -> torch.Tensor:
         """Elements [start, start + count) of the flat tensor in the stored dtype: a slice of the
-        whole tensor once `stored()` has read it, else read now into a chunk-sized buffer."""
+        whole tensor once `stored()` has read it, else read now into a new chunk-sized tensor."""
         if self._stored is not None:
             return self._stored[start:start + count]
-        chunk = _WorkerBuffers.reused(self._buffers.chunk_staging, self._position, count, self.dtype)
+        chunk = torch.empty(count, dtype=self.dtype)
         self._read(self.info.begin + start * self.dtype.itemsize, chunk)
         return chunk
 
     def fp32(self) -> torch.Tensor:
-        """The whole tensor in fp32 and in its shape, converted chunk by chunk into a reused buffer."""
-        whole = _WorkerBuffers.reused(self._buffers.whole_fp32, self._position, self.numel, torch.float32)
+        """The whole tensor in fp32 and in its shape, converted chunk by chunk into the worker's buffer."""
+        whole = self._buffers.whole_fp32(self._position, self.numel)
         for start in range(0, self.numel, CHUNK_ELEMENTS):
             count = min(CHUNK_ELEMENTS, self.numel - start)
             whole[start:start + count].copy_(self.elements(start, count))
