@@ -464,3 +464,32 @@ def test_published_metadata_and_saved_recipes_carry_no_local_paths(lmerge, trio,
     code, stdout, stderr = lmerge("reproduce", moved / "m.safetensors")
     assert code == 0, stderr
     assert f"input {moved / 'base.safetensors'}" in stdout and "matches" in stdout
+
+
+def test_statistics_get_each_inputs_whole_flat_tensor_as_stored(trio, tmp_path, monkeypatch):
+    """The contract exact thresholds build on: `statistics([flat input 0, flat input 1, ...], params)`."""
+    from lineage.merge import methods
+
+    seen = []
+
+    def statistics(inputs, params):
+        seen.append([(x.dtype, tuple(x.shape)) for x in inputs])
+        return [float(x.float().abs().max()) for x in inputs]
+
+    def scaled(a, b, *, statistics=None):
+        return b * (statistics[0] / max(statistics[1], 1e-30)) if statistics else b
+
+    monkeypatch.setitem(methods.METHODS, "scaled", methods.MergeMethod(
+        "scaled", scaled, needs_base=False, min_models=2, max_models=2, random=False, elementwise=True,
+        statistics=statistics))
+    merged, _ = _tensors(merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", method="scaled",
+                               record=False).path)
+    a, _ = _tensors(trio["base"])
+    b, _ = _tensors(trio["x"])
+    merged_keys = [k for k in a if not is_pass_through(k)]
+    assert len(seen) == len(merged_keys)
+    assert all(len(call) == 2 and call[0] == call[1] and call[0][0] == torch.float16 for call in seen)
+    assert sorted(call[0][1] for call in seen) == sorted((a[k].numel(),) for k in merged_keys)
+    key = "model.diffusion_model.out.2.weight"
+    scale = a[key].float().abs().max() / b[key].float().abs().max()
+    assert torch.equal(merged[key], (b[key].float() * scale).half())
