@@ -493,3 +493,18 @@ def test_statistics_get_each_inputs_whole_flat_tensor_as_stored(trio, tmp_path, 
     key = "model.diffusion_model.out.2.weight"
     scale = a[key].float().abs().max() / b[key].float().abs().max()
     assert torch.equal(merged[key], (b[key].float() * scale).half())
+
+
+@pytest.mark.parametrize("method", ["weighted_sum", "slerp"])  # chunked, and whole fp32 tensors
+def test_inputs_stored_as_fp32_are_read_straight_into_the_fp32_buffers(trio, tmp_path, method):
+    paths = []
+    for name in ("base", "x"):
+        tensors, metadata = _tensors(trio[name])
+        paths.append(str(tmp_path / f"{name}32.safetensors"))
+        save_file({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, paths[-1], metadata)
+    merged, _ = _tensors(merge(paths, tmp_path / "m.safetensors", method=method, alpha=0.3, dtype="fp32",
+                               record=False).path)
+    a, _ = _tensors(paths[0])
+    b, _ = _tensors(paths[1])
+    for key in ("model.diffusion_model.out.2.weight", "conditioner.embedders.1.model.token_embedding.weight"):
+        assert torch.equal(merged[key], get_method(method).fn(a[key], b[key], alpha=0.3)), key

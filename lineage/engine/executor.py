@@ -136,9 +136,16 @@ class SourceReader:
         """The whole tensor in fp32 and in its shape, converted chunk by chunk into the worker's buffer."""
         whole = self._buffers.whole_fp32(self._position, self.numel)
         for start in range(0, self.numel, CHUNK_ELEMENTS):
-            count = min(CHUNK_ELEMENTS, self.numel - start)
-            whole[start:start + count].copy_(self.elements(start, count))
+            self.fp32_into(start, whole[start:start + CHUNK_ELEMENTS])
         return whole.view(self.shape)
+
+    def fp32_into(self, start: int, out: torch.Tensor) -> None:
+        """Elements [start, start + len(out)) converted to fp32 into `out` (flat, contiguous); read
+        straight into it when the tensor is stored as fp32."""
+        if self.dtype == torch.float32 and self._stored is None:
+            self._read(self.info.begin + start * 4, out)
+        else:
+            out.copy_(self.elements(start, out.numel()))
 
     def copy_to(self, out: torch.Tensor) -> None:
         """Copy the tensor's stored bytes into `out`, a contiguous tensor of the same dtype and shape
@@ -175,7 +182,7 @@ class JobContext:
         for start in range(0, numel, CHUNK_ELEMENTS):
             block = rows[:, :min(CHUNK_ELEMENTS, numel - start)]
             for row, reader in zip(block, readers):
-                row.copy_(reader.elements(start, block.shape[1]))
+                reader.fp32_into(start, row)
             yield start, block
 
 
