@@ -104,7 +104,7 @@ def prepare(directory: Path, env: dict[str, str]) -> dict[str, str]:
             write_child(files["base"], files[name], seed=seed)
     start = time.perf_counter()
     for path in files.values():  # once: the registry then knows each unchanged file's hashes
-        subprocess.run([sys.executable, "-m", "lineage.cli", "add", str(path)], check=True, env=env,
+        subprocess.run([sys.executable, "-m", "lineage", "add", str(path)], check=True, env=env,
                        capture_output=True)
     print(f"recorded the inputs in the registry ({time.perf_counter() - start:.1f} s, 0 when known already)")
     return {k: str(v) for k, v in files.items()}
@@ -135,7 +135,7 @@ def main() -> None:
             commands = {
                 "I/O floor": [sys.executable, "-c", FLOOR, out, *inputs],
                 "floor, O_DIRECT": [sys.executable, "-c", FLOOR_DIRECT, out, *inputs],
-                "lmerge merge": [sys.executable, "-m", "lineage.cli", "merge", *inputs, "-o", out, *options,
+                "lmerge merge": [sys.executable, "-m", "lineage", "merge", *inputs, "-o", out, *options,
                                  "--no-record"],
             }
             if not args.skip_mecha:

@@ -15,17 +15,20 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lineage.errors import LineageError
 from lineage.io.hashing import FileHashes
 from lineage.io.atomic import file_destination
 from lineage.io.safetensors import SafetensorsFile
 
-from .engine import MergePlan, plan_merge, run_plan
+from .planner import MergePlan, plan_merge
 from .recipe import Input, ParamValue, Recipe
-from .records import edge_weights, merge_metadata
+from .records import edge_weights, merge_metadata, record_of
 from .weights import DEFAULT_PRESET, KeyWeights, parse_blocks
+
+if TYPE_CHECKING:
+    from lineage.engine.executor import RunResult
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 2)
 
@@ -37,7 +40,8 @@ class MergeResult:
     recipe: Recipe  # with the inputs' AutoV3 filled in
     plan: MergePlan
     nonfinite: list[tuple[str, str]]  # (input path, key) of input tensors holding NaN / Inf
-    node: str | None  # the registry node id, None with record=False
+    node: str | None  # the registry node id; None with record=False or when recording failed
+    record_error: str | None = None  # why the written output could not be recorded (`lmerge scan` it later)
 
 
 def build_recipe(inputs: Sequence[str | os.PathLike], *, method: str = "weighted_sum", alpha: float | None = None,
@@ -63,18 +67,13 @@ def build_recipe(inputs: Sequence[str | os.PathLike], *, method: str = "weighted
 
 def _known_hashes(recipe: Recipe, registry: Any) -> list[str | None]:
     """Inputs' AutoV3 from an existing registry that has seen the unchanged files (saves hashing
-    them); a registry that does not exist yet is not created for this."""
-    from lineage.graph.registry import Registry, default_registry_path, open_registry
+    them), in one call; a registry that does not exist yet is not created for this."""
+    from lineage.graph.registry import Registry, default_registry_path, using_registry
 
     if not isinstance(registry, Registry) and not Path(registry or default_registry_path()).exists():
         return [None] * len(recipe.inputs)
-    reg = open_registry(registry)
-    try:
-        known = [reg.known_file(i.path) for i in recipe.inputs]
-    finally:
-        if reg is not registry:
-            reg.close()
-    return [k[1]["autov3"] if k else None for k in known]
+    with using_registry(registry) as reg:
+        return reg.known_autov3([i.path for i in recipe.inputs])
 
 
 def plan(recipe: Recipe, workers: int = DEFAULT_WORKERS) -> MergePlan:
@@ -84,43 +83,73 @@ def plan(recipe: Recipe, workers: int = DEFAULT_WORKERS) -> MergePlan:
         return plan_merge(recipe, files, workers)
 
 
+def run_recipe(recipe: Recipe, output: str | None, *, registry: Any = None, title: str | None = None,
+               workers: int = DEFAULT_WORKERS, progress: bool = True,
+               fail_on_nonfinite: bool = False) -> tuple[MergePlan, RunResult, list[tuple[str, str]]]:
+    """Plan and run a recipe into `output` with its metadata (None: only compute the output's AutoV3).
+    Returns the plan, the executor's result and the (input path, key) of tensors holding NaN / Inf."""
+    from lineage.engine.executor import run_jobs
+    from lineage.engine.inputs import InputFile
+
+    from .jobs import MergeJobs
+
+    with ExitStack() as stack:
+        inputs = [stack.enter_context(InputFile(i.path)) for i in recipe.inputs]
+        known = _known_hashes(recipe, registry)  # after opening: a later change shows in the run's own checks
+        merge_plan = plan_merge(recipe, [f.header for f in inputs], workers)
+        jobs = MergeJobs(merge_plan, [f.path for f in inputs], fail_on_nonfinite)
+        name = title or Path(output or "").stem
+
+        def metadata(input_autov3: list[str | None], output_autov3: str | None) -> dict[str, str]:
+            return merge_metadata(recipe.with_hashes(input_autov3), merge_plan.prediction_type, name, output_autov3,
+                                  [f.header.metadata for f in inputs])
+
+        result = run_jobs(inputs, jobs.jobs(), output, metadata=metadata, known_autov3=known,
+                          expected_autov3=[i.autov3 for i in recipe.inputs], workers=workers, progress=progress,
+                          description="merge")
+    return merge_plan, result, jobs.nonfinite
+
+
 def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLike, *, record: bool = True,
           registry: Any = None, title: str | None = None, workers: int = DEFAULT_WORKERS, progress: bool = True,
           fail_on_nonfinite: bool = False, **options: Any) -> MergeResult:
     """Merge `inputs` (a Recipe, or input paths plus the options of `build_recipe`) into `output`.
 
-    The output is written to a temporary file and renamed into place when complete. The inputs'
-    AutoV3 are computed while merging, unless the registry has seen the unchanged files. Unless
-    `record=False` it is registered in the lineage registry (`registry`: a Registry, a path or None
-    for the default) as a `merge` node with an edge from each input weighted by its nominal weight.
-    Input tensors with NaN/Inf are listed in the result, or raise with `fail_on_nonfinite`.
+    The output appears at its path only once complete. The inputs' AutoV3 are computed while
+    merging, unless the registry has seen the unchanged files. Unless `record=False` the output is
+    registered in the lineage registry (`registry`: a Registry, a path or None for the default) as a
+    `merge` node with an edge from each input weighted by its nominal weight; if that fails, the
+    output stays and `record_error` says why. Input tensors with NaN/Inf are listed in the result,
+    or raise with `fail_on_nonfinite`.
     """
     recipe = inputs if isinstance(inputs, Recipe) else build_recipe(inputs, **options)
     if isinstance(inputs, Recipe) and options:
         raise LineageError(f"options {', '.join(options)} are part of the recipe; set them on the Recipe")
-    recipe = recipe.with_paths([os.path.abspath(i.path) for i in recipe.inputs])  # the record names files exactly
     output = os.fspath(output)
     file_destination(output, [i.path for i in recipe.inputs])  # never onto an input, a device or a pipe
-    known = _known_hashes(recipe, registry)
-    with ExitStack() as stack:
-        files = [stack.enter_context(SafetensorsFile(i.path)) for i in recipe.inputs]
-        merge_plan = plan_merge(recipe, files, workers)
-
-        def metadata(input_hashes: list[str], output_autov3: str) -> dict[str, str]:
-            return merge_metadata(recipe.with_hashes(input_hashes), merge_plan.prediction_type, output, output_autov3,
-                                  [f.metadata for f in files], title)
-
-        result = run_plan(merge_plan, files, output, metadata, known_autov3=known,
-                          fail_on_nonfinite=fail_on_nonfinite, progress=progress)
+    merge_plan, result, nonfinite = run_recipe(recipe, output, registry=registry, title=title, workers=workers,
+                                               progress=progress, fail_on_nonfinite=fail_on_nonfinite)
     hashed = recipe.with_hashes(result.input_autov3)
-    node = None
+    node, record_error = None, None
     if record:
-        from lineage.graph.recording import record as record_file
+        try:
+            node = _record(output, hashed, result.output_autov3, registry)
+        except (LineageError, OSError) as e:
+            record_error = str(e)
+    return MergeResult(output, result.output_autov3, hashed, merge_plan, nonfinite, node, record_error)
 
-        # The AutoV3 came from the write stream: no second read of the output just to register it.
-        stream_hashes = FileHashes(output, None, None, None, result.output_autov3, None)
-        node = record_file(output, parents=[i.path for i in recipe.inputs], relation="merge",
-                           weights=None if None in edge_weights(hashed) else edge_weights(hashed),
-                           params={"method": recipe.method, "recipe": hashed.to_dict()}, registry=registry,
-                           hashes=stream_hashes)
-    return MergeResult(output, result.output_autov3, hashed, merge_plan, result.nonfinite, node)
+
+def _record(output: str, recipe: Recipe, output_autov3: str, registry: Any) -> str:
+    """Register the written output with an edge from each input; every hash comes from the run (the
+    output's from the write stream, the inputs' from the registry or the run's own hashing)."""
+    from lineage.graph.recording import record as record_file
+
+    def hashes(path: str, autov3: str | None) -> FileHashes:
+        return FileHashes(path, None, None, None, autov3, None)
+
+    weights = edge_weights(recipe)
+    return record_file(output, parents=[i.path for i in recipe.inputs], relation="merge",
+                       weights=None if None in weights else weights,
+                       params={"method": recipe.method, "recipe": record_of(recipe)}, registry=registry,
+                       hashes=hashes(output, output_autov3),
+                       parent_hashes=[hashes(i.path, i.autov3) for i in recipe.inputs])

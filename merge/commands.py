@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import textwrap
 from dataclasses import replace
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import click
 
 from lineage.errors import LineageError
-from lineage.io.atomic import atomic_write, destination, file_destination
+from lineage.io.atomic import destination, file_destination
 
 from .recipe import DTYPES, MISMATCH_POLICIES, Input, Recipe, load_recipe
 from .weights import PRESETS
@@ -120,16 +121,21 @@ def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alph
     for path, key in result.nonfinite:
         click.echo(f"warning: {path}: tensor {key!r} holds NaN or Inf (merged as is)", err=True)
     if save_recipe:
-        atomic_write(save_recipe, result.recipe.to_toml(), inputs=[*read, output])
+        result.recipe.save(save_recipe, inputs=[*read, output])
     if as_json:
         click.echo(json.dumps({"path": result.path, "autov3": result.autov3, "node": result.node,
+                               "record_error": result.record_error,
                                "nonfinite": [list(x) for x in result.nonfinite], "plan": result.plan.summary(),
                                "recipe": result.recipe.to_dict()}, indent=2))
-        return
-    click.echo(f"wrote {output} (AutoV3 {result.autov3[:12]}, {result.plan.counts().get(recipe.method, 0)} tensors "
-               f"merged by {recipe.method}, {len(result.plan.steps)} in all)")
-    if result.node:
-        click.echo(f"recorded as node {result.node}")
+    else:
+        click.echo(f"wrote {output} (AutoV3 {result.autov3[:12]}, {result.plan.counts().get(recipe.method, 0)} "
+                   f"tensors merged by {recipe.method}, {len(result.plan.steps)} in all)")
+        if result.node:
+            click.echo(f"recorded as node {result.node}")
+    if result.record_error:  # the output is complete and stays: recording it can be done again
+        later = f"lmerge scan {shlex.quote(output)}" + (f" --registry {shlex.quote(registry)}" if registry else "")
+        click.echo(f"warning: {output} was written but not recorded in the registry ({result.record_error}); "
+                   f"record it later with `{later}`", err=True)
 
 
 @click.command("reproduce")

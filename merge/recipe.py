@@ -36,7 +36,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,8 +220,13 @@ class Recipe:
     def to_toml(self) -> str:
         return to_toml(self.to_dict())
 
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_write(path, self.to_toml())
+    def save(self, path: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = ()) -> None:
+        """Write the recipe as TOML, its input paths relative to the recipe file's folder (as `load_recipe`
+        reads them): a shared recipe carries no absolute local paths. Never onto one of `inputs`
+        (nor this recipe's own inputs)."""
+        folder = os.path.dirname(os.path.abspath(path))
+        relative = self.with_paths([os.path.relpath(os.path.abspath(i.path), folder) for i in self.inputs])
+        atomic_write(path, relative.to_toml(), inputs=[*inputs, *(i.path for i in self.inputs)])
 
 
 def _is_whole_number(value: Any) -> bool:

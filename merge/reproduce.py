@@ -1,25 +1,24 @@
 """`lmerge reproduce FILE`: re-run the recipe a merged file records and check the result is the same.
 
-The record (`lineage.record` in FILE's metadata) names every input by path and AutoV3. Inputs are
-found, in this order, among the paths the user gives, the files the registry has seen with that
-AutoV3, and the recorded path. The recipe is re-run (by default into a temporary file next to FILE,
-removed afterwards) and the new output's AutoV3 is compared with FILE's own.
+The record (`lineage.record` in FILE's metadata) names every input by file name and AutoV3. Inputs
+are found, in this order, among the paths the user gives, the files the registry has seen with that
+AutoV3, and the file of that name next to FILE. The recipe is re-run and the new output's AutoV3 is
+compared with FILE's own. Unless the re-run is to be kept (`output`), nothing is written: the run
+only hashes what it would write, so there is no temporary file to leave behind.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lineage.engine.inputs import InputFile
 from lineage.errors import LineageError
 from lineage.graph.metadata import LINEAGE_RECORD_KEY, lineage_from_metadata
 from lineage.io.atomic import file_destination
-from lineage.io.safetensors import SafetensorsFile
 
-from .api import DEFAULT_WORKERS, merge
-from .engine import data_section_autov3
+from .api import DEFAULT_WORKERS, merge, run_recipe
 from .recipe import Recipe
 
 
@@ -29,7 +28,7 @@ class Reproduction:
     expected_autov3: str  # FILE's own
     autov3: str  # of the re-run
     inputs: list[str]  # the files used
-    output: str | None  # where the re-run was kept (None: it was a temporary file)
+    output: str | None  # where the re-run was kept (None: it was only hashed)
 
     @property
     def matches(self) -> bool:
@@ -38,8 +37,8 @@ class Reproduction:
 
 def recorded_recipe(path: str | os.PathLike) -> tuple[Recipe, str]:
     """The recipe a merged file records, and the file's own AutoV3."""
-    with SafetensorsFile(path) as f:
-        record = lineage_from_metadata(f.metadata).get("lineage")
+    with InputFile(path) as f:
+        record = lineage_from_metadata(f.header.metadata).get("lineage")
         if not isinstance(record, dict) or "unparsed" in record:
             raise LineageError(f"has no readable `{LINEAGE_RECORD_KEY}` metadata: it was not made by "
                                "`lmerge merge`, or its metadata was stripped", f.path)
@@ -47,39 +46,33 @@ def recorded_recipe(path: str | os.PathLike) -> tuple[Recipe, str]:
             recipe = Recipe.from_dict(record)
         except LineageError as e:
             raise LineageError(f"its merge record cannot be replayed: {e}", f.path) from None
-        expected = data_section_autov3(f)
+        expected = f.data_autov3()
     assert expected is not None
     return recipe, expected
 
 
-def _registry_paths(autov3: str | None, registry: Any) -> list[str]:
-    if not autov3:
-        return []
-    from lineage.graph.registry import open_registry
-
-    reg = open_registry(registry)
-    try:
-        return reg.find_paths(autov3)
-    finally:
-        if reg is not registry:
-            reg.close()
-
-
-def locate_inputs(recipe: Recipe, given: Sequence[str | os.PathLike] = (), registry: Any = None) -> list[str]:
+def locate_inputs(recipe: Recipe, near: str | os.PathLike, given: Sequence[str | os.PathLike] = (),
+                  registry: Any = None) -> list[str]:
     """A path for every recorded input: the given paths (all of them, in order), else the registry's
-    files with the recorded AutoV3, else the recorded path. The merge verifies each hash."""
+    files with the recorded AutoV3, else the recorded file name next to `near` (the merged file).
+    The merge verifies each hash."""
     if given:
         if len(given) != len(recipe.inputs):
             raise LineageError(f"the record names {len(recipe.inputs)} inputs, {len(given)} were given")
         return [os.fspath(p) for p in given]
+    from lineage.graph.registry import using_registry
+
+    folder = os.path.dirname(os.path.abspath(near))
     found = []
-    for inp in recipe.inputs:
-        candidates = [*_registry_paths(inp.autov3, registry), inp.path]
-        existing = next((c for c in candidates if os.path.isfile(c)), None)
-        if existing is None:
-            raise LineageError(f"input {inp.name!r} (AutoV3 {(inp.autov3 or '?')[:12]}) was not found: not at "
-                               f"{inp.path} and not in the registry; give the inputs with --input")
-        found.append(existing)
+    with using_registry(registry) as reg:
+        for inp in recipe.inputs:
+            candidates = [*(reg.find_paths(inp.autov3) if inp.autov3 else []), os.path.join(folder, inp.path)]
+            existing = next((c for c in candidates if os.path.isfile(c)), None)
+            if existing is None:
+                raise LineageError(f"input {inp.name!r} (AutoV3 {(inp.autov3 or '?')[:12]}) was not found: not in "
+                                   f"the registry and not next to the merged file as {inp.path}; give the "
+                                   "inputs with --input")
+            found.append(existing)
     return found
 
 
@@ -89,12 +82,11 @@ def reproduce(path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = 
     """Re-run the recipe recorded in `path` and compare AutoV3s (keep the re-run at `output` if given)."""
     path = os.fspath(path)
     recipe, expected = recorded_recipe(path)
-    recipe = recipe.with_paths(locate_inputs(recipe, inputs, registry))
+    recipe = recipe.with_paths(locate_inputs(recipe, path, inputs, registry))
+    used = [i.path for i in recipe.inputs]
     if output is not None:
         file_destination(output, [path])  # the re-run must not replace the file it checks
-        result = merge(recipe, output, record=False, workers=workers, progress=progress)
-        return Reproduction(path, expected, result.autov3, [i.path for i in recipe.inputs], os.fspath(output))
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path)), prefix=".lmerge-reproduce-") as tmp:
-        result = merge(recipe, os.path.join(tmp, os.path.basename(path)), record=False, workers=workers,
-                       progress=progress)
-    return Reproduction(path, expected, result.autov3, [i.path for i in recipe.inputs], None)
+        result = merge(recipe, output, record=False, registry=registry, workers=workers, progress=progress)
+        return Reproduction(path, expected, result.autov3, used, os.fspath(output))
+    _, run, _ = run_recipe(recipe, None, registry=registry, workers=workers, progress=progress)
+    return Reproduction(path, expected, run.output_autov3, used, None)

@@ -12,8 +12,9 @@ from lineage.io.hashing import hash_file
 from lineage.io.safetensors import SafetensorsFile, SafetensorsWriter, save_file
 from lineage.sdxl.layout import is_pass_through
 from lineage.merge.api import build_recipe, merge, plan
-from lineage.merge.engine import CHUNK_ELEMENTS, is_elementwise
+from lineage.engine.budget import CHUNK_ELEMENTS
 from lineage.merge.methods import get_method
+from lineage.merge.planner import is_elementwise
 from lineage.merge.ranking import SAMPLE_SIZE
 from lineage.merge.recipe import Input, Recipe
 
@@ -213,8 +214,8 @@ def test_metadata_carries_the_record_modelspec_and_a1111_ancestry(trio, tmp_path
     record = json.loads(meta["lineage.record"])
     hashes = {p: hash_file(p).autov3 for p in (trio["base"], trio["x"], trio["y"], first.path)}
     assert record["method"] == "weighted_sum" and record["params"] == {"alpha": 0.5}
-    assert [(i["path"], i["autov3"]) for i in record["inputs"]] == [(first.path, hashes[first.path]),
-                                                                    (trio["y"], hashes[trio["y"]])]
+    assert [(i["path"], i["autov3"]) for i in record["inputs"]] == [("first.safetensors", hashes[first.path]),
+                                                                    ("y.safetensors", hashes[trio["y"]])]
     assert record["weights"] == [0.5, 0.5] and record["library"].startswith("lineage ")
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
     assert meta["modelspec.merged_from"] == "first, y"
@@ -225,7 +226,7 @@ def test_metadata_carries_the_record_modelspec_and_a1111_ancestry(trio, tmp_path
     ancestry = json.loads(meta["sd_merge_models"])  # the first merge's own inputs are folded in
     assert set(ancestry) == {hashes[trio["base"]], hashes[trio["x"]], hashes[first.path], hashes[trio["y"]]}
     assert ancestry[hashes[first.path]]["sd_merge_recipe"]["secondary_model_hash"] == hashes[trio["x"]]
-    assert Recipe.from_dict(record).inputs[0] == Input(first.path, hashes[first.path], "first")
+    assert Recipe.from_dict(record).inputs[0] == Input("first.safetensors", hashes[first.path], "first")
 
 
 def test_merges_are_recorded_with_weighted_edges(trio, tmp_path, isolated_registry):
@@ -247,7 +248,7 @@ def test_merges_are_recorded_with_weighted_edges(trio, tmp_path, isolated_regist
 def test_a_changed_input_is_caught(trio, tmp_path):
     recipe = build_recipe([trio["base"], trio["x"]])
     wrong = Recipe(recipe.method, (Input(trio["base"], "0" * 64), recipe.inputs[1]))
-    with pytest.raises(LineageError, match="is not the recipe's input"):
+    with pytest.raises(LineageError, match="is not the expected input"):
         merge(wrong, tmp_path / "m.safetensors", record=False)
     assert not (tmp_path / "m.safetensors").exists()
 
@@ -300,7 +301,8 @@ def test_a_killed_merge_leaves_nothing_at_the_destination(trio, tmp_path):
     assert [hash_file(p).sha256 for p in (trio["base"], trio["x"])] == before
 
 
-def test_recording_a_merge_does_not_read_the_output_again(trio, tmp_path, monkeypatch):
+def test_recording_a_merge_reads_no_file_again(trio, tmp_path, monkeypatch):
+    """The output's AutoV3 comes from the write stream, the inputs' from the run's own hashing."""
     import lineage.graph.recording as recording
     from lineage.graph.registry import Registry
 
@@ -309,10 +311,26 @@ def test_recording_a_merge_does_not_read_the_output_again(trio, tmp_path, monkey
     real_hash_file = recording.hash_file
     monkeypatch.setattr(recording, "hash_file", lambda p: hashed.append(str(p)) or real_hash_file(p))
     out = merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", alpha=0.5, registry=registry)
-    assert str(out.path) not in hashed  # the AutoV3 computed while writing is the node id
+    assert hashed == []  # neither the output nor the inputs (new to this registry) are read again
     assert out.node == out.autov3 == hash_file(out.path).autov3
-    node = Registry(registry).node(out.node)
-    assert node["hashes"] == {"autov3": out.autov3}
+    with Registry(registry) as reg:
+        assert reg.node(out.node)["hashes"] == {"autov3": out.autov3}
+        assert set(reg.user_graph().predecessors(out.node)) == {hash_file(p).autov3 for p in (trio["base"], trio["x"])}
+
+
+def test_known_input_hashes_come_from_one_registry_lookup(trio, tmp_path, monkeypatch):
+    from lineage.graph.registry import Registry
+
+    registry = tmp_path / "reg.sqlite"
+    merge([trio["base"], trio["x"]], tmp_path / "first.safetensors", registry=registry)  # the registry sees the inputs
+    lookups = []
+    real_known_file = Registry.known_file
+    monkeypatch.setattr(Registry, "known_file", lambda self, p: lookups.append(str(p)) or real_known_file(self, p))
+    hashed = []
+    monkeypatch.setattr("lineage.engine.inputs.InputFile.data_autov3", lambda self, stop=None: hashed.append(self.path))
+    again = merge([trio["base"], trio["x"]], tmp_path / "again.safetensors", alpha=0.2, registry=registry)
+    assert lookups == [trio["base"], trio["x"]] and hashed == []  # looked up once, not hashed, not looked up again
+    assert again.recipe.inputs[0].autov3 == hash_file(trio["base"]).autov3
 
 
 LARGE_KEY = "model.diffusion_model.lineage_test_large.weight"  # an extra key: 600,000 entries
@@ -355,3 +373,143 @@ def test_chunked_methods_with_statistics_equal_the_whole_tensor_method(trio_with
         assert torch.equal(value, whole), key
         compared += 1
     assert compared == len(merged) - 2
+
+
+def test_a_merge_whose_recording_fails_still_succeeds_and_says_how_to_record_it(lmerge, trio, tmp_path, monkeypatch,
+                                                                                isolated_registry):
+    from lineage.graph.registry import Registry
+
+    # A model merged with itself is the same tensors: the registry refuses it as its own parent.
+    same = tmp_path / "same.safetensors"
+    code, stdout, stderr = lmerge("merge", trio["x"], trio["x"], "-o", same)
+    assert code == 0 and same.exists() and f"wrote {same}" in stdout
+    assert "was written but not recorded in the registry" in stderr and "cannot descend from itself" in stderr
+    assert stderr.count("\n") == 1
+
+    # A transient failure: the command the warning gives records the merge later, with its parents.
+    import lineage.graph.recording as recording
+
+    def locked(*args, **kwargs):
+        raise LineageError("database is locked", isolated_registry)
+
+    out = tmp_path / "m.safetensors"
+    with monkeypatch.context() as patched:
+        patched.setattr(recording, "record", locked)
+        code, stdout, stderr = lmerge("merge", trio["base"], trio["x"], "-o", out, "--json")
+    assert code == 0 and json.loads(stdout)["record_error"].endswith("database is locked")
+    hint = stderr.split("record it later with `")[1].split("`")[0]
+    code, _, stderr = lmerge(*hint.split()[1:])
+    assert code == 0, stderr
+    autov3 = hash_file(out).autov3
+    with Registry(isolated_registry) as reg:
+        parents = set(reg.user_graph().predecessors(autov3))
+    assert parents == {hash_file(trio["base"]).autov3, hash_file(trio["x"]).autov3}
+
+
+def _with_markers(src, dst, markers):
+    tensors, metadata = _tensors(src)
+    for m in ("v_pred", "ztsnr"):
+        tensors.pop(m, None)
+    tensors.update({m: torch.empty(0) for m in markers})
+    save_file(tensors, dst, metadata)
+    return str(dst)
+
+
+def test_epsilon_with_zero_terminal_snr_is_never_written(lmerge, trio, tmp_path):
+    """Loaders read `ztsnr` only with `v_pred`: a file carrying `ztsnr` alone would load as plain epsilon."""
+    from lineage.sdxl.synthetic import write_base
+
+    a = _with_markers(trio["base"], tmp_path / "a.safetensors", ["ztsnr"])
+    b = _with_markers(trio["x"], tmp_path / "b.safetensors", ["ztsnr"])
+    assert detect(a).prediction_type == "epsilon+ztsnr"  # still read as what it is
+    out = tmp_path / "m.safetensors"
+    for args in ((a, b), (trio["base"], trio["x"], "--prediction-type", "epsilon+ztsnr")):
+        code, _, stderr = lmerge("merge", *args, "-o", out)
+        assert code == 1 and "will not write prediction type 'epsilon+ztsnr'" in stderr and "v_pred" in stderr
+        assert stderr.count("\n") == 1 and not out.exists()
+    merged = merge([a, b], out, prediction_type="v+ztsnr", record=False)  # a choice loaders read
+    assert detect(merged.path).prediction_type == "v+ztsnr"
+    with pytest.raises(LineageError, match="unknown prediction type 'epsilon\\+ztsnr'"):
+        write_base(tmp_path / "g.safetensors", prediction_type="epsilon+ztsnr")
+    code, stdout, _ = lmerge("generate", "--help")
+    assert "v+ztsnr" in stdout and "epsilon+ztsnr" not in stdout
+
+
+def test_published_metadata_and_saved_recipes_carry_no_local_paths(lmerge, trio, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    work = tmp_path / "work"
+    (work / "recipes").mkdir(parents=True)
+    out = work / "m.safetensors"
+    recipe = work / "recipes" / "r.toml"
+    code, _, stderr = lmerge("merge", trio["base"], trio["x"], "-o", out, "--alpha", "0.3", "--save-recipe", recipe,
+                             "--no-record")
+    assert code == 0, stderr
+    with SafetensorsFile(out) as f:
+        header = out.read_bytes()[8:f.data_start].decode()
+    folders = {os.path.dirname(trio["base"]), str(tmp_path)}
+    assert not any(folder in header for folder in folders)
+    record = json.loads(json.loads(header.rstrip())["__metadata__"]["lineage.record"])
+    assert [i["path"] for i in record["inputs"]] == ["base.safetensors", "x.safetensors"]
+    text = recipe.read_text()
+    assert not any(folder in text for folder in folders)
+    relative = os.path.relpath(trio["base"], recipe.parent)
+    assert f'path = "{relative}"' in text
+    # The saved recipe works from anywhere: its paths are relative to the recipe file.
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = lmerge("merge", "--recipe", recipe, "-o", work / "again.safetensors", "--no-record")
+    assert code == 0, stderr
+    assert hash_file(work / "again.safetensors").autov3 == hash_file(out).autov3
+    # reproduce finds the inputs next to the merged file (the registry has never seen them).
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for path in (out, trio["base"], trio["x"]):
+        shutil.copy(path, moved)
+    code, stdout, stderr = lmerge("reproduce", moved / "m.safetensors")
+    assert code == 0, stderr
+    assert f"input {moved / 'base.safetensors'}" in stdout and "matches" in stdout
+
+
+def test_statistics_get_each_inputs_whole_flat_tensor_as_stored(trio, tmp_path, monkeypatch):
+    """The contract exact thresholds build on: `statistics([flat input 0, flat input 1, ...], params)`."""
+    from lineage.merge import methods
+
+    seen = []
+
+    def statistics(inputs, params):
+        seen.append([(x.dtype, tuple(x.shape)) for x in inputs])
+        return [float(x.float().abs().max()) for x in inputs]
+
+    def scaled(a, b, *, statistics=None):
+        return b * (statistics[0] / max(statistics[1], 1e-30)) if statistics else b
+
+    monkeypatch.setitem(methods.METHODS, "scaled", methods.MergeMethod(
+        "scaled", scaled, needs_base=False, min_models=2, max_models=2, random=False, elementwise=True,
+        statistics=statistics))
+    merged, _ = _tensors(merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", method="scaled",
+                               record=False).path)
+    a, _ = _tensors(trio["base"])
+    b, _ = _tensors(trio["x"])
+    merged_keys = [k for k in a if not is_pass_through(k)]
+    assert len(seen) == len(merged_keys)
+    assert all(len(call) == 2 and call[0] == call[1] and call[0][0] == torch.float16 for call in seen)
+    assert sorted(call[0][1] for call in seen) == sorted((a[k].numel(),) for k in merged_keys)
+    key = "model.diffusion_model.out.2.weight"
+    scale = a[key].float().abs().max() / b[key].float().abs().max()
+    assert torch.equal(merged[key], (b[key].float() * scale).half())
+
+
+@pytest.mark.parametrize("method", ["weighted_sum", "slerp"])  # chunked, and whole fp32 tensors
+def test_inputs_stored_as_fp32_are_read_straight_into_the_fp32_buffers(trio, tmp_path, method):
+    paths = []
+    for name in ("base", "x"):
+        tensors, metadata = _tensors(trio[name])
+        paths.append(str(tmp_path / f"{name}32.safetensors"))
+        save_file({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, paths[-1], metadata)
+    merged, _ = _tensors(merge(paths, tmp_path / "m.safetensors", method=method, alpha=0.3, dtype="fp32",
+                               record=False).path)
+    a, _ = _tensors(paths[0])
+    b, _ = _tensors(paths[1])
+    for key in ("model.diffusion_model.out.2.weight", "conditioner.embedders.1.model.token_embedding.weight"):
+        assert torch.equal(merged[key], get_method(method).fn(a[key], b[key], alpha=0.3)), key

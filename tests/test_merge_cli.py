@@ -85,7 +85,7 @@ def test_reproduce_finds_inputs_by_hash_and_verifies(lmerge, trio, tmp_path):
     assert code == 0, stderr
     assert f"input {tmp_path / 'elsewhere.safetensors'}" in stdout and "matches" in stdout
     code, _, stderr = lmerge("reproduce", out, "--input", trio["y"], "--input", x)  # the wrong input
-    assert code == 1 and "is not the recipe's input" in stderr
+    assert code == 1 and "is not the expected input" in stderr
 
 
 def test_methods_lists_every_method_with_its_parameters(lmerge):

@@ -322,12 +322,13 @@ def _is_file(spec: str | os.PathLike) -> bool:
 def record(path: str | os.PathLike, *, parents: Sequence[str | os.PathLike] = (), relation: str = "finetune",
            weights: Sequence[float] | None = None, params: dict[str, Any] | None = None,
            attrs: dict[str, Any] | None = None, registry: str | os.PathLike | Registry | None = None,
-           hashes: FileHashes | None = None) -> str:
+           hashes: FileHashes | None = None, parent_hashes: Sequence[FileHashes] | None = None) -> str:
     """Register a file as a node (id = its AutoV3 hex, computed unless `hashes` is given) and edges
-    from each parent (a parent is a file path, registered on the fly by hash, or an existing node
-    id, catalog id, hash prefix or name). `weights[i]` is the weight of parents[i] on the edge
-    (merges); `params` (method, recipe, trainer config ...) is stored on each edge; `attrs` on the
-    node (kind, prediction_type, name, ...; detected from the file when absent).
+    from each parent (a parent is a file path, registered on the fly by hash, `parent_hashes[i]` when
+    the caller has it, or an existing node id, catalog id, hash prefix or name). `weights[i]` is the
+    weight of parents[i] on the edge (merges); `params` (method, recipe, trainer config ...) is
+    stored on each edge; `attrs` on the node (kind, prediction_type, name, ...; detected from the
+    file when absent).
     Idempotent: recording the same file/edges again changes nothing. Returns the node id."""
     check_relation(relation)
     if weights is not None and len(weights) != len(parents):
@@ -337,7 +338,8 @@ def record(path: str | os.PathLike, *, parents: Sequence[str | os.PathLike] = ()
             raise LineageError(f"weight {weight} is not a finite number (a parent's weight in a merge must be finite)")
     with using_registry(registry) as reg:
         facts = describe(path, reg, hashes)
-        parent_files = {i: describe(p, reg) for i, p in enumerate(parents) if _is_file(p)}  # hashed outside the lock
+        parent_files = {i: describe(p, reg, parent_hashes[i] if parent_hashes else None)  # hashed outside the lock
+                        for i, p in enumerate(parents) if _is_file(p)}
         with reg.batch() as b:
             node_id = _put_file(b, facts, attrs, "user")
             for i, spec in enumerate(parents):

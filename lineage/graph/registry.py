@@ -261,6 +261,10 @@ class Registry:
             hashes = dict(self._conn.execute("SELECT kind, value FROM hashes WHERE node_id = ?", (row[0],)))
         return (row[0], hashes) if "autov3" in hashes else None
 
+    def known_autov3(self, paths: Iterable[str | os.PathLike]) -> list[str | None]:
+        """The AutoV3 of each file recorded before and unchanged since (see `known_file`), else None."""
+        return [known[1]["autov3"] if (known := self.known_file(p)) else None for p in paths]
+
     def find_by_hash(self, value: str, kind: str | None = None) -> list[str]:
         """Nodes whose `kind` hash is `value`; without `kind`, nodes with any hash starting with `value`."""
         value = value.lower().removeprefix("0x")

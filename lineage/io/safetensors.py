@@ -7,8 +7,8 @@ section) and may hold "__metadata__" (str -> str).
 Reading never maps or loads a whole file: each tensor is read with `pread` into its own buffer,
 so memory is bounded by the tensors a caller holds. Writing plans the header from the tensors'
 dtypes and shapes first, then streams the tensors in that order into a temporary file (in large
-direct-I/O blocks, see `direct_write`; on Linux an anonymous file that a killed process leaves no
-trace of) that is fsynced and renamed over the destination only when every tensor is in place.
+direct-I/O blocks, see `direct_write`) that is fsynced and put in place only when every tensor is
+written; a failure or a kill leaves no trace of it (see `temporary`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from lineage.io import strict_json
 from lineage.io.atomic import file_destination
 from lineage.io.direct_write import BlockWriter, write_all
 from lineage.io.inputs import open_input
+from lineage.io.temporary import GuardedName, create_hidden, link_anonymous, open_anonymous
 from lineage.lazy import LazyDict, torch
 
 # safetensors dtype name -> bytes per element: headers are checked with this alone, without torch.
@@ -276,30 +276,6 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
 # Writing
 
 
-def _create_temporary(path: str) -> tuple[int, str | None]:
-    """A file to write the output into before it is renamed onto `path`: on Linux an anonymous one
-    (O_TMPFILE) in the destination's directory, which the kernel frees if the process is killed, so
-    not even a partial file is left behind; elsewhere a hidden `.NAME.*.partial` beside `path`.
-    Returns the descriptor and the temporary's path (None while anonymous)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
-        try:
-            return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), None
-        except OSError:  # the file system has no anonymous files (or the directory is not writable: see below)
-            pass
-    try:
-        return tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=directory)
-    except OSError as e:
-        raise LineageError(f"cannot create output ({e.strerror})", path) from None
-
-
-def _unused_name(path: str) -> str:
-    directory, base = os.path.split(os.path.abspath(path))
-    for _ in range(100):
-        candidate = os.path.join(directory, f".{base}.{os.urandom(4).hex()}.partial")
-        if not os.path.lexists(candidate):
-            return candidate
-    raise LineageError("cannot find an unused temporary name beside the output", path)
 
 
 def _umask() -> int:
@@ -320,18 +296,18 @@ class SafetensorsWriter:
 
     The plan (name -> (dtype name, shape), in file order) fixes the header up front. Tensors are
     then written in the plan's order with `write`; `close` checks that all were written, fsyncs and
-    renames the temporary file into place. On any error (or `abort`) the temporary file is removed
-    and the destination is left untouched. With `hash_data`, the writer takes the sha256 of the
-    data section as it goes (`data_sha256`: the output's AutoV3, without reading it back).
+    puts the file in place. Until then it is a temporary (lineage/io/temporary.py) that neither an
+    error, `abort` nor a kill leaves behind, and the destination is untouched. With `hash_data`, the
+    writer takes the sha256 of the data section as it goes (`data_sha256`: the output's AutoV3,
+    without reading it back). `metadata_room` bytes of header are kept free for metadata known
+    only at the end (`update_metadata`), such as the hashes.
     """
 
     def __init__(self, path: str | os.PathLike, plan: Mapping[str, tuple[str, tuple[int, ...]]],
-                 metadata: Mapping[str, str] | None = None, *, hash_data: bool = False):
+                 metadata: Mapping[str, str] | None = None, *, hash_data: bool = False, metadata_room: int = 0):
         self.path = file_destination(path)  # a symlink's target; directories, devices and pipes are refused
         metadata = dict(metadata or {})
-        for k, v in metadata.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise LineageError(f"metadata must map strings to strings, got {k!r}: {type(v).__name__}", self.path)
+        _check_metadata(metadata, self.path)
 
         header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
         self._slots: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -343,7 +319,7 @@ class SafetensorsWriter:
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._slots[name] = (dtype, tuple(shape))
             offset += nbytes
-        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        raw = _encode(header) + b" " * metadata_room  # JSON may end in spaces: the room is valid header
         raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the safetensors library does
         self.data_start = 8 + len(raw)
         self.size = self.data_start + offset
@@ -353,11 +329,17 @@ class SafetensorsWriter:
         self._new_header: bytes | None = None
         self._hash_data = hash_data
 
-        self._fd, self._tmp = _create_temporary(self.path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        anonymous = open_anonymous(directory)
+        self._name: GuardedName | None = None  # the hidden name while there is one
+        if anonymous is not None:
+            self._fd = anonymous
+        else:
+            self._fd, self._name = create_hidden(self.path)
         self._blocks: BlockWriter | None = None
         try:
-            os.fchmod(self._fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the user's usual mode
-            reopen = self._tmp if self._tmp is not None else f"/proc/self/fd/{self._fd}"
+            os.fchmod(self._fd, 0o666 & ~_umask())  # created private; give the file the user's usual mode
+            reopen = self._name.path if self._name is not None else f"/proc/self/fd/{self._fd}"
             self._blocks = BlockWriter(self._fd, self.path, reopen, self.size,
                                        hash_from=self.data_start if hash_data else None)
             self._blocks.append(struct.pack("<Q", len(raw)) + raw)
@@ -391,14 +373,13 @@ class SafetensorsWriter:
 
     def update_metadata(self, metadata: Mapping[str, str]) -> None:
         """Replace the metadata before `close`, for values known only once the data is written (hashes).
-        The data section is already placed, so the new header must not be longer than the first one:
-        plan with placeholders of the final length. A shorter header is padded with spaces."""
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise LineageError("metadata must map strings to strings", self.path)
-        header = {**self._header, "__metadata__": dict(metadata)}
-        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        The data section is already placed, so the new header must fit in the first one and the
+        `metadata_room` kept after it; what it leaves free is padded with spaces."""
+        _check_metadata(metadata, self.path)
+        raw = _encode({**self._header, "__metadata__": dict(metadata)})
         if len(raw) > self._header_len:
-            raise LineageError(f"updated metadata is {len(raw) - self._header_len} bytes longer than planned", self.path)
+            raise LineageError(f"the final metadata needs {len(raw) - self._header_len} bytes more header than "
+                               "was kept for it (metadata_room); nothing was written", self.path)
         self._new_header = raw + b" " * (self._header_len - len(raw))  # written at close, over the first
 
     def _check_complete(self) -> None:
@@ -407,7 +388,7 @@ class SafetensorsWriter:
             raise LineageError(f"{len(missing)} planned tensors were never written (first: {missing[0]!r})", self.path)
 
     def close(self) -> None:
-        """Finish: fsync, then atomically rename the temporary file onto the destination."""
+        """Finish: fsync, then put the file at its destination in one step (link or rename)."""
         if self._fd < 0:
             return
         try:
@@ -417,16 +398,17 @@ class SafetensorsWriter:
             if self._new_header is not None:
                 self._pwrite(self._new_header, 8)
             os.fsync(self._fd)
-            if self._tmp is None:  # give the anonymous file a name beside the destination, then rename it
-                self._tmp = _unused_name(self.path)
-                dir_fd = os.open(os.path.dirname(self._tmp), os.O_RDONLY)
-                try:  # a dir fd makes os.link call linkat, which follows the /proc link (link() would not)
-                    os.link(f"/proc/self/fd/{self._fd}", os.path.basename(self._tmp), dst_dir_fd=dir_fd)
-                finally:
-                    os.close(dir_fd)
+            if self._name is None:
+                link_anonymous(self._fd, self.path)
+            else:
+                os.replace(self._name.path, self.path)
+                self._name.release()
+                self._name = None
             os.close(self._fd)
             self._fd = -1
-            os.replace(self._tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise LineageError(f"cannot put the output in place ({e.strerror}); nothing was written", self.path) from None
         except BaseException:
             self.abort()
             raise
@@ -450,8 +432,9 @@ class SafetensorsWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self._tmp is not None and os.path.exists(self._tmp):
-            os.unlink(self._tmp)
+        if self._name is not None:
+            self._name.remove()
+            self._name = None
 
     def __enter__(self) -> SafetensorsWriter:
         return self
@@ -461,6 +444,16 @@ class SafetensorsWriter:
             self.close()
         else:
             self.abort()
+
+
+def _check_metadata(metadata: Mapping[object, object], path: str) -> None:
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise LineageError(f"metadata must map strings to strings, got {k!r}: {type(v).__name__}", path)
+
+
+def _encode(header: Mapping[str, object]) -> bytes:
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def plan_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:

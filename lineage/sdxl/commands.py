@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from lineage.cli.output import echo_json
+from lineage.sdxl.layout import MARKERS_FOR_PREDICTION
 
 
 @click.command()
@@ -28,7 +29,7 @@ def inspect(path: str, as_json: bool, with_hashes: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["F16", "BF16", "F32"]), default="F16", show_default=True)
 @click.option("--parent", type=click.Path(), help="Write a fine-tune of this checkpoint instead of a base.")
-@click.option("--prediction-type", type=click.Choice(["epsilon", "v", "v+ztsnr"]), help="Marker tensors to write.")
+@click.option("--prediction-type", type=click.Choice(list(MARKERS_FOR_PREDICTION)), help="Marker tensors to write.")
 @click.option("--rank", type=int, default=8, show_default=True, help="Rank of the planted delta of a fine-tune.")
 def generate(output: str, size: str, seed: int, dtype: str, parent: str | None, prediction_type: str | None, rank: int) -> None:
     """Write a generated SDXL checkpoint (real key names) for tests, demos and benchmarks."""

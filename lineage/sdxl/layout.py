@@ -81,7 +81,11 @@ MARKERS_FOR_PREDICTION: dict[str, tuple[str, ...]] = {
     "epsilon": (),
     "v": ("v_pred",),
     "v+ztsnr": ("v_pred", "ztsnr"),
-    "epsilon+ztsnr": ("ztsnr",),
+}
+# Prediction types read from markers but never written, and why.
+UNWRITABLE_PREDICTIONS: dict[str, str] = {
+    "epsilon+ztsnr": "loaders read the `ztsnr` marker only together with `v_pred` (ComfyUI ignores it "
+                     "without), so the file would load as plain epsilon",
 }
 
 

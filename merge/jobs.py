@@ -1,0 +1,103 @@
+"""A merge plan's steps as executor jobs (lineage/engine/jobs.py): how each output key is computed.
+
+One job per step, producing that step's key:
+- `merge` reads the key from every input. An elementwise method (merge/planner.py: is_elementwise)
+  runs chunk by chunk through the worker's reused fp32 buffers, so its working set stays in cache; a
+  method with per-tensor statistics (TIES' thresholds) first gets them from every input's whole
+  tensor as stored, `method.statistics([flat input 0, flat input 1, ...], params)`, then runs on
+  chunks the same way. Other methods get whole fp32 tensors. Merged inputs are checked for NaN/Inf,
+  one reduction per chunk over all of them;
+- `copy` and `pass` read the key from one input: byte for byte when the dtype stays, else converted
+  chunk by chunk;
+- `marker` reads nothing: its output is empty.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+
+from lineage.engine.executor import JobContext
+from lineage.engine.jobs import Job, Output, Source
+from lineage.engine.seeding import key_seed
+from lineage.errors import LineageError
+
+from .planner import MergePlan, Step, is_elementwise
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    # One reduction instead of a full boolean mask: the sum of finite values is finite (fp16/bf16
+    # inputs cannot overflow fp32), and when it is not, the exact test settles an fp32 overflow.
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+class MergeJobs:
+    """The jobs of one merge plan, and what running them found: `nonfinite` lists (input path, key)
+    of merged input tensors holding NaN or Inf (or, with `fail_on_nonfinite`, the first one fails)."""
+
+    def __init__(self, plan: MergePlan, input_paths: Sequence[str], fail_on_nonfinite: bool = False):
+        self.plan = plan
+        self.input_paths = list(input_paths)
+        self.method = plan.recipe.merge_method
+        self.elementwise = is_elementwise(self.method)
+        self.fail_on_nonfinite = fail_on_nonfinite
+        self.nonfinite: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def jobs(self) -> list[Job]:
+        return [self._job(step) for step in self.plan.steps]
+
+    def _job(self, step: Step) -> Job:
+        output = (Output(step.key, step.dtype, step.shape),)
+        if step.action == "merge":
+            sources = tuple(Source(i, step.key) for i in range(len(self.input_paths)))
+            return Job(sources, output, partial(self._merge, step))
+        if step.action in ("copy", "pass"):
+            return Job((Source(step.source, step.key),), output, self._copy)
+        return Job((), output, _nothing)  # marker: an empty tensor
+
+    def _note_nonfinite(self, index: int, key: str) -> None:
+        path = self.input_paths[index]
+        if self.fail_on_nonfinite:
+            raise LineageError(f"tensor {key!r} holds NaN or Inf", path)
+        with self._lock:
+            if (path, key) not in self.nonfinite:
+                self.nonfinite.append((path, key))
+
+    def _merge(self, step: Step, ctx: JobContext) -> None:
+        params: dict[str, Any] = dict(step.params or {})
+        if self.method.random:
+            params["seed"] = key_seed(self.plan.recipe.seed, step.key)
+        out = ctx.outputs[0].view(-1)
+        if not self.elementwise:
+            inputs = [reader.fp32() for reader in ctx.sources]
+            for index, x in enumerate(inputs):
+                if not _all_finite(x):
+                    self._note_nonfinite(index, step.key)
+            out.copy_(self.method.fn(*inputs, **params).reshape(-1))
+            return
+        if self.method.statistics is not None:
+            params["statistics"] = self.method.statistics([reader.stored() for reader in ctx.sources], params)
+        for start, block in ctx.fp32_chunks():
+            if not _all_finite(block):
+                for index, row in enumerate(block):
+                    if not _all_finite(row):
+                        self._note_nonfinite(index, step.key)
+            out[start:start + block.shape[1]].copy_(self.method.fn(*block, **params))
+
+    @staticmethod
+    def _copy(ctx: JobContext) -> None:
+        source, out = ctx.sources[0], ctx.outputs[0]
+        if source.dtype == out.dtype:
+            source.copy_to(out)
+            return
+        flat = out.view(-1)
+        for start, block in ctx.fp32_chunks():
+            flat[start:start + block.shape[1]].copy_(block[0])
+
+
+def _nothing(ctx: JobContext) -> None:
+    """A job whose outputs are empty (prediction markers)."""

@@ -1,0 +1,213 @@
+"""The merge planner: decide, from the inputs' headers alone, what the merge does with every output key.
+
+This is the part of a merge that knows SDXL: it checks that every input is an SDXL checkpoint,
+chooses the prediction type (and so the marker tensors), keeps the tensors a merge must not
+interpolate as they are, and applies the recipe's mismatch policy. Every output key gets one step:
+- `merge`: the recipe's method over the key's tensor from every input (its parameters resolved for
+  that key: block weights, overrides);
+- `copy`: the first model's tensor, cast to the output dtype (a block preset leaves the key unmerged,
+  or the inputs disagree about the key and the recipe says to take it from the first model);
+- `pass`: copied byte for byte from one input: `position_ids`, `logit_scale`, non-float tensors and
+  the prediction-type markers (loaders read them as flags or ids: never interpolated);
+- `marker`: an empty marker tensor for a prediction type no input carries.
+The plan is what `lmerge merge --dry-run` shows; merge/jobs.py turns its steps into the executor's
+jobs (lineage/engine/) to run it. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lineage.engine.budget import CHUNK_ELEMENTS, executor_bytes
+from lineage.errors import LineageError
+from lineage.io.safetensors import SafetensorsFile, TensorInfo, dtype_size
+from lineage.sdxl.detection import require_sdxl
+from lineage.sdxl.layout import MARKER_KEYS, MARKERS_FOR_PREDICTION, UNWRITABLE_PREDICTIONS, is_pass_through
+
+from .recipe import Recipe
+
+if TYPE_CHECKING:
+    from .methods import MergeMethod
+
+def is_elementwise(method: MergeMethod) -> bool:
+    """Whether the method may be run on pieces of a tensor: it declares itself elementwise (given its
+    statistics, if it has any) and needs no per-tensor random stream."""
+    return method.elementwise and not method.random
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the merge does for one output key."""
+
+    key: str
+    action: str  # merge | copy | pass | marker
+    dtype: str  # output safetensors dtype
+    shape: tuple[int, ...]
+    source: int = 0  # input index a copy / pass-through comes from
+    params: Mapping[str, Any] | None = None  # the method's parameters for this key (merge only)
+    reason: str = ""  # why a key is copied rather than merged
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+
+@dataclass
+class MergePlan:
+    """The steps of a merge, decided from the inputs' headers alone (what `--dry-run` shows)."""
+
+    recipe: Recipe
+    steps: list[Step]
+    input_prediction_types: list[str]
+    prediction_type: str
+    dropped: list[str] = field(default_factory=list)  # keys left out (mismatch policy "drop"/"first")
+    workers: int = 2
+    stored_itemsize: int = 2  # bytes per element of the widest merged input tensor (sizes the read buffers)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.nbytes for s in self.steps)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.steps:
+            label = self.recipe.method if s.action == "merge" else s.action + (f" ({s.reason})" if s.reason else "")
+            out[label] = out.get(label, 0) + 1
+        if self.dropped:
+            out["dropped"] = len(self.dropped)
+        return out
+
+    def memory_estimate(self) -> int:
+        """Bytes of buffers the run holds at its peak (excluding the interpreter and torch themselves):
+        the executor's slots and writer blocks, and each worker's working set for the method."""
+        n = len(self.recipe.inputs)
+        stored = self.stored_itemsize
+        method = self.recipe.merge_method
+        largest = sorted((s.numel for s in self.steps if s.action == "merge"), reverse=True)[: self.workers]
+        if is_elementwise(method):
+            # per source: its fp32 chunk row, the stored chunk it is converted from, ~one temporary; the result
+            working = self.workers * CHUNK_ELEMENTS * (n * (4 + stored + 4) + 4)
+            if method.statistics is not None:  # the statistics read each source's whole stored tensor first
+                working += sum(numel * n * stored for numel in largest)
+        else:  # whole fp32 tensors: each source in fp32 and chunk by chunk as stored, the result, ~2 temporaries
+            working = sum(numel * (n * 4 + 3 * 4) for numel in largest) + self.workers * CHUNK_ELEMENTS * n * stored
+        return executor_bytes(self.workers, (s.nbytes for s in self.steps)) + working
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.recipe.method,
+            "inputs": [i.path for i in self.recipe.inputs],
+            "prediction_type": self.prediction_type,
+            "keys": len(self.steps),
+            "steps": self.counts(),
+            "dropped": self.dropped,
+            "output_dtype": self.recipe.dtype,
+            "output_bytes": self.output_bytes,
+            "memory_estimate_bytes": self.memory_estimate(),
+        }
+
+    def describe(self) -> str:
+        lines = [f"merge {self.recipe.method} of {len(self.recipe.inputs)} models -> {len(self.steps)} tensors "
+                 f"({self.output_bytes / 1e9:.2f} GB, merged tensors as {self.recipe.dtype})",
+                 f"  prediction type: {self.prediction_type}"]
+        for label, n in self.counts().items():
+            lines.append(f"  {n:>5}  {label}")
+        if self.dropped:
+            shown = ", ".join(self.dropped[:3]) + (", …" if len(self.dropped) > 3 else "")
+            lines.append(f"  dropped: {shown}")
+        lines.append(f"  memory estimate: {self.memory_estimate() / 2**20:.0f} MiB of buffers "
+                     f"({self.workers} workers) beyond the interpreter")
+        return "\n".join(lines)
+
+
+def _listing(keys: Sequence[str], most: int = 5) -> str:
+    shown = ", ".join(keys[:most])
+    return shown + (f", … ({len(keys)} in all)" if len(keys) > most else "")
+
+
+def _choose_prediction_type(recipe: Recipe, files: Sequence[SafetensorsFile], types: list[str]) -> str:
+    chosen = recipe.prediction_type
+    if chosen is None:
+        if len(set(types)) > 1:
+            found = "; ".join(f"{f.path}: {t}" for f, t in zip(files, types))
+            raise LineageError(f"the inputs have different prediction types ({found}); say which to keep "
+                               f"(recipe `prediction_type`, `lmerge merge --prediction-type`)")
+        chosen = types[0]
+    if chosen in UNWRITABLE_PREDICTIONS:
+        raise LineageError(f"will not write prediction type {chosen!r}: {UNWRITABLE_PREDICTIONS[chosen]}; "
+                           f"choose another with `--prediction-type` ({', '.join(MARKERS_FOR_PREDICTION)})")
+    if chosen not in types and chosen not in MARKERS_FOR_PREDICTION:
+        raise LineageError(f"prediction type {chosen!r} is neither an input's nor one of "
+                           f"{', '.join(MARKERS_FOR_PREDICTION)}")
+    return chosen
+
+
+def plan_merge(recipe: Recipe, files: Sequence[SafetensorsFile], workers: int = 2) -> MergePlan:
+    """Decide every output key's step from the open inputs' headers."""
+    types = [require_sdxl(f.path).prediction_type or "epsilon" for f in files]
+    prediction = _choose_prediction_type(recipe, files, types)
+    out_dtype = recipe.storage_dtype
+
+    keys: dict[str, None] = {}  # union of the inputs' keys, in the first model's order first
+    for f in files:
+        keys.update((k, None) for k in f.tensors if k not in MARKER_KEYS)
+    mismatched: list[str] = []
+    steps: list[Step] = []
+    dropped: list[str] = []
+    stored_itemsize = 2
+    for key in keys:
+        infos = [f.tensors.get(key) for f in files]
+        first = infos[0]
+        if any(i is None for i in infos) or len({i.shape for i in infos if i is not None}) > 1:
+            mismatched.append(key)
+            if recipe.mismatch == "first" and first is not None:
+                steps.append(_copy_step(first, out_dtype, "taken from the first model: inputs disagree"))
+            else:
+                dropped.append(key)
+            continue
+        assert first is not None
+        if is_pass_through(key) or not first.is_float:
+            steps.append(Step(key, "pass", first.dtype, first.shape, reason="pass-through"))
+            continue
+        params = recipe.params_for(key)
+        if params is None:
+            steps.append(_copy_step(first, out_dtype, "not merged by the block preset"))
+        else:
+            steps.append(Step(key, "merge", out_dtype, first.shape, params=params))
+            stored_itemsize = max(stored_itemsize, *(dtype_size(i.dtype) for i in infos if i is not None))
+    if mismatched and recipe.mismatch == "error":
+        details = []
+        for f in files:
+            missing = [k for k in mismatched if k not in f.tensors]
+            if missing:
+                details.append(f"{f.path} lacks {len(missing)}: {_listing(missing)}")
+        shapes = [k for k in mismatched if all(k in f.tensors for f in files)]
+        if shapes:
+            details.append("shapes disagree for " + "; ".join(
+                f"{k} ({' vs '.join(str(list(f.tensors[k].shape)) for f in files)})" for k in shapes[:5])
+                + (f" … ({len(shapes)} in all)" if len(shapes) > 5 else ""))
+        raise LineageError("the inputs do not have the same tensors: " + "; ".join(details)
+                           + ". Use mismatch 'first' (take them from the first model) or 'drop'.")
+
+    steps.extend(_marker_steps(files, types, prediction))
+    return MergePlan(recipe, steps, types, prediction, dropped, workers, stored_itemsize)
+
+
+def _copy_step(info: TensorInfo, out_dtype: str, reason: str) -> Step:
+    dtype = out_dtype if info.is_float else info.dtype
+    return Step(info.name, "copy", dtype, info.shape, reason=reason)
+
+
+def _marker_steps(files: Sequence[SafetensorsFile], types: list[str], prediction: str) -> list[Step]:
+    """The chosen prediction type's markers: copied from the first input of that type, else written empty."""
+    for idx, (f, t) in enumerate(zip(files, types)):
+        if t == prediction:
+            return [Step(k, "pass", f.tensors[k].dtype, f.tensors[k].shape, source=idx, reason="prediction marker")
+                    for k in f.tensors if k in MARKER_KEYS]
+    return [Step(k, "marker", "F32", (0,), reason="prediction marker") for k in MARKERS_FOR_PREDICTION[prediction]]
