@@ -7,12 +7,12 @@ Generates base / child1 / child2 (6.9 GB each, the real 2,515 SDXL keys and shap
 if they are missing and records them in a registry there (so `lmerge merge` finds their AutoV3
 instead of hashing them; the cost of that first hashing is printed). Then, alternately in the same
 run, for each job:
-- floor: read the inputs and write one output-sized file in 16 MiB blocks, then fsync (HANDBOOK §11:
+- floor: read the inputs and write one output-sized file in 16 MiB blocks, then fsync (docs/benchmarks.md:
   the floor the targets refer to);
 - floor, O_DIRECT: the same with the output written as lmerge writes it (aligned blocks, O_DIRECT,
   no page cache), for reference;
 - lmerge: `lmerge merge ... --no-record` (the output is still hashed and its metadata written);
-- sd-mecha 1.1.8 (`pip install -e '.[bench]'`) with the recipe HANDBOOK §12 uses;
+- sd-mecha 1.1.8 (`pip install -e '.[bench]'`) with the recipe of docs/benchmarks.md ("sd-mecha as a peer");
 each a subprocess under /usr/bin/time -v. Prints a table of median wall time, ratio to the floor and
 peak RSS. Outputs are deleted after each run; the page cache is left as it is (the same for all).
 """
@@ -34,7 +34,7 @@ JOBS: dict[str, tuple[tuple[str, ...], list[str], str]] = {
     "weighted_sum": (("base", "child1"), ["--alpha", "0.3"], "sd_mecha.weighted_sum(m[0], m[1], alpha=0.3)"),
     "add_difference": (("child1", "child2", "base"), ["--method", "add_difference", "--alpha", "0.5"],
                        "sd_mecha.add_difference(m[0], m[1], m[2], alpha=0.5)"),
-    # sd-mecha 1.1.8's add_difference_ties raises; HANDBOOK §12 composes it from ties_sum.
+    # sd-mecha 1.1.8's add_difference_ties raises; docs/benchmarks.md composes it from ties_sum.
     "ties": (("base", "child1", "child2"), ["--method", "ties", "--param", "density=0.2"],
              "m[0] + sd_mecha.ties_sum(m[1] - m[0], m[2] - m[0], k=0.2)"),
 }
@@ -56,7 +56,7 @@ os.fsync(fd)
 """
 
 # The same, but the output written the way lmerge writes it: 16 MiB page-aligned blocks with O_DIRECT
-# (no page cache), then fsync. Not the floor the targets refer to (HANDBOOK §11), shown beside it.
+# (no page cache), then fsync. Not the floor the targets refer to (docs/benchmarks.md), shown beside it.
 FLOOR_DIRECT = """
 import mmap, os, sys
 out, inputs = sys.argv[1], sys.argv[2:]

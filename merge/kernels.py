@@ -1,4 +1,4 @@
-"""Triton kernels for the elementwise merge methods, used for CUDA tensors (HANDBOOK §10).
+"""Triton kernels for the elementwise merge methods, used for CUDA tensors (docs/merging.md, "Triton kernels").
 
 The torch code in merge/methods.py is the reference and the CPU path; the methods call these
 functions only when `use_kernels(...)` says so (triton imported and every tensor on a CUDA device).

@@ -1,4 +1,4 @@
-"""Merge methods: each one small function over fp32 tensors, registered by name (HANDBOOK §7).
+"""Merge methods: each one small function over fp32 tensors, registered by name (docs/merging.md).
 
 Declaring a method: its signature says everything the engine needs, nothing is repeated in the
 decorator (as mergekit's `easy_define`):

@@ -1,4 +1,4 @@
-"""How a merge parameter varies across the keys of a checkpoint (HANDBOOK §3).
+"""How a merge parameter varies across the keys of a checkpoint (docs/blocks.md).
 
 A parameter such as `alpha` can be
 - one scalar for every key;

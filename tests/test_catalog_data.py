@@ -1,7 +1,7 @@
 """Checks of the built-in family catalog, lineage/graph/data/catalog.json.
 
 Structure (ids, edges, relations, acyclicity, formatting) and specific facts taken from the
-seed articles (000-004) and HANDBOOK section 1.
+sources listed in docs/catalog.md (000-004 and the project's notes).
 """
 
 import json
@@ -119,7 +119,7 @@ def test_node_fields(catalog):
             assert isinstance(n["training"], dict)
         for url in n.get("urls", []):
             assert url.startswith("https://"), url
-        # English text in values: the seeds' Cyrillic/CJK must not leak through
+        # English text in values: the source articles' Cyrillic/CJK must not leak through
         for v in _walk_values(n):
             if isinstance(v, str):
                 assert not re.search(r"[\u0400-\u04ff\u3000-\u9fff]", v), (n["id"], v)
@@ -246,7 +246,7 @@ def test_wai_is_a_merge_on_illustrious_v01(graph):
 
 def test_pony_family(graph, nodes):
     pony = nodes["pony-diffusion-v6-xl"]
-    assert pony["architecture"] == "sdxl"  # seed 001's "Pony SD 1.5" is wrong
+    assert pony["architecture"] == "sdxl"  # source 001's "Pony SD 1.5" is wrong
     assert parents(graph, "pony-diffusion-v6-xl") == {"sdxl-1.0-base"}
     assert pony["maker"] == "Astralite"
     assert pony["prompt"]["quality_tags"].startswith("score_9, score_8_up, score_7_up")

@@ -1,7 +1,7 @@
 """The Triton kernels against the torch reference, run by Triton's interpreter on CPU tensors.
 
 Triton decides when it is first imported whether kernels are compiled or interpreted
-(TRITON_INTERPRET, HANDBOOK §10), and the rest of the suite imports merge.kernels without it. So
+(TRITON_INTERPRET, docs/merging.md "Triton kernels"), and the rest of the suite imports merge.kernels without it. So
 `test_kernels_under_the_interpreter` runs this file again in a child pytest with TRITON_INTERPRET=1,
 where the tests marked `interpreted` run (they are skipped in the parent run, and the launcher is
 skipped in the child). Tensors are small: the interpreter costs about 1 ms per program instance.

@@ -1,4 +1,4 @@
-"""Merge methods against hand computations on small tensors (HANDBOOK §7)."""
+"""Merge methods against hand computations on small tensors (docs/merging.md)."""
 from __future__ import annotations
 
 import inspect

@@ -2,7 +2,7 @@
 
 The catalog is a read-only base layer under every user's registry, so that `lmerge tree` shows the
 real family on a fresh install and a user's files can be linked to the models they are copies of.
-Its facts come from the seed articles and HANDBOOK §1; `tests/test_catalog_data.py` checks them.
+Its facts and their sources: docs/catalog.md; `tests/test_catalog_data.py` checks them.
 """
 from __future__ import annotations
 

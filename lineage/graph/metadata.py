@@ -1,4 +1,4 @@
-"""Lineage in safetensors metadata (HANDBOOK §5): read from what other tools leave, and written so they see ours.
+"""Lineage in safetensors metadata (docs/metadata.md): read from what other tools leave, and written so they see ours.
 
 Read into plain dicts (`lineage_from_metadata`):
 - ModelSpec (`modelspec.*`), including `merged_from` and `prediction_type`;

@@ -1,4 +1,4 @@
-"""The lineage graph: which model was made from which (HANDBOOK §1).
+"""The lineage graph: which model was made from which (docs/catalog.md for the built-in family).
 
 The graph is a plain networkx `DiGraph` with edges pointing from parent to child. Storage lives in
 `registry.py`, the built-in family in `catalog.py`; this module holds the conventions every graph

@@ -1,7 +1,7 @@
 """Drawing a lineage graph: a text tree, Mermaid, Graphviz DOT (and SVG/PNG/PDF through `dot`),
 JSON and GraphML.
 
-The pictures follow the seed articles' flowcharts: top-down, one box per model, the epsilon models
+The pictures follow the family charts of the catalog's source articles (docs/catalog.md): top-down, one box per model, the epsilon models
 in their pale yellow. Styling is data (tables below): fill by prediction type, shape by kind, line
 style by relation; merge edges carry each parent's weight; catalog facts go into tooltips.
 """
@@ -21,7 +21,7 @@ TEXT_FORMATS = ("text", "mermaid", "dot", "svg", "json", "graphml")
 BINARY_FORMATS = ("png", "pdf")
 FORMATS = TEXT_FORMATS + BINARY_FORMATS
 
-# Prediction family -> (fill, border). Epsilon uses the seed articles' colours.
+# Prediction family -> (fill, border). Epsilon uses the source articles' colours (docs/catalog.md).
 PREDICTION_COLOURS: dict[str | None, tuple[str, str]] = {
     "epsilon": ("#FFF9C4", "#FBC02D"),
     "v": ("#E1F5FE", "#0288D1"),
@@ -31,7 +31,7 @@ PREDICTION_COLOURS: dict[str | None, tuple[str, str]] = {
 }
 PREDICTION_LABELS: dict[str, str] = {"epsilon": "eps", "epsilon+ztsnr": "eps+ztsnr", "v": "v-pred",
                                      "v+ztsnr": "v-pred+ztsnr", "edm": "edm", "edm-v": "edm v-pred"}
-LINK_TEXT = "#4051B5"  # the seed's text colour for models with a link
+LINK_TEXT = "#4051B5"  # the source articles' text colour for models with a link
 PLAIN_TEXT = "#212121"
 KIND_SHAPES: dict[str, str] = {"checkpoint": "box", "lora": "ellipse", "locon": "ellipse", "lokr": "ellipse",
                                "loha": "ellipse"}
@@ -285,7 +285,7 @@ MERMAID_CLASSES: dict[str, str] = {
 
 
 def to_mermaid(graph: nx.DiGraph, focus: str | None = None) -> str:
-    """A Mermaid flowchart like the seed articles' (renders on GitHub and in MkDocs)."""
+    """A Mermaid flowchart like the source articles' charts (renders on GitHub and in MkDocs)."""
     order = _natural_key(graph)
     nodes = sorted(graph, key=order)
     ids = {node: f"n{i}" for i, node in enumerate(nodes)}

@@ -1,4 +1,4 @@
-"""Identity hashes of a checkpoint file, all computed in one read pass (HANDBOOK §4).
+"""Identity hashes of a checkpoint file, all computed in one read pass (docs/hashes.md).
 
 | name   | definition                                                                  |
 |--------|-----------------------------------------------------------------------------|

@@ -1,4 +1,4 @@
-"""Block tables for per-block ("MBW") merges, as data (HANDBOOK §3).
+"""Block tables for per-block ("MBW") merges, as data (docs/blocks.md).
 
 Each scheme is an ordered list of (regular expression on the full single-file key, block name)
 rules; the first rule that matches names the key's block. A block template may use the first

@@ -1,4 +1,4 @@
-"""What an SDXL checkpoint looks like, as data (HANDBOOK §2).
+"""What an SDXL checkpoint looks like, as data (docs/layouts.md).
 
 The original single-file layout ("sgm", used by A1111/Forge/ComfyUI/Civitai) has four components
 under fixed key prefixes, a few marker tensors at the root, and 2,515 tensors in the public base
