@@ -44,7 +44,7 @@ def main() -> None:
         print(f"generating {path} ...", flush=True)
         write_base(path, size="full", seed=0)
     size_gb = path.stat().st_size / 1e9
-    lmerge = [sys.executable, "-m", "lineage.cli", "hash", str(path), "--json"]
+    lmerge = [sys.executable, "-m", "lineage", "hash", str(path), "--json"]
     openssl = ["openssl", "dgst", "-sha256", str(path)]
 
     timed(openssl)  # cold read: fills the page cache for both sides
@@ -55,8 +55,8 @@ def main() -> None:
 
     base = statistics.median(w for w, _ in runs["openssl dgst -sha256"])
     print(f"\n{path.name}: {size_gb:.2f} GB, {args.rounds} alternating rounds, median wall time")
-    print(f"| command | wall s | GB/s | ratio to openssl | peak RSS MB |")
-    print(f"|---|---|---|---|---|")
+    print("| command | wall s | GB/s | ratio to openssl | peak RSS MB |")
+    print("|---|---|---|---|---|")
     for name, samples in runs.items():
         wall = statistics.median(w for w, _ in samples)
         rss = max(r for _, r in samples) / 1024

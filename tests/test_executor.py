@@ -365,3 +365,28 @@ def test_a_file_that_cannot_be_put_in_place_is_one_error_and_leaves_the_old_one(
     with pytest.raises(LineageError, match="cannot put the output in place \\(Permission denied\\)"):
         save_file({"new": torch.ones(3)}, out)
     assert os.listdir(tmp_path) == ["m.safetensors"] and out.read_bytes() == before
+
+
+KILLED_TEXT_WRITE = """
+import os, sys, time
+if sys.argv[1] == "no-tmpfile":
+    del os.O_TMPFILE
+from lineage.io import atomic
+
+real_fsync = os.fsync
+def slow_fsync(fd):
+    print("writing", flush=True)  # the text is in the temporary, not yet in place; the test kills us here
+    time.sleep(60)
+os.fsync = slow_fsync
+atomic.atomic_write(sys.argv[2], "new text")
+"""
+
+
+@pytest.mark.parametrize("anonymous", [True, False])
+def test_no_temporary_is_left_after_a_killed_small_write(tmp_path, anonymous):
+    """Recipes, trees, exports and cards (atomic_write) leave the old file and nothing else after a kill."""
+    out = tmp_path / "tree.txt"
+    out.write_text("old text")
+    _kill_when([KILLED_TEXT_WRITE, "tmpfile" if anonymous else "no-tmpfile", str(out)], "writing")
+    _eventually_only(tmp_path, ["tree.txt"])
+    assert out.read_text() == "old text"

@@ -23,12 +23,12 @@ import errno
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lineage.errors import LineageError
 from lineage.io.inputs import FILE_KINDS
+from lineage.io.temporary import create_hidden, link_anonymous, open_anonymous
 
 # /dev/stdout -> /proc/self/fd/1: opening the link again would start a new file description (at
 # offset 0, without O_APPEND), so the bytes go to the descriptor the process already has.
@@ -151,28 +151,34 @@ def _umask() -> int:
 
 
 def _replace(found: Destination, data: bytes) -> None:
+    """Write `data` to a temporary a kill cannot leave behind (lineage.io.temporary: an anonymous file,
+    else a guarded hidden name), then put it in place of the target in one rename."""
     target = found.target
     assert target is not None
-    folder = os.path.dirname(target)
+    fd = open_anonymous(os.path.dirname(target))
+    name = None
     try:
-        fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
-    except OSError as e:
-        where = found.path if target == os.path.abspath(found.path) else f"{found.path} (-> {target})"
-        raise LineageError(f"cannot write here ({e.strerror})", where) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # mkstemp makes the file private; give it the old file's mode, or the one a plain open() would.
-            old_mode = os.stat(target).st_mode & 0o7777 if os.path.exists(target) else 0o666 & ~_umask()
-            os.fchmod(f.fileno(), old_mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, target)
+        if fd is None:
+            fd, name = create_hidden(target)
+        # The temporary is private; give it the old file's mode, or the one a plain open() would.
+        os.fchmod(fd, os.stat(target).st_mode & 0o7777 if os.path.exists(target) else 0o666 & ~_umask())
+        _write_all(fd, data, found.path)
+        os.fsync(fd)
+        if name is None:
+            link_anonymous(fd, target)
+        else:
+            os.replace(name.path, target)
+            name.release()
     except BaseException as e:
-        os.unlink(temporary)
+        if name is not None:
+            name.remove()
         if isinstance(e, OSError):
-            raise LineageError(f"cannot write ({e.strerror})", found.path) from None
+            where = found.path if target == os.path.abspath(found.path) else f"{found.path} (-> {target})"
+            raise LineageError(f"cannot write here ({e.strerror})", where) from None
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes,
