@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from lineage.merge import methods, ranking
+from lineage.merge import methods
 
 SDXL_PARAMETERS = 3.5e9
 SDXL_RANKED_PARAMETERS = 3.46e9  # in tensors larger than the sample (their thresholds need the bracketed pass)

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lineage.errors import LineageError
-from lineage.io.hashing import FileHashes
 from lineage.io.atomic import file_destination
+from lineage.io.hashing import FileHashes
 from lineage.io.safetensors import SafetensorsFile
 
 from .planner import MergePlan, plan_merge

@@ -69,13 +69,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from lineage.errors import LineageError
 from lineage.lazy import LazyModule, torch
 
 from . import ranking, rng
-from .parameters import (Count, Finite, KeepRate, NonNegative, ParamType, Positive, PositiveWeights, Share,
-                         Threshold, Weights, param_type)
+from .parameters import (
+    Count,
+    Finite,
+    KeepRate,
+    NonNegative,
+    ParamType,
+    Positive,
+    PositiveWeights,
+    Share,
+    Threshold,
+    Weights,
+    param_type,
+)
 
 kernels = LazyModule("lineage.merge.kernels")  # imports Triton (~0.1 s): only when a merge runs
 

@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lineage.sdxl.blocks import BLOCK_NAMES, block_of
 from lineage.errors import LineageError
+from lineage.sdxl.blocks import BLOCK_NAMES, block_of
 from lineage.sdxl.layout import COMPONENT_PREFIXES, component_of
 
 PRESETS: tuple[str, ...] = tuple(BLOCK_NAMES)

@@ -1,7 +1,7 @@
 """Nothing a command writes lands on one of its inputs; links, devices and pipes given as
 destinations are written through or refused, never replaced by a regular file (lineage/io/atomic.py)."""
-import os
 import json
+import os
 import stat
 import subprocess
 import sys

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from lineage.sdxl.detection import detect, require_sdxl
 from lineage.errors import CheckpointError
 from lineage.io.safetensors import save_file
+from lineage.sdxl.detection import detect, require_sdxl
 from lineage.sdxl.synthetic import write_base
 
 

@@ -5,18 +5,18 @@ import json
 import pytest
 import torch
 
-from lineage.sdxl.detection import detect
-from lineage.sdxl.blocks import block_of
+from lineage.engine.budget import CHUNK_ELEMENTS
 from lineage.errors import LineageError
 from lineage.io.hashing import hash_file
 from lineage.io.safetensors import SafetensorsFile, SafetensorsWriter, save_file
-from lineage.sdxl.layout import is_pass_through
 from lineage.merge.api import build_recipe, merge, plan
-from lineage.engine.budget import CHUNK_ELEMENTS
 from lineage.merge.methods import get_method
 from lineage.merge.planner import is_elementwise
 from lineage.merge.ranking import SAMPLE_SIZE
 from lineage.merge.recipe import Input, Recipe
+from lineage.sdxl.blocks import block_of
+from lineage.sdxl.detection import detect
+from lineage.sdxl.layout import is_pass_through
 
 POSITION_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
 LOGIT_SCALE = "conditioner.embedders.1.model.logit_scale"
@@ -123,7 +123,7 @@ def _without(src, dst, drop=(), reshape=None):
         plan = {k: (i.dtype, reshape[k] if reshape and k in reshape else i.shape) for k, i in f.tensors.items()
                 if k not in drop}
         with SafetensorsWriter(dst, plan) as w:
-            for k, (dtype, shape) in plan.items():
+            for k, (_dtype, shape) in plan.items():
                 w.write(k, torch.zeros(shape, dtype=f.tensors[k].torch_dtype) if reshape and k in reshape else f.read(k))
     return str(dst)
 

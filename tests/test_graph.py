@@ -4,8 +4,18 @@ import pytest
 
 from lineage import LineageError
 from lineage.graph.catalog import catalog_graph, catalog_node_for_repo, huggingface_repo
-from lineage.graph.model import (add_lineage_edge, ancestors, descendants, is_placeholder, lowest_common_ancestors,
-                           neighbourhood, path, reference_id, roots, siblings)
+from lineage.graph.model import (
+    add_lineage_edge,
+    ancestors,
+    descendants,
+    is_placeholder,
+    lowest_common_ancestors,
+    neighbourhood,
+    path,
+    reference_id,
+    roots,
+    siblings,
+)
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ import os
 import struct
 import zlib
 
-import pytest
-
 from lineage.io.hashing import hash_file
 
 

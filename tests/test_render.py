@@ -8,8 +8,8 @@ import pytest
 
 from lineage import LineageError, hash_file
 from lineage.graph.catalog import catalog_graph
-from lineage.graph.model import add_lineage_edge, neighbourhood
 from lineage.graph.interchange import from_graphml
+from lineage.graph.model import add_lineage_edge, neighbourhood
 from lineage.graph.render import render, to_dot, to_mermaid, to_text
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")

@@ -108,9 +108,9 @@ def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | N
     """Show the lineage tree: the whole family, or NODE's ancestors and descendants.
 
     NODE is a recorded file, a node id (catalog slug or AutoV3), a hash prefix, a repo id or a name."""
-    from lineage.io.atomic import atomic_write
     from lineage.graph.registry import Registry
     from lineage.graph.render import BINARY_FORMATS, format_for_path, render
+    from lineage.io.atomic import atomic_write
 
     with Registry(registry_path) as reg:
         graph = reg.graph()
@@ -227,9 +227,9 @@ def registry_info(registry_path: str | None) -> None:
 @_registry_option
 def registry_export(output: str, fmt: str | None, registry_path: str | None) -> None:
     """Write the user's nodes and edges (not the built-in catalog) to OUTPUT."""
-    from lineage.io.atomic import atomic_write
     from lineage.graph.interchange import to_graphml, to_json
     from lineage.graph.registry import Registry
+    from lineage.io.atomic import atomic_write
 
     with Registry(registry_path) as reg:
         user = reg.user_graph()

@@ -25,7 +25,14 @@ from typing import Any
 import networkx as nx
 
 from lineage.errors import LineageError
-from lineage.graph.model import ADAPTER_KINDS, PREDICTION_FAMILY, display_name, lowest_common_ancestors, path, require_node
+from lineage.graph.model import (
+    ADAPTER_KINDS,
+    PREDICTION_FAMILY,
+    display_name,
+    lowest_common_ancestors,
+    path,
+    require_node,
+)
 
 BASE_RELATIONS = ("adapter", "trained")  # edges from an adapter's base to the adapter
 

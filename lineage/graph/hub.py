@@ -20,11 +20,11 @@ import networkx as nx
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
-from lineage.io.atomic import atomic_write, destination
-from lineage.graph.catalog import catalog_node_for_repo, huggingface_repo, is_catalog_node
 from lineage.errors import LineageError
+from lineage.graph.catalog import catalog_node_for_repo, huggingface_repo, is_catalog_node
 from lineage.graph.model import ADAPTER_KINDS, HUB_PREFIX, display_name
 from lineage.graph.registry import Registry, using_registry
+from lineage.io.atomic import atomic_write, destination
 
 # Hugging Face `base_model_relation` -> our relation, and back.
 RELATION_FROM_HUB: dict[str, str] = {"finetune": "finetune", "merge": "merge", "adapter": "adapter",

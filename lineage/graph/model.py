@@ -18,6 +18,7 @@ in a merge), `params` (merge method and recipe, trainer or extraction settings),
 from __future__ import annotations
 
 import re
+
 import networkx as nx
 
 from lineage.errors import LineageError

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lineage.sdxl.detection import Detection, detect_file
 from lineage.errors import LineageError
+from lineage.graph.metadata import lineage_from_metadata
 from lineage.graph.model import ADAPTER_KINDS, check_relation, is_placeholder, reference_id
+from lineage.graph.registry import Batch, Registry, using_registry
 from lineage.io.hashing import AUTOV1_RANGE, FileHashes, hash_file
 from lineage.io.inputs import check_input
-from lineage.graph.metadata import lineage_from_metadata
-from lineage.graph.registry import Batch, Registry, using_registry
 from lineage.io.safetensors import SafetensorsFile
+from lineage.sdxl.detection import Detection, detect_file
 
 # Detected format -> node kind.
 KIND_OF_FORMAT: dict[str, str] = {

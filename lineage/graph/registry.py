@@ -30,8 +30,8 @@ from typing import Any
 
 import networkx as nx
 
-from lineage.graph.catalog import catalog_graph, catalog_node_for_repo, is_catalog_node
 from lineage.errors import LineageError
+from lineage.graph.catalog import catalog_graph, catalog_node_for_repo, is_catalog_node
 from lineage.graph.model import HUB_PREFIX, check_relation, is_placeholder, reference_id
 from lineage.io import strict_json
 from lineage.io.hashing import hash_file

@@ -14,8 +14,8 @@ from typing import Any
 import networkx as nx
 
 from lineage.errors import LineageError
-from lineage.graph.model import AUTOV3_ID, PREDICTION_FAMILY, is_placeholder, roots
 from lineage.graph.interchange import to_graphml, to_json
+from lineage.graph.model import AUTOV3_ID, PREDICTION_FAMILY, is_placeholder, roots
 
 TEXT_FORMATS = ("text", "mermaid", "dot", "svg", "json", "graphml")
 BINARY_FORMATS = ("png", "pdf")

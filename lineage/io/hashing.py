@@ -99,7 +99,7 @@ def _hash_mapped(mm: mmap.mmap, size: int, data_start: int | None, chunk_size: i
         try:
             for i, (a, b) in enumerate(chunks):
                 with progress:  # stay within `window` chunks of the other thread, bounding resident pages
-                    progress.wait_for(lambda: i < position[other] + window or errors)
+                    progress.wait_for(lambda: i < position[other] + window or errors)  # noqa: B023 - called in this iteration
                 if errors:
                     return
                 if worker == 0:

@@ -13,8 +13,16 @@ from dataclasses import dataclass, field
 
 from lineage.errors import CheckpointError
 from lineage.io.safetensors import SafetensorsFile, TensorInfo
-from lineage.sdxl.layout import (COMPONENT_PREFIXES, DIFFUSERS_FILES, MARKER_KEYS, SD1_TEXT_PREFIX, SD2_TEXT_PREFIX,
-                   SDXL_REFINER_MARKER, SDXL_TEXT_MARKER, SDXL_UNET_MARKER, prediction_type_from_keys)
+from lineage.sdxl.layout import (
+    COMPONENT_PREFIXES,
+    DIFFUSERS_FILES,
+    SD1_TEXT_PREFIX,
+    SD2_TEXT_PREFIX,
+    SDXL_REFINER_MARKER,
+    SDXL_TEXT_MARKER,
+    SDXL_UNET_MARKER,
+    prediction_type_from_keys,
+)
 
 # Adapter formats by the key suffixes that only they use (LyCORIS before kohya: LoCon shares kohya's names).
 ADAPTER_SUFFIXES: list[tuple[str, tuple[str, ...]]] = [

@@ -5,10 +5,10 @@ import os
 from collections import Counter, defaultdict
 from typing import Any
 
-from lineage.sdxl.detection import Detection, detect_file, detect_folder
-from lineage.io.hashing import hash_file
 from lineage.graph.metadata import lineage_from_metadata
+from lineage.io.hashing import hash_file
 from lineage.io.safetensors import SafetensorsFile, TensorInfo
+from lineage.sdxl.detection import Detection, detect_file, detect_folder
 from lineage.sdxl.layout import base_inventory, component_of, is_marker
 
 

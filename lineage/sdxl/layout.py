@@ -59,7 +59,7 @@ def is_pass_through(key: str) -> bool:
     return is_marker(key) or key.endswith(PASS_THROUGH_SUFFIXES)
 
 
-def prediction_type_from_keys(keys: "set[str] | frozenset[str]") -> str | None:
+def prediction_type_from_keys(keys: set[str] | frozenset[str]) -> str | None:
     """The prediction type the marker tensors announce, or None when there are no markers.
 
     `v_pred` -> "v" (+ `ztsnr` -> "v+ztsnr"); `edm_vpred.*` -> "edm-v"; `edm_mean`/`edm_std`
