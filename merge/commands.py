@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
+import shutil
 import textwrap
 from dataclasses import replace
 from typing import Any
@@ -176,9 +178,9 @@ def methods_command(name: str | None, as_json: bool) -> None:
         flags = ", ".join(f for f, on in (("base first", row["needs_base"]), ("random", row["random"]),
                                            ("elementwise", row["elementwise"])) if on)
         params = ", ".join(f"{k}={v!r}" for k, v in row["params"].items())
-        click.echo(f"{row['name']}" + (f"  [{flags}]" if flags else "") + (f"  ({params})" if params else ""))
-        if name:  # the whole docstring, as written
-            click.echo("\n".join(f"    {line}" if line else "" for line in row["doc"].splitlines()))
+        click.echo(_fitted(f"{row['name']}" + (f"  [{flags}]" if flags else "") + (f"  ({params})" if params else "")))
+        if name:  # the whole docstring, its lines fitted to the terminal
+            click.echo(_fitted(row["doc"], "    "))
         else:  # its first sentence
             first = " ".join(row["doc"].split("\n\n")[0].split())
             click.echo(_indented(first.split(". ")[0].rstrip(".") + "."))
@@ -187,12 +189,37 @@ def methods_command(name: str | None, as_json: bool) -> None:
             click.echo(f"    {param}: {kind}")
         if row["peers"]:
             click.echo(_indented(f"vs peers: {row['peers']}"))
-    click.echo("\n" + NONFINITE_RULE)
+    click.echo("\n" + _fitted(NONFINITE_RULE))
+
+
+def _width() -> int:
+    """The terminal's width (COLUMNS when set), at most 100 columns."""
+    return min(100, shutil.get_terminal_size((100, 24)).columns)
 
 
 def _indented(text: str) -> str:
-    return textwrap.fill(text, width=100, initial_indent="    ", subsequent_indent="      ",
+    return textwrap.fill(text, width=_width(), initial_indent="    ", subsequent_indent="      ",
                          break_on_hyphens=False)
+
+
+def _fitted(text: str, indent: str = "") -> str:
+    """`text` re-wrapped to the terminal, each paragraph and list item on its own, with `indent` before it."""
+    items: list[tuple[str, str]] = []  # (leading spaces + list marker of the item's first line, its words)
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            items.append(("", ""))
+        elif items and items[-1][1] and not re.match(r"(- |\d+\. )", stripped):
+            items[-1] = (items[-1][0], items[-1][1] + " " + stripped)
+        else:
+            items.append((line[: len(line) - len(line.lstrip())], stripped))
+    out = []
+    for lead, words in items:
+        marker = re.match(r"(- |\d+\. )", words)
+        hanging = indent + lead + " " * (len(marker.group(1)) if marker else 2)
+        out.append(textwrap.fill(words, width=_width(), initial_indent=indent + lead, subsequent_indent=hanging,
+                                 break_on_hyphens=False) if words else "")
+    return "\n".join(out)
 
 
 def register(group: click.Group) -> None:
