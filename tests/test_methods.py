@@ -682,12 +682,16 @@ def test_dry_run_checks_every_per_key_value_of_a_recipe(lmerge, trio, tmp_path):
     assert ".attn2.to_k." in stderr
 
 
-def test_methods_lists_types_peer_differences_and_the_non_finite_rule(lmerge):
+def test_methods_lists_types_peer_differences_and_the_non_finite_rule(lmerge, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
     code, stdout, _ = lmerge("methods")
     assert code == 0
+    assert max(len(line) for line in stdout.splitlines()) <= 80  # fitted to an 80-column terminal
+    words = " ".join(stdout.split())  # the text re-wrapped to the terminal, compared word by word
     assert "density: number in [0, 1]" in stdout and "threshold: exact | sampled" in stdout
     for peer_note in ("lerp(‖A‖, ‖B‖, alpha)", "vote_sgn", "della_eps"):  # SLERP norms, TIES signs, DELLA
-        assert peer_note in stdout
-    assert methods.NONFINITE_RULE in stdout and "never takes a TIES" not in methods.NONFINITE_RULE[:20]
+        assert peer_note in words
+    assert " ".join(methods.NONFINITE_RULE.split()) in words
+    assert "never takes a TIES" not in methods.NONFINITE_RULE[:20]
     code, stdout, _ = lmerge("methods", "ties")
     assert code == 0 and stdout.startswith("ties  [base first, elementwise]") and "sampled" in stdout
