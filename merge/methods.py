@@ -88,6 +88,7 @@ from .parameters import (
 )
 
 kernels = LazyModule("lineage.merge.kernels")  # imports Triton (~0.1 s): only when a merge runs
+np = LazyModule("numpy")
 
 ENGINE_SUPPLIED = ("seed", "statistics")  # keyword parameters the engine fills in, not the user
 
@@ -351,9 +352,18 @@ def _ranked_magnitudes(delta: torch.Tensor) -> torch.Tensor:
 # below rule out.
 
 def _trim(delta: torch.Tensor, threshold: float) -> torch.Tensor:
-    """delta with the entries below `threshold` in magnitude, and the non-finite ones, set to 0 (in place)."""
-    # A non-finite entry is never kept (it takes no rank, module doc): zeroing every non-finite product is exact.
-    return delta.mul_(delta.abs().ge_(threshold)).nan_to_num_(0.0, 0.0, 0.0)
+    """delta with the entries below `threshold` in magnitude, and the non-finite ones, set to 0."""
+    # hardshrink zeroes |x| <= lambd in one pass (abs, compare and multiply would be three); with
+    # lambd the fp32 just below the threshold it keeps exactly |x| >= threshold. The threshold is
+    # the magnitude of an fp32 entry (or +inf, or 0: keep every finite entry).
+    below = float(np.nextafter(np.float32(threshold), np.float32(0))) if threshold > 0 else -1.0
+    trimmed = torch.nn.functional.hardshrink(delta, below) if below >= 0 else delta.clone()
+    # A non-finite entry is never kept (it takes no rank, module doc). One sum tells whether any is
+    # left (kept values come from stored weights: their sum does not overflow fp32 in practice, and
+    # if it does, zeroing non-finite entries of a finite tensor changes nothing).
+    if not bool(torch.isfinite(trimmed.sum())):
+        trimmed.nan_to_num_(0.0, 0.0, 0.0)
+    return trimmed
 
 
 def _band(delta: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
@@ -372,10 +382,12 @@ def _masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep > 0, values, 0.0)
 
 
-def _elect_and_fuse(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """TIES' sign election and disjoint mean over sparsified deltas (dropped entries are 0):
-    s = sign(Σ wᵢδᵢ); the result is Σ wᵢδᵢ / Σ wᵢ over the δᵢ whose sign is s; 0 where none
-    agrees, NaN where the election itself is NaN (a kept NaN, or +Inf against −Inf)."""
+def _elect_and_fuse(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float],
+                    alpha: float) -> torch.Tensor:
+    """base + alpha · TIES' sign election and disjoint mean over sparsified deltas (dropped entries
+    are 0; the deltas are consumed): s = sign(Σ wᵢδᵢ); the mean is Σ wᵢδᵢ / Σ wᵢ over the δᵢ whose
+    sign is s; 0 where none agrees, NaN where the election itself is NaN (a kept NaN, or +Inf
+    against −Inf)."""
     elected = deltas[0] * weights[0]
     for delta, w in zip(deltas[1:], weights[1:]):
         elected.add_(delta, alpha=w)
@@ -387,7 +399,7 @@ def _elect_and_fuse(deltas: Sequence[torch.Tensor], weights: Sequence[float]) ->
         agreeing_weight.add_(agrees, alpha=w)
     # Where none agrees the sum is 0 (NaN after a NaN election): dividing by the smallest float keeps
     # that, where 0/0 would make every such entry NaN.
-    return agreeing_sum.div_(agreeing_weight.clamp_(min=SMALLEST_FLOAT))
+    return torch.addcdiv(base, agreeing_sum, agreeing_weight.clamp_(min=SMALLEST_FLOAT), value=alpha)
 
 
 def _dare_masks(base: torch.Tensor, model_count: int, seed: int, density: float) -> list[torch.Tensor]:
@@ -579,8 +591,8 @@ def ties(base: torch.Tensor, *models: torch.Tensor, weights: PositiveWeights = N
         return kernels.ties(base, models, thresholds, w, alpha)
 
     def on_slice(base: torch.Tensor, *models: torch.Tensor) -> torch.Tensor:
-        trimmed = [_trim(delta, t) for delta, t in zip(_deltas(base, models), thresholds)]
-        return _elect_and_fuse(trimmed, w).mul_(alpha).add_(base)
+        trimmed = [_trim(model - base, t) for model, t in zip(models, thresholds)]
+        return _elect_and_fuse(base, trimmed, w, alpha)
 
     return _elementwise(on_slice, base, *models)
 
@@ -625,7 +637,7 @@ def dare_ties(base: torch.Tensor, *models: torch.Tensor, weights: PositiveWeight
 
     def on_slice(base: torch.Tensor, *models_then_masks: torch.Tensor) -> torch.Tensor:
         models, masks = models_then_masks[:len(w)], models_then_masks[len(w):]
-        return _elect_and_fuse(_dare_deltas(base, models, masks, density), w).mul_(alpha).add_(base)
+        return _elect_and_fuse(base, _dare_deltas(base, models, masks, density), w, alpha)
 
     return _elementwise(on_slice, base, *models, *masks)
 
@@ -669,7 +681,7 @@ def della(base: torch.Tensor, *models: torch.Tensor, weights: PositiveWeights = 
     probability; then sign election and disjoint mean (positive weights, only relative), b + alpha·that.
     Needs 0 <= epsilon <= min(density, 1 − density) (mergekit's epsilon means the same ±)."""
     w = _weights(weights, len(models))
-    return _elect_and_fuse(_della_deltas(base, models, seed, density, epsilon), w).mul_(alpha).add_(base)
+    return _elect_and_fuse(base, _della_deltas(base, models, seed, density, epsilon), w, alpha)
 
 
 def _breadcrumbs_counts(density: float, gamma: float) -> Callable[[int], list[int]]:

@@ -106,39 +106,60 @@ class _Scratch:
     def __init__(self) -> None:
         self.base = torch.empty(CHUNK, dtype=torch.float32)
         self.magnitudes = torch.empty(CHUNK, dtype=torch.float32)
-        self.above = np.empty(CHUNK, dtype=bool)
-        self.inside = np.empty(CHUNK, dtype=bool)
+        self.masks = [np.empty(CHUNK, dtype=bool) for _ in range(3)]
+
+
+def _count(out: np.ndarray, compare: Callable[..., np.ndarray], magnitudes: np.ndarray, value: float) -> int:
+    """How many `magnitudes` compare true with `value`; the mask is left in `out`."""
+    return int(np.count_nonzero(compare(magnitudes, value, out=out)))
 
 
 @dataclass
 class _Bracket:
-    """The search for one order statistic, the `count`-th largest, within magnitudes [lo, hi]."""
+    """The search for one order statistic, the `count`-th largest, within magnitudes [lo, hi].
+    Entries in the bracket are collected, except those equal to lo, which are only counted. When
+    the sample shows that the ends are shared by more entries than lie between them (`count_ends`:
+    stored bf16 or fp16 weights give differences of few distinct values), entries equal to hi are
+    counted too, and only those strictly inside are collected."""
 
     count: int
     lo: float
     hi: float
+    count_ends: bool = False
     above: int = 0  # entries seen that are larger than hi
-    at_lo: int = 0  # entries seen equal to lo (ties there are counted, not stored)
-    inside: list[np.ndarray] = field(default_factory=list)  # entries seen in (lo, hi]
+    at_hi: int = 0  # entries seen equal to hi, when counted (else they are in `inside`)
+    at_lo: int = 0  # entries seen equal to lo (when lo < hi)
+    inside: list[np.ndarray] = field(default_factory=list)  # entries seen in (lo, hi), or (lo, hi]
 
     def scan(self, magnitudes: np.ndarray, scratch: _Scratch) -> None:
-        above, inside = scratch.above[:magnitudes.size], scratch.inside[:magnitudes.size]
-        np.greater(magnitudes, self.hi, out=above)
-        self.above += int(np.count_nonzero(above))
-        np.greater_equal(magnitudes, self.lo, out=inside)
-        np.greater(inside, above, out=inside)  # in [lo, hi]: at least lo and not above hi
-        # A small share, unless many entries tie at lo. (Gathering by index beats a boolean mask
-        # on a sparse one: the mask's scattered hits cost a branch miss each.)
-        in_bracket = magnitudes[np.flatnonzero(inside)]
-        at_lo = in_bracket == self.lo
-        self.at_lo += int(np.count_nonzero(at_lo))
-        self.inside.append(in_bracket[~at_lo])
+        above, second, third = (m[:magnitudes.size] for m in scratch.masks)
+        self.above += _count(above, np.greater, magnitudes, self.hi)
+        if not self.count_ends:
+            np.greater_equal(magnitudes, self.lo, out=second)
+            np.greater(second, above, out=second)  # in [lo, hi]: at least lo and not above hi
+            # A small share. (Gathering by index beats a boolean mask on a sparse one: the mask's
+            # scattered hits cost a branch miss each.)
+            in_bracket = magnitudes[np.flatnonzero(second)]
+            at_lo = in_bracket == self.lo
+            self.at_lo += int(np.count_nonzero(at_lo))
+            self.inside.append(in_bracket[~at_lo])
+            return
+        self.at_hi += _count(second, np.greater_equal, magnitudes, self.hi) - int(np.count_nonzero(above))
+        if self.lo == self.hi:
+            return
+        self.at_lo += _count(above, np.greater_equal, magnitudes, self.lo)
+        self.at_lo -= _count(third, np.greater, magnitudes, self.lo)
+        np.greater(third, second, out=third)  # in (lo, hi): above lo and below hi
+        self.inside.append(magnitudes[np.flatnonzero(third)])
 
     def answer(self) -> float | None:
         """The order statistic, or None when the counts show that it lies outside the bracket."""
         place = self.count - self.above  # its place from the top among the entries in [lo, hi]
         if place <= 0:
             return None  # above hi
+        if place <= self.at_hi:
+            return self.hi
+        place -= self.at_hi
         inside = np.concatenate(self.inside) if self.inside else np.empty(0, np.float32)
         if place <= inside.size:
             return _kth_largest(inside, place)
@@ -159,9 +180,11 @@ def _bracket(sample: np.ndarray, numel: int, count: int, sigmas: float) -> _Brac
     lower_place = math.ceil(expected + margin)  # > size: no lower bound
     indices = [size - p for p in (upper_place, lower_place) if 1 <= p <= size]  # ascending-order indices
     ordered = np.partition(sample, indices) if indices else sample
-    hi = float(ordered[size - upper_place]) if upper_place >= 1 else math.inf
+    hi = max(0.0, float(ordered[size - upper_place])) if upper_place >= 1 else math.inf
     lo = max(0.0, float(ordered[size - lower_place])) if lower_place <= size else 0.0
-    return _Bracket(count, lo, hi)
+    at_ends = int(np.count_nonzero(sample == lo)) + (int(np.count_nonzero(sample == hi)) if hi > lo else 0)
+    between = int(np.count_nonzero((sample > lo) & (sample < hi)))
+    return _Bracket(count, lo, hi, count_ends=at_ends > between)
 
 
 def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], brackets: Sequence[Sequence[_Bracket]]) -> None:

@@ -69,6 +69,22 @@ def test_a_missed_bracket_falls_back_and_stays_exact(monkeypatch):
         assert len(passes) == 3  # two misses, then every entry
 
 
+@pytest.mark.parametrize("dtype, counted", [(torch.float16, False), (torch.bfloat16, True)])
+def test_brackets_whose_ends_are_shared_by_many_entries_count_them_and_stay_exact(monkeypatch, dtype, counted):
+    """bf16 differences take few distinct values: at the larger shares' cuts the entries equal to a
+    bracket's ends outnumber those between them, so the ends are counted, not collected; the
+    fp16 ones here never do. Either way the answer is exact."""
+    base, model = (x.to(dtype) for x in stored_pair(1_500_000, seed=7))
+    made = []
+    bracket = ranking._bracket
+    monkeypatch.setattr(ranking, "_bracket", lambda *a: made.append(bracket(*a)) or made[-1])
+    for share in (0.01, 0.2, 0.5, 0.9):
+        count = round(share * base.numel())
+        assert ranking.kth_largest_magnitudes(base, [model], lambda n: [count]) == \
+            [[whole_tensor_kth_largest(base, model, count)]], share
+    assert any(b.count_ends for b in made) == counted  # bf16: at the larger shares' cuts
+
+
 def test_massive_ties_and_all_zero_deltas():
     base = torch.zeros(2_000_000, dtype=torch.float16)
     assert ranking.kth_largest_magnitudes(base, [base.clone()], lambda n: [n // 5]) == [[0.0]]
