@@ -10,8 +10,9 @@ as a tensor (`<module>.alpha`) and needs no entry.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from lineage.errors import LineageError
 
@@ -78,3 +79,26 @@ def dialect_metadata(dialect: str, ranks: Mapping[str, int], alphas: Mapping[str
     writable_dialect(dialect)
     header = DIALECT_HEADERS.get(dialect)
     return header(ranks, alphas) if header else {}
+
+
+# Modules that one loader applies only together: A1111 patches OpenCLIP-G attention (one fused
+# MultiheadAttention) from an adapter only when q, k, v and out of that layer are all present.
+ALL_OR_NONE_GROUPS: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
+    (re.compile(r"^(lora_te2_text_model_encoder_layers_\d+_self_attn_)(?:q|k|v|out)_proj$"),
+     ("q_proj", "k_proj", "v_proj", "out_proj")),
+)
+
+
+def incomplete_groups(names: Iterable[str]) -> dict[str, list[str]]:
+    """Modules of `names` whose all-or-none group is incomplete: module -> the group's missing names.
+    A writer completes these (e.g. with zero factors) or reports them: A1111 would ignore them."""
+    present = set(names)
+    incomplete = {}
+    for name in sorted(present):
+        for pattern, members in ALL_OR_NONE_GROUPS:
+            match = pattern.match(name)
+            if match:
+                missing = [match.group(1) + m for m in members if match.group(1) + m not in present]
+                if missing:
+                    incomplete[name] = missing
+    return incomplete
