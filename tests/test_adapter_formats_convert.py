@@ -6,6 +6,7 @@ import pytest
 import torch
 from adapter_samples import modules_of, write_lokr, write_lora
 
+import lineage
 import lineage.adapters
 from lineage.adapters.reader import open_adapter
 from lineage.errors import LineageError
@@ -132,3 +133,17 @@ def test_cli(base, tmp_path, lmerge):
     assert code == 0 and json.loads(out)["dialect"] == "kohya"
     code, out, err = lmerge("convert", base, tmp_path / "x.safetensors", "--to", "peft")
     assert code == 1 and "is a checkpoint, not an adapter" in err and err.count("\n") == 1
+
+
+def test_a_converted_adapter_keeps_its_base_in_compat(base, tmp_path):
+    """The converted file's parent is its source (a convert edge); compat takes the source's base."""
+    from lineage.graph.compat import check
+    from lineage.graph.registry import Registry
+    src = write_lora(tmp_path / "k.safetensors", modules_of(base)[:3])
+    base_node = lineage.record(base)
+    lineage.record(src, parents=[base], relation="adapter")
+    peft = lineage.adapters.convert(src, tmp_path / "p.safetensors", to="peft")
+    with Registry() as reg:
+        graph = reg.graph()
+        assert graph.edges[hash_file(src).autov3, peft.node]["relation"] == "convert"
+        assert check(graph, peft.node, base_node).relationship == "same-base"

@@ -163,3 +163,41 @@ def test_detection_uses_the_dialect_tables(base, tmp_path):
     assert (found.format, found.architecture) == ("lora-peft", "sdxl")
     found = detect(write_diff(tmp_path / "d.safetensors", modules))
     assert (found.format, found.architecture) == ("diff", "sdxl")
+
+
+@pytest.mark.parametrize("algorithm,options", [
+    ("lokr", {"use_tucker": True, "factor": 4}), ("lokr", {"decompose_both": True, "factor": 4}),
+    ("loha", {"use_tucker": True}), ("loha", {}), ("locon", {"use_tucker": True}), ("locon", {}),
+])
+def test_files_made_by_lycoris_modules_read_back(base, tmp_path, algorithm, options):
+    """LyCORIS' own modules (lycoris-lora) lay out every factor, Tucker cores included; our reader takes
+    them and checks their shapes against the checkpoint's weights."""
+    from lycoris.modules.locon import LoConModule
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    cls = {"lokr": LokrModule, "loha": LohaModule, "locon": LoConModule}[algorithm]
+    chosen = [m for m in modules_of(base, conv=True) if m.spatial][:3] + modules_of(base)[:3]
+    tensors = {}
+    for m in chosen:
+        layer = (torch.nn.Conv2d(m.shape[1], m.shape[0], m.shape[2:]) if m.spatial
+                 else torch.nn.Linear(m.shape[1], m.shape[0]))
+        module = cls(m.name, layer, 1.0, 2, 2, **options)
+        torch.nn.init.normal_(next(iter(module.parameters())))
+        tensors.update({f"{m.name}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+    path = tmp_path / "lyco.safetensors"
+    save_file(tensors, path)
+    found = open_adapter(path, base=read_header(base)[0])
+    assert set(found.modules) == {m.name for m in chosen}
+    assert found.algorithm == {"locon": "lora"}.get(algorithm, algorithm)
+    if options.get("use_tucker"):
+        tucker = {"lokr": "lokr_t2", "loha": "hada_t1", "locon": "lora_mid"}[algorithm]
+        assert any(tucker in m.keys for m in found.modules.values())
+
+
+def test_a_full_diff_adapter_is_recorded_as_an_adapter(base, tmp_path):
+    from lineage.graph.model import ADAPTER_KINDS
+    from lineage.graph.recording import KIND_OF_FORMAT
+    from lineage.sdxl.detection import detect
+    path = write_diff(tmp_path / "d.safetensors", modules_of(base)[:3])
+    assert KIND_OF_FORMAT[detect(path).format] in ADAPTER_KINDS
