@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from lineage.cli.output import echo_json
+from lineage.errors import LineageError
 
 LISTED = 10  # left-out pickle entries named in convert's message
 
@@ -43,11 +44,24 @@ def convert(src: str, dst: str, to: str | None, no_record: bool, as_json: bool) 
         return
     from lineage.io.pickle_convert import convert_pickle
 
+    if _is_safetensors(src):
+        raise LineageError("is a safetensors file already; to convert an adapter into another key dialect, "
+                           "give --to kohya or --to peft", src)
     done_pickle = convert_pickle(src, dst)
     click.echo(f"wrote {dst} ({done_pickle.tensors} tensors)")
     if done_pickle.left_out:
         shown = ", ".join(done_pickle.left_out[:LISTED]) + (", …" if len(done_pickle.left_out) > LISTED else "")
         click.echo(f"left out {len(done_pickle.left_out)} entries that are not tensors: {shown}", err=True)
+
+
+def _is_safetensors(path: str) -> bool:
+    from lineage.io.safetensors import read_header
+
+    try:
+        read_header(path)
+    except LineageError:
+        return False
+    return True
 
 
 def register(group: click.Group) -> None:

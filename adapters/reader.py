@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from lineage.errors import CheckpointError
+from lineage.errors import CheckpointError, brief
 from lineage.io.safetensors import SafetensorsFile, TensorInfo
 from lineage.sdxl.layout import COMPONENT_PREFIXES, MARKER_KEYS
 
@@ -107,15 +107,28 @@ def _place_keys(path: str, keys: list[str], dialect: Dialect) -> dict[str, dict[
         module, role = found
         roles.setdefault(module, {})[role] = key
     if unknown:
-        if any(SD1_NAMES.match(k) for k in unknown):
-            raise _fail(path, "is an SD 1.x adapter, not SDXL (its module names are SD 1.x's: "
-                              f"{', '.join(k for k in unknown if SD1_NAMES.match(k))[:200]})")
+        sd1 = [k for k in unknown if SD1_NAMES.match(k)]
+        if sd1:
+            raise _fail(path, f"is an SD 1.x adapter, not SDXL (its module names are SD 1.x's: {_listing(sd1)})")
+        known_module = [k for k in unknown if _known_module_prefix(k)]
+        if known_module:
+            raise _fail(path, f"has {len(known_module)} tensor(s) of SDXL modules in a role no loader we write for "
+                              f"knows: {_listing(known_module)}")
         names = sorted({(dialect.split(k) or (k, ""))[0] for k in unknown})
-        listed = ", ".join(names[:UNKNOWN_LISTED]) + (f" and {len(names) - UNKNOWN_LISTED} more"
-                                                     if len(names) > UNKNOWN_LISTED else "")
         raise _fail(path, f"has {len(names)} module name(s) that are not SDXL modules in any known dialect "
-                          f"(guessed dialect: {dialect.name}): {listed}")
+                          f"(guessed dialect: {dialect.name}): {_listing(names)}")
     return roles
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(brief(item) for item in sorted(items)[:UNKNOWN_LISTED])
+    return shown + (f" and {len(items) - UNKNOWN_LISTED} more" if len(items) > UNKNOWN_LISTED else "")
+
+
+def _known_module_prefix(key: str) -> bool:
+    """True when `key` is an SDXL module's name (in any dialect) followed by a role we do not know."""
+    dots = [i for i, c in enumerate(key) if c == "."]
+    return any(key[:i] in d.modules for d in DIALECTS.values() for i in dots)
 
 
 def _peft_alphas(path: str, metadata: Mapping[str, str], modules: Mapping[str, Module]) -> dict[str, float]:
@@ -214,7 +227,7 @@ def open_adapter(path: str | os.PathLike, *, base: Mapping[str, HasShape] | None
             raise _fail(path, "holds no tensors, so it is not an adapter")
         if _is_checkpoint(keys):
             raise _fail(path, "is a checkpoint, not an adapter (it has model weights such as "
-                              f"{next(k for k in keys if _is_checkpoint([k]))})")
+                              f"{brief(next(k for k in keys if _is_checkpoint([k])))})")
         dialect = _guess_dialect(keys)
         placed = _place_keys(path, keys, dialect)
         targets = modules_by_name(base) if base is not None else None

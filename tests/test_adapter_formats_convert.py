@@ -147,3 +147,10 @@ def test_a_converted_adapter_keeps_its_base_in_compat(base, tmp_path):
         graph = reg.graph()
         assert graph.edges[hash_file(src).autov3, peft.node]["relation"] == "convert"
         assert check(graph, peft.node, base_node).relationship == "same-base"
+
+
+def test_cli_adapter_without_to_says_what_to_give(base, tmp_path, lmerge):
+    src = write_lora(tmp_path / "k.safetensors", modules_of(base)[:3])
+    code, out, err = lmerge("convert", src, tmp_path / "x.safetensors")
+    assert code == 1 and "is a safetensors file already" in err and "--to kohya or --to peft" in err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -201,3 +201,11 @@ def test_a_full_diff_adapter_is_recorded_as_an_adapter(base, tmp_path):
     from lineage.sdxl.detection import detect
     path = write_diff(tmp_path / "d.safetensors", modules_of(base)[:3])
     assert KIND_OF_FORMAT[detect(path).format] in ADAPTER_KINDS
+
+
+def test_unknown_role_of_a_known_module(base, tmp_path):
+    m = modules_of(base)[0]
+    path = tmp_path / "dora_peft.safetensors"
+    save_file({**pair(m), f"{m.name}.lora_magnitude_vector": torch.ones(m.shape[0])}, path)
+    with pytest.raises(CheckpointError, match=r"tensor\(s\) of SDXL modules in a role .*lora_magnitude_vector"):
+        open_adapter(path)
