@@ -5,8 +5,10 @@ the one executor (lineage/engine/executor.py) — docs/adapters.md, "Converting 
     lineage.adapters.convert("lora.safetensors", "lora_peft.safetensors", to="peft")
     lineage.adapters.convert("lora_peft.safetensors", "back.safetensors", to="kohya")
 
-Every tensor is copied byte for byte under its key in the target dialect (one job per tensor, output
-keys in sorted order, so the same adapter always gives the same file data). Alpha moves between a
+Every tensor is copied byte for byte under its key in the target dialect, one job per tensor, in the
+order the safetensors library writes (by dtype, then by name), so the same adapter always gives the
+same file data and a file saved by that library (kohya's scripts, diffusers, PEFT) comes back from a
+round trip with the very same data section. Alpha moves between a
 tensor per module (kohya) and diffusers' adapter config in the header (PEFT) as the same number, and
 our record remembers the alpha tensors' dtype: a round trip kohya -> PEFT -> kohya gives back every
 tensor bit for bit. What the target cannot hold (LoKr, LoHa, full diffs, Tucker `lora_mid` or DoRA
@@ -40,6 +42,10 @@ from .writer import adapter_key, dialect_metadata, writable_dialect
 SELF_DESCRIBING = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", PEFT_CONFIG_KEY,
                    LINEAGE_RECORD_KEY)
 ALPHA_DTYPE_FIELD = "alpha_dtype"  # in our record: the dtype of the source's alpha tensors
+# The safetensors library's dtype order: it writes tensors from the last of these to the first, each
+# dtype's tensors by name.
+SAFETENSORS_DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+                           "F64", "I64", "U64")
 
 
 @dataclass(frozen=True)
@@ -90,8 +96,8 @@ def _alpha_job(output: Output, value: float) -> Job:
 
 
 def plan_conversion(adapter: AdapterFile, to: str) -> list[Job]:
-    """One job per output tensor, in sorted key order: copies under the target's keys, plus the alpha
-    tensors a kohya file needs when the source kept alpha elsewhere (PEFT's header)."""
+    """One job per output tensor, in the safetensors library's order: copies under the target's keys,
+    plus the alpha tensors a kohya file needs when the source kept alpha elsewhere (PEFT's header)."""
     writable_dialect(to)
     refusal = _refusal(adapter, to)
     if refusal:
@@ -109,7 +115,12 @@ def plan_conversion(adapter: AdapterFile, to: str) -> list[Job]:
             alpha = module.alpha if module.alpha is not None else float(module.rank or 1)
             out = Output(adapter_key(to, module.name, "alpha"), _alpha_dtype(adapter, module), ())
             jobs[out.key] = _alpha_job(out, alpha)
-    return [jobs[k] for k in sorted(jobs)]
+    return sorted(jobs.values(), key=_library_order)
+
+
+def _library_order(job: Job) -> tuple[int, str]:
+    out = job.outputs[0]
+    return -SAFETENSORS_DTYPE_ORDER.index(out.dtype), out.key
 
 
 def conversion_metadata(adapter: AdapterFile, to: str, source_autov3: str | None,
