@@ -106,17 +106,20 @@ def detect_file(f: SafetensorsFile) -> Detection:
 
 
 def _adapter_format(keys: list[str]) -> str | None:
-    """The adapter format the keys' roles (in any dialect) make, None for a file that is no adapter."""
-    roles = {}
-    for name, dialect in DIALECTS.items():
-        roles.update({role: name for key in keys if (found := dialect.split(key))
-                      for role in [found[1]] if role != "alpha"})
+    """The adapter format the keys' roles make, None for a file that is no adapter. Each key's role is
+    read by the first dialect (adapters/dialects.py) whose suffixes it ends with."""
+    roles: dict[str, str] = {}  # role -> dialect
+    for key in keys:
+        for name, dialect in DIALECTS.items():
+            found = dialect.split(key)
+            if found:
+                roles.setdefault(found[1], name)
+                break
     algorithm = algorithm_of(roles)
     if algorithm is None:
         return None
     if algorithm == "lora":
-        dialect = roles.get("lora_down", "kohya")
-        return LORA_FORMAT_BY_DIALECT.get(dialect, ADAPTER_FORMATS["lora"])
+        return LORA_FORMAT_BY_DIALECT.get(roles.get("lora_down", "kohya"), ADAPTER_FORMATS["lora"])
     return ADAPTER_FORMATS[algorithm]
 
 
