@@ -32,9 +32,9 @@ from lineage.graph.metadata import LINEAGE_RECORD_KEY
 from lineage.io.atomic import file_destination
 from lineage.io.safetensors import DTYPES
 
-from .dialects import DIALECTS
+from .dialects import DIALECTS, PEFT_CONFIG_KEY
 from .metadata import adapter_record
-from .reader import PEFT_CONFIG_KEY, AdapterFile, AdapterModule, open_adapter
+from .reader import AdapterFile, AdapterModule, open_adapter
 from .writer import adapter_key, dialect_metadata, writable_dialect
 
 # Header entries that describe the file itself (its hashes, its own record, its dialect's config):

@@ -55,6 +55,11 @@ RESNET_LAYERS: dict[str, str] = {
 }
 # Component -> the prefix PEFT / diffusers put before a module's path.
 PEFT_PREFIXES: dict[str, str] = {"unet": "unet", "clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+# diffusers' header entry holding each component's PEFT LoraConfig (r, lora_alpha, alpha_pattern, ...).
+PEFT_CONFIG_KEY = "lora_adapter_metadata"
+# Leading parts of a path that some library versions have and others not: transformers 4's CLIP text
+# models wrap the encoder in `text_model.`, transformers 5's do not.
+PEFT_OPTIONAL_ROOTS: tuple[str, ...] = ("text_model.",)
 
 
 def _sgm_to_diffusers_blocks() -> dict[str, str]:
@@ -106,6 +111,23 @@ def diffusers_path(module: Module) -> str:
     block = ".".join(parts[:2]) if parts[0] == "middle_block" else ".".join(parts[:3])
     rest = path[len(block) + 1:]
     return f"{SGM_TO_DIFFUSERS_BLOCKS[block]}.{RESNET_LAYERS.get(rest, rest)}"
+
+
+def peft_target(module: Module) -> str:
+    """How a PEFT config (target_modules, rank_pattern, alpha_pattern) names a module: its diffusers
+    path without a root some library versions lack. PEFT matches these names as suffixes of the model's
+    own module paths, so the shorter name finds the module under either version."""
+    path = diffusers_path(module)
+    for root in PEFT_OPTIONAL_ROOTS:
+        path = path.removeprefix(root)
+    return path
+
+
+def peft_config_names(entry: str, module: Module) -> bool:
+    """True when a PEFT config name (`entry`) designates `module`, by PEFT's rule: the entry is the
+    module's path or a dot-separated suffix of it."""
+    path = diffusers_path(module)
+    return path == entry or path.endswith("." + entry)
 
 
 @dataclass(frozen=True)

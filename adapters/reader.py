@@ -21,11 +21,17 @@ from lineage.errors import CheckpointError, brief
 from lineage.io.safetensors import SafetensorsFile, TensorInfo
 from lineage.sdxl.layout import COMPONENT_PREFIXES, MARKER_KEYS
 
-from .dialects import ALGORITHM_ROLES, DIALECTS, PEFT_PREFIXES, Dialect, algorithm_of, diffusers_path
+from .dialects import (
+    ALGORITHM_ROLES,
+    DIALECTS,
+    PEFT_CONFIG_KEY,
+    PEFT_PREFIXES,
+    Dialect,
+    algorithm_of,
+    peft_config_names,
+)
 from .modules import HasShape, Module, modules_by_name, reference_modules
 
-# diffusers' header entry holding each component's PEFT LoraConfig (r, lora_alpha, alpha_pattern, ...).
-PEFT_CONFIG_KEY = "lora_adapter_metadata"
 # Names only an SD 1.x / 2.x adapter has: kohya's single text encoder tag, and diffusers blocks that
 # SDXL's UNet does not have (attention in the first level, a fourth level).
 SD1_NAMES = re.compile(r"^lora_te_|^lora_unet_(down_blocks_0_attentions|up_blocks_3_attentions|down_blocks_3_)")
@@ -145,7 +151,8 @@ def _peft_alphas(path: str, metadata: Mapping[str, str], modules: Mapping[str, M
     for name, module in modules.items():
         prefix = PEFT_PREFIXES[module.component]
         pattern = config.get(f"{prefix}.alpha_pattern") or {}
-        value = pattern.get(diffusers_path(module), config.get(f"{prefix}.lora_alpha"))
+        value = next((v for entry, v in pattern.items() if peft_config_names(entry, module)),
+                     config.get(f"{prefix}.lora_alpha"))
         if value is not None:
             alphas[name] = float(value)
     return alphas

@@ -16,9 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 from lineage.errors import LineageError
 
-from .dialects import DIALECTS, PEFT_PREFIXES, WRITABLE_DIALECTS, Dialect, diffusers_path
+from .dialects import DIALECTS, PEFT_CONFIG_KEY, PEFT_PREFIXES, WRITABLE_DIALECTS, Dialect, peft_target
 from .modules import Module, reference_modules
-from .reader import PEFT_CONFIG_KEY
 
 
 def writable_dialect(name: str) -> Dialect:
@@ -43,14 +42,14 @@ def _most_common(values: Mapping[str, float]) -> float:
 def peft_config(ranks: Mapping[str, int], alphas: Mapping[str, float | None]) -> dict[str, object]:
     """diffusers' adapter metadata for a PEFT LoRA of `ranks` (kohya name -> rank) with `alphas` (kohya
     name -> alpha; None means alpha = rank, a scale of 1): per component the most common rank and alpha,
-    the others as patterns keyed by the module's diffusers path."""
+    the others as patterns, each module named as PEFT configs name it (`peft_target`)."""
     inventory = reference_modules()
     config: dict[str, object] = {}
     for component, prefix in PEFT_PREFIXES.items():
         names = [n for n in ranks if inventory[n].component == component]
         if not names:
             continue
-        paths = {n: diffusers_path(inventory[n]) for n in names}
+        paths = {n: peft_target(inventory[n]) for n in names}
         rank_of = {paths[n]: ranks[n] for n in names}
         alpha_of = {paths[n]: float(alphas.get(n) if alphas.get(n) is not None else ranks[n]) for n in names}
         r, alpha = _most_common(rank_of), _most_common(alpha_of)

@@ -73,7 +73,9 @@ def test_diffusers_reads_our_peft_file_with_its_alphas(pair):
                                if k.startswith(component + ".")})
         assert (config.r, config.lora_alpha) == (4, 2.0)
         names = {k.removeprefix(component + ".").rsplit(".", 2)[0] for k in ours if k.startswith(component + ".")}
-        assert set(config.target_modules) == names
+        # PEFT takes a target as the module's path or a dot-separated suffix of it
+        targeted = {n for n in names if any(n == t or n.endswith("." + t) for t in config.target_modules)}
+        assert targeted == names and len(config.target_modules) == len(names)
 
 
 def test_diffusers_alpha_pattern_for_modules_that_differ(pair, tmp_path):
@@ -110,3 +112,88 @@ def test_comfyui_takes_our_peft_file_only_outside_unet_attention(pair):
     unloaded = comfyui_unloaded(tensors(pair["peft"]), key_map)
     attention = {k for k in tensors(pair["peft"]) if k.startswith("unet.") and ".attn" in k and ".to_" in k}
     assert unloaded == attention and attention
+
+
+def sdxl_like_models():
+    """diffusers' UNet and transformers' CLIP text models with SDXL's structure at the "small" size
+    (the widths of lineage.sdxl.synthetic's small checkpoints), randomly initialised."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel(
+        sample_size=32, layers_per_block=2, block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(1, 2, 4), cross_attention_dim=144,
+        addition_embed_type="text_time", addition_time_embed_dim=16, projection_class_embeddings_input_dim=176,
+        use_linear_projection=True)
+    clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=12,
+                                          num_attention_heads=4, vocab_size=1000))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=80, intermediate_size=320, num_hidden_layers=32,
+                                                        num_attention_heads=4, vocab_size=1000, projection_dim=80))
+    return unet, clip_l, clip_g
+
+
+def lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory):
+    from lineage.sdxl.synthetic import write_base
+    return write_base(tmp_path_factory.mktemp("small") / "base.safetensors", size="small")
+
+
+@pytest.mark.parametrize("dialect", ["peft", "kohya"])
+def test_diffusers_loads_our_files_into_sdxl_models(tmp_path, small_base, dialect):
+    """diffusers puts every module of our PEFT and kohya files into real SDXL-shaped models, each with
+    our factors and the scale alpha / rank."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin as Loader
+
+    kohya = write_lora(tmp_path / "kohya.safetensors", modules_of(small_base, conv=True), rank=4, alpha=2)
+    path = kohya if dialect == "kohya" else convert(kohya, tmp_path / "peft.safetensors", to="peft", record=False).path
+    unet, clip_l, clip_g = sdxl_like_models()
+    state, alphas, metadata = Loader.lora_state_dict(path, unet_config=unet.config, return_lora_metadata=True)
+    Loader.load_lora_into_unet(state, alphas, unet, metadata=metadata, adapter_name="ours")
+    for model, prefix in ((clip_l, "text_encoder"), (clip_g, "text_encoder_2")):
+        Loader.load_lora_into_text_encoder(state, alphas, model, prefix=prefix, metadata=metadata, adapter_name="ours")
+    layers = {**lora_layers(unet), **lora_layers(clip_l), **lora_layers(clip_g)}
+    assert len(layers) == 986 + 66  # every module of the file, none left out
+    assert {layer.scaling["ours"] for layer in layers.values()} == {0.5}
+    ours = tensors(kohya)
+    q = lora_layers(unet)["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    assert torch.equal(q.lora_A["ours"].weight.to(torch.float16), ours[f"{name}.lora_down.weight"])
+    assert torch.equal(q.lora_B["ours"].weight.to(torch.float16), ours[f"{name}.lora_up.weight"])
+
+
+def test_per_module_alphas_reach_diffusers_through_our_peft_file(tmp_path, small_base):
+    """Modules whose alpha differs from the others keep their own scale in diffusers when loaded from our
+    PEFT file (the alpha_pattern of its adapter config), in the UNet and in both text encoders."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin as Loader
+
+    from lineage.io.safetensors import save_file
+    values = tensors(write_lora(tmp_path / "k0.safetensors", modules_of(small_base), rank=4, alpha=2))
+    odd = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": 1.0,
+           "lora_te1_text_model_encoder_layers_3_self_attn_k_proj": 3.0,
+           "lora_te2_text_model_encoder_layers_30_mlp_fc1": 8.0}
+    for name, alpha in odd.items():
+        values[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
+    save_file(values, tmp_path / "k.safetensors")
+    path = convert(tmp_path / "k.safetensors", tmp_path / "p.safetensors", to="peft", record=False).path
+    unet, clip_l, clip_g = sdxl_like_models()
+    state, alphas, metadata = Loader.lora_state_dict(path, return_lora_metadata=True)
+    Loader.load_lora_into_unet(state, alphas, unet, metadata=metadata, adapter_name="ours")
+    Loader.load_lora_into_text_encoder(state, alphas, clip_l, prefix="text_encoder", metadata=metadata,
+                                       adapter_name="ours")
+    Loader.load_lora_into_text_encoder(state, alphas, clip_g, prefix="text_encoder_2", metadata=metadata,
+                                       adapter_name="ours")
+    expected = [(unet, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 0.25),
+                (clip_l, "encoder.layers.3.self_attn.k_proj", 0.75), (clip_g, "encoder.layers.30.mlp.fc1", 2.0)]
+    others = []
+    for model, suffix, scale in expected:
+        scales = {name: layer.scaling["ours"] for name, layer in lora_layers(model).items()}
+        assert [s for n, s in scales.items() if n == suffix or n.endswith("." + suffix)] == [scale], suffix
+        others += [s for n, s in scales.items() if not (n == suffix or n.endswith("." + suffix))]
+    assert set(others) == {0.5} and len(others) == 986 - 3
