@@ -1,6 +1,6 @@
 """`lmerge`: the command line. The group lives here; each area adds its own commands from its package
 (io: hash, convert; sdxl: inspect, generate; graph: add, scan, link, tree, compat, hub, registry;
-merge: merge, reproduce, methods). Every subcommand is a thin layer over a library function."""
+merge: merge, reproduce, methods; adapters: convert). Every subcommand is a thin layer over a library function."""
 from __future__ import annotations
 
 import sys
@@ -33,12 +33,13 @@ def main(debug: bool) -> None:
 
 
 def _register_areas() -> None:
+    from lineage.adapters.commands import register as register_adapters
     from lineage.graph.commands import register as register_graph
     from lineage.io.commands import register as register_io
     from lineage.merge.commands import register as register_merge
     from lineage.sdxl.commands import register as register_sdxl
 
-    for register in (register_sdxl, register_io, register_graph, register_merge):
+    for register in (register_sdxl, register_io, register_graph, register_merge, register_adapters):
         register(main)
 
 

@@ -135,12 +135,13 @@ def _relationship(graph: nx.DiGraph, base: str, checkpoint: str) -> dict[str, An
 
 def check(graph: nx.DiGraph, adapter: str, checkpoint: str) -> Compatibility:
     """How well `adapter` fits `checkpoint` (both node ids of `graph`), with the reason. A file
-    linked to a catalog model (a `convert` edge) counts as that model."""
+    linked to a catalog model (a `convert` edge) counts as that model, and an adapter converted from
+    another (lmerge convert --to) has that adapter's bases."""
     require_node(graph, adapter)
     require_node(graph, checkpoint)
     if not is_adapter(graph, adapter):
         raise LineageError(f"{display_name(graph, adapter)} is not an adapter (LoRA, LoKr, LoHa, ...)")
-    base_files = adapter_bases(graph, adapter)
+    base_files = adapter_bases(graph, same_model(graph, adapter))  # a converted adapter: its source's bases
     bases = [same_model(graph, b) for b in base_files]
     model = same_model(graph, checkpoint)
     # Facts the adapter declares itself win over those of its base (a LoRA's file says little).

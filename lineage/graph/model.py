@@ -40,7 +40,7 @@ PREDICTION_FAMILY: dict[str, str] = {
 }
 
 # Node kinds that are adapters (an adapter's parent is its base model).
-ADAPTER_KINDS = frozenset({"lora", "locon", "lokr", "loha"})
+ADAPTER_KINDS = frozenset({"lora", "locon", "lokr", "loha", "diff"})
 
 AUTOV3_ID = re.compile(r"[0-9a-f]{64}")
 HUB_PREFIX = "hf:"

@@ -34,7 +34,7 @@ from lineage.sdxl.detection import Detection, detect_file
 # Detected format -> node kind.
 KIND_OF_FORMAT: dict[str, str] = {
     "sdxl-single-file": "checkpoint", "sdxl-refiner": "checkpoint", "sd1": "checkpoint", "sd2": "checkpoint",
-    "lora-kohya": "lora", "lora-peft": "lora", "locon": "locon", "lokr": "lokr", "loha": "loha",
+    "lora-kohya": "lora", "lora-peft": "lora", "locon": "locon", "lokr": "lokr", "loha": "loha", "diff": "diff",
 }
 
 # ModelSpec key -> node attribute.

@@ -1,11 +1,9 @@
-"""`lmerge` commands for files as files: hash, convert."""
+"""`lmerge` commands for files as files: hash (convert, which also takes pickles, is in adapters/commands.py)."""
 from __future__ import annotations
 
 import click
 
 from lineage.cli.output import echo_json
-
-LISTED = 10  # left-out entries named in convert's message
 
 
 @click.command("hash")
@@ -25,22 +23,7 @@ def hash_command(paths: tuple[str, ...], as_json: bool) -> None:
             click.echo(f"  {name:<7} {r[name] if r[name] is not None else '-'}")
 
 
-@click.command()
-@click.argument("src", type=click.Path())
-@click.argument("dst", type=click.Path())
-def convert(src: str, dst: str) -> None:
-    """Convert a pickle checkpoint (.ckpt/.pt/.bin) to safetensors, loading only plain tensors.
-    Entries that are not tensors (step counters, optimizer state beside state_dict) are listed as left out."""
-    from lineage.io.pickle_convert import convert_pickle
-
-    done = convert_pickle(src, dst)
-    click.echo(f"wrote {dst} ({done.tensors} tensors)")
-    if done.left_out:
-        shown = ", ".join(done.left_out[:LISTED]) + (", …" if len(done.left_out) > LISTED else "")
-        click.echo(f"left out {len(done.left_out)} entries that are not tensors: {shown}", err=True)
-
-
 def register(group: click.Group) -> None:
     """Add the file commands to the `lmerge` group."""
-    for command in (hash_command, convert):
+    for command in (hash_command,):
         group.add_command(command)

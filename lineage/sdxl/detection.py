@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from lineage.adapters.dialects import DIALECTS, algorithm_of
+from lineage.adapters.reader import SD1_NAMES
 from lineage.errors import CheckpointError
 from lineage.io.safetensors import SafetensorsFile, TensorInfo
 from lineage.sdxl.layout import (
@@ -24,15 +25,9 @@ from lineage.sdxl.layout import (
     prediction_type_from_keys,
 )
 
-# Adapter formats by the key suffixes that only they use (LyCORIS before kohya: LoCon shares kohya's names).
-ADAPTER_SUFFIXES: list[tuple[str, tuple[str, ...]]] = [
-    ("lokr", (".lokr_w1", ".lokr_w1_a", ".lokr_w2", ".lokr_w2_a")),
-    ("loha", (".hada_w1_a", ".hada_w2_a")),
-    ("lora-kohya", (".lora_down.weight", ".lora_up.weight")),
-    ("lora-peft", (".lora_A.weight", ".lora_B.weight")),
-]
-_SDXL_ADAPTER = re.compile(r"^lora_(te1|te2)_|^lora_unet_(input_blocks|middle_block|output_blocks|label_emb)_")
-_SD_ADAPTER = re.compile(r"^lora_te_|^lora_unet_(down_blocks|mid_block|up_blocks)_")
+# Adapter formats by algorithm (the roles of adapters/dialects.py); a LoRA is named by its dialect's family.
+ADAPTER_FORMATS: dict[str, str] = {"lokr": "lokr", "loha": "loha", "diff": "diff", "lora": "lora-kohya"}
+LORA_FORMAT_BY_DIALECT: dict[str, str] = {"peft": "lora-peft"}
 
 
 @dataclass
@@ -40,7 +35,8 @@ class Detection:
     """What `detect` found. `variant` says which parts a checkpoint has (full, unet-only, ...)."""
 
     path: str
-    format: str  # sdxl-single-file | sdxl-diffusers | lora-kohya | locon | lokr | loha | lora-peft | sd1 | sd2 | unknown
+    # sdxl-single-file | sdxl-diffusers | lora-kohya | locon | lokr | loha | diff | lora-peft | sd1 | sd2 | unknown
+    format: str
     architecture: str | None  # sdxl | sd1 | sd2 | None
     prediction_type: str | None = None
     prediction_source: str | None = None  # markers | modelspec | default
@@ -89,9 +85,9 @@ def _sd1_or_sd2(tensors: dict[str, TensorInfo]) -> str:
 def detect_file(f: SafetensorsFile) -> Detection:
     keys = f.keys()
     key_set = set(keys)
-    for fmt, suffixes in ADAPTER_SUFFIXES:
-        if any(k.endswith(suffixes) for k in keys):
-            return _detect_adapter(f, fmt)
+    fmt = _adapter_format(keys)
+    if fmt:
+        return _detect_adapter(f, fmt)
 
     if SDXL_UNET_MARKER in key_set or SDXL_TEXT_MARKER in key_set:
         components = _components_present(keys)
@@ -109,16 +105,34 @@ def detect_file(f: SafetensorsFile) -> Detection:
                      reason="no SDXL, SD 1.x/2.x or adapter key layout recognised")
 
 
+def _adapter_format(keys: list[str]) -> str | None:
+    """The adapter format the keys' roles make, None for a file that is no adapter. Each key's role is
+    read by the first dialect (adapters/dialects.py) whose suffixes it ends with."""
+    roles: dict[str, str] = {}  # role -> dialect
+    for key in keys:
+        for name, dialect in DIALECTS.items():
+            found = dialect.split(key)
+            if found:
+                roles.setdefault(found[1], name)
+                break
+    algorithm = algorithm_of(roles)
+    if algorithm is None:
+        return None
+    if algorithm == "lora":
+        return LORA_FORMAT_BY_DIALECT.get(roles.get("lora_down", "kohya"), ADAPTER_FORMATS["lora"])
+    return ADAPTER_FORMATS[algorithm]
+
+
 def _detect_adapter(f: SafetensorsFile, fmt: str) -> Detection:
     keys = f.keys()
-    if fmt == "lora-kohya" and any(
-            k.endswith(".lora_down.weight") and len(f.tensors[k].shape) == 4 and f.tensors[k].shape[-1] > 1 for k in keys):
+    if fmt == "lora-kohya" and any(k.endswith(".lora_down.weight") and len(f.tensors[k].shape) == 4
+                                   and f.tensors[k].shape[-1] > 1 for k in keys):
         fmt = "locon"  # 3x3 convolutions carry a LoRA too (LyCORIS LoCon / kohya conv_dim)
     version = f.metadata.get("ss_base_model_version", "")
-    if any(_SDXL_ADAPTER.match(k) for k in keys) or version.startswith("sdxl"):
-        arch = "sdxl"
-    elif any(_SD_ADAPTER.match(k) for k in keys) or version.startswith(("sd_v1", "sd_v2")):
+    if any(SD1_NAMES.match(k) for k in keys) or version.startswith(("sd_v1", "sd_v2")):
         arch = "sd2" if version.startswith("sd_v2") or f.metadata.get("ss_v2") == "True" else "sd1"
+    elif any(d.parse(k) for d in DIALECTS.values() for k in keys) or version.startswith("sdxl"):
+        arch = "sdxl"
     else:
         arch = None
     pred = "v" if f.metadata.get("ss_v_parameterization") == "True" else None
