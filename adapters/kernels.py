@@ -44,10 +44,7 @@ def add_lora_(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale:
     if up_rows != rows or down_columns != columns or down_rank != rank:
         raise LineageError(f"LoRA factors up {tuple(up.shape)} @ down {tuple(down.shape)} do not make the weight's "
                            f"shape {tuple(weight.shape)}")
-    if use_kernels(weight, up, down):
-        _add_lora_triton(weight, up, down, float(scale))
-    else:
-        _accumulate(weight, lambda target: target.addmm_(up.float(), down.float(), alpha=scale))
+    (add_lora_triton_ if use_kernels(weight, up, down) else add_lora_torch_)(weight, up, down, float(scale))
 
 
 def add_kron_(weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: float) -> None:
@@ -57,6 +54,19 @@ def add_kron_(weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: f
     if a * b != weight.shape[0] or c * d != weight.shape[1]:
         raise LineageError(f"kron(w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}) has shape ({a * b}, {c * d}), "
                            f"not the weight's shape {tuple(weight.shape)}")
+    (add_kron_triton_ if use_kernels(weight, w1, w2) else add_kron_torch_)(weight, w1, w2, float(scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# The two paths, for checked arguments (named so that tests and benchmarks can compare them)
+
+
+def add_lora_torch_(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
+    _accumulate(weight, lambda target: target.addmm_(up.float(), down.float(), alpha=scale))
+
+
+def add_kron_torch_(weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: float) -> None:
+    (a, c), (b, d) = w1.shape, w2.shape
 
     def add(target: torch.Tensor) -> None:
         # kron(w1, w2)[i·b + k, j·d + l] = w1[i, j]·w2[k, l]: the weight seen as (a, b, c, d) takes the
@@ -64,10 +74,7 @@ def add_kron_(weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: f
         blocks = target.view(a, b, c, d)
         blocks.add_(w1.float()[:, None, :, None] * w2.float()[None, :, None, :], alpha=scale)
 
-    if use_kernels(weight, w1, w2):
-        _add_kron_triton(weight, w1, w2, float(scale))
-    else:
-        _accumulate(weight, add)
+    _accumulate(weight, add)
 
 
 def _check_matrices(**tensors: torch.Tensor) -> None:
@@ -97,7 +104,7 @@ def _tiles(weight: torch.Tensor) -> tuple[int, int]:
     return triton.cdiv(weight.shape[0], TILE), triton.cdiv(weight.shape[1], TILE)
 
 
-def _add_lora_triton(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
+def add_lora_triton_(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
     if weight.numel() == 0:
         return
     rank = up.shape[1]
@@ -108,7 +115,7 @@ def _add_lora_triton(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                                  *down.stride(), TILE=TILE, RANK_STEP=rank_step, FP16_DOT=fp16_dot)
 
 
-def _add_kron_triton(weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: float) -> None:
+def add_kron_triton_(weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: float) -> None:
     if weight.numel() == 0:
         return
     _kron_kernel[_tiles(weight)](weight, w1, w2, scale, *weight.shape, *w2.shape, *weight.stride(), *w1.stride(),
