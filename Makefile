@@ -8,7 +8,7 @@ BENCH  ?= /tmp/lineage-bench
 # bring several GB of CUDA libraries and Triton. Its dependencies come from PyPI with the package.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-fast lint demo bench-hash bench-registry bench-merge clean
+.PHONY: setup test test-fast lint demo bench-hash bench-registry bench-merge bench-kernels clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ bench-registry: setup
 bench-merge: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/bench_merge.py
+
+# The Triton kernels (adapters and merge) beside the torch path and the GPU's memory bandwidth; needs a CUDA
+# build of torch and the cuda extra (without a CUDA device it says so and exits 0).
+bench-kernels: setup
+	$(PY) benchmarks/bench_kernels.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -84,15 +84,18 @@ def plan(recipe: Recipe, workers: int = DEFAULT_WORKERS) -> MergePlan:
 
 
 def run_recipe(recipe: Recipe, output: str | None, *, registry: Any = None, title: str | None = None,
-               workers: int = DEFAULT_WORKERS, progress: bool = True,
-               fail_on_nonfinite: bool = False) -> tuple[MergePlan, RunResult, list[tuple[str, str]]]:
-    """Plan and run a recipe into `output` with its metadata (None: only compute the output's AutoV3).
-    Returns the plan, the executor's result and the (input path, key) of tensors holding NaN / Inf."""
+               workers: int = DEFAULT_WORKERS, progress: bool = True, fail_on_nonfinite: bool = False,
+               device: str | None = None) -> tuple[MergePlan, RunResult, list[tuple[str, str]]]:
+    """Plan and run a recipe into `output` with its metadata (None: only compute the output's AutoV3),
+    computing on `device` ("cpu", "cuda", "cuda:N"; None: the CPU). Returns the plan, the executor's
+    result and the (input path, key) of tensors holding NaN / Inf."""
+    from lineage.engine.device import compute_device
     from lineage.engine.executor import run_jobs
     from lineage.engine.inputs import InputFile
 
     from .jobs import MergeJobs
 
+    compute_on = compute_device(device)
     with ExitStack() as stack:
         inputs = [stack.enter_context(InputFile(i.path)) for i in recipe.inputs]
         known = _known_hashes(recipe, registry)  # after opening: a later change shows in the run's own checks
@@ -106,13 +109,13 @@ def run_recipe(recipe: Recipe, output: str | None, *, registry: Any = None, titl
 
         result = run_jobs(inputs, jobs.jobs(), output, metadata=metadata, known_autov3=known,
                           expected_autov3=[i.autov3 for i in recipe.inputs], workers=workers, progress=progress,
-                          description="merge")
+                          description="merge", device=compute_on)
     return merge_plan, result, jobs.nonfinite
 
 
 def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLike, *, record: bool = True,
           registry: Any = None, title: str | None = None, workers: int = DEFAULT_WORKERS, progress: bool = True,
-          fail_on_nonfinite: bool = False, **options: Any) -> MergeResult:
+          fail_on_nonfinite: bool = False, device: str | None = None, **options: Any) -> MergeResult:
     """Merge `inputs` (a Recipe, or input paths plus the options of `build_recipe`) into `output`.
 
     The output appears at its path only once complete. The inputs' AutoV3 are computed while
@@ -120,7 +123,8 @@ def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLik
     registered in the lineage registry (`registry`: a Registry, a path or None for the default) as a
     `merge` node with an edge from each input weighted by its nominal weight; if that fails, the
     output stays and `record_error` says why. Input tensors with NaN/Inf are listed in the result,
-    or raise with `fail_on_nonfinite`.
+    or raise with `fail_on_nonfinite`. `device` ("cuda", "cuda:N"; None: the CPU) is where the
+    merged tensors are computed; the files stream through the host either way.
     """
     recipe = inputs if isinstance(inputs, Recipe) else build_recipe(inputs, **options)
     if isinstance(inputs, Recipe) and options:
@@ -128,7 +132,7 @@ def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLik
     output = os.fspath(output)
     file_destination(output, [i.path for i in recipe.inputs])  # never onto an input, a device or a pipe
     merge_plan, result, nonfinite = run_recipe(recipe, output, registry=registry, title=title, workers=workers,
-                                               progress=progress, fail_on_nonfinite=fail_on_nonfinite)
+                                               progress=progress, fail_on_nonfinite=fail_on_nonfinite, device=device)
     hashed = recipe.with_hashes(result.input_autov3)
     node, record_error = None, None
     if record:

@@ -97,12 +97,14 @@ def _recipe_from_options(inputs: tuple[str, ...], recipe_file: str | None, metho
 @click.option("--fail-on-nonfinite", is_flag=True, help="Stop when an input tensor holds NaN/Inf (default: warn).")
 @click.option("--save-recipe", type=click.Path(), help="Also write the recipe (with the inputs' AutoV3) as TOML.")
 @click.option("--workers", type=click.IntRange(1, 64), help="Compute threads (default: cores, at most 4).")
+@click.option("--device", help="Compute on this device: cpu (default), cuda or cuda:N; the files stream "
+                                 "through the host either way.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan or the result as JSON.")
 def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alpha: float | None, blocks: str | None,
                   preset: str | None, params: tuple[str, ...], dtype: str | None, seed: int | None,
                   recipe_file: str | None, registry: str | None, no_record: bool, dry_run: bool, mismatch: str | None,
                   prediction_type: str | None, fail_on_nonfinite: bool, save_recipe: str | None, workers: int | None,
-                  as_json: bool) -> None:
+                  device: str | None, as_json: bool) -> None:
     """Merge checkpoints A B [C ...] into OUTPUT, tensor by tensor (bounded memory)."""
     from .api import DEFAULT_WORKERS, merge, plan
 
@@ -119,7 +121,7 @@ def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alph
     if save_recipe:
         destination(save_recipe, [*read, output])
     result = merge(recipe, output, record=not no_record, registry=registry, workers=workers,
-                   fail_on_nonfinite=fail_on_nonfinite)
+                   fail_on_nonfinite=fail_on_nonfinite, device=device)
     for path, key in result.nonfinite:
         click.echo(f"warning: {path}: tensor {key!r} holds NaN or Inf (merged as is)", err=True)
     if save_recipe:

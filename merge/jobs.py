@@ -10,6 +10,9 @@ One job per step, producing that step's key:
 - `copy` and `pass` read the key from one input: byte for byte when the dtype stays, else converted
   chunk by chunk;
 - `marker` reads nothing: its output is empty.
+Merged tensors are computed on the run's device (`ctx.to_device`: the fp32 pieces, or whole fp32
+tensors, go there and the result comes back into the output); statistics (TIES' thresholds) are
+computed on the host from the stored tensors, and copies never leave the host.
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ class MergeJobs:
             params["seed"] = key_seed(self.plan.recipe.seed, step.key)
         out = ctx.outputs[0].view(-1)
         if not self.elementwise:
-            inputs = [reader.fp32() for reader in ctx.sources]
+            inputs = [ctx.to_device(reader.fp32()) for reader in ctx.sources]
             for index, x in enumerate(inputs):
                 if not _all_finite(x):
                     self._note_nonfinite(index, step.key)
@@ -81,7 +84,8 @@ class MergeJobs:
             return
         if self.method.statistics is not None:
             params["statistics"] = self.method.statistics([reader.stored() for reader in ctx.sources], params)
-        for start, block in ctx.fp32_chunks():
+        for start, host_block in ctx.fp32_chunks():
+            block = ctx.to_device(host_block)
             if not _all_finite(block):
                 for index, row in enumerate(block):
                     if not _all_finite(row):

@@ -6,5 +6,6 @@ decide the jobs).
 - executor.py: running jobs on worker threads, writing their outputs in order, hashing;
 - inputs.py: reading the inputs with pread and noticing when one changes under a run;
 - budget.py: the buffer sizes and the memory estimate;
+- device.py: the device a run computes on (`--device`);
 - allocator.py, seeding.py: keeping freed memory during a run; per-tensor seeds.
 """

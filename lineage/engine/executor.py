@@ -19,6 +19,13 @@ size of the files. The output file appears at its path only once complete (Safet
 error, an input changed under the run or a kill leaves the destination as it was. Metadata that
 depends on the hashes is written last, into header room the writer keeps for it.
 
+A run computes on a device (`run_jobs(..., device=...)`, lineage/engine/device.py): the CPU by
+default, or a CUDA device. Reading, hashing and writing stay on the host either way; the device is
+carried by each JobContext, and a compute function moves the fp32 pieces it works on there with
+`ctx.to_device(tensor)` (nothing is copied on the CPU), computes, and copies the result into its
+output views (`out.copy_(result)` brings it back). Planners use the same code for both: the merge
+jobs (merge/jobs.py) are the model.
+
 While a run lasts, torch runs one thread per worker (the workers are the parallelism; torch's own
 threads would fight them for the cores), the cycle collector is off and freed memory is kept for
 reuse (lineage/engine/allocator.py): jobs allocate and free a few temporaries per chunk, and both the
@@ -161,13 +168,21 @@ class SourceReader:
 
 
 class JobContext:
-    """What a job's compute function gets: `sources` (a SourceReader per declared source, in order)
-    and `outputs` (a tensor per declared output, of its dtype and shape, to fill completely)."""
+    """What a job's compute function gets: `sources` (a SourceReader per declared source, in order),
+    `outputs` (a tensor per declared output, of its dtype and shape, to fill completely) and `device`,
+    where the run computes (the readers and the outputs are on the host; see `to_device`)."""
 
-    def __init__(self, sources: list[SourceReader], outputs: list[torch.Tensor], buffers: _WorkerBuffers):
+    def __init__(self, sources: list[SourceReader], outputs: list[torch.Tensor], buffers: _WorkerBuffers,
+                 device: torch.device):
         self.sources = sources
         self.outputs = outputs
+        self.device = device
         self._buffers = buffers
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` on the run's device: itself on the CPU, else a copy (the host buffer may be reused
+        as soon as this returns)."""
+        return tensor.to(self.device)
 
     def fp32_chunks(self, readers: Sequence[SourceReader] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Walk tensors of equal size (the job's sources by default) in pieces of CHUNK_ELEMENTS,
@@ -235,9 +250,10 @@ def _slot_bytes(job: Job) -> int:
 class _Run:
     """One execution: the state the worker threads share."""
 
-    def __init__(self, inputs: Sequence[InputFile], jobs: Sequence[Job]):
+    def __init__(self, inputs: Sequence[InputFile], jobs: Sequence[Job], device: torch.device):
         self.inputs = inputs
         self.jobs = jobs
+        self.device = device
         self.buffers = _WorkerBuffers()
 
     def prefetch(self, job: Job) -> None:
@@ -253,26 +269,27 @@ class _Run:
                    for out, offset in zip(job.outputs, _offsets(job))]
         readers = [SourceReader(self.inputs[s.input], self.inputs[s.input].tensors[s.key], self.buffers, position)
                    for position, s in enumerate(job.sources)]
-        job.compute(JobContext(readers, outputs, self.buffers))
+        job.compute(JobContext(readers, outputs, self.buffers, self.device))
         return outputs
 
 
 def run_jobs(inputs: Sequence[InputFile], jobs: Sequence[Job], output: str | os.PathLike | None, *,
              metadata: MetadataFn | None = None, known_autov3: Sequence[str | None] = (),
              expected_autov3: Sequence[str | None] = (), workers: int = 2, progress: bool = True,
-             description: str = "run") -> RunResult:
+             description: str = "run", device: torch.device | None = None) -> RunResult:
     """Run `jobs` over `inputs` and write their outputs, in job order, to `output` (None: only hash them).
 
     `metadata(input_autov3s, output_autov3)` gives the output's metadata: it is called before the
     run with the hashes known then (None for the others) and once more at the end with all of them;
     the header keeps room for what the hashes add. `known_autov3[i]` spares hashing input i (e.g. the
     registry has seen the unchanged file); an input whose hash differs from `expected_autov3[i]`
-    fails the run before the output appears, as does an input changed while the run reads it."""
+    fails the run before the output appears, as does an input changed while the run reads it.
+    `device` (from lineage.engine.device.compute_device; None: the CPU) is where the jobs compute."""
     _check_jobs(inputs, jobs)
     n = len(inputs)
     known = [known_autov3[i] if i < len(known_autov3) else None for i in range(n)]
     input_autov3: list[str | None] = list(known)
-    run = _Run(inputs, jobs)
+    run = _Run(inputs, jobs, device or torch.device("cpu"))
     slot_bytes = max((_slot_bytes(job) for job in jobs), default=0)
     free_slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(OUTPUT_SLOTS_PER_WORKER * workers)]
 
