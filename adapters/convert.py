@@ -21,10 +21,9 @@ import json
 import os
 import sys
 import types
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lineage.engine.jobs import Job, Output, Source
 from lineage.errors import LineageError
@@ -36,6 +35,9 @@ from .dialects import DIALECTS, PEFT_CONFIG_KEY
 from .metadata import adapter_record
 from .reader import AdapterFile, AdapterModule, open_adapter
 from .writer import adapter_key, dialect_metadata, writable_dialect
+
+if TYPE_CHECKING:
+    from lineage.engine.executor import JobContext
 
 # Header entries that describe the file itself (its hashes, its own record, its dialect's config):
 # not carried over to the converted file, which gets its own.
@@ -85,12 +87,12 @@ def _alpha_dtype(adapter: AdapterFile, module: AdapterModule) -> str:
     return recorded if recorded in DTYPES else adapter.tensors[first].dtype
 
 
-def _copy(ctx: Any) -> None:
+def _copy(ctx: JobContext) -> None:
     ctx.sources[0].copy_to(ctx.outputs[0])
 
 
 def _alpha_job(output: Output, value: float) -> Job:
-    def fill(ctx: Any) -> None:
+    def fill(ctx: JobContext) -> None:
         ctx.outputs[0].fill_(value)
     return Job((), (output,), fill)
 
@@ -176,9 +178,8 @@ def _record(source: str, output: str, source_autov3: str, output_autov3: str, so
     def hashes(path: str, autov3: str) -> FileHashes:
         return FileHashes(path, None, None, None, autov3, None)
 
-    params: Mapping[str, str] = {"method": "convert", "source_dialect": source_dialect, "dialect": to,
-                                 "source": Path(source).name}
-    return record_file(output, parents=[source], relation="convert", params=dict(params), registry=registry,
+    params = {"method": "convert", "source_dialect": source_dialect, "dialect": to, "source": Path(source).name}
+    return record_file(output, parents=[source], relation="convert", params=params, registry=registry,
                        hashes=hashes(output, output_autov3), parent_hashes=[hashes(source, source_autov3)])
 
 

@@ -35,6 +35,14 @@ def adapter_key(dialect: str, module: Module | str, role: str) -> str:
         raise LineageError(f"the {dialect} dialect has no key for {role} (module {target.name})") from None
 
 
+def lora_shapes(module: Module, rank: int) -> dict[str, tuple[int, ...]]:
+    """The shapes kohya's LoRA (and LoCon) store for `module` at `rank`: `lora_down` (r, in) or, for a
+    convolution, (r, in, kh, kw) with the layer's own kernel; `lora_up` (out, r), or (out, r, 1, 1) for a
+    convolution; `alpha` a scalar. PEFT's lora_A / lora_B have the same shapes."""
+    out, inp, kernel = module.shape[0], module.shape[1], tuple(module.shape[2:])
+    return {"lora_down": (rank, inp, *kernel), "lora_up": (out, rank, *((1,) * len(kernel))), "alpha": ()}
+
+
 def _most_common(values: Mapping[str, float]) -> float:
     return Counter(values.values()).most_common(1)[0][0]
 

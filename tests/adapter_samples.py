@@ -7,7 +7,7 @@ import math
 import torch
 
 from lineage.adapters.modules import Module, sdxl_modules
-from lineage.adapters.writer import adapter_key, dialect_metadata
+from lineage.adapters.writer import adapter_key, dialect_metadata, lora_shapes
 from lineage.io.safetensors import read_header, save_file
 
 
@@ -19,14 +19,14 @@ def lora_tensors(modules, rank=4, alpha=2.0, seed=0, dtype=torch.float16, dialec
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for m in modules:
-        out, inp, kernel = m.shape[0], m.shape[1], tuple(m.shape[2:])
-        r = min(rank, out, inp)
-        if kernel and mid and m.spatial:
-            down = torch.randn(r, inp, 1, 1, generator=g)
-            tensors[adapter_key(dialect, m, "lora_mid")] = torch.randn(r, r, *kernel, generator=g).to(dtype)
+        r = min(rank, m.shape[0], m.shape[1])
+        shapes = lora_shapes(m, r)
+        if mid and m.spatial:  # Tucker: the kernel moves from lora_down into lora_mid
+            down = torch.randn(r, m.shape[1], 1, 1, generator=g)
+            tensors[adapter_key(dialect, m, "lora_mid")] = torch.randn(r, r, *m.shape[2:], generator=g).to(dtype)
         else:
-            down = torch.randn(r, inp, *kernel, generator=g)
-        up = torch.randn(out, r, *((1, 1) if kernel else ()), generator=g)
+            down = torch.randn(shapes["lora_down"], generator=g)
+        up = torch.randn(shapes["lora_up"], generator=g)
         tensors[adapter_key(dialect, m, "lora_down")] = down.to(dtype)
         tensors[adapter_key(dialect, m, "lora_up")] = up.to(dtype)
         if dialect == "kohya":

@@ -77,3 +77,14 @@ def test_adapter_metadata_kohya_modelspec_and_record_read_back():
     (origin,) = origins_from_metadata(found, "lokr")
     assert origin.relation == "adapter" and origin.parents[0].value == "a" * 64
     assert origin.params["tuned"]["autov3"] == "d" * 64
+
+
+def test_lora_shapes_are_what_kohya_and_the_reader_take():
+    from lineage.adapters.modules import reference_modules
+    from lineage.adapters.writer import lora_shapes
+    modules = reference_modules()
+    assert lora_shapes(modules["lora_unet_input_blocks_1_0_in_layers_2"], 8) == {
+        "lora_down": (8, 320, 3, 3), "lora_up": (320, 8, 1, 1), "alpha": ()}
+    assert lora_shapes(modules["lora_unet_input_blocks_4_0_skip_connection"], 4)["lora_down"] == (4, 320, 1, 1)
+    assert lora_shapes(modules["lora_te2_text_model_encoder_layers_0_self_attn_v_proj"], 16) == {
+        "lora_down": (16, 1280), "lora_up": (1280, 16), "alpha": ()}
