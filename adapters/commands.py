@@ -63,8 +63,79 @@ def _is_safetensors(path: str) -> bool:
         return False
     return True
 
+# ---------------------------------------------------------------------------------------------
+# extract: a LoRA / LoCon / full diff from a fine-tune and its base
+
+WORST_SHOWN = 8  # modules listed in extract's table, the largest errors first
+
+
+@click.command()
+@click.argument("base", type=click.Path())
+@click.argument("tuned", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="The adapter file to write.")
+@click.option("--type", "kind", type=click.Choice(["lora", "locon", "diff"]), default="lora", show_default=True,
+              help="lora: kohya's default modules; locon: plus the convolutions; diff: the exact difference.")
+@click.option("--rank", type=click.IntRange(min=1), default=32, show_default=True, help="Rank of every module.")
+@click.option("--conv-rank", type=click.IntRange(min=1), help="Rank of 3x3 convolutions (locon; default --rank).")
+@click.option("--rank-mode", type=click.Choice(["fixed", "ratio", "threshold", "energy", "quantile"]),
+              default="fixed", show_default=True, help="How each module's rank is chosen (with --rank-param).")
+@click.option("--rank-param", type=float, help="ratio: keep σ ≥ x·σ₁; threshold: σ ≥ x; energy: share x of ‖Δ‖²; "
+                                                 "quantile: share x of Σσ (needs --exact).")
+@click.option("--max-rank", type=click.IntRange(min=1), help="Most ranks a mode or a budget gives a module [128].")
+@click.option("--size", help="One budget for the whole file, e.g. 200MB: ranks chosen for the least total error.")
+@click.option("--params", "param_budget", type=click.IntRange(min=1), help="The budget as a parameter count.")
+@click.option("--components", default="unet,clip_l,clip_g", show_default=True,
+              help="Which parts to extract, comma-separated.")
+@click.option("--exact", is_flag=True, help="Full SVDs instead of the randomized range finder (slower).")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@click.option("--device", help="Where the SVDs run: cpu (default), cuda, cuda:N.")
+@click.option("--registry", type=click.Path(), help="The lineage registry (default $LINEAGE_HOME).")
+@click.option("--no-record", is_flag=True, help="Do not record the adapter in the lineage registry.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (every module) as JSON.")
+def extract(base: str, tuned: str, output: str, kind: str, rank: int, conv_rank: int | None, rank_mode: str,
+            rank_param: float | None, max_rank: int | None, size: str | None, param_budget: int | None,
+            components: str, exact: bool, dtype: str, device: str | None, registry: str | None, no_record: bool,
+            as_json: bool) -> None:
+    """Extract TUNED − BASE (two SDXL checkpoints) as an adapter: each module's difference by truncated
+    SVD, streamed module by module, errors reported per module and in total."""
+    from lineage.adapters.extract import extract as run_extract
+
+    done = run_extract(base, tuned, output, type=kind, rank=rank, conv_rank=conv_rank, rank_mode=rank_mode,
+                       rank_param=rank_param, size=size, params=param_budget, max_rank=max_rank,
+                       components=[c.strip() for c in components.split(",") if c.strip()], exact=exact,
+                       dtype=dtype, record=not no_record, registry=registry, progress=not as_json, device=device)
+    if as_json:
+        echo_json({"path": done.path, "autov3": done.autov3, "type": done.type, "params": done.params,
+                   "total_relative_error": done.total_error, "svd": "exact" if done.exact else "randomized",
+                   "components": done.components, "node": done.node, "record_error": done.record_error,
+                   "modules": [vars(m) for m in done.modules]})
+        return
+    click.echo(f"wrote {done.path} ({done.type}, {done.params:,} parameters, AutoV3 {done.autov3[:12]})")
+    click.echo(f"{'component':<10} {'modules':>7} {'changed':>7} {'rel. change':>11} {'rel. error':>10}")
+    for name, c in done.components.items():
+        click.echo(f"{name:<10} {int(c['modules']):>7} {int(c['changed']):>7} {c['relative_change']:>11.2e} "
+                   f"{c['relative_error']:>10.4f}")
+        if not c["changed"]:
+            click.echo(f"  {name} has the same weights in both files: left out", err=True)
+    if done.type != "diff":
+        worst = sorted((m for m in done.modules if m.rank), key=lambda m: -m.relative_error)[:WORST_SHOWN]
+        click.echo(f"total relative error {done.total_error:.4f} ({'exact' if done.exact else 'randomized'} SVD); "
+                   "largest per module:")
+        for m in worst:
+            click.echo(f"  {m.relative_error:.4f}  rank {m.rank:>4}  {_fit(m.name, 58)}")
+    if done.record_error:
+        click.echo(f"warning: not recorded in the registry: {done.record_error}", err=True)
+
+
+def _fit(name: str, width: int) -> str:
+    """`name` in at most `width` characters, its middle left out: module names differ at both ends."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 3
+    return name[:head] + "…" + name[len(name) - (width - 1 - head):]
+
 
 def register(group: click.Group) -> None:
     """Add the adapter commands to the `lmerge` group."""
-    for command in (convert,):
+    for command in (convert, extract):
         group.add_command(command)

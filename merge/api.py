@@ -65,17 +65,6 @@ def build_recipe(inputs: Sequence[str | os.PathLike], *, method: str = "weighted
                   per_key=variations, seed=seed, dtype=dtype, mismatch=mismatch, prediction_type=prediction_type)
 
 
-def _known_hashes(recipe: Recipe, registry: Any) -> list[str | None]:
-    """Inputs' AutoV3 from an existing registry that has seen the unchanged files (saves hashing
-    them), in one call; a registry that does not exist yet is not created for this."""
-    from lineage.graph.registry import Registry, default_registry_path, using_registry
-
-    if not isinstance(registry, Registry) and not Path(registry or default_registry_path()).exists():
-        return [None] * len(recipe.inputs)
-    with using_registry(registry) as reg:
-        return reg.known_autov3([i.path for i in recipe.inputs])
-
-
 def plan(recipe: Recipe, workers: int = DEFAULT_WORKERS) -> MergePlan:
     """The plan of a recipe (what `--dry-run` shows), from the inputs' headers only."""
     with ExitStack() as stack:
@@ -92,13 +81,15 @@ def run_recipe(recipe: Recipe, output: str | None, *, registry: Any = None, titl
     from lineage.engine.device import compute_device
     from lineage.engine.executor import run_jobs
     from lineage.engine.inputs import InputFile
+    from lineage.graph.registry import known_autov3
 
     from .jobs import MergeJobs
 
     compute_on = compute_device(device)
     with ExitStack() as stack:
         inputs = [stack.enter_context(InputFile(i.path)) for i in recipe.inputs]
-        known = _known_hashes(recipe, registry)  # after opening: a later change shows in the run's own checks
+        # after opening: a later change shows in the run's own checks
+        known = known_autov3([i.path for i in recipe.inputs], registry)
         merge_plan = plan_merge(recipe, [f.header for f in inputs], workers)
         jobs = MergeJobs(merge_plan, [f.path for f in inputs], fail_on_nonfinite)
         name = title or Path(output or "").stem

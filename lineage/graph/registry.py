@@ -23,7 +23,7 @@ import re
 import sqlite3
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -532,3 +532,13 @@ def using_registry(registry: str | os.PathLike | Registry | None = None) -> Iter
     finally:
         if reg is not registry:
             reg.close()
+
+
+def known_autov3(paths: Sequence[str | os.PathLike], registry: str | os.PathLike | Registry | None = None
+                 ) -> list[str | None]:
+    """The AutoV3 of each file that an existing registry has seen unchanged (None for the others), in one
+    call, so that a run need not hash it again; a registry that does not exist yet is not created for this."""
+    if not isinstance(registry, Registry) and not Path(registry or default_registry_path()).exists():
+        return [None] * len(paths)
+    with using_registry(registry) as reg:
+        return reg.known_autov3(paths)
