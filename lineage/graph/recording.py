@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
+
 from lineage.errors import LineageError
 from lineage.graph.metadata import lineage_from_metadata
 from lineage.graph.model import ADAPTER_KINDS, check_relation, is_placeholder, reference_id
+from lineage.graph.naming import best_match, match
 from lineage.graph.registry import Batch, Registry, using_registry
 from lineage.io.hashing import AUTOV1_RANGE, FileHashes, hash_file
 from lineage.io.inputs import check_input
@@ -352,8 +355,10 @@ def record(path: str | os.PathLike, *, parents: Sequence[str | os.PathLike] = ()
         return node_id
 
 
-def _resolve_ref(b: Batch, reg: Registry, ref: ParentRef, files: dict[str, FileFacts]) -> str:
-    """The node a metadata reference names, creating a placeholder when nothing matches yet."""
+def _resolve_ref(b: Batch, graph: nx.DiGraph, ref: ParentRef, files: dict[str, FileFacts]) -> str:
+    """The node a metadata reference names (`graph`: the registry as the scan found it), creating a
+    placeholder when nothing matches yet. Hashes and names are matched as everywhere (naming.py):
+    a kohya LoRA's `ss_sd_model_name` of a Civitai download lands on the catalog model."""
     if ref.kind == "autov3":
         if not b.has_node(ref.value):  # known by content hash: the node id is settled already
             b.put_node(ref.value, {"name": ref.name, "hashes": {"autov3": ref.value}, "source": "file metadata"})
@@ -361,16 +366,19 @@ def _resolve_ref(b: Batch, reg: Registry, ref: ParentRef, files: dict[str, FileF
     if ref.kind == "path" and ref.value in files:
         return _put_file(b, files[ref.value], None, "scan")
     if ref.kind in ("sha256", "autov2", "autov1"):
-        matches = [n for n in reg.find_by_hash(ref.value, ref.kind) if not is_placeholder(n)]
-        if len(matches) == 1:
-            return matches[0]
+        by_hash = [m.node for m in match(graph, ref.value) if m.how == "hash" and not is_placeholder(m.node)]
+        if len(by_hash) == 1:
+            return by_hash[0]
+        by_name = best_match(graph, ref.name) if ref.name and not by_hash else None
+        if by_name and not is_placeholder(by_name.node):
+            return by_name.node  # a base we know by the name it was downloaded under, not (yet) by hash
         placeholder, attrs = reference_id(ref.kind, ref.value), {"hashes": {ref.kind: ref.value}}
     else:
         name = ref.name or ref.value
-        try:
-            return reg.resolve(name)  # a recorded file, hub repo or catalog model of that name
-        except LineageError:
-            placeholder, attrs = reference_id("name", name), {}
+        found = best_match(graph, name)  # a recorded file, hub repo or catalog model of that name
+        if found:
+            return found.node
+        placeholder, attrs = reference_id("name", name), {}
     b.put_node(placeholder, {**attrs, "name": ref.name or ref.value, "source": "file metadata"})
     return placeholder
 
@@ -394,12 +402,13 @@ def _link_origins(reg: Registry, facts: FileFacts) -> int:
             if found:
                 files[ref.value] = describe(found, reg)
     count = 0
+    graph = reg.graph() if facts.origins else None
     with reg.batch() as b:
         direct_parents = set()
         for origin in facts.origins:
-            child = facts.node_id if origin.child is None else _resolve_ref(b, reg, origin.child, files)
+            child = facts.node_id if origin.child is None else _resolve_ref(b, graph, origin.child, files)
             for ref, weight in zip(origin.parents, origin.weights):
-                parent = _resolve_ref(b, reg, ref, files)
+                parent = _resolve_ref(b, graph, ref, files)
                 if parent == child:
                     continue  # e.g. an A1111 "No interpolation" copy that kept the same tensors
                 # An edge above this file (from A1111's ancestry) says `via` which file told us.

@@ -31,8 +31,8 @@ from typing import Any
 import networkx as nx
 
 from lineage.errors import LineageError
-from lineage.graph.catalog import catalog_graph, catalog_node_for_repo, is_catalog_node
-from lineage.graph.model import HUB_PREFIX, check_relation, is_placeholder, reference_id
+from lineage.graph.catalog import catalog_graph, is_catalog_node
+from lineage.graph.model import check_relation, is_placeholder, reference_id
 from lineage.io import strict_json
 from lineage.io.hashing import hash_file
 from lineage.io.inputs import check_input
@@ -213,6 +213,9 @@ class Registry:
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: one consistent view while other processes write."""
         with self._errors_as_lineage_errors():
+            if self._conn.in_transaction:  # read inside a batch (a name resolved while writing): its view is ours
+                yield self._conn
+                return
             self._conn.execute("BEGIN")
             try:
                 yield self._conn
@@ -284,9 +287,9 @@ class Registry:
             return [n for (n,) in self._conn.execute("SELECT id FROM nodes WHERE name = ? ORDER BY id", (name,))]
 
     def resolve(self, spec: str | os.PathLike) -> str:
-        """The node that `spec` names: a recorded file, a node id, a hash prefix (8+ hex digits), a
-        Hugging Face repo id or a display name. Ambiguous or unknown names are errors that list what
-        was found."""
+        """The node that `spec` names: a recorded file, a node id, a hash prefix, a Hugging Face repo
+        id or URL, a Civitai URL, a display name or a Civitai-style file name (lineage/graph/naming.py).
+        Ambiguous or unknown names are errors that list what was found or the closest names."""
         spec = os.fspath(spec)
         if os.path.lexists(spec) and not os.path.isdir(spec):
             check_input(spec)  # a pipe or a broken link named as a model is refused, not looked up by name
@@ -298,24 +301,14 @@ class Registry:
             return node_id
         if self.has_node(spec):
             return spec
-        candidates: list[str] = []
         if _HASH_PREFIX.fullmatch(spec.lower().removeprefix("0x")):
             candidates = self.find_by_hash(spec)
-        if not candidates:
-            hub = HUB_PREFIX + spec
-            candidates = [hub] if self.has_node(hub) else []
-            if spec.lower() in catalog_node_for_repo():
-                candidates = [catalog_node_for_repo()[spec.lower()]]
-        if not candidates:
-            catalog = catalog_graph()
-            candidates = self.find_by_name(spec) + sorted(
-                n for n, name in catalog.nodes(data="name") if name and name.lower() == spec.lower())
-        if len(candidates) == 1:
-            return candidates[0]
-        if candidates:
-            raise LineageError(f"{spec!r} is ambiguous: it names {', '.join(candidates[:8])}; give a node id")
-        raise LineageError(f"no node {spec!r}: not a file, node id, hash, Hugging Face repo or name known to "
-                           "the registry or the catalog")
+            if len(candidates) > 1:
+                raise LineageError(f"{spec!r} is ambiguous: it names {', '.join(candidates[:8])}; give a node id")
+            if candidates:
+                return candidates[0]
+        from lineage.graph.naming import resolve  # repo ids, URLs, names, file names: see naming.py
+        return resolve(self.graph(), spec).node
 
     def _user_layer(self) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, dict[str, Any]]]]:
         """(node id -> attributes, [(parent, child, attributes)]) of the user's part, read in one snapshot.
