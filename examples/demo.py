@@ -12,8 +12,8 @@ from pathlib import Path
 
 import lineage
 from lineage.graph.catalog import catalog_graph
+from lineage.graph.editing import link
 from lineage.graph.model import neighbourhood
-from lineage.graph.recording import link
 from lineage.graph.registry import Registry
 from lineage.graph.render import render
 from lineage.sdxl.inspection import format_report

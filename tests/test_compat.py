@@ -7,7 +7,8 @@ import torch
 import lineage
 from lineage import LineageError, hash_file
 from lineage.graph.compat import check
-from lineage.graph.recording import link, scan_file
+from lineage.graph.editing import link
+from lineage.graph.recording import scan_file
 from lineage.graph.registry import Registry
 from lineage.io.safetensors import save_file
 

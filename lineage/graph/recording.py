@@ -1,6 +1,8 @@
-"""Recording files in the registry: `record` (explicit parents), `scan` (parents from metadata), `link`.
+"""Recording files in the registry: `record` (explicit parents), `scan` (parents from metadata).
+(`link`, a file that IS a known model, is in editing.py.)
 
-A file's node id is its AutoV3 (the hash of the tensor data, which metadata edits do not change).
+A file's node id is its AutoV3 (the hash of the tensor data, which metadata edits do not change),
+with a `+v` / `+v+ztsnr` / ... suffix when root marker tensors make it a v-prediction model.
 Files are hashed once: the registry remembers path, size and mtime, and an unchanged file is not
 read again. Hashing happens before the registry transaction, so a slow 7 GB file never holds the
 write lock.
@@ -100,7 +102,11 @@ class FileFacts:
 
     @property
     def node_id(self) -> str:
-        return self.hashes.autov3  # type: ignore[return-value]  # describe() guarantees safetensors
+        """The AutoV3; `<AutoV3>+<type>` when root marker tensors make it a v-prediction (or EDM) model:
+        markers are empty tensors, so the same tensor bytes with and without them are different models."""
+        marked = self.attrs.get("prediction_type") if self.attrs.get("prediction_source") == "markers" else None
+        autov3: str = self.hashes.autov3  # type: ignore[assignment]  # describe() guarantees safetensors
+        return autov3 if marked in (None, "epsilon") else f"{autov3}+{marked}"
 
 
 @dataclass
@@ -360,6 +366,9 @@ def _resolve_ref(b: Batch, graph: nx.DiGraph, ref: ParentRef, files: dict[str, F
     placeholder when nothing matches yet. Hashes and names are matched as everywhere (naming.py):
     a kohya LoRA's `ss_sd_model_name` of a Civitai download lands on the catalog model."""
     if ref.kind == "autov3":
+        marked = [n for n in graph.nodes if n.startswith(ref.value + "+")] if not b.has_node(ref.value) else []
+        if len(marked) == 1:
+            return marked[0]  # the file with prediction markers that has these tensor bytes
         if not b.has_node(ref.value):  # known by content hash: the node id is settled already
             b.put_node(ref.value, {"name": ref.name, "hashes": {"autov3": ref.value}, "source": "file metadata"})
         return ref.value
@@ -462,16 +471,3 @@ def scan(directory: str | os.PathLike, registry: str | os.PathLike | Registry | 
             except LineageError as e:
                 result.failed.append((facts.path, str(e)))
     return result
-
-
-def link(path: str | os.PathLike, node: str, registry: str | os.PathLike | Registry | None = None) -> str:
-    """Record `path` as a file of the model `node` (typically a catalog entry): a `convert` edge
-    node -> file. Returns the file's node id."""
-    with using_registry(registry) as reg:
-        facts = describe(path, reg)
-        target = reg.resolve(node)
-        with reg.batch() as b:
-            node_id = _put_file(b, facts, None, "user")
-            b.put_edge(target, node_id, "convert", source="user", note="a file of this model")
-        return node_id
-

@@ -247,8 +247,9 @@ class Registry:
     def find_paths(self, autov3: str) -> list[str]:
         """File paths seen for a content hash (AutoV3), most recently seen first."""
         with self._errors_as_lineage_errors():
-            rows = self._conn.execute("SELECT path FROM paths WHERE node_id = ? ORDER BY seen_at DESC, path",
-                                      (autov3.lower(),))
+            rows = self._conn.execute(  # the node id is the AutoV3, with a suffix for files with prediction markers
+                "SELECT path FROM paths WHERE node_id = ? OR node_id IN (SELECT node_id FROM hashes WHERE "
+                "kind = 'autov3' AND value = ?) ORDER BY seen_at DESC, path", (autov3.lower(), autov3.lower()))
             return [p for (p,) in rows]
 
     def known_file(self, path: str | os.PathLike) -> tuple[str, dict[str, str]] | None:
@@ -287,6 +288,12 @@ class Registry:
             return [n for (n,) in self._conn.execute("SELECT id FROM nodes WHERE name = ? ORDER BY id", (name,))]
 
     def resolve(self, spec: str | os.PathLike) -> str:
+        """The model `spec` names (see `_resolve_id`); a file linked to a model names that model."""
+        from lineage.graph.editing import canonical  # links: lineage/graph/editing.py
+
+        return canonical(self, self._resolve_id(spec))
+
+    def _resolve_id(self, spec: str | os.PathLike) -> str:
         """The node that `spec` names: a recorded file, a node id, a hash prefix, a Hugging Face repo
         id or URL, a Civitai URL, a display name or a Civitai-style file name (lineage/graph/naming.py).
         Ambiguous or unknown names are errors that list what was found or the closest names."""
@@ -342,7 +349,9 @@ class Registry:
             graph = nx.DiGraph(catalog_graph())
             graph.add_nodes_from(nodes.items())
             graph.add_edges_from(edges)
-        return graph
+        from lineage.graph.editing import fold_aliases  # a file linked to a model shows as that model
+
+        return fold_aliases(graph)
 
     # -- writing -------------------------------------------------------------------------------
     @contextmanager
@@ -465,6 +474,18 @@ class Batch:
                            "attrs = excluded.attrs",
                            (parent, child, relation, _dumps({**stored, "relation": relation},
                                                             f"the edge {parent} -> {child}")))
+
+    def parents(self, child: str) -> list[str]:
+        """The stored parents of `child` (user edges)."""
+        return [p for (p,) in self._conn.execute("SELECT parent FROM edges WHERE child = ? ORDER BY parent", (child,))]
+
+    def delete_edge(self, parent: str, child: str) -> None:
+        self._conn.execute("DELETE FROM edges WHERE parent = ? AND child = ?", (parent, child))
+
+    def delete_node(self, node_id: str) -> None:
+        """Remove a user node with its edges, hashes and paths."""
+        self._conn.execute("DELETE FROM edges WHERE parent = ? OR child = ?", (node_id, node_id))
+        self._delete_node(node_id)
 
     def drop_parents(self, child: str, sources: Iterable[str], keep: Iterable[str]) -> None:
         """Remove edges into `child` that its own metadata gave (`source` one of `sources`, no `via`
