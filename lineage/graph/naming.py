@@ -36,9 +36,11 @@ MIN_CONFIDENCE = 0.75
 # Two candidates closer than this are ambiguous: the name does not decide between them.
 AMBIGUITY_MARGIN = 0.1
 MIN_HASH_PREFIX = 6
+# Hashes a node's `files` may carry (the catalog's published files, the files linked to a node).
+FILE_HASH_KINDS = ("sha256", "autov1", "autov2", "autov3", "crc32")
 SUGGESTIONS = 3
 
-_HEX = re.compile(r"(?:0x)?([0-9a-f]{6,64})")
+_HEX = re.compile(rf"(?:0x)?([0-9a-f]{{{MIN_HASH_PREFIX},64}})")
 _REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Words in Civitai file names and titles that say nothing about which model it is.
 _FILLER = frozenset({"version", "safetensors", "ckpt", "pt", "bin", "fp16", "fp32", "bf16", "pruned", "emaonly",
@@ -106,7 +108,8 @@ def token_score(query: Tokens, candidate: Tokens) -> float:
 
 def repo_ids(attrs: dict[str, Any]) -> list[str]:
     """Every Hugging Face repo id a node is known by: its `huggingface` list, `repo`, and model URLs."""
-    found = [*attrs.get("huggingface", ()), *([attrs["repo"]] if isinstance(attrs.get("repo"), str) else [])]
+    found = [e["repo"] if isinstance(e, dict) else e for e in attrs.get("huggingface", ())]  # catalog: {repo, source}
+    found += [attrs["repo"]] if isinstance(attrs.get("repo"), str) else []
     for url in attrs.get("urls", ()):
         repo = huggingface_repo_of_url(url)
         if repo:
@@ -137,7 +140,7 @@ def node_hashes(attrs: dict[str, Any]) -> list[str]:
     values = [v for v in (attrs.get("hashes") or {}).values() if isinstance(v, str)]
     for f in attrs.get("files", ()):
         if isinstance(f, dict):
-            values += [v for k, v in f.items() if k in ("sha256", "autov2", "autov3") and isinstance(v, str)]
+            values += [v for k, v in f.items() if k in FILE_HASH_KINDS and isinstance(v, str)]
     return [v.lower().removeprefix("0x") for v in values]
 
 
