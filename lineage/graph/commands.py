@@ -19,6 +19,7 @@ from lineage.errors import LineageError
 from lineage.graph.model import RELATIONS, display_name, neighbourhood
 from lineage.graph.render import FORMATS
 
+COMPAT_ERROR_EXIT = 2  # `lmerge compat`: 0 fits (maybe with a warning), 1 incompatible, 2 the question was wrong
 _REGISTRY_HELP = "Registry file (default: $LINEAGE_HOME/registry.sqlite, else the user data directory)."
 
 
@@ -144,14 +145,20 @@ def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | N
 @_registry_option
 def compat(adapter: str, checkpoint: str, as_json: bool, registry_path: str | None) -> None:
     """Does ADAPTER (a LoRA, LoKr, ...) fit CHECKPOINT? Answered from the lineage graph; files are
-    recorded first. Exit code 1 when incompatible."""
+    recorded first. Exit code 0: compatible, likely compatible (a warning) or uncertain; 1: incompatible;
+    2: an error (e.g. a LoRA given as the checkpoint, an unknown name)."""
     from lineage.graph.compat import check
     from lineage.graph.recording import scan_file
     from lineage.graph.registry import Registry
 
-    with Registry(registry_path) as reg:
-        ids = [reg.resolve(scan_file(spec, reg) if os.path.isfile(spec) else spec) for spec in (adapter, checkpoint)]
-        result = check(reg.graph(), *ids)
+    try:
+        with Registry(registry_path) as reg:
+            ids = [reg.resolve(scan_file(spec, reg) if os.path.isfile(spec) else spec)
+                   for spec in (adapter, checkpoint)]
+            result = check(reg.graph(), *ids)
+    except LineageError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(COMPAT_ERROR_EXIT)
     if as_json:
         echo_json(result.to_dict())
     else:
