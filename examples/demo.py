@@ -52,7 +52,9 @@ for name, result in merges.items():
 print()
 print(format_report(lineage.inspect(vpred)))
 
-family = neighbourhood(registry.graph(), base_id)  # SDXL 1.0 above, our files below
+# SDXL 1.0 (which our base file is) and our own models below it, without the rest of the catalog's family.
+whole = registry.graph()
+family = whole.subgraph({base_id} | {n for n in neighbourhood(whole, base_id) if n not in catalog_graph()})
 (out / "family.mmd").write_text(render(family, "mermaid"))
 try:
     for name, graph in (("family", family), ("catalog", catalog_graph())):

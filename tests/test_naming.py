@@ -94,3 +94,14 @@ def test_merged_from_file_names_land_on_catalog_nodes(tiny):
     with Registry() as reg:
         parents = set(reg.graph().predecessors(merged))
     assert parents == {"pony-diffusion-v6-xl", "illustrious-xl-v0.1"}
+
+
+def test_a_lora_naming_its_base_only_by_file_name_lands_on_the_catalog_node(tiny, tmp_path):
+    lora = tiny("style.safetensors", 3, lora=True, metadata={
+        "ss_sd_model_name": "ponyDiffusionV6XL_v6StartWithThisOne.safetensors",
+        "ss_base_model_version": "sdxl_base_v1-0"})
+    scan(tmp_path)
+    with Registry() as reg:
+        graph = reg.graph()
+    assert list(graph.predecessors(hash_file(lora).autov3)) == ["pony-diffusion-v6-xl"]
+    assert graph.nodes[hash_file(lora).autov3]["architecture"] == "sdxl"  # ss_base_model_version: the architecture

@@ -283,6 +283,8 @@ def _from_kohya(found: dict[str, Any], kind: str) -> list[Origin]:
     # ss_new_sd_model_hash: sha256 of the base file; ss_sd_model_hash: its legacy AutoV1.
     base = _hash_ref(found.get("ss_new_sd_model_hash"), base_name) or _hash_ref(found.get("ss_sd_model_hash"),
                                                                                  base_name)
+    if base is None and base_name:  # no hash (other trainers, edited metadata): the base's file name alone
+        base = ParentRef("name", base_name, base_name)
     if base is None:
         return []
     relation = "adapter" if kind in ADAPTER_KINDS else "trained"
