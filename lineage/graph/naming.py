@@ -17,10 +17,12 @@ found, less a penalty for version numbers in the name that the candidate does no
 """
 from __future__ import annotations
 
+import bisect
 import difflib
 import functools
 import re
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
@@ -45,6 +47,7 @@ _REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Words in Civitai file names and titles that say nothing about which model it is.
 _FILLER = frozenset({"version", "safetensors", "ckpt", "pt", "bin", "fp16", "fp32", "bf16", "pruned", "emaonly",
                      "model", "final", "sdxl", "checkpoint", "start", "with", "this", "one", "the"})
+_EXTENSION = re.compile(r"\.(safetensors|ckpt|pt|bin|pth)$", re.IGNORECASE)
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
 # A version: digits, maybe dotted or dashed (1.0, 1-0, 0.6.1), maybe one suffix letter (0.65s, 0.9r).
 _VERSION = re.compile(r"(\d+(?:[.-]\d+)*)(?:([a-z])(?![a-z]))?")
@@ -70,8 +73,7 @@ class Tokens:
 @functools.lru_cache(maxsize=65536)  # the same node names are scored against every name looked up
 def tokens(text: str) -> Tokens:
     """The normalised tokens of a model name or file name (see the module doc)."""
-    stem = PurePath(text).name
-    stem = re.sub(r"\.(safetensors|ckpt|pt|bin|pth)$", "", stem, flags=re.IGNORECASE)
+    stem = _EXTENSION.sub("", PurePath(text).name)
     spaced = _CAMEL.sub(" ", stem).lower()
     for filler in ("version",):  # glued to the version in Civitai names (vPred065SVersion)
         spaced = spaced.replace(filler, " ")
@@ -177,8 +179,53 @@ def civitai_ids_of_url(url: str) -> tuple[int, int | None] | None:
 # Matching
 
 
-def _nodes(graph: nx.DiGraph) -> Iterator[tuple[str, dict[str, Any]]]:
-    return iter(graph.nodes(data=True))
+class NameIndex:
+    """Every way the nodes of one graph can be named, as dictionaries (built once per graph: a scan
+    matches thousands of names against the same registry)."""
+
+    def __init__(self, graph: nx.DiGraph):
+        self.size = graph.number_of_nodes()
+        self.nodes = set(graph)
+        self.repos: dict[str, list[str]] = {}
+        self.civitai: dict[int, list[tuple[int | None, str]]] = {}
+        self.names: dict[str, list[str]] = {}
+        self.files: dict[str, list[str]] = {}
+        self.labels: list[tuple[str, list[Tokens]]] = []
+        hashes = []
+        for node, attrs in graph.nodes(data=True):
+            for repo in repo_ids(attrs):
+                self.repos.setdefault(repo.lower(), []).append(node)
+            for model_id, version_id in civitai_versions(attrs):
+                self.civitai.setdefault(model_id, []).append((version_id, node))
+            hashes += [(h, node) for h in node_hashes(attrs)]
+            names = display_names(node, attrs)
+            for name in names:
+                self.names.setdefault(name.lower(), []).append(node)
+            files = file_names(attrs)
+            for f in files:
+                self.files.setdefault(_EXTENSION.sub("", f.lower()), []).append(node)
+            self.labels.append((node, [tokens(label) for label in [*names, *files]]))
+        self.hashes = sorted(set(hashes))
+
+    def by_hash_prefix(self, prefix: str) -> list[str]:
+        start = bisect.bisect_left(self.hashes, (prefix, ""))
+        found = []
+        for value, node in self.hashes[start:]:
+            if not value.startswith(prefix):
+                break
+            found.append(node)
+        return _unique(found)
+
+
+_INDEXES: weakref.WeakKeyDictionary[nx.DiGraph, NameIndex] = weakref.WeakKeyDictionary()
+
+
+def name_index(graph: nx.DiGraph) -> NameIndex:
+    """The index of `graph`, rebuilt when nodes were added or removed since."""
+    index = _INDEXES.get(graph)
+    if index is None or index.size != graph.number_of_nodes():
+        index = _INDEXES[graph] = NameIndex(graph)
+    return index
 
 
 def _unique(nodes: Iterable[str]) -> list[str]:
@@ -191,11 +238,11 @@ def _exact(graph: nx.DiGraph, spec: str) -> list[Match]:
     low = text.lower()
     if text in graph:
         return [Match(text, 1.0, "id")]
+    index = name_index(graph)
     repo = huggingface_repo_of_url(text) or (text if _REPO.fullmatch(text) else None)
     if repo:
-        if repo.startswith(HUB_PREFIX):
-            repo = repo[len(HUB_PREFIX):]
-        found = _unique(n for n, a in _nodes(graph) if repo.lower() in (r.lower() for r in repo_ids(a)))
+        repo = repo.removeprefix(HUB_PREFIX)
+        found = _unique(index.repos.get(repo.lower(), []))
         if not found and HUB_PREFIX + repo in graph:
             found = [HUB_PREFIX + repo]
         if found:
@@ -203,23 +250,18 @@ def _exact(graph: nx.DiGraph, spec: str) -> list[Match]:
     civitai = civitai_ids_of_url(text)
     if civitai:
         model_id, version_id = civitai
-        found = _unique(n for n, a in _nodes(graph) for m, v in civitai_versions(a)
-                        if m == model_id and (version_id is None or v == version_id))
+        found = _unique(n for v, n in index.civitai.get(model_id, []) if version_id is None or v == version_id)
         if found:  # a model page without a version names every version: ambiguous unless it has one
             return [Match(n, 1.0, "civitai") for n in found]
     hexed = _HEX.fullmatch(low)
     if hexed:
-        prefix = hexed.group(1)
-        found = _unique(n for n, a in _nodes(graph) if any(h.startswith(prefix) for h in node_hashes(a)))
+        found = index.by_hash_prefix(hexed.group(1))
         if found:
             return [Match(n, 1.0, "hash") for n in found]
-    found = _unique(n for n, a in _nodes(graph) if low in (x.lower() for x in display_names(n, a)))
+    found = _unique(index.names.get(low, []))
     if found:
         return [Match(n, 1.0, "name") for n in found]
-    base = PurePath(text).name.lower()
-    stem = re.sub(r"\.(safetensors|ckpt|pt|bin|pth)$", "", base)
-    found = _unique(n for n, a in _nodes(graph) for f in file_names(a)
-                    if f.lower() in (base, stem) or re.sub(r"\.[a-z]+$", "", f.lower()) == stem)
+    found = _unique(index.files.get(_EXTENSION.sub("", PurePath(text).name.lower()), []))
     return [Match(n, 1.0, "file name") for n in found]
 
 
@@ -227,9 +269,8 @@ def _scored(graph: nx.DiGraph, spec: str) -> list[Match]:
     """Every node scored by tokens against its names and file names, best first."""
     query = tokens(spec)
     scored = []
-    for node, attrs in _nodes(graph):
-        labels = [*display_names(node, attrs), *file_names(attrs)]
-        best = max((token_score(query, tokens(label)) for label in labels), default=0.0)
+    for node, labels in name_index(graph).labels:
+        best = max((token_score(query, label) for label in labels), default=0.0)
         if best > 0:
             scored.append(Match(node, round(best, 3), "tokens"))
     scored.sort(key=lambda m: (-m.confidence, m.node))
@@ -257,7 +298,7 @@ def suggestions(graph: nx.DiGraph, spec: str, count: int = SUGGESTIONS) -> list[
     """The closest names for a miss: each node scored by its tokens or by spelling (difflib), best first."""
     query, low = tokens(spec), spec.lower()
     scored = []
-    for node, attrs in _nodes(graph):
+    for node, attrs in graph.nodes(data=True):
         labels = display_names(node, attrs)
         spelling = max(difflib.SequenceMatcher(None, low, label.lower()).ratio() for label in labels)
         by_tokens = max(token_score(query, tokens(label)) for label in [*labels, *file_names(attrs)])
