@@ -149,3 +149,12 @@ def test_remove_deletes_own_nodes_with_their_links_never_catalog_nodes(tiny, lme
     assert node not in g and child in g and not list(g.predecessors(child))
     with pytest.raises(LineageError, match="cannot be removed"):
         remove_node("sdxl-1.0-base")
+
+
+def test_a_marked_file_recorded_elsewhere_resolves_to_its_own_node(tmp_path):
+    eps, vpred = marked_pair(tmp_path)
+    a, b = lineage.record(eps), lineage.record(vpred)
+    copy = tmp_path / "copy-of-vpred.safetensors"
+    copy.write_bytes((tmp_path / "vpred.safetensors").read_bytes())
+    with Registry() as reg:
+        assert reg.resolve(str(copy)) == b and reg.resolve(eps) == a

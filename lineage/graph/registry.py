@@ -34,7 +34,6 @@ from lineage.errors import LineageError
 from lineage.graph.catalog import catalog_graph, is_catalog_node
 from lineage.graph.model import check_relation, is_placeholder, reference_id
 from lineage.io import strict_json
-from lineage.io.hashing import hash_file
 from lineage.io.inputs import check_input
 
 SCHEMA_VERSION = 1
@@ -302,7 +301,15 @@ class Registry:
             check_input(spec)  # a pipe or a broken link named as a model is refused, not looked up by name
         if os.path.isfile(spec):
             known = self.known_file(spec)
-            node_id = known[0] if known else hash_file(spec).autov3
+            if known:
+                node_id: str | None = known[0]
+            else:  # the id depends on prediction markers too (recording.py), not on the AutoV3 alone
+                from lineage.graph.recording import describe
+
+                try:
+                    node_id = describe(spec).node_id
+                except LineageError:
+                    node_id = None
             if node_id is None or not self.has_node(node_id):
                 raise LineageError("is not in the registry yet; record it with `lmerge add` first", spec)
             return node_id
