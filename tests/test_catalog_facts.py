@@ -98,3 +98,9 @@ def test_every_repo_id_and_civitai_version_resolves_to_its_node(nodes):
 def test_the_catalog_names_are_display_names(nodes):
     g = catalog_graph()
     assert all(n["name"] in display_names(n["id"], dict(g.nodes[n["id"]])) for n in nodes)
+
+
+def test_circulating_civitai_file_names_are_exact_matches():
+    g = catalog_graph()
+    assert resolve(g, "noobaiXLNAIXL_vPred05Version.safetensors").how == "file name"
+    assert resolve(g, "noobaiXLNAIXL_vPred075SVersion").node == "noobai-xl-vpred-0.75s"

@@ -55,3 +55,10 @@ def test_card_base_model_lands_on_the_catalog_node_not_an_hf_twin(tmp_path):
     assert result.edges == [("noobai-xl-vpred-0.9r", "hf:me/my-finetune", "finetune")]
     with Registry() as reg:
         assert not [n for n in reg.graph() if n.lower().startswith("hf:laxhar/")]
+
+
+def test_the_issues_example_card_base_model_is_the_catalog_node(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("---\nbase_model: Laxhar/noobai-XL-Vpred-1.0\n---\n# mine\n")
+    result = import_card(str(card), as_node="me/my-vpred-finetune")
+    assert result.edges == [("noobai-xl-vpred-1.0", "hf:me/my-vpred-finetune", "finetune")]
