@@ -158,3 +158,11 @@ def test_a_marked_file_recorded_elsewhere_resolves_to_its_own_node(tmp_path):
     copy.write_bytes((tmp_path / "vpred.safetensors").read_bytes())
     with Registry() as reg:
         assert reg.resolve(str(copy)) == b and reg.resolve(eps) == a
+
+
+def test_add_refuses_parents_for_a_file_linked_to_a_catalog_model(tiny, lmerge):
+    path = tiny("noob.safetensors", 1)
+    link(path, "noobai-xl-vpred-1.0")
+    code, _, err = lmerge("add", path, "--parent", "pony-diffusion-v6-xl")
+    assert code == 1 and "linked to the catalog model NoobAI-XL V-pred 1.0" in err and "--unlink" in err
+    assert list(graph().predecessors("noobai-xl-vpred-1.0")) == ["noobai-xl-vpred-0.75"]

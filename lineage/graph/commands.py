@@ -16,6 +16,7 @@ import click
 
 from lineage.cli.output import echo_json
 from lineage.errors import LineageError
+from lineage.graph.catalog import is_catalog_node
 from lineage.graph.model import RELATIONS, display_name, neighbourhood
 from lineage.graph.render import FORMATS
 
@@ -56,6 +57,10 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
         raise LineageError("--replace goes with --parent")
     with Registry(registry_path) as reg:
         before = reg.graph()
+        known = reg.known_file(path) if parents and os.path.isfile(path) else None
+        if known and is_catalog_node(model := reg.resolve(known[0])):
+            raise LineageError(f"is linked to the catalog model {_label(before, model)}, whose parents the catalog "
+                               "settles; `lmerge edit FILE --unlink` first if it is another model", path)
         if parents:
             node_id = record(path, parents=parents, relation=relation or ("merge" if len(parents) > 1 else "finetune"),
                              weights=weights or None, attrs={"name": name} if name else None, registry=reg)
