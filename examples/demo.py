@@ -12,8 +12,8 @@ from pathlib import Path
 
 import lineage
 from lineage.graph.catalog import catalog_graph
+from lineage.graph.editing import link
 from lineage.graph.model import neighbourhood
-from lineage.graph.recording import link
 from lineage.graph.registry import Registry
 from lineage.graph.render import render
 from lineage.sdxl.inspection import format_report
@@ -52,7 +52,9 @@ for name, result in merges.items():
 print()
 print(format_report(lineage.inspect(vpred)))
 
-family = neighbourhood(registry.graph(), base_id)  # SDXL 1.0 above, our files below
+# SDXL 1.0 (which our base file is) and our own models below it, without the rest of the catalog's family.
+whole = registry.graph()
+family = whole.subgraph({base_id} | {n for n in neighbourhood(whole, base_id) if n not in catalog_graph()})
 (out / "family.mmd").write_text(render(family, "mermaid"))
 try:
     for name, graph in (("family", family), ("catalog", catalog_graph())):

@@ -22,10 +22,10 @@ NODE_KEYS = {
     "id", "name", "kind", "architecture", "prediction_type", "family", "maker", "date",
     "dataset", "dataset_size", "hardware", "gpu_hours", "training_method",
     "text_encoder_trained", "resolution", "prompt", "license", "urls", "notes", "sources",
-    "training",
+    "training", "huggingface", "civitai", "files", "assumed",
 }
 PROMPT_KEYS = {"quality_tags", "negative", "rating_tags", "date_tags", "sampler", "steps", "cfg", "notes"}
-EDGE_KEYS = {"parent", "child", "relation", "weight", "note", "sources"}
+EDGE_KEYS = {"parent", "child", "relation", "weight", "note", "sources", "assumed"}
 
 
 @pytest.fixture(scope="module")
@@ -180,13 +180,19 @@ def test_merge_nodes_have_two_parents_or_a_noted_single_merge_parent(catalog, no
             assert len(merge_in) == 1 and merge_in[0].get("note"), node_id
 
 
-def test_sdxl_roots_are_base_or_documented_unknown_parent(nodes, graph):
+def test_sdxl_roots_are_base_only(nodes, graph):
     roots = {i for i in nodes if nodes[i]["architecture"] == "sdxl" and graph.in_degree(i) == 0}
-    assert "sdxl-1.0-base" in roots
-    for node_id in roots - {"sdxl-1.0-base"}:
-        assert "parent is not stated" in nodes[node_id].get("notes", ""), node_id
-    # only AIDXL versions whose predecessor the model card does not name
-    assert roots == {"sdxl-1.0-base", "aidxl-v0.5", "aidxl-v0.52", "aidxl-v0.7", "aidxl-v0.8"}
+    assert roots == {"sdxl-1.0-base"}
+
+
+def test_aidxl_training_line_is_drawn_as_assumed_with_its_reason(graph):
+    _assert_chain(graph, ["aidxl-v0.1", "aidxl-v0.5", "aidxl-v0.51", "aidxl-v0.52", "aidxl-v0.6", "aidxl-v0.7",
+                          "aidxl-v0.8"])
+    assumed = {(a, b) for a, b, e in graph.edges(data=True) if e.get("assumed")}
+    assert assumed == {("aidxl-v0.1", "aidxl-v0.5"), ("aidxl-v0.51", "aidxl-v0.52"), ("aidxl-v0.6", "aidxl-v0.7"),
+                       ("aidxl-v0.7", "aidxl-v0.8")}
+    assert not graph.edges["aidxl-v0.5", "aidxl-v0.51"].get("assumed")  # 002 states this one
+    assert all("not stated" in graph.edges[e]["assumed"] for e in assumed)
 
 
 # ---------------------------------------------------------------- lineage facts
@@ -297,8 +303,8 @@ def test_kohaku_chain_and_epsilon_facts(graph, nodes):
     assert "masterpiece" in eps["prompt"]["quality_tags"]
     assert eps["prompt"]["rating_tags"].startswith("safe") and eps["prompt"]["rating_tags"].endswith("explicit")
     assert eps["prompt"]["date_tags"].startswith("newest") and eps["prompt"]["date_tags"].endswith("old")
-    # "Epsilon" is the series letter, not a prediction type
-    assert "prediction_type" not in eps
+    # "Epsilon" is the series letter; it is also an epsilon-prediction model, which the catalog says as assumed
+    assert eps["prediction_type"] == "epsilon" and "prediction_type" in eps["assumed"]
     assert nodes["kohaku-xl-epsilon-lokr"]["kind"] == "lokr"
 
 

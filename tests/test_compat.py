@@ -7,7 +7,8 @@ import torch
 import lineage
 from lineage import LineageError, hash_file
 from lineage.graph.compat import check
-from lineage.graph.recording import link, scan_file
+from lineage.graph.editing import link
+from lineage.graph.recording import scan_file
 from lineage.graph.registry import Registry
 from lineage.io.safetensors import save_file
 
@@ -34,11 +35,29 @@ def test_same_base_and_descendants_are_compatible(lora_on):
     assert "Illustrious-XL v0.1 → NoobAI-XL Epsilon-pred 0.5 →" in down.reason
 
 
-def test_epsilon_lora_on_a_v_prediction_model_is_incompatible(lora_on):
+def test_epsilon_lora_on_a_v_prediction_model_of_its_family_is_a_warning(lora_on):
     result = verdict(lora_on("illustrious-xl-v0.1"), "noobai-xl-vpred-1.0")
+    assert (result.relationship, result.verdict, result.compatible) == ("prediction-in-family", "likely compatible",
+                                                                          True)
+    assert result.reason.startswith("trained on ε, used on v-pred; NoobAI-XL V-pred 1.0 descends from")
+    assert result.base == "illustrious-xl-v0.1" and result.generations == 10
+
+
+def test_epsilon_lora_on_a_v_prediction_model_of_another_family_is_incompatible(lora_on):
+    result = verdict(lora_on("pony-diffusion-v6-xl"), "noobai-xl-vpred-1.0")
     assert (result.relationship, result.verdict, result.compatible) == ("prediction", "incompatible", False)
     assert result.reason == ("prediction-type mismatch: the adapter is for epsilon-prediction, "
                              "the checkpoint is a v-prediction model")
+
+
+def test_a_lora_where_a_checkpoint_is_expected_is_an_error(lora_on, lmerge, tiny):
+    lora = lora_on("illustrious-xl-v0.1")
+    with pytest.raises(LineageError, match="is an adapter .*not a checkpoint"):
+        verdict(lora, lora_on("noobai-xl-eps-1.0", 2))
+    code, _, err = lmerge("compat", lora, tiny("other-lora.safetensors", 5, lora=True))
+    assert code == 2 and "not a checkpoint" in err
+    code, _, err = lmerge("compat", lora, "no-such-model")
+    assert code == 2 and err.startswith("error: no node")
 
 
 def test_ancestors_relatives_and_distant_families(lora_on):
@@ -91,7 +110,9 @@ def test_cli_compat_records_files_and_exits_1_when_incompatible(lmerge, tiny):
     assert code == 0 and out.startswith("compatible: NoobAI-XL Epsilon-pred 1.1 descends from the adapter's base "
                                         "Illustrious-XL v0.1 (6 generations")
     code, out, _ = lmerge("compat", lora, "NoobAI-XL V-pred 1.0")
-    assert code == 1 and out.startswith("incompatible: prediction-type mismatch")
+    assert code == 0 and out.startswith("likely compatible: trained on ε, used on v-pred;")
+    code, out, _ = lmerge("compat", lora, "sd-1.5")
+    assert code == 1 and out.startswith("incompatible: different architecture")
     code, out, _ = lmerge("compat", lora, base_file, "--json")
     result = json.loads(out)
     assert code == 0 and result["verdict"] == "compatible" and result["relationship"] == "same-base"

@@ -9,7 +9,8 @@ import pytest
 import lineage
 import lineage.graph.recording as record_module
 from lineage import LineageError, hash_file
-from lineage.graph.recording import link, scan, scan_file
+from lineage.graph.editing import link
+from lineage.graph.recording import scan, scan_file
 from lineage.graph.registry import Registry
 
 
@@ -238,10 +239,14 @@ def test_broken_files_are_reported_and_the_rest_recorded(tiny, tmp_path):
     assert len(result.failed) == 1 and "broken.safetensors" in result.failed[0][0]
 
 
-def test_link_makes_a_file_a_copy_of_a_catalog_model(tiny):
-    node_id = link(tiny("noob.safetensors", 1), "NoobAI-XL V-pred 1.0")
-    edge = edges_into(node_id)["noobai-xl-vpred-1.0"]
-    assert edge["relation"] == "convert"
+def test_link_makes_a_file_that_catalog_model(tiny):
+    path = tiny("noob.safetensors", 1)
+    assert link(path, "NoobAI-XL V-pred 1.0") == "noobai-xl-vpred-1.0"
+    with Registry() as reg:
+        assert reg.resolve(path) == "noobai-xl-vpred-1.0" and reg.resolve(hash_file(path).sha256[:8]) == \
+            "noobai-xl-vpred-1.0"
+        model = reg.graph().nodes["noobai-xl-vpred-1.0"]
+    assert model["paths"] == [path] and model["files"][0]["sha256"] == hash_file(path).sha256
     with pytest.raises(LineageError, match="no node"):
         link(tiny("noob.safetensors", 1), "not-a-model")
 
@@ -253,14 +258,14 @@ def test_cli_add_scan_link(lmerge, tiny, tmp_path):
     a, b = tiny("a.safetensors", 1), tiny("b.safetensors", 2)
     code, out, _ = lmerge("add", a, "--parent", "illustrious-xl-v0.1")
     assert code == 0 and f"recorded {a} as a [{hash_file(a).autov3}]" in out
-    assert "parent: Illustrious-XL v0.1 [illustrious-xl-v0.1] (finetune)" in out
+    assert "parent added: Illustrious-XL v0.1 [illustrious-xl-v0.1] (finetune)" in out
     code, out, _ = lmerge("add", tiny("m.safetensors", 3), "--parent", a, "--parent", b, "--weight", "0.4",
                           "--weight", "0.6", "--name", "Mix")
     assert code == 0 and "as Mix [" in out and "(merge 0.4)" in out and "(merge 0.6)" in out
     code, out, err = lmerge("scan", tmp_path)
     assert code == 0 and "recorded 3 file(s); 0 relation(s) from metadata" in out and "reading" in err
     code, out, _ = lmerge("link", b, "pony-diffusion-v6-xl")
-    assert code == 0 and "to Pony Diffusion V6 XL [pony-diffusion-v6-xl]" in out
+    assert code == 0 and "it is Pony Diffusion V6 XL [pony-diffusion-v6-xl]" in out
     code, _, err = lmerge("add", a, "--weight", "0.5")
     assert code == 1 and "go with --parent" in err
     (tmp_path / "bad.safetensors").write_bytes(b"nope")

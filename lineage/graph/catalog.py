@@ -16,7 +16,6 @@ import networkx as nx
 from lineage.errors import LineageError
 
 CATALOG_SCHEMA = 1
-HUGGINGFACE_MODEL_URL = "https://huggingface.co/"
 
 
 @functools.cache
@@ -49,22 +48,20 @@ def is_catalog_node(node_id: str) -> bool:
 
 
 def huggingface_repo(attrs: dict[str, Any]) -> str | None:
-    """The `owner/name` of the first Hugging Face model page among a node's `urls`, if any."""
-    for url in attrs.get("urls", ()):
-        if url.startswith(HUGGINGFACE_MODEL_URL):
-            parts = url[len(HUGGINGFACE_MODEL_URL):].split("/")
-            if len(parts) >= 2 and parts[0] not in ("datasets", "spaces"):
-                return f"{parts[0]}/{parts[1]}"
-    return None
+    """The main Hugging Face repo id of a node (its first `huggingface` entry or model URL), if any."""
+    from lineage.graph.naming import repo_ids
+
+    repos = repo_ids(attrs)
+    return repos[0] if repos else None
 
 
 @functools.cache
 def catalog_node_for_repo() -> dict[str, str]:
-    """Hugging Face repo id (lower case) -> catalog node id, for the catalog nodes that have one."""
-    graph = catalog_graph()
+    """Hugging Face repo id (lower case) -> catalog node id, for every repo a catalog node is published under."""
+    from lineage.graph.naming import repo_ids
+
     found = {}
-    for node_id, attrs in graph.nodes(data=True):
-        repo = huggingface_repo(attrs)
-        if repo:
+    for node_id, attrs in catalog_graph().nodes(data=True):
+        for repo in repo_ids(attrs):
             found[repo.lower()] = node_id
     return found

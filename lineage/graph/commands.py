@@ -1,4 +1,5 @@
-"""`lmerge` commands for the lineage graph: add, scan, link, tree, compat, hub, registry.
+"""`lmerge` commands for the lineage graph: add, scan, tree, compat, hub, registry (link, show, edit,
+merge-nodes, remove: edit_commands.py).
 
 Each is a thin layer over `record`, `render`, `compat`, `hub` and `registry`; `register(main)` adds
 them to the `lmerge` group (lineage/cli). Every command takes `--registry PATH` (default: $LINEAGE_HOME
@@ -15,9 +16,11 @@ import click
 
 from lineage.cli.output import echo_json
 from lineage.errors import LineageError
+from lineage.graph.catalog import is_catalog_node
 from lineage.graph.model import RELATIONS, display_name, neighbourhood
 from lineage.graph.render import FORMATS
 
+COMPAT_ERROR_EXIT = 2  # `lmerge compat`: 0 fits (maybe with a warning), 1 incompatible, 2 the question was wrong
 _REGISTRY_HELP = "Registry file (default: $LINEAGE_HOME/registry.sqlite, else the user data directory)."
 
 
@@ -39,27 +42,53 @@ def _label(graph: Any, node: str) -> str:
               help="How PATH was made from the parents (default: merge for several, else finetune).")
 @click.option("--weight", "weights", type=float, multiple=True, help="Weight of each --parent, in order (merges).")
 @click.option("--name", help="Display name (default: ModelSpec title or the file name).")
+@click.option("--replace", is_flag=True, help="The --parent models replace the parents recorded before "
+                                              "(default: they are added to them).")
 @_registry_option
 def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tuple[float, ...], name: str | None,
-        registry_path: str | None) -> None:
-    """Record a checkpoint or adapter file in the registry."""
+        replace: bool, registry_path: str | None) -> None:
+    """Record a checkpoint or adapter file in the registry. Each parent line says whether it was
+    added, kept or replaced; a relation that contradicts the recorded one is a warning."""
+    from lineage.graph.editing import drop_other_parents
     from lineage.graph.recording import record, scan_file
     from lineage.graph.registry import Registry
 
+    if replace and not parents:
+        raise LineageError("--replace goes with --parent")
     with Registry(registry_path) as reg:
+        before = reg.graph()
+        known = reg.known_file(path) if parents and os.path.isfile(path) else None
+        if known and is_catalog_node(model := reg.resolve(known[0])):
+            raise LineageError(f"is linked to the catalog model {_label(before, model)}, whose parents the catalog "
+                               "settles; `lmerge edit FILE --unlink` first if it is another model", path)
         if parents:
             node_id = record(path, parents=parents, relation=relation or ("merge" if len(parents) > 1 else "finetune"),
                              weights=weights or None, attrs={"name": name} if name else None, registry=reg)
+            node_id = reg.resolve(node_id)
+            dropped = drop_other_parents(node_id, [reg.resolve(p) for p in parents], reg) if replace else []
         elif weights or relation or name:
             raise LineageError("--relation, --weight and --name go with --parent (metadata brings its own)")
         else:
-            node_id = scan_file(path, reg)
+            node_id, dropped = reg.resolve(scan_file(path, reg)), []
         graph = reg.graph()
+    old = {p: before.edges[p, node_id]["relation"] for p in before.predecessors(node_id)} if node_id in before else {}
     click.echo(f"recorded {path} as {_label(graph, node_id)}")
     for parent in sorted(graph.predecessors(node_id)):
         edge = graph.edges[parent, node_id]
         weight = f" {edge['weight']:.3g}" if edge.get("weight") is not None else ""
-        click.echo(f"  parent: {_label(graph, parent)} ({edge['relation']}{weight})")
+        status = "kept" if old.get(parent) == edge["relation"] else "added" if parent not in old else "changed"
+        click.echo(f"  parent {status}: {_label(graph, parent)} ({edge['relation']}{weight})")
+        if status == "changed":
+            click.echo(f"warning: {_label(graph, parent)} was recorded as a {old[parent]} parent; "
+                       f"it is now {edge['relation']}", err=True)
+    for parent in dropped:
+        click.echo(f"  parent replaced: {_label(before, parent)} (removed)")
+    earlier = [p for p in graph.predecessors(node_id) if p in old and parents and not replace]
+    new = [p for p in graph.predecessors(node_id) if p not in old]
+    if earlier and new:
+        click.echo(f"warning: {_label(graph, node_id)} keeps its earlier parent(s) "
+                   f"{', '.join(_label(graph, p) for p in sorted(earlier))} next to the new one(s); "
+                   "use --replace to replace them", err=True)
 
 
 @click.command()
@@ -76,22 +105,6 @@ def scan(directory: str, registry_path: str | None) -> None:
         click.echo(f"error: {problem}" if path in problem else f"error: {path}: {problem}", err=True)
     if result.failed:
         sys.exit(1)
-
-
-@click.command()
-@click.argument("path", type=click.Path())
-@click.argument("node")
-@_registry_option
-def link(path: str, node: str, registry_path: str | None) -> None:
-    """Record the file PATH as a copy of the model NODE (e.g. a catalog entry: noobai-xl-vpred-1.0)."""
-    from lineage.graph.recording import link as link_file
-    from lineage.graph.registry import Registry
-
-    with Registry(registry_path) as reg:
-        node_id = link_file(path, node, reg)
-        graph = reg.graph()
-    parent = next(p for p in graph.predecessors(node_id) if graph.edges[p, node_id]["relation"] == "convert")
-    click.echo(f"linked {path} ({node_id[:12]}) to {_label(graph, parent)}")
 
 
 @click.command()
@@ -137,14 +150,20 @@ def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | N
 @_registry_option
 def compat(adapter: str, checkpoint: str, as_json: bool, registry_path: str | None) -> None:
     """Does ADAPTER (a LoRA, LoKr, ...) fit CHECKPOINT? Answered from the lineage graph; files are
-    recorded first. Exit code 1 when incompatible."""
+    recorded first. Exit code 0: compatible, likely compatible (a warning) or uncertain; 1: incompatible;
+    2: an error (e.g. a LoRA given as the checkpoint, an unknown name)."""
     from lineage.graph.compat import check
     from lineage.graph.recording import scan_file
     from lineage.graph.registry import Registry
 
-    with Registry(registry_path) as reg:
-        ids = [scan_file(spec, reg) if os.path.isfile(spec) else reg.resolve(spec) for spec in (adapter, checkpoint)]
-        result = check(reg.graph(), *ids)
+    try:
+        with Registry(registry_path) as reg:
+            ids = [reg.resolve(scan_file(spec, reg) if os.path.isfile(spec) else spec)
+                   for spec in (adapter, checkpoint)]
+            result = check(reg.graph(), *ids)
+    except LineageError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(COMPAT_ERROR_EXIT)
     if as_json:
         echo_json(result.to_dict())
     else:
@@ -255,5 +274,8 @@ def registry_import(source: str, registry_path: str | None) -> None:
 
 def register(group: click.Group) -> None:
     """Add the lineage-graph commands to the `lmerge` group."""
-    for command in (add, scan, link, tree, compat, hub, registry_group):
+    from lineage.graph.edit_commands import register as register_editing
+
+    for command in (add, scan, tree, compat, hub, registry_group):
         group.add_command(command)
+    register_editing(group)

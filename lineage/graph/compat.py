@@ -8,13 +8,19 @@ epsilon LoRA on a v-prediction model). The check finds which of these relationsh
 | relationship   | verdict            | when                                                             |
 |----------------|--------------------|------------------------------------------------------------------|
 | architecture   | incompatible       | adapter and checkpoint are for different architectures           |
-| prediction     | incompatible       | epsilon vs v-prediction (as declared by the files or the catalog) |
+| prediction     | incompatible       | epsilon vs v-prediction, and no closer kin than a shared root     |
+| prediction-in-family | likely compatible | epsilon vs v-prediction within one family (a warning:      |
+|                |                    | "trained on ε, used on v-pred"); the base and checkpoint are kin  |
 | same-base      | compatible         | the checkpoint is the adapter's base                             |
 | descendant     | compatible         | the checkpoint descends from the base (n generations)            |
 | ancestor       | likely compatible  | the base descends from the checkpoint                            |
 | relative       | likely compatible  | they share an ancestor below the architecture's root model       |
 | distant        | uncertain          | they share only a root model (e.g. SDXL 1.0 base)                |
 | unrelated      | uncertain          | no shared ancestry is recorded, or the adapter's base is unknown |
+
+A checkpoint where an adapter is expected, or an adapter where a checkpoint is expected, is an error
+(LineageError), not a verdict. `lmerge compat` exits 0 for compatible, likely compatible and uncertain,
+1 for incompatible and 2 for an error (docs/catalog.md).
 """
 from __future__ import annotations
 
@@ -37,13 +43,16 @@ from lineage.graph.model import (
 BASE_RELATIONS = ("adapter", "trained")  # edges from an adapter's base to the adapter
 
 VERDICTS: dict[str, str] = {
-    "architecture": "incompatible", "prediction": "incompatible",
+    "architecture": "incompatible", "prediction": "incompatible", "prediction-in-family": "likely compatible",
     "same-base": "compatible", "descendant": "compatible",
     "ancestor": "likely compatible", "relative": "likely compatible",
     "distant": "uncertain", "unrelated": "uncertain",
 }
 ARCHITECTURE_NAMES = {"sdxl": "SDXL", "sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl-refiner": "the SDXL refiner"}
 PREDICTION_NAMES = {"epsilon": "epsilon-prediction", "v": "v-prediction", "edm": "EDM", "edm-v": "EDM v-prediction"}
+PREDICTION_SHORT = {"epsilon": "ε", "v": "v-pred", "edm": "EDM", "edm-v": "EDM v-pred"}
+# Relationships close enough that a prediction-type difference is only a warning (one family).
+KIN = ("same-base", "descendant", "ancestor", "relative")
 
 
 @dataclass
@@ -141,6 +150,10 @@ def check(graph: nx.DiGraph, adapter: str, checkpoint: str) -> Compatibility:
     require_node(graph, checkpoint)
     if not is_adapter(graph, adapter):
         raise LineageError(f"{display_name(graph, adapter)} is not an adapter (LoRA, LoKr, LoHa, ...)")
+    if is_adapter(graph, checkpoint):
+        raise LineageError(f"{display_name(graph, checkpoint)} is an adapter "
+                           f"({graph.nodes[checkpoint].get('kind', 'adapter')}), not a checkpoint: "
+                           "give the checkpoint the adapter would be used on")
     base_files = adapter_bases(graph, same_model(graph, adapter))  # a converted adapter: its source's bases
     bases = [same_model(graph, b) for b in base_files]
     model = same_model(graph, checkpoint)
@@ -155,13 +168,23 @@ def check(graph: nx.DiGraph, adapter: str, checkpoint: str) -> Compatibility:
                              f"the checkpoint is {ARCHITECTURE_NAMES.get(arch_c, arch_c)}", bases[0] if bases else None)
     pred_a = PREDICTION_FAMILY.get(_first_declared(graph, adapter_side, "prediction_type") or "")
     pred_c = PREDICTION_FAMILY.get(_first_declared(graph, checkpoint_side, "prediction_type") or "")
+    closest = _closest(graph, adapter, checkpoint, bases, model)
     if pred_a and pred_c and pred_a != pred_c:
+        if closest.relationship in KIN:  # one family: the weights still line up, the sampler setup differs
+            closest.reason = (f"trained on {PREDICTION_SHORT[pred_a]}, used on {PREDICTION_SHORT[pred_c]}; "
+                              f"{closest.reason}")
+            closest.relationship = "prediction-in-family"
+            return closest
         return Compatibility(adapter, checkpoint, "prediction",
                              f"prediction-type mismatch: the adapter is for {PREDICTION_NAMES[pred_a]}, "
                              f"the checkpoint is a {PREDICTION_NAMES[pred_c]} model", bases[0] if bases else None)
+    return closest
+
+
+def _closest(graph: nx.DiGraph, adapter: str, checkpoint: str, bases: list[str], model: str) -> Compatibility:
+    """The closest relationship between any of the adapter's bases and the checkpoint's model."""
     if not bases:
         return Compatibility(adapter, checkpoint, "unrelated", "the adapter's base model is not recorded")
-    # With several bases (rare), report the closest relationship.
     ranking = list(VERDICTS)
     found = [Compatibility(adapter, checkpoint, base=b, **_relationship(graph, b, model)) for b in bases]
     return min(found, key=lambda c: (ranking.index(c.relationship), abs(c.generations or 0)))

@@ -29,8 +29,10 @@ from lineage.io.atomic import atomic_write, destination
 # Hugging Face `base_model_relation` -> our relation, and back.
 RELATION_FROM_HUB: dict[str, str] = {"finetune": "finetune", "merge": "merge", "adapter": "adapter",
                                      "quantized": "convert"}
+# `convert` has no hub relation of its own: a converted copy is the same model as its parent (its card is the
+# parent's card), unless the hub said the copy is `quantized` (kept on the edge by `import_card`).
 RELATION_TO_HUB: dict[str, str] = {"finetune": "finetune", "trained": "finetune", "merge": "merge",
-                                   "adapter": "adapter", "convert": "quantized"}
+                                   "adapter": "adapter"}
 MAX_CHAIN = 32  # cards followed upwards at most (real chains are a handful long)
 HUB_URL = "https://huggingface.co/"
 
@@ -175,7 +177,9 @@ def import_card(source: str | os.PathLike, registry: str | os.PathLike | Registr
 
 def card_data(graph: nx.DiGraph, node: str) -> tuple[ModelCardData, list[str]]:
     """The `base_model` / `base_model_relation` front matter for `node`, and the parents left out
-    because they have no Hugging Face repo id."""
+    because they have no Hugging Face repo id. A copy (a `convert` edge that is not a hub `quantized`
+    relation) has the card of the model it copies."""
+    node = _model_copied(graph, node)
     parents = sorted(graph.predecessors(node))
     if not parents:
         raise LineageError(f"{display_name(graph, node)} has no parents in the lineage graph: no base_model to write")
@@ -185,10 +189,31 @@ def card_data(graph: nx.DiGraph, node: str) -> tuple[ModelCardData, list[str]]:
     if not found:
         raise LineageError(f"none of the parents of {display_name(graph, node)} has a Hugging Face repo id "
                            f"({', '.join(missing)}); base_model must name hub repos")
-    relations = {graph.edges[p, node]["relation"] for p, r in zip(parents, repos) if r}
-    relation = "merge" if "merge" in relations or len(found) > 1 else RELATION_TO_HUB[relations.pop()]
+    relations = {_hub_relation(graph.edges[p, node]) for p, r in zip(parents, repos) if r}
+    relation = "merge" if "merge" in relations or len(found) > 1 else relations.pop()
     data = ModelCardData(base_model=found[0] if len(found) == 1 else found, base_model_relation=relation)
     return data, missing
+
+
+def _hub_relation(edge: dict[str, Any]) -> str:
+    if edge["relation"] == "convert":
+        return "quantized"  # only a hub-declared quantization reaches here (see _model_copied)
+    return RELATION_TO_HUB[edge["relation"]]
+
+
+def _is_copy_edge(edge: dict[str, Any]) -> bool:
+    return edge["relation"] == "convert" and (edge.get("params") or {}).get("base_model_relation") != "quantized"
+
+
+def _model_copied(graph: nx.DiGraph, node: str) -> str:
+    """The model `node` is a copy of (following plain `convert` edges up), else `node`."""
+    seen = {node}
+    while True:
+        parents = list(graph.predecessors(node))
+        if len(parents) != 1 or not _is_copy_edge(graph.edges[parents[0], node]) or parents[0] in seen:
+            return node
+        node = parents[0]
+        seen.add(node)
 
 
 def front_matter(data: ModelCardData) -> str:

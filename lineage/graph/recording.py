@@ -1,6 +1,8 @@
-"""Recording files in the registry: `record` (explicit parents), `scan` (parents from metadata), `link`.
+"""Recording files in the registry: `record` (explicit parents), `scan` (parents from metadata).
+(`link`, a file that IS a known model, is in editing.py.)
 
-A file's node id is its AutoV3 (the hash of the tensor data, which metadata edits do not change).
+A file's node id is its AutoV3 (the hash of the tensor data, which metadata edits do not change),
+with a `+v` / `+v+ztsnr` / ... suffix when root marker tensors make it a v-prediction model.
 Files are hashed once: the registry remembers path, size and mtime, and an unchanged file is not
 read again. Hashing happens before the registry transaction, so a slow 7 GB file never holds the
 write lock.
@@ -22,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
+
 from lineage.errors import LineageError
 from lineage.graph.metadata import lineage_from_metadata
 from lineage.graph.model import ADAPTER_KINDS, check_relation, is_placeholder, reference_id
+from lineage.graph.naming import best_match, match
 from lineage.graph.registry import Batch, Registry, using_registry
 from lineage.io.hashing import AUTOV1_RANGE, FileHashes, hash_file
 from lineage.io.inputs import check_input
@@ -97,7 +102,11 @@ class FileFacts:
 
     @property
     def node_id(self) -> str:
-        return self.hashes.autov3  # type: ignore[return-value]  # describe() guarantees safetensors
+        """The AutoV3; `<AutoV3>+<type>` when root marker tensors make it a v-prediction (or EDM) model:
+        markers are empty tensors, so the same tensor bytes with and without them are different models."""
+        marked = self.attrs.get("prediction_type") if self.attrs.get("prediction_source") == "markers" else None
+        autov3: str = self.hashes.autov3  # type: ignore[assignment]  # describe() guarantees safetensors
+        return autov3 if marked in (None, "epsilon") else f"{autov3}+{marked}"
 
 
 @dataclass
@@ -274,6 +283,8 @@ def _from_kohya(found: dict[str, Any], kind: str) -> list[Origin]:
     # ss_new_sd_model_hash: sha256 of the base file; ss_sd_model_hash: its legacy AutoV1.
     base = _hash_ref(found.get("ss_new_sd_model_hash"), base_name) or _hash_ref(found.get("ss_sd_model_hash"),
                                                                                  base_name)
+    if base is None and base_name:  # no hash (other trainers, edited metadata): the base's file name alone
+        base = ParentRef("name", base_name, base_name)
     if base is None:
         return []
     relation = "adapter" if kind in ADAPTER_KINDS else "trained"
@@ -352,25 +363,33 @@ def record(path: str | os.PathLike, *, parents: Sequence[str | os.PathLike] = ()
         return node_id
 
 
-def _resolve_ref(b: Batch, reg: Registry, ref: ParentRef, files: dict[str, FileFacts]) -> str:
-    """The node a metadata reference names, creating a placeholder when nothing matches yet."""
+def _resolve_ref(b: Batch, graph: nx.DiGraph, ref: ParentRef, files: dict[str, FileFacts]) -> str:
+    """The node a metadata reference names (`graph`: the registry as the scan found it), creating a
+    placeholder when nothing matches yet. Hashes and names are matched as everywhere (naming.py):
+    a kohya LoRA's `ss_sd_model_name` of a Civitai download lands on the catalog model."""
     if ref.kind == "autov3":
+        marked = [n for n in graph.nodes if n.startswith(ref.value + "+")] if not b.has_node(ref.value) else []
+        if len(marked) == 1:
+            return marked[0]  # the file with prediction markers that has these tensor bytes
         if not b.has_node(ref.value):  # known by content hash: the node id is settled already
             b.put_node(ref.value, {"name": ref.name, "hashes": {"autov3": ref.value}, "source": "file metadata"})
         return ref.value
     if ref.kind == "path" and ref.value in files:
         return _put_file(b, files[ref.value], None, "scan")
     if ref.kind in ("sha256", "autov2", "autov1"):
-        matches = [n for n in reg.find_by_hash(ref.value, ref.kind) if not is_placeholder(n)]
-        if len(matches) == 1:
-            return matches[0]
+        by_hash = [m.node for m in match(graph, ref.value) if m.how == "hash" and not is_placeholder(m.node)]
+        if len(by_hash) == 1:
+            return by_hash[0]
+        by_name = best_match(graph, ref.name) if ref.name and not by_hash else None
+        if by_name and not is_placeholder(by_name.node):
+            return by_name.node  # a base we know by the name it was downloaded under, not (yet) by hash
         placeholder, attrs = reference_id(ref.kind, ref.value), {"hashes": {ref.kind: ref.value}}
     else:
         name = ref.name or ref.value
-        try:
-            return reg.resolve(name)  # a recorded file, hub repo or catalog model of that name
-        except LineageError:
-            placeholder, attrs = reference_id("name", name), {}
+        found = best_match(graph, name)  # a recorded file, hub repo or catalog model of that name
+        if found:
+            return found.node
+        placeholder, attrs = reference_id("name", name), {}
     b.put_node(placeholder, {**attrs, "name": ref.name or ref.value, "source": "file metadata"})
     return placeholder
 
@@ -394,12 +413,13 @@ def _link_origins(reg: Registry, facts: FileFacts) -> int:
             if found:
                 files[ref.value] = describe(found, reg)
     count = 0
+    graph = reg.graph() if facts.origins else None
     with reg.batch() as b:
         direct_parents = set()
         for origin in facts.origins:
-            child = facts.node_id if origin.child is None else _resolve_ref(b, reg, origin.child, files)
+            child = facts.node_id if origin.child is None else _resolve_ref(b, graph, origin.child, files)
             for ref, weight in zip(origin.parents, origin.weights):
-                parent = _resolve_ref(b, reg, ref, files)
+                parent = _resolve_ref(b, graph, ref, files)
                 if parent == child:
                     continue  # e.g. an A1111 "No interpolation" copy that kept the same tensors
                 # An edge above this file (from A1111's ancestry) says `via` which file told us.
@@ -453,16 +473,3 @@ def scan(directory: str | os.PathLike, registry: str | os.PathLike | Registry | 
             except LineageError as e:
                 result.failed.append((facts.path, str(e)))
     return result
-
-
-def link(path: str | os.PathLike, node: str, registry: str | os.PathLike | Registry | None = None) -> str:
-    """Record `path` as a file of the model `node` (typically a catalog entry): a `convert` edge
-    node -> file. Returns the file's node id."""
-    with using_registry(registry) as reg:
-        facts = describe(path, reg)
-        target = reg.resolve(node)
-        with reg.batch() as b:
-            node_id = _put_file(b, facts, None, "user")
-            b.put_edge(target, node_id, "convert", source="user", note="a file of this model")
-        return node_id
-

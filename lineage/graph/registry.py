@@ -31,10 +31,9 @@ from typing import Any
 import networkx as nx
 
 from lineage.errors import LineageError
-from lineage.graph.catalog import catalog_graph, catalog_node_for_repo, is_catalog_node
-from lineage.graph.model import HUB_PREFIX, check_relation, is_placeholder, reference_id
+from lineage.graph.catalog import catalog_graph, is_catalog_node
+from lineage.graph.model import check_relation, is_placeholder, reference_id
 from lineage.io import strict_json
-from lineage.io.hashing import hash_file
 from lineage.io.inputs import check_input
 
 SCHEMA_VERSION = 1
@@ -213,6 +212,9 @@ class Registry:
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: one consistent view while other processes write."""
         with self._errors_as_lineage_errors():
+            if self._conn.in_transaction:  # read inside a batch (a name resolved while writing): its view is ours
+                yield self._conn
+                return
             self._conn.execute("BEGIN")
             try:
                 yield self._conn
@@ -244,8 +246,9 @@ class Registry:
     def find_paths(self, autov3: str) -> list[str]:
         """File paths seen for a content hash (AutoV3), most recently seen first."""
         with self._errors_as_lineage_errors():
-            rows = self._conn.execute("SELECT path FROM paths WHERE node_id = ? ORDER BY seen_at DESC, path",
-                                      (autov3.lower(),))
+            rows = self._conn.execute(  # the node id is the AutoV3, with a suffix for files with prediction markers
+                "SELECT path FROM paths WHERE node_id = ? OR node_id IN (SELECT node_id FROM hashes WHERE "
+                "kind = 'autov3' AND value = ?) ORDER BY seen_at DESC, path", (autov3.lower(), autov3.lower()))
             return [p for (p,) in rows]
 
     def known_file(self, path: str | os.PathLike) -> tuple[str, dict[str, str]] | None:
@@ -284,38 +287,42 @@ class Registry:
             return [n for (n,) in self._conn.execute("SELECT id FROM nodes WHERE name = ? ORDER BY id", (name,))]
 
     def resolve(self, spec: str | os.PathLike) -> str:
-        """The node that `spec` names: a recorded file, a node id, a hash prefix (8+ hex digits), a
-        Hugging Face repo id or a display name. Ambiguous or unknown names are errors that list what
-        was found."""
+        """The model `spec` names (see `_resolve_id`); a file linked to a model names that model."""
+        from lineage.graph.editing import canonical  # links: lineage/graph/editing.py
+
+        return canonical(self, self._resolve_id(spec))
+
+    def _resolve_id(self, spec: str | os.PathLike) -> str:
+        """The node that `spec` names: a recorded file, a node id, a hash prefix, a Hugging Face repo
+        id or URL, a Civitai URL, a display name or a Civitai-style file name (lineage/graph/naming.py).
+        Ambiguous or unknown names are errors that list what was found or the closest names."""
         spec = os.fspath(spec)
         if os.path.lexists(spec) and not os.path.isdir(spec):
             check_input(spec)  # a pipe or a broken link named as a model is refused, not looked up by name
         if os.path.isfile(spec):
             known = self.known_file(spec)
-            node_id = known[0] if known else hash_file(spec).autov3
+            if known:
+                node_id: str | None = known[0]
+            else:  # the id depends on prediction markers too (recording.py), not on the AutoV3 alone
+                from lineage.graph.recording import describe
+
+                try:
+                    node_id = describe(spec).node_id
+                except LineageError:
+                    node_id = None
             if node_id is None or not self.has_node(node_id):
                 raise LineageError("is not in the registry yet; record it with `lmerge add` first", spec)
             return node_id
         if self.has_node(spec):
             return spec
-        candidates: list[str] = []
         if _HASH_PREFIX.fullmatch(spec.lower().removeprefix("0x")):
             candidates = self.find_by_hash(spec)
-        if not candidates:
-            hub = HUB_PREFIX + spec
-            candidates = [hub] if self.has_node(hub) else []
-            if spec.lower() in catalog_node_for_repo():
-                candidates = [catalog_node_for_repo()[spec.lower()]]
-        if not candidates:
-            catalog = catalog_graph()
-            candidates = self.find_by_name(spec) + sorted(
-                n for n, name in catalog.nodes(data="name") if name and name.lower() == spec.lower())
-        if len(candidates) == 1:
-            return candidates[0]
-        if candidates:
-            raise LineageError(f"{spec!r} is ambiguous: it names {', '.join(candidates[:8])}; give a node id")
-        raise LineageError(f"no node {spec!r}: not a file, node id, hash, Hugging Face repo or name known to "
-                           "the registry or the catalog")
+            if len(candidates) > 1:
+                raise LineageError(f"{spec!r} is ambiguous: it names {', '.join(candidates[:8])}; give a node id")
+            if candidates:
+                return candidates[0]
+        from lineage.graph.naming import resolve  # repo ids, URLs, names, file names: see naming.py
+        return resolve(self.graph(), spec).node
 
     def _user_layer(self) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, dict[str, Any]]]]:
         """(node id -> attributes, [(parent, child, attributes)]) of the user's part, read in one snapshot.
@@ -349,7 +356,9 @@ class Registry:
             graph = nx.DiGraph(catalog_graph())
             graph.add_nodes_from(nodes.items())
             graph.add_edges_from(edges)
-        return graph
+        from lineage.graph.editing import fold_aliases  # a file linked to a model shows as that model
+
+        return fold_aliases(graph)
 
     # -- writing -------------------------------------------------------------------------------
     @contextmanager
@@ -472,6 +481,18 @@ class Batch:
                            "attrs = excluded.attrs",
                            (parent, child, relation, _dumps({**stored, "relation": relation},
                                                             f"the edge {parent} -> {child}")))
+
+    def parents(self, child: str) -> list[str]:
+        """The stored parents of `child` (user edges)."""
+        return [p for (p,) in self._conn.execute("SELECT parent FROM edges WHERE child = ? ORDER BY parent", (child,))]
+
+    def delete_edge(self, parent: str, child: str) -> None:
+        self._conn.execute("DELETE FROM edges WHERE parent = ? AND child = ?", (parent, child))
+
+    def delete_node(self, node_id: str) -> None:
+        """Remove a user node with its edges, hashes and paths."""
+        self._conn.execute("DELETE FROM edges WHERE parent = ? OR child = ?", (node_id, node_id))
+        self._delete_node(node_id)
 
     def drop_parents(self, child: str, sources: Iterable[str], keep: Iterable[str]) -> None:
         """Remove edges into `child` that its own metadata gave (`source` one of `sources`, no `via`

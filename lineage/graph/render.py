@@ -74,7 +74,7 @@ def _is_file(attrs: dict[str, Any]) -> bool:
 
 def short_id(node_id: str) -> str:
     """A node id as people read it: AutoV3 ids shortened to Civitai's 12 digits."""
-    return node_id[:12] if AUTOV3_ID.fullmatch(node_id) else node_id
+    return node_id[:12] if AUTOV3_ID.match(node_id) else node_id  # also `<AutoV3>+v` (markers)
 
 
 def _count(n: int) -> str:

@@ -1,0 +1,198 @@
+"""`lmerge` commands for identity and editing: link, show, edit, merge-nodes, remove.
+
+Thin layers over lineage/graph/editing.py; `register(group)` adds them to the `lmerge` group. Every
+command takes `--registry PATH` like the other graph commands.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from lineage.cli.output import echo_json
+from lineage.errors import LineageError
+from lineage.graph.model import RELATIONS, display_name
+
+_REGISTRY_HELP = "Registry file (default: $LINEAGE_HOME/registry.sqlite, else the user data directory)."
+
+
+def _registry_option(command: Any) -> Any:
+    return click.option("--registry", "registry_path", type=click.Path(), default=None, help=_REGISTRY_HELP)(command)
+
+
+def label(graph: Any, node: str) -> str:
+    name = display_name(graph, node)
+    return node if name == node else f"{name} [{node}]"
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.argument("node")
+@_registry_option
+def link(path: str, node: str, registry_path: str | None) -> None:
+    """The file PATH IS the model NODE (e.g. a catalog entry: noobai-xl-vpred-1.0): its hashes and
+    paths attach to NODE, and what is made from the file is made from NODE. Kinds, architectures
+    and prediction types must agree (a LoRA is never a checkpoint)."""
+    from lineage.graph.editing import link as link_file
+    from lineage.graph.registry import Registry
+
+    with Registry(registry_path) as reg:
+        target = link_file(path, node, reg)
+        graph = reg.graph()
+    click.echo(f"linked {path}: it is {label(graph, target)}")
+
+
+def _edge_text(edge: dict[str, Any]) -> str:
+    details = [edge.get("relation", "?")]
+    if edge.get("weight") is not None:
+        details.append(f"weight {edge['weight']:.3g}")
+    if edge.get("method"):
+        details.append(f"method {edge['method']}")
+    name = edge["name"] if edge["name"] == edge["id"] else f"{edge['name']} [{edge['id']}]"
+    return f"{name} ({', '.join(details)})"
+
+
+def show_text(facts: dict[str, Any]) -> str:
+    """`lmerge show` as text: one fact per line, lists indented."""
+    lines = [f"{facts['name']} [{facts['id']}] ({facts['origin']})"]
+    for key, title in (("kind", "kind"), ("architecture", "architecture"), ("prediction_type", "prediction type"),
+                       ("license", "licence")):
+        if facts.get(key):
+            lines.append(f"  {title}: {facts[key]}")
+    if facts.get("names"):
+        lines.append(f"  also named: {', '.join(facts['names'])}")
+    for repo in facts.get("repo_ids", []):
+        lines.append(f"  Hugging Face: {repo}")
+    for c in facts.get("civitai", []):
+        version = f", version {c['version_id']}" if c.get("version_id") else ""
+        lines.append(f"  Civitai: model {c['model_id']}{version}")
+    for url in facts.get("urls", []):
+        lines.append(f"  url: {url}")
+    for kind, value in facts.get("hashes", {}).items():
+        lines.append(f"  {kind}: {value}")
+    for f in facts.get("files", []):
+        hashes = ", ".join(f"{k} {v[:12]}" for k, v in f.items() if k in ("sha256", "autov3") and v)
+        lines.append(f"  file: {f.get('name')}" + (f" ({hashes})" if hashes else ""))
+    for p in facts.get("paths", []):
+        lines.append(f"  path: {p}")
+    for title in ("parents", "children"):
+        if facts.get(title):
+            lines.append(f"  {title}:")
+            lines += [f"    {_edge_text(e)}" for e in facts[title]]
+    for key, value in facts.get("other", {}).items():
+        lines.append(f"  {key}: {value}")
+    if facts.get("notes"):
+        lines.append(f"  notes: {facts['notes']}")
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.argument("node")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_registry_option
+def show(node: str, as_json: bool, registry_path: str | None) -> None:
+    """Everything known about NODE: names, hashes, files and paths, parents (relation, weight,
+    method), children, licence, prediction type, URLs and notes.
+
+    NODE is a recorded file, a node id, a hash prefix, a repo id, a Hugging Face or Civitai URL or a name."""
+    from lineage.graph.editing import show as show_node
+    from lineage.graph.registry import Registry
+
+    with Registry(registry_path) as reg:
+        node_id = reg.resolve(node)
+        facts = show_node(reg.graph(), node_id)
+    if as_json:
+        echo_json(facts)
+    else:
+        click.echo(show_text(facts), nl=False)
+
+
+@click.command()
+@click.argument("node")
+@click.option("--rename", help="A new display name.")
+@click.option("--set-repo", "repo", help="Its Hugging Face repo id (owner/name); \"\" clears it.")
+@click.option("--set-civitai", "civitai_url", help="Its Civitai URL; \"\" clears it.")
+@click.option("--set-license", "license_", help="Its licence; \"\" clears it.")
+@click.option("--set-notes", "notes", help="Notes; \"\" clears them.")
+@click.option("--remove-parent", "removed", multiple=True, help="Remove this parent edge. Repeatable.")
+@click.option("--parent", "parents", multiple=True,
+              help="Replace ALL parents by these (repeat for a merge); with --relation and --weight.")
+@click.option("--relation", type=click.Choice(list(RELATIONS)),
+              help="Relation of the new --parent edges (default: merge for several, else finetune).")
+@click.option("--weight", "weights", type=float, multiple=True, help="Weight of each --parent, in order.")
+@click.option("--unlink", is_flag=True, help="NODE (a linked file) is its own model again: undoes link/merge-nodes.")
+@_registry_option
+def edit(node: str, rename: str | None, repo: str | None, civitai_url: str | None, license_: str | None,
+         notes: str | None, removed: tuple[str, ...], parents: tuple[str, ...], relation: str | None,
+         weights: tuple[float, ...], unlink: bool, registry_path: str | None) -> None:
+    """Change one of your own nodes (catalog nodes are read-only): rename it, set its repo id,
+    Civitai URL, licence or notes, remove a parent edge or replace its parents."""
+    from lineage.graph import editing
+    from lineage.graph.registry import Registry
+
+    if (relation or weights) and not parents:
+        raise LineageError("--relation and --weight go with --parent")
+    values = {k: v for k, v in {"name": rename, "repo": repo, "civitai_url": civitai_url, "license": license_,
+                                "notes": notes}.items() if v is not None}
+    if not (values or removed or parents or unlink):
+        raise LineageError("nothing to change: give --rename, --set-repo, --set-civitai, --set-license, "
+                           "--set-notes, --remove-parent, --parent or --unlink")
+    with Registry(registry_path) as reg:
+        if unlink:
+            alias = editing.unlink(node, reg)
+            click.echo(f"unlinked {alias}: it is its own model again")
+            if not (values or removed or parents):
+                return
+            node = alias
+        node_id = reg.resolve(node)
+        if values:
+            editing.set_attributes(node_id, values, reg)
+        for parent in removed:
+            editing.remove_parent(node_id, parent, reg)
+            click.echo(f"removed parent {parent}")
+        if parents:
+            editing.set_parents(node_id, parents, relation or ("merge" if len(parents) > 1 else "finetune"),
+                                weights or None, reg)
+        facts = editing.show(reg.graph(), node_id)
+    for key, value in values.items():
+        click.echo(f"set {key} to {value!r}" if value else f"cleared {key}")
+    if parents:
+        click.echo("parents now: " + "; ".join(_edge_text(e) for e in facts.get("parents", [])))
+    click.echo(f"edited {facts['name']} [{node_id}]")
+
+
+@click.command("merge-nodes")
+@click.argument("keep")
+@click.argument("duplicate")
+@_registry_option
+def merge_nodes(keep: str, duplicate: str, registry_path: str | None) -> None:
+    """DUPLICATE is the same model as KEEP: from now on its names, hashes, files and children are
+    KEEP's (undo: `lmerge edit DUPLICATE --unlink`). Not a weight merge: that is `lmerge merge`."""
+    from lineage.graph.editing import merge_nodes as merge
+    from lineage.graph.registry import Registry
+
+    with Registry(registry_path) as reg:
+        gone = reg.resolve(duplicate)
+        kept = merge(keep, duplicate, reg)
+        graph = reg.graph()
+    click.echo(f"merged {gone} into {label(graph, kept)}")
+
+
+@click.command()
+@click.argument("node")
+@_registry_option
+def remove(node: str, registry_path: str | None) -> None:
+    """Remove one of your own nodes from the registry, with its edges and the files linked to it
+    (the files on disk are not touched). Catalog nodes cannot be removed."""
+    from lineage.graph.editing import remove_node
+    from lineage.graph.registry import Registry
+
+    with Registry(registry_path) as reg:
+        removed = remove_node(node, reg)
+    click.echo(f"removed {removed[0]}" + (f" and {len(removed) - 1} linked file(s)" if len(removed) > 1 else ""))
+
+
+def register(group: click.Group) -> None:
+    """Add the identity and editing commands to the `lmerge` group."""
+    for command in (link, show, edit, merge_nodes, remove):
+        group.add_command(command)
