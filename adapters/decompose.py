@@ -32,9 +32,10 @@ RANK_MODES = ("fixed", "ratio", "threshold", "energy", "quantile")
 
 @dataclass
 class Factors:
-    """A module's difference factored up to some rank: `up` (out, k), `singular` (k,), `down` (k, in)
-    with up·diag(singular)·down ≈ Δ; `norm2` = ‖Δ‖²; `spectrum` every singular value when the exact
-    path computed them all (else None)."""
+    """A module's difference factored up to some rank k: `up` (out, k) = U·√S and `down` (k, in) = √S·Vh,
+    so that up[:, :r] @ down[:r] is the rank-r truncation for every r <= k; `singular` (k,) the
+    singular values, `norm2` = ‖Δ‖², `spectrum` every singular value when the exact path computed
+    them all (else None)."""
 
     up: torch.Tensor
     singular: torch.Tensor
@@ -55,9 +56,18 @@ class Factors:
         return (self.residual2(rank) / self.norm2) ** 0.5 if self.norm2 > 0 else 0.0
 
     def split(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(up, down) at `rank`, the singular values' square roots folded into both."""
-        root = self.singular[:rank].sqrt()
-        return self.up[:, :rank] * root, root[:, None] * self.down[:rank]
+        """(up, down) at `rank`."""
+        return self.up[:, :rank], self.down[:rank]
+
+    def to(self, dtype: torch.dtype) -> Factors:
+        """The factors kept in `dtype` (e.g. the adapter's fp16: half the memory, rounded once)."""
+        return Factors(self.up.to(dtype), self.singular.float(), self.down.to(dtype), self.norm2, self.spectrum)
+
+
+def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, norm2: float,
+              spectrum: torch.Tensor | None = None) -> Factors:
+    root = s.sqrt()
+    return Factors((u * root).contiguous(), s.clone(), (root[:, None] * vh).contiguous(), norm2, spectrum)
 
 
 def low_rank(delta: torch.Tensor, max_rank: int, *, exact: bool = False,
@@ -70,11 +80,11 @@ def low_rank(delta: torch.Tensor, max_rank: int, *, exact: bool = False,
     if exact or k + OVERSAMPLE >= min(delta.shape):
         # The thin SVD costs out·in·min(out, in): the orientation does not matter for torch's driver.
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        return Factors(u[:, :k].contiguous(), s[:k].clone(), vh[:k].contiguous(), norm2, s)
+        return _balanced(u[:, :k], s[:k], vh[:k], norm2, s)
     if generator is not None:  # svd_lowrank draws from the global generator: seed it reproducibly
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
     u, s, v = torch.svd_lowrank(delta, q=k + OVERSAMPLE, niter=POWER_ITERATIONS)
-    return Factors(u[:, :k].contiguous(), s[:k].clone(), v[:, :k].T.contiguous(), norm2)
+    return _balanced(u[:, :k], s[:k], v[:, :k].T, norm2)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from lineage.errors import LineageError
 from lineage.io.atomic import file_destination
 from lineage.io.hashing import FileHashes
+from lineage.io.safetensors import DTYPES
 
 from .decompose import Factors, RankRule, allocate, low_rank
 from .metadata import BaseModel, adapter_metadata, adapter_record
@@ -99,8 +100,10 @@ def _module_difference(ctx: JobContext, module: Module) -> tuple[torch.Tensor, f
 class _Analysis:
     """Run 1: every module's factors (or, for a full diff, only its norms), computed by the jobs."""
 
-    def __init__(self, modules: Sequence[Module], paths: Sequence[str], max_ranks: dict[str, int], exact: bool):
+    def __init__(self, modules: Sequence[Module], paths: Sequence[str], max_ranks: dict[str, int], exact: bool,
+                 dtype: str):
         self.modules, self.paths, self.max_ranks, self.exact = modules, paths, max_ranks, exact
+        self.keep_as = DTYPES[OUTPUT_DTYPES[dtype]]  # factors are kept as they will be stored
         self.factors: dict[str, Factors] = {}
         self.base_norm2: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -116,7 +119,7 @@ class _Analysis:
             _check_finite(delta, module, self.paths)
             factors = low_rank(ctx.to_device(delta), self.max_ranks[module.name], exact=self.exact)
             factors = Factors(factors.up.cpu(), factors.singular.cpu(), factors.down.cpu(), factors.norm2,
-                              None if factors.spectrum is None else factors.spectrum.cpu())
+                              None if factors.spectrum is None else factors.spectrum.cpu()).to(self.keep_as)
             with self._lock:
                 self.factors[module.name] = factors
                 self.base_norm2[module.name] = base_norm2
@@ -213,7 +216,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
             return _extract_diff(inputs, modules, paths, output, known, dtype, record, registry, workers, progress,
                                  compute_on, prediction)
         max_ranks = {m.name: rules[m.spatial].max_rank for m in modules}
-        analysis = _Analysis(modules, paths, max_ranks, exact)
+        analysis = _Analysis(modules, paths, max_ranks, exact, dtype)
         found = run_jobs(inputs, analysis.jobs(), None, known_autov3=known, workers=workers, progress=progress,
                          description="analyse", device=compute_on)
     factors = analysis.factors
