@@ -253,6 +253,36 @@ def registry_import(source: str, registry_path: str | None) -> None:
                f"({counts['skipped_catalog']} already in the built-in catalog)")
 
 
+@registry_group.command("check")
+@click.option("--repair", is_flag=True, help="Remove the damaged rows found (everything else stays).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_registry_option
+def registry_check(repair: bool, as_json: bool, registry_path: str | None) -> None:
+    """Find rows no command can use (bad JSON, a path or relation naming no model); --repair removes them.
+
+    Exits 0 when the registry is sound or was repaired, 1 when damaged rows remain."""
+    from lineage.graph import repair as repairing
+    from lineage.graph.registry import Registry
+
+    with Registry(registry_path) as reg:
+        damage = repairing.check(reg)
+        removed = repairing.repair(reg, damage) if repair and damage else 0
+    if as_json:
+        echo_json({"registry": str(reg.path), "damaged": [{"table": d.table, "row": d.key, "problem": d.problem}
+                                                           for d in damage], "removed": removed})
+    else:
+        for row in damage:
+            click.echo(f"damaged: {row}")
+        if not damage:
+            click.echo(f"{reg.path}: no damaged rows")
+        elif repair:
+            click.echo(f"removed {removed} damaged row(s); the rest of the registry is unchanged")
+        else:
+            click.echo(f"{len(damage)} damaged row(s); `lmerge registry check --repair` removes them")
+    if damage and not repair:
+        sys.exit(1)
+
+
 def register(group: click.Group) -> None:
     """Add the lineage-graph commands to the `lmerge` group."""
     for command in (add, scan, link, tree, compat, hub, registry_group):
