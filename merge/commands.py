@@ -175,11 +175,19 @@ def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alph
               help="An input file, in the recorded order (repeat for each); default: found by AutoV3 in the registry.")
 @click.option("-o", "--output", type=click.Path(), help="Keep the re-run here (default: a temporary file, removed).")
 @click.option("--registry", type=click.Path(), help="The lineage registry to find inputs in.")
-def reproduce_command(path: str, inputs: tuple[str, ...], output: str | None, registry: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a mismatch still exits 1).")
+def reproduce_command(path: str, inputs: tuple[str, ...], output: str | None, registry: str | None,
+                      as_json: bool) -> None:
     """Re-run the recipe recorded in PATH and check the result has the same AutoV3."""
     from .reproduce import reproduce
 
     found = reproduce(path, inputs=inputs, registry=registry, output=output)
+    if as_json:
+        click.echo(json.dumps({"path": path, "inputs": found.inputs, "expected_autov3": found.expected_autov3,
+                               "autov3": found.autov3, "matches": found.matches, "output": found.output}, indent=2))
+        if not found.matches:
+            raise SystemExit(1)
+        return
     for used in found.inputs:
         click.echo(f"input {used}")
     if not found.matches:

@@ -28,12 +28,16 @@ def hash_command(paths: tuple[str, ...], as_json: bool) -> None:
 @click.command()
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
-def convert(src: str, dst: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def convert(src: str, dst: str, as_json: bool) -> None:
     """Convert a pickle checkpoint (.ckpt/.pt/.bin) to safetensors, loading only plain tensors.
     Entries that are not tensors (step counters, optimizer state beside state_dict) are listed as left out."""
     from lineage.io.pickle_convert import convert_pickle
 
     done = convert_pickle(src, dst)
+    if as_json:
+        echo_json({"output": dst, "tensors": done.tensors, "left_out": done.left_out})
+        return
     click.echo(f"wrote {dst} ({done.tensors} tensors)")
     if done.left_out:
         shown = ", ".join(done.left_out[:LISTED]) + (", …" if len(done.left_out) > LISTED else "")

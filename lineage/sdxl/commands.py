@@ -44,14 +44,22 @@ def inspect(paths: tuple[str, ...], as_json: bool, with_hashes: bool) -> None:
 @click.option("--parent", type=click.Path(), help="Write a fine-tune of this checkpoint instead of a base.")
 @click.option("--prediction-type", type=click.Choice(list(MARKERS_FOR_PREDICTION)), help="Marker tensors to write.")
 @click.option("--rank", type=int, default=8, show_default=True, help="Rank of the planted delta of a fine-tune.")
-def generate(output: str, size: str, seed: int, dtype: str, parent: str | None, prediction_type: str | None, rank: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def generate(output: str, size: str, seed: int, dtype: str, parent: str | None, prediction_type: str | None, rank: int,
+             as_json: bool) -> None:
     """Write a generated SDXL checkpoint (real key names) for tests, demos and benchmarks."""
+    import os
+
     from lineage.sdxl.synthetic import write_base, write_child
 
     if parent:
         write_child(parent, output, seed=seed, rank=rank, prediction_type=prediction_type)
     else:
         write_base(output, size=size, seed=seed, dtype=dtype, prediction_type=prediction_type or "epsilon")
+    if as_json:
+        echo_json({"output": output, "bytes": os.path.getsize(output), "size": size, "seed": seed,
+                   "parent": parent})
+        return
     click.echo(f"wrote {output}")
 
 
