@@ -78,9 +78,17 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
 def scan(directory: str, as_json: bool, registry_path: str | None) -> None:
     """Record every .safetensors file under DIRECTORY, linking the parents their metadata names
     (our record, A1111, ModelSpec, sd-mecha, kohya). Running it again changes nothing."""
+    from tqdm import tqdm
+
     from lineage.graph.recording import scan as scan_directory
 
-    result = scan_directory(directory, registry_path, on_file=lambda p: click.echo(f"reading {p}", err=True))
+    # A bar of files read (on a terminal), with each file's name above it.
+    with tqdm(unit="file", desc="scanning", leave=False, disable=None) as bar:
+        def reading(path: str) -> None:
+            bar.write(f"reading {path}", file=sys.stderr)
+            bar.update(1)
+
+        result = scan_directory(directory, registry_path, on_file=reading)
     if as_json:
         echo_json({"recorded": [{"path": p, "node": n} for p, n in result.recorded], "relations": result.edges,
                    "failed": [{"path": p, "problem": why} for p, why in result.failed]})

@@ -53,9 +53,10 @@ def generate(output: str, size: str, seed: int, dtype: str, parent: str | None, 
     from lineage.sdxl.synthetic import write_base, write_child
 
     if parent:
-        write_child(parent, output, seed=seed, rank=rank, prediction_type=prediction_type)
+        write_child(parent, output, seed=seed, rank=rank, prediction_type=prediction_type, progress=True)
     else:
-        write_base(output, size=size, seed=seed, dtype=dtype, prediction_type=prediction_type or "epsilon")
+        write_base(output, size=size, seed=seed, dtype=dtype, prediction_type=prediction_type or "epsilon",
+                   progress=True)
     if as_json:
         echo_json({"output": output, "bytes": os.path.getsize(output), "size": size, "seed": seed,
                    "parent": parent})
