@@ -123,3 +123,21 @@ def test_dry_run_warns_when_the_registry_knows_the_first_input_is_not_the_base(l
     assert code == 0 and err.count("warning:") == 2 and f"{trio['y']} does not descend from {trio['x']}" in err
     code, _, err = lmerge("merge", trio["base"], trio["x"], trio["y"], "--method", "ties", "-o", out, "--dry-run")
     assert code == 0 and "warning" not in err
+
+
+def test_a1111_recipe_of_a_block_merge_has_no_single_multiplier(lmerge, trio, tmp_path):
+    from lineage.io.safetensors import SafetensorsFile
+
+    out = tmp_path / "blocks.safetensors"
+    assert lmerge("merge", trio["base"], trio["x"], "--alpha", "0.5", "--blocks", "IN04=0.2", "-o", out,
+                  "--no-record")[0] == 0
+    with SafetensorsFile(out) as f:
+        recipe = json.loads(f.metadata["sd_merge_recipe"])
+    assert "multiplier" not in recipe and recipe["interp_method"] == "Weighted sum"
+    assert recipe["block_weights"]["alpha"]["blocks"]["IN04"] == 0.2
+    from lineage.graph.metadata import lineage_from_metadata
+    from lineage.graph.recording import origins_from_metadata
+
+    with SafetensorsFile(out) as f:  # read back as A1111's keys alone: no weights invented from a scalar
+        a1111 = {"a1111": lineage_from_metadata(f.metadata)["a1111"]}
+    assert origins_from_metadata(a1111, "checkpoint")[0].weights == [None, None]
