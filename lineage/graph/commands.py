@@ -321,6 +321,8 @@ def registry_check(repair: bool, as_json: bool, registry_path: str | None) -> No
             click.echo(f"{reg.path}: no damaged rows")
         elif repair:
             click.echo(f"removed {removed} damaged row(s); the rest of the registry is unchanged")
+            if any(row.table == "nodes" for row in damage):
+                click.echo("a file whose model row was removed is recorded again by `lmerge scan FILE`")
         else:
             click.echo(f"{len(damage)} damaged row(s); `lmerge registry check --repair` removes them")
     if damage and not repair:

@@ -135,6 +135,7 @@ def _loads(text: str) -> Any:
     return json.loads(text, parse_constant=lambda _: None)
 
 
+_SHORTEN_HASHES = re.compile(r"\b([0-9a-f]{12})[0-9a-f]{52}\b")
 _DAMAGED_ROW = "its attributes are not a JSON object (lmerge registry check --repair removes the row)"
 
 
@@ -147,7 +148,8 @@ class Damage:
     problem: str
 
     def __str__(self) -> str:
-        return f"{self.table} row {self.key!r}: {self.problem}"
+        """The row for people: full-length hashes shortened to 12 digits (the key itself stays whole)."""
+        return _SHORTEN_HASHES.sub(r"\1…", f"{self.table} row {self.key!r}: {self.problem}")
 
 
 def _attrs_of(text: Any) -> dict[str, Any] | None:
@@ -183,6 +185,7 @@ class Registry:
             raise LineageError(f"the folder {os.fspath(self.path.parent)!r} does not exist; create it first or "
                                "fix the --registry path", self.path)
         self.damage: list[Damage] = []  # damaged rows met by the last read of the whole user layer
+        self._reported: set[Damage] = set()  # damaged rows already warned about
         if os.path.lexists(self.path):
             check_input(self.path)  # a pipe, device or broken link is no registry
         try:
@@ -309,8 +312,8 @@ class Registry:
         with self._snapshot() as conn:
             rows = conn.execute("SELECT kind, value, node_id FROM hashes WHERE node_id NOT IN "
                                 "(SELECT id FROM nodes WHERE json_valid(attrs) AND json_type(attrs) = 'object')")
-            return [Damage("hashes", f"{kind}:{value}:{node_id}", f"points at node {node_id!r}, which is not "
-                           "in the registry") for kind, value, node_id in rows if not is_catalog_node(node_id)]
+            return [Damage("hashes", f"{kind}:{value}:{node_id}", f"points at node {node_id!r}, which is "
+                           "missing") for kind, value, node_id in rows if not is_catalog_node(node_id)]
 
     def find_paths(self, autov3: str) -> list[str]:
         """File paths seen for a content hash (AutoV3), most recently seen first."""
@@ -409,17 +412,20 @@ class Registry:
                 if node_id in nodes:
                     nodes[node_id].setdefault("paths", []).append(path)
                 else:
-                    damage.append(Damage("paths", path, f"points at node {node_id!r}, which is not in the registry"))
+                    damage.append(Damage("paths", path, f"points at node {node_id!r}, which is missing"))
         kept = []
         for parent, child, attrs in edges:
             missing = [n for n in (parent, child) if n not in nodes and not is_catalog_node(n)]
             if missing:
-                damage.append(Damage("edges", f"{parent} -> {child}", f"names node {missing[0]!r}, which is not "
-                                                                      "in the registry"))
+                damage.append(Damage("edges", f"{parent} -> {child}", f"names node {missing[0]!r}, which is "
+                                                                      "missing"))
             else:
                 kept.append((parent, child, attrs))
         self.damage = damage
         for row in damage:
+            if row in self._reported:
+                continue  # once per command, however often it reads the graph
+            self._reported.add(row)
             log.warning("warning: %s: damaged registry row skipped: %s (lmerge registry check --repair "
                         "removes it)", self.path, row)
         return nodes, kept

@@ -9,6 +9,8 @@ restore it from an export.
 """
 from __future__ import annotations
 
+import logging
+
 from lineage.errors import LineageError
 from lineage.graph.registry import Damage, Registry
 
@@ -19,7 +21,13 @@ def check(registry: Registry) -> list[Damage]:
     if verdict != ["ok"]:
         raise LineageError(f"the file itself is damaged (SQLite: {'; '.join(verdict[:3])}); it was left as it is "
                            "(restore it from an export: lmerge registry import)", registry.path)
-    registry.user_graph()  # reading the whole user layer lists its damaged node, edge and path rows
+    registry_log = logging.getLogger("lineage.graph.registry")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)  # the rows are listed by the caller, not warned about one by one
+    try:
+        registry.user_graph()  # reading the whole user layer lists its damaged node, edge and path rows
+    finally:
+        registry_log.setLevel(level)
     return [*registry.damage, *registry.stray_hashes()]
 
 
