@@ -64,10 +64,12 @@ CREATE TABLE paths (path TEXT PRIMARY KEY, node_id TEXT NOT NULL, size INTEGER, 
 CREATE INDEX paths_by_node ON paths (node_id);
 """
 
-# Is `target` reachable from `start` along user edges? (Catalog edges never lead back into user nodes.)
-_REACHES = """
-WITH RECURSIVE below(id) AS (SELECT ? UNION SELECT edges.child FROM edges JOIN below ON edges.parent = below.id)
-SELECT 1 FROM below WHERE id = ? LIMIT 1
+# Is `target` among the ancestors of `start` along user edges? (Catalog edges never lead back into user
+# nodes.) Walked upwards: a model's ancestry is bounded by what its metadata may name, while a popular
+# base's descendants can be the whole registry.
+_IS_ANCESTOR = """
+WITH RECURSIVE above(id) AS (SELECT ? UNION SELECT edges.parent FROM edges JOIN above ON edges.child = above.id)
+SELECT 1 FROM above WHERE id = ? LIMIT 1
 """
 
 
@@ -587,7 +589,7 @@ class Batch:
         for node_id in (parent, child):
             if not self.has_node(node_id):
                 raise LineageError(f"no node {node_id!r} in the registry or the catalog")
-        if parent == child or self._conn.execute(_REACHES, (child, parent)).fetchone():
+        if parent == child or self._conn.execute(_IS_ANCESTOR, (parent, child)).fetchone():
             raise LineageError(f"refusing edge {parent} -> {child}: the parent already descends from the "
                                "child (a model cannot descend from itself)")
         stored = {k: v for k, v in attrs.items() if v is not None}
