@@ -48,6 +48,9 @@ def convert(src: str, dst: str, to: str | None, no_record: bool, as_json: bool) 
         raise LineageError("is a safetensors file already; to convert an adapter into another key dialect, "
                            "give --to kohya or --to peft", src)
     done_pickle = convert_pickle(src, dst)
+    if as_json:
+        echo_json({"output": dst, "tensors": done_pickle.tensors, "left_out": done_pickle.left_out})
+        return
     click.echo(f"wrote {dst} ({done_pickle.tensors} tensors)")
     if done_pickle.left_out:
         shown = ", ".join(done_pickle.left_out[:LISTED]) + (", …" if len(done_pickle.left_out) > LISTED else "")

@@ -71,6 +71,33 @@ def _recipe_from_options(inputs: tuple[str, ...], recipe_file: str | None, metho
     )
 
 
+def _base_warnings(recipe: Any, registry: str | None) -> list[str]:
+    """For a method over a base: the inputs the registry knows do not descend from the first input
+    (only files it recorded before and that have not changed since are looked up: nothing is hashed)."""
+    import networkx as nx
+
+    from lineage.graph.registry import Registry
+
+    if not recipe.merge_method.needs_base:
+        return []
+    try:
+        with Registry(registry) as reg:
+            nodes = [known[0] if (known := reg.known_file(i.path)) else None for i in recipe.inputs]
+            graph = reg.graph() if nodes[0] and any(nodes[1:]) else None
+    except (LineageError, OSError):
+        return []  # the plan stands without the registry; a damaged one is reported by the commands that use it
+    if graph is None:
+        return []
+    warnings = []
+    for source, node in zip(recipe.inputs[1:], nodes[1:]):
+        if node is None or node == nodes[0] or nodes[0] in nx.ancestors(graph, node):
+            continue
+        if node in nx.ancestors(graph, nodes[0]) or graph.in_degree(node):
+            warnings.append(f"the registry says {source.path} does not descend from {recipe.inputs[0].path}, "
+                            f"the first input, which {recipe.method} takes as the base of the others")
+    return warnings
+
+
 @click.command("merge")
 @click.argument("inputs", nargs=-1, type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="The merged .safetensors file.")
@@ -114,6 +141,8 @@ def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alph
     if dry_run:
         merge_plan = plan(recipe, workers)
         click.echo(json.dumps(merge_plan.summary(), indent=2) if as_json else merge_plan.describe())
+        for warning in _base_warnings(recipe, registry):
+            click.echo(f"warning: {warning}", err=True)
         return
     # Neither -o nor --save-recipe may land on a file this command reads, nor on each other: checked before merging.
     read = [*(i.path for i in recipe.inputs), recipe_file]
@@ -148,11 +177,19 @@ def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alph
               help="An input file, in the recorded order (repeat for each); default: found by AutoV3 in the registry.")
 @click.option("-o", "--output", type=click.Path(), help="Keep the re-run here (default: a temporary file, removed).")
 @click.option("--registry", type=click.Path(), help="The lineage registry to find inputs in.")
-def reproduce_command(path: str, inputs: tuple[str, ...], output: str | None, registry: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a mismatch still exits 1).")
+def reproduce_command(path: str, inputs: tuple[str, ...], output: str | None, registry: str | None,
+                      as_json: bool) -> None:
     """Re-run the recipe recorded in PATH and check the result has the same AutoV3."""
     from .reproduce import reproduce
 
     found = reproduce(path, inputs=inputs, registry=registry, output=output)
+    if as_json:
+        click.echo(json.dumps({"path": path, "inputs": found.inputs, "expected_autov3": found.expected_autov3,
+                               "autov3": found.autov3, "matches": found.matches, "output": found.output}, indent=2))
+        if not found.matches:
+            raise SystemExit(1)
+        return
     for used in found.inputs:
         click.echo(f"input {used}")
     if not found.matches:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from lineage.engine.budget import CHUNK_ELEMENTS, executor_bytes
 from lineage.errors import LineageError
 from lineage.io.safetensors import SafetensorsFile, TensorInfo, dtype_size
+from lineage.sdxl.blocks import BLOCK_NAMES, block_of
 from lineage.sdxl.detection import require_sdxl
 from lineage.sdxl.layout import MARKER_KEYS, MARKERS_FOR_PREDICTION, UNWRITABLE_PREDICTIONS, is_pass_through
 
@@ -99,10 +100,52 @@ class MergePlan:
             working = sum(numel * (n * 4 + 3 * 4) for numel in largest) + self.workers * CHUNK_ELEMENTS * n * stored
         return executor_bytes(self.workers, (s.nbytes for s in self.steps)) + working
 
+    def roles(self) -> list[str]:
+        """What each input is to the method: the base and the models it merges, or A, B, C."""
+        method = self.recipe.merge_method
+        count = len(self.recipe.inputs)
+        if method.needs_base:
+            return ["base", *(f"model {i}" for i in range(1, count))]
+        if method.max_models is not None and count <= 3:
+            return ["A", "B", "C"][:count]
+        return [f"model {i}" for i in range(1, count + 1)]
+
+    def block_values(self) -> list[dict[str, Any]]:
+        """Per block or component (lineage's finest scheme), its merged keys and the numbers the method
+        gets there (alpha and any per-key parameter): one row each, in the checkpoint's order."""
+        shown = [name for name, param in self.recipe.merge_method.params.items()
+                 if name == "alpha" or name in self.recipe.per_key]
+        rows: dict[str, dict[str, Any]] = {}
+        for step in self.steps:
+            if step.action != "merge" or step.params is None:
+                continue
+            block = block_of(step.key, "lineage") or "other"
+            row = rows.setdefault(block, {"block": block, "keys": 0, **{name: set() for name in shown}})
+            row["keys"] += 1
+            for name in shown:
+                row[name].add(step.params.get(name))
+        order = {name: i for i, name in enumerate(BLOCK_NAMES["lineage"])}
+        ordered = sorted(rows.values(), key=lambda r: order.get(r["block"], len(order)))
+        return [{k: sorted(v) if isinstance(v, set) else v for k, v in row.items()} for row in ordered]
+
+    def _block_table(self) -> list[str]:
+        """The text table of `block_values` (80 columns): block, merged keys, each parameter's value."""
+        rows = self.block_values()
+        if not rows:
+            return []
+        names = [k for k in rows[0] if k not in ("block", "keys")]
+        lines = ["  " + f"{'block':<8}{'keys':>6}" + "".join(f"  {n:>10}" for n in names)]
+        for row in rows:
+            lines.append("  " + f"{row['block']:<8}{row['keys']:>6}" +
+                         "".join(f"  {_values_text(row[n]):>10}" for n in names))
+        return lines
+
     def summary(self) -> dict[str, Any]:
         return {
             "method": self.recipe.method,
             "inputs": [i.path for i in self.recipe.inputs],
+            "roles": self.roles(),
+            "blocks": self.block_values(),
             "prediction_type": self.prediction_type,
             "keys": len(self.steps),
             "steps": self.counts(),
@@ -116,14 +159,27 @@ class MergePlan:
         lines = [f"merge {self.recipe.method} of {len(self.recipe.inputs)} models -> {len(self.steps)} tensors "
                  f"({self.output_bytes / 1e9:.2f} GB, merged tensors as {self.recipe.dtype})",
                  f"  prediction type: {self.prediction_type}"]
+        for role, source in zip(self.roles(), self.recipe.inputs):
+            lines.append(f"  {role + ':':<9}{source.path}")
         for label, n in self.counts().items():
             lines.append(f"  {n:>5}  {label}")
+        lines.extend(self._block_table())
         if self.dropped:
             shown = ", ".join(self.dropped[:3]) + (", …" if len(self.dropped) > 3 else "")
             lines.append(f"  dropped: {shown}")
         lines.append(f"  memory estimate: {self.memory_estimate() / 2**20:.0f} MiB of buffers "
                      f"({self.workers} workers) beyond the interpreter")
         return "\n".join(lines)
+
+
+def _values_text(values: list[Any]) -> str:
+    """One block's values of a parameter: the value, or the range when keys of the block differ."""
+    numbers = [v for v in values if v is not None]
+    if not numbers:
+        return "-"
+    if len(numbers) == 1:
+        return f"{numbers[0]:g}" if isinstance(numbers[0], (int, float)) else str(numbers[0])
+    return f"{min(numbers):g}..{max(numbers):g}"
 
 
 def _listing(keys: Sequence[str], most: int = 5) -> str:

@@ -63,7 +63,12 @@ def merge_metadata(recipe: Recipe, prediction_type: str, title: str, output_auto
     as they are known; `output_autov3` is None until the output is written."""
     names = [i.name for i in recipe.inputs]
     description = f"{recipe.method} merge of {', '.join(names)} made with lineage {__version__}"
-    multiplier = recipe.scalar("alpha") if "alpha" in recipe.merge_method.defaults else None
+    # A1111's multiplier is one alpha for every key: written only when that is what the merge did.
+    # A block merge leaves it out and says per block (the recipe's per-key table) instead, so a reader
+    # never takes a block merge for a plain weighted sum at the scalar alpha.
+    uniform = "alpha" in recipe.merge_method.defaults and "alpha" not in recipe.per_key
+    multiplier = recipe.scalar("alpha") if uniform else None
+    per_key = {name: variation.to_dict() for name, variation in recipe.per_key.items()}
     return {
         LINEAGE_RECORD_KEY: json.dumps(record_of(recipe), ensure_ascii=False),
         **modelspec_metadata(architecture=SDXL_ARCHITECTURE, implementation=SDXL_IMPLEMENTATION, title=title,
@@ -72,5 +77,6 @@ def merge_metadata(recipe: Recipe, prediction_type: str, title: str, output_auto
                              description=description),
         **a1111_merge_metadata(interp_method=A1111_METHODS.get(recipe.method, recipe.method),
                                inputs=[(i.name, i.autov3) for i in recipe.inputs], multiplier=multiplier,
-                               save_as_half=recipe.dtype == "fp16", name=title, input_metadata=input_metadata),
+                               save_as_half=recipe.dtype == "fp16", name=title, input_metadata=input_metadata,
+                               per_key=per_key),
     }

@@ -84,3 +84,44 @@ def test_unknown_reports_what_was_seen(tmp_path):
     save_file({"encoder.layer.0.weight": torch.zeros(2), "encoder.layer.1.weight": torch.zeros(2)}, path)
     d = detect(path)
     assert d.format == "unknown" and d.seen == ["encoder.layer (2)"]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"ss_zero_terminal_snr": "True"}, "epsilon+ztsnr"),
+    ({"ss_zero_terminal_snr": "True", "ss_v_parameterization": "True"}, "v+ztsnr"),
+    ({"ss_zero_terminal_snr": "False", "ss_v_parameterization": "True"}, "v"),
+])
+def test_kohya_zero_terminal_snr_is_recognised(tmp_path, flags, expected):
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    lora = tmp_path / "lora.safetensors"
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 8), f"{key}.lora_up.weight": torch.zeros(8, 4)}, lora,
+              {"ss_base_model_version": "sdxl_base_v1-0", **flags})
+    checkpoint = tmp_path / "trained.safetensors"  # a full fine-tune by kohya's scripts, without marker tensors
+    save_file({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 4)}, checkpoint, flags)
+    for path in (lora, checkpoint):
+        d = detect(path)
+        assert (d.prediction_type, d.prediction_source) == (expected, "kohya metadata")
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}, "v+ztsnr"),
+    ({"prediction_type": "epsilon", "rescale_betas_zero_snr": True}, "epsilon+ztsnr"),
+])
+def test_diffusers_zero_terminal_snr_is_recognised(tmp_path, config, expected):
+    root = tmp_path / "pipe"
+    for rel in ("unet/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"conv_in.weight": torch.zeros(2, 2)}, root / rel)
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    assert detect(root).prediction_type == expected
+
+
+def test_an_unreadable_scheduler_config_is_named(tmp_path):
+    root = tmp_path / "pipe"
+    (root / "text_encoder_2").mkdir(parents=True)
+    save_file({"conv_in.weight": torch.zeros(2, 2)}, root / "text_encoder_2" / "model.safetensors")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="scheduler config"):
+        detect(root)

@@ -390,3 +390,38 @@ def test_no_temporary_is_left_after_a_killed_small_write(tmp_path, anonymous):
     _kill_when([KILLED_TEXT_WRITE, "tmpfile" if anonymous else "no-tmpfile", str(out)], "writing")
     _eventually_only(tmp_path, ["tree.txt"])
     assert out.read_text() == "old text"
+
+
+def test_the_inputs_hashing_has_a_progress_bar_of_its_own(trio, tmp_path, monkeypatch):
+    """The hashing of unrecorded inputs can outlast the merge itself: it reports its own progress."""
+    from lineage.engine import executor
+    from lineage.io.safetensors import SafetensorsFile
+    from lineage.merge.api import merge
+
+    bars = {}
+
+    class Recorder:
+        def __init__(self, total=None, desc=None, disable=None, **kwargs):
+            self.total, self.done, self.disable = total, 0, disable
+            bars[desc] = self
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+    monkeypatch.setattr(executor, "tqdm", Recorder)
+    merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", record=False)
+    data = 0
+    for path in (trio["base"], trio["x"]):
+        with SafetensorsFile(path) as f:
+            data += f.file_size - f.data_start
+    assert bars["hashing inputs"].total == data and bars["hashing inputs"].done == data
+    assert not bars["hashing inputs"].disable

@@ -50,3 +50,32 @@ def test_hash_cli_json(lmerge, family):
     assert [r["path"] for r in rows] == [family["base"], family["child"]]
     assert set(rows[0]) == {"path", "sha256", "autov1", "autov2", "autov3", "crc32"}
     assert rows[0]["sha256"] == hashlib.sha256(open(family["base"], "rb").read()).hexdigest()
+
+
+def test_lmerge_hash_reports_its_progress(lmerge, tmp_path, monkeypatch):
+    import tqdm
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total=None, **kwargs):
+            self.total, self.done = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorder)
+    files = []
+    for i, size in enumerate((3 << 20, 5 << 20)):
+        path = tmp_path / f"f{i}.bin"
+        path.write_bytes(os.urandom(size))
+        files.append(path)
+    code, _, _ = lmerge("hash", *files)
+    assert code == 0 and len(bars) == 1 and bars[0].total == bars[0].done == (8 << 20)

@@ -136,3 +136,50 @@ def test_cli_hub_import_and_card(lmerge, cards, tmp_path):
     code, out, _ = lmerge("hub", "card", "org/mid-a", "-o", tmp_path / "README.md")
     written = (tmp_path / "README.md").read_text()
     assert code == 0 and "base_model: OnomaAIResearch/Illustrious-xl-early-release-v0" in written
+
+
+def test_hub_import_offline_fails_within_a_second_with_one_line(lmerge, monkeypatch):
+    """No network (the connection refused at once, as offline): one line, no huggingface_hub retries."""
+    import errno
+    import socket
+    import time
+
+    from lineage.graph import hub_access
+
+    def unreachable(*args, **kwargs):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    hub_access._probe.cache_clear()
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    for variable in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(hub_access.constants, "HF_HUB_OFFLINE", False)
+    start = time.monotonic()
+    code, out, err = lmerge("hub", "import", "Laxhar/noobai-XL-1.0")
+    hub_access._probe.cache_clear()
+    assert time.monotonic() - start < 2
+    assert code == 1 and err.strip().count("\n") == 0 and "cannot reach the Hugging Face Hub" in err
+    assert "Network is unreachable" in err
+
+
+def test_offline_a_parent_card_not_saved_is_listed_as_not_followed(lmerge, monkeypatch, tmp_path):
+    import errno
+    import socket
+
+    from lineage.graph import hub_access
+
+    def unreachable(*args, **kwargs):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    hub_access._probe.cache_clear()
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(hub_access.constants, "HF_HUB_OFFLINE", False)
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    saved = tmp_path / "cards" / "me" / "child"
+    saved.mkdir(parents=True)
+    (saved / "README.md").write_text("---\nbase_model: someone/parent\nbase_model_relation: finetune\n---\n")
+    code, out, err = lmerge("hub", "import", "me/child", "--cards", tmp_path / "cards")
+    hub_access._probe.cache_clear()
+    assert code == 0 and "someone/parent" in out
+    assert "not followed: someone/parent" in err and "cannot reach the Hugging Face Hub" in err

@@ -130,3 +130,25 @@ def test_inspect_a_unet_only_fp32_file(lmerge, tmp_path):
     code, out, _ = lmerge("inspect", p, "--json")
     r = json.loads(out)
     assert r["variant"] == "unet-only" and r["components"]["unet"]["dtypes"] == {"F32": 1680} and r["missing"] == []
+
+
+def test_inspect_shows_the_lineage_it_read_and_takes_several_files(lmerge, trio, tmp_path):
+    weighted, ties = tmp_path / "w.safetensors", tmp_path / "t.safetensors"
+    assert lmerge("merge", trio["base"], trio["x"], "--alpha", "0.25", "-o", weighted, "--no-record")[0] == 0
+    assert lmerge("merge", trio["base"], trio["x"], trio["y"], "--method", "ties", "-o", ties, "--no-record")[0] == 0
+    code, stdout, _ = lmerge("inspect", weighted, ties)
+    assert code == 0
+    first, second = stdout.split("\n\n")
+    assert "made by:     merge (weighted_sum, read from lineage metadata) of" in first
+    assert "    0.75  base (autov3 " in first and "    0.25  x (autov3 " in first
+    assert "made by:     merge (ties, read from lineage metadata) of" in second and " y (autov3 " in second
+    assert max(len(line) for line in stdout.splitlines()) <= 80
+    code, stdout, _ = lmerge("inspect", "--json", weighted, ties)
+    reports = json.loads(stdout)
+    assert [r["made_from"]["method"] for r in reports] == ["weighted_sum", "ties"]
+    assert [p["weight"] for p in reports[0]["made_from"]["parents"]] == [0.75, 0.25]
+
+
+def test_inspect_reports_a_bad_file_among_several_and_shows_the_others(lmerge, trio, tmp_path):
+    code, stdout, err = lmerge("inspect", trio["base"], tmp_path / "missing.safetensors")
+    assert code == 1 and trio["base"] in stdout and "missing.safetensors" in err and "Traceback" not in err

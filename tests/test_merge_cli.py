@@ -95,3 +95,49 @@ def test_methods_lists_every_method_with_its_parameters(lmerge):
     code, stdout, _ = lmerge("methods", "--json")
     rows = {r["name"]: r for r in json.loads(stdout)}
     assert rows["dare_ties"]["random"] and rows["ties"]["needs_base"] and rows["ties"]["params"]["density"] == 0.2
+
+
+def test_dry_run_shows_each_blocks_alpha_and_the_inputs_roles(lmerge, trio, tmp_path):
+    out = tmp_path / "m.safetensors"
+    code, stdout, _ = lmerge("merge", trio["base"], trio["x"], trio["y"], "--method", "ties", "--blocks",
+                             "IN04=0.3", "-o", out, "--dry-run")
+    assert code == 0 and not out.exists()
+    lines = stdout.splitlines()
+    assert f"  base:    {trio['base']}" in lines and f"  model 2: {trio['y']}" in lines
+    table = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("  ") and len(line.split()) == 3}
+    assert table["IN04"][1] == "0.3" and table["IN05"][1] == "1" and table["VAE"][1] == "1"
+    assert max(len(line) for line in lines) <= 80
+    code, stdout, _ = lmerge("merge", trio["base"], trio["x"], "--alpha", "0.25", "-o", out, "--dry-run", "--json")
+    summary = json.loads(stdout)
+    assert summary["roles"] == ["A", "B"] and {tuple(row["alpha"]) for row in summary["blocks"]} == {(0.25,)}
+
+
+def test_dry_run_warns_when_the_registry_knows_the_first_input_is_not_the_base(lmerge, trio, tmp_path):
+    from lineage.graph.recording import record
+
+    base = record(trio["base"])
+    record(trio["x"], parents=[base])
+    record(trio["y"], parents=[base])
+    out = tmp_path / "m.safetensors"
+    code, _, err = lmerge("merge", trio["x"], trio["base"], trio["y"], "--method", "ties", "-o", out, "--dry-run")
+    assert code == 0 and err.count("warning:") == 2 and f"{trio['y']} does not descend from {trio['x']}" in err
+    code, _, err = lmerge("merge", trio["base"], trio["x"], trio["y"], "--method", "ties", "-o", out, "--dry-run")
+    assert code == 0 and "warning" not in err
+
+
+def test_a1111_recipe_of_a_block_merge_has_no_single_multiplier(lmerge, trio, tmp_path):
+    from lineage.io.safetensors import SafetensorsFile
+
+    out = tmp_path / "blocks.safetensors"
+    assert lmerge("merge", trio["base"], trio["x"], "--alpha", "0.5", "--blocks", "IN04=0.2", "-o", out,
+                  "--no-record")[0] == 0
+    with SafetensorsFile(out) as f:
+        recipe = json.loads(f.metadata["sd_merge_recipe"])
+    assert "multiplier" not in recipe and recipe["interp_method"] == "Weighted sum"
+    assert recipe["block_weights"]["alpha"]["blocks"]["IN04"] == 0.2
+    from lineage.graph.metadata import lineage_from_metadata
+    from lineage.graph.recording import origins_from_metadata
+
+    with SafetensorsFile(out) as f:  # read back as A1111's keys alone: no weights invented from a scalar
+        a1111 = {"a1111": lineage_from_metadata(f.metadata)["a1111"]}
+    assert origins_from_metadata(a1111, "checkpoint")[0].weights == [None, None]

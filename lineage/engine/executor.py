@@ -296,15 +296,21 @@ def run_jobs(inputs: Sequence[InputFile], jobs: Sequence[Job], output: str | os.
     hash_error: list[BaseException] = []
     stop_hashing = threading.Event()
 
+    to_hash = sum(f.header.file_size - f.header.data_start for f, h in zip(inputs, known) if h is None)
+    # The inputs' hashing has a bar of its own: it may still be reading after the last merged tensor is written.
+    hash_bar = tqdm(total=to_hash, unit="B", unit_scale=True, desc="hashing inputs", leave=False, position=1,
+                    disable=None if progress and to_hash else True)
+
     def hash_inputs() -> None:
         try:
             for i, f in enumerate(inputs):
                 if input_autov3[i] is None:
-                    input_autov3[i] = f.data_autov3(stop_hashing)
+                    input_autov3[i] = f.data_autov3(stop_hashing, hash_bar.update)
         except BaseException as e:  # re-raised by the calling thread
             hash_error.append(e)
 
     with ExitStack() as stack:
+        stack.callback(hash_bar.close)
         if output is None:
             sink: SafetensorsWriter | _DataDigest = _DataDigest()
         else:

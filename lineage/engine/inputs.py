@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 
 from lineage.errors import CheckpointError
 from lineage.io.safetensors import SafetensorsFile, TensorInfo
@@ -84,9 +85,10 @@ class InputFile:
                                   "nothing was written", self.path)
         raise CheckpointError("was changed while being read; nothing was written", self.path)
 
-    def data_autov3(self, stop: threading.Event | None = None) -> str | None:
+    def data_autov3(self, stop: threading.Event | None = None,
+                    on_bytes: Callable[[int], object] | None = None) -> str | None:
         """AutoV3: the sha256 of the data section, read sequentially through one buffer. None when
-        `stop` is set before the end."""
+        `stop` is set before the end. `on_bytes(n)` is told of each n bytes hashed (a progress bar)."""
         digest = hashlib.sha256()
         buffer = bytearray(HASH_CHUNK_BYTES)
         view = memoryview(buffer)
@@ -97,6 +99,8 @@ class InputFile:
             n = min(HASH_CHUNK_BYTES, size - begin)
             self.read_into(begin, view[:n])
             digest.update(view[:n])
+            if on_bytes is not None:
+                on_bytes(n)
         return digest.hexdigest()
 
     def close(self) -> None:

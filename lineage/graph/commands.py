@@ -28,6 +28,10 @@ def _registry_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--registry", "registry_path", type=click.Path(), default=None, help=_REGISTRY_HELP)(command)
 
 
+def _json_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(command)
+
+
 def _label(graph: Any, node: str) -> str:
     name = display_name(graph, node)
     return node if name == node else f"{name} [{node}]"
@@ -44,9 +48,10 @@ def _label(graph: Any, node: str) -> str:
 @click.option("--name", help="Display name (default: ModelSpec title or the file name).")
 @click.option("--replace", is_flag=True, help="The --parent models replace the parents recorded before "
                                               "(default: they are added to them).")
+@_json_option
 @_registry_option
 def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tuple[float, ...], name: str | None,
-        replace: bool, registry_path: str | None) -> None:
+        replace: bool, as_json: bool, registry_path: str | None) -> None:
     """Record a checkpoint or adapter file in the registry. Each parent line says whether it was
     added, kept or replaced; a relation that contradicts the recorded one is a warning."""
     from lineage.graph.editing import drop_other_parents
@@ -72,6 +77,10 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
             node_id, dropped = reg.resolve(scan_file(path, reg)), []
         graph = reg.graph()
     old = {p: before.edges[p, node_id]["relation"] for p in before.predecessors(node_id)} if node_id in before else {}
+    if as_json:
+        echo_json({"path": path, "node": node_id, "name": graph.nodes[node_id].get("name"),
+                   "parents": [{"node": p, **graph.edges[p, node_id]} for p in sorted(graph.predecessors(node_id))]})
+        return
     click.echo(f"recorded {path} as {_label(graph, node_id)}")
     for parent in sorted(graph.predecessors(node_id)):
         edge = graph.edges[parent, node_id]
@@ -93,14 +102,27 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
 
 @click.command()
 @click.argument("directory", type=click.Path())
+@_json_option
 @_registry_option
-def scan(directory: str, registry_path: str | None) -> None:
+def scan(directory: str, as_json: bool, registry_path: str | None) -> None:
     """Record every .safetensors file under DIRECTORY, linking the parents their metadata names
     (our record, A1111, ModelSpec, sd-mecha, kohya). Running it again changes nothing."""
+    from tqdm import tqdm
+
     from lineage.graph.recording import scan as scan_directory
 
-    result = scan_directory(directory, registry_path, on_file=lambda p: click.echo(f"reading {p}", err=True))
-    click.echo(f"recorded {len(result.recorded)} file(s); {result.edges} relation(s) from metadata")
+    # A bar of files read (on a terminal), with each file's name above it.
+    with tqdm(unit="file", desc="scanning", leave=False, disable=None) as bar:
+        def reading(path: str) -> None:
+            bar.write(f"reading {path}", file=sys.stderr)
+            bar.update(1)
+
+        result = scan_directory(directory, registry_path, on_file=reading)
+    if as_json:
+        echo_json({"recorded": [{"path": p, "node": n} for p, n in result.recorded], "relations": result.edges,
+                   "failed": [{"path": p, "problem": why} for p, why in result.failed]})
+    else:
+        click.echo(f"recorded {len(result.recorded)} file(s); {result.edges} relation(s) from metadata")
     for path, problem in result.failed:
         click.echo(f"error: {problem}" if path in problem else f"error: {path}: {problem}", err=True)
     if result.failed:
@@ -184,12 +206,19 @@ def hub() -> None:
               help="Look for cards in CARDS/<owner>/<name>/README.md before asking the hub.")
 @click.option("--depth", type=click.IntRange(min=1), default=32, show_default=True,
               help="Follow base_model at most this many cards up.")
+@_json_option
 @_registry_option
-def hub_import(source: str, as_node: str | None, cards_dir: str | None, depth: int, registry_path: str | None) -> None:
+def hub_import(source: str, as_node: str | None, cards_dir: str | None, depth: int, as_json: bool,
+               registry_path: str | None) -> None:
     """Read SOURCE's model card (a repo id or a card file) and its base_model chain into the registry."""
     from lineage.graph.hub import import_card
 
     result = import_card(source, registry_path, as_node=as_node, cards_dir=cards_dir, max_depth=depth)
+    if as_json:
+        echo_json({"root": result.root, "nodes": result.nodes,
+                   "edges": [{"parent": p, "child": c, "relation": r} for p, c, r in result.edges],
+                   "left_to_catalog": [list(edge) for edge in result.skipped], "not_followed": result.not_followed})
+        return
     click.echo(f"imported {len(result.nodes)} model(s), {len(result.edges)} relation(s) starting at {result.root}")
     for parent, child, relation in result.edges:
         click.echo(f"  {parent} -> {child} ({relation})")
@@ -228,14 +257,19 @@ def registry_group() -> None:
 
 
 @registry_group.command("info")
+@_json_option
 @_registry_option
-def registry_info(registry_path: str | None) -> None:
+def registry_info(as_json: bool, registry_path: str | None) -> None:
     """Where the registry is and what it holds."""
     from lineage.graph.registry import Registry
 
     with Registry(registry_path) as reg:
         user = reg.user_graph()
     own = sum(attrs.get("source") != "catalog" for _, attrs in user.nodes(data=True))
+    if as_json:
+        echo_json({"registry": str(reg.path), "models": own, "relations": user.number_of_edges(),
+                   "damaged_rows": len(reg.damage)})
+        return
     click.echo(f"{reg.path}: {own} model(s), {user.number_of_edges()} relation(s) over the built-in catalog")
 
 
@@ -243,8 +277,9 @@ def registry_info(registry_path: str | None) -> None:
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["json", "graphml"]),
               help="Default: from the file extension (.graphml), else json.")
+@_json_option
 @_registry_option
-def registry_export(output: str, fmt: str | None, registry_path: str | None) -> None:
+def registry_export(output: str, fmt: str | None, as_json: bool, registry_path: str | None) -> None:
     """Write the user's nodes and edges (not the built-in catalog) to OUTPUT."""
     from lineage.graph.interchange import to_graphml, to_json
     from lineage.graph.registry import Registry
@@ -254,13 +289,18 @@ def registry_export(output: str, fmt: str | None, registry_path: str | None) -> 
         user = reg.user_graph()
     fmt = fmt or ("graphml" if output.lower().endswith(".graphml") else "json")
     atomic_write(output, to_graphml(user) if fmt == "graphml" else to_json(user), inputs=[reg.path])
+    if as_json:
+        echo_json({"output": output, "format": fmt, "models": user.number_of_nodes(),
+                   "relations": user.number_of_edges(), "damaged_rows_left_out": len(reg.damage)})
+        return
     click.echo(f"wrote {output} ({user.number_of_nodes()} models, {user.number_of_edges()} relations)")
 
 
 @registry_group.command("import")
 @click.argument("source", type=click.Path())
+@_json_option
 @_registry_option
-def registry_import(source: str, registry_path: str | None) -> None:
+def registry_import(source: str, as_json: bool, registry_path: str | None) -> None:
     """Add the nodes and edges of an export (JSON or GraphML); all of it, or nothing on any error."""
     from lineage.graph.interchange import read_graph_file
     from lineage.graph.registry import Registry
@@ -268,8 +308,44 @@ def registry_import(source: str, registry_path: str | None) -> None:
     graph = read_graph_file(source)
     with Registry(registry_path) as reg:
         counts = reg.import_graph(graph)
+    if as_json:
+        echo_json({"models": counts["nodes"], "relations": counts["edges"],
+                   "skipped_catalog": counts["skipped_catalog"]})
+        return
     click.echo(f"imported {counts['nodes']} model(s), {counts['edges']} relation(s) "
                f"({counts['skipped_catalog']} already in the built-in catalog)")
+
+
+@registry_group.command("check")
+@click.option("--repair", is_flag=True, help="Remove the damaged rows found (everything else stays).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_registry_option
+def registry_check(repair: bool, as_json: bool, registry_path: str | None) -> None:
+    """Find rows no command can use (bad JSON, a path or relation naming no model); --repair removes them.
+
+    Exits 0 when the registry is sound or was repaired, 1 when damaged rows remain."""
+    from lineage.graph import repair as repairing
+    from lineage.graph.registry import Registry
+
+    with Registry(registry_path) as reg:
+        damage = repairing.check(reg)
+        removed = repairing.repair(reg, damage) if repair and damage else 0
+    if as_json:
+        echo_json({"registry": str(reg.path), "damaged": [{"table": d.table, "row": d.key, "problem": d.problem}
+                                                           for d in damage], "removed": removed})
+    else:
+        for row in damage:
+            click.echo(f"damaged: {row}")
+        if not damage:
+            click.echo(f"{reg.path}: no damaged rows")
+        elif repair:
+            click.echo(f"removed {removed} damaged row(s); the rest of the registry is unchanged")
+            if any(row.table == "nodes" for row in damage):
+                click.echo("a file whose model row was removed is recorded again by `lmerge scan FILE`")
+        else:
+            click.echo(f"{len(damage)} damaged row(s); `lmerge registry check --repair` removes them")
+    if damage and not repair:
+        sys.exit(1)
 
 
 def register(group: click.Group) -> None:

@@ -22,6 +22,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
 from lineage.errors import LineageError
 from lineage.graph.catalog import catalog_node_for_repo, huggingface_repo, is_catalog_node
+from lineage.graph.hub_access import check_hub_reachable, hub_quiet
 from lineage.graph.model import ADAPTER_KINDS, HUB_PREFIX, display_name
 from lineage.graph.registry import Registry, using_registry
 from lineage.io.atomic import atomic_write, destination
@@ -69,7 +70,9 @@ def load_card(source: str | os.PathLike, cards_dir: str | os.PathLike | None = N
         saved = Path(cards_dir, *str(source).split("/"), "README.md")
         if saved.is_file():
             return ModelCard.load(saved)
-    return ModelCard.load(os.fspath(source))  # downloads the repo's README.md
+    check_hub_reachable()  # offline: one line within a second, not huggingface_hub's ~24 s of retries
+    with hub_quiet():
+        return ModelCard.load(os.fspath(source))  # downloads the repo's README.md
 
 
 def _card_error(source: str, error: Exception) -> str:

@@ -9,7 +9,9 @@ JSON (`lmerge registry export`, `lmerge tree --format json`):
 Every node an edge names is listed (the catalog nodes a user's edges hang from too, with their
 catalog attributes; an import skips those). GraphML keeps the same attributes: text as text, everything else
 (numbers, lists, objects) as JSON text under the attribute name + ".json", so it reads back exactly.
-Reading validates everything first and raises one clear error, so a bad file changes nothing.
+Reading validates everything first (each attribute the registry gives a meaning to has its type
+checked: a `paths` that is one text is refused, not read as one path per character) and raises one
+clear error, so a bad file changes nothing.
 """
 from __future__ import annotations
 
@@ -47,6 +49,50 @@ def to_json(graph: nx.DiGraph) -> str:
         raise LineageError(f"cannot write the graph as JSON: {e}") from None
 
 
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _texts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _text_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def _object(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+# The attributes the registry gives a meaning to -> (check, what it must be). Others may hold any JSON.
+NODE_FIELDS: dict[str, tuple[Any, str]] = {
+    "name": (_text, "text"), "names": (_texts, "a list of texts"), "paths": (_texts, "a list of texts"),
+    "hashes": (_text_map, "an object of texts"), "size": (_count, "a whole number >= 0"), "kind": (_text, "text"),
+    "format": (_text, "text"), "architecture": (_text, "text"), "prediction_type": (_text, "text"),
+    "prediction_source": (_text, "text"), "source": (_text, "text"), "notes": (_text, "text"),
+    "maker": (_text, "text"), "license": (_text, "text"), "repo_id": (_text, "text"),
+}
+EDGE_FIELDS: dict[str, tuple[Any, str]] = {
+    "weight": (_number, "a number"), "params": (_object, "an object"), "source": (_text, "text"),
+    "via": (_text, "text"), "note": (_text, "text"),
+}
+
+
+def _check_fields(entry: dict[str, Any], fields: dict[str, tuple[Any, str]], name: str, where: str) -> None:
+    for field, (check, expected) in fields.items():
+        if entry.get(field) is not None and not check(entry[field]):
+            raise _fail(where, f"{name}.{field} is {entry[field]!r:.80}, not {expected}")
+
+
 def _fail(where: str, problem: str) -> LineageError:
     return LineageError(f"{problem}; nothing was imported", where)
 
@@ -78,6 +124,7 @@ def from_document(document: Any, where: str = "<document>") -> nx.DiGraph:
         if node["id"] in graph:
             raise _fail(where, f"nodes[{i}]: node {node['id']!r} is listed twice")
         _refuse_nonfinite(node, f"nodes[{i}]", where)
+        _check_fields(node, NODE_FIELDS, f"nodes[{i}]", where)
         graph.add_node(node["id"], **{k: v for k, v in node.items() if k != "id"})
     for i, edge in enumerate(edges):
         if not isinstance(edge, dict) or not all(isinstance(edge.get(k), str) and edge[k] for k in ("parent", "child")):
@@ -86,11 +133,7 @@ def from_document(document: Any, where: str = "<document>") -> nx.DiGraph:
             raise _fail(where, f"edges[{i}] has relation {edge.get('relation')!r}; "
                                f"expected one of {', '.join(RELATIONS)}")
         _refuse_nonfinite(edge, f"edges[{i}]", where)
-        weight = edge.get("weight")
-        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
-            raise _fail(where, f"edges[{i}] has a weight that is not a number: {weight!r}")
-        if edge.get("params") is not None and not isinstance(edge["params"], dict):
-            raise _fail(where, f"edges[{i}] has \"params\" that is not an object")
+        _check_fields(edge, EDGE_FIELDS, f"edges[{i}]", where)
         for end in ("parent", "child"):
             if edge[end] not in graph:
                 raise _fail(where, f"edges[{i}]: {end} {edge[end]!r} is not listed in \"nodes\"")

@@ -138,15 +138,18 @@ def describe(path: str | os.PathLike, registry: Registry | None = None, hashes: 
         hashes = hash_file(path)
     if not hashes.autov3:
         raise LineageError("has no safetensors data section, so no AutoV3 to identify it", path)
-    attrs = file_attributes(path, detection, metadata, hashes, stat)
-    return FileFacts(path, hashes, stat, attrs, origins_from_metadata(lineage_from_metadata(metadata), attrs["kind"]))
+    found = lineage_from_metadata(metadata, path)  # bounded: what is out of bounds is skipped with a warning
+    attrs = file_attributes(path, detection, found, hashes, stat)
+    return FileFacts(path, hashes, stat, attrs, origins_from_metadata(found, attrs["kind"]))
 
 
-def file_attributes(path: str, detection: Detection, metadata: dict[str, str], hashes: FileHashes,
+def file_attributes(path: str, detection: Detection, found: dict[str, Any], hashes: FileHashes,
                     stat: os.stat_result) -> dict[str, Any]:
-    """Node attributes detected from the file: name, kind, architecture, prediction type, hashes, ..."""
+    """Node attributes detected from the file and its metadata (`found`, as `lineage_from_metadata` reads
+    it): name, kind, architecture, prediction type, hashes, ..."""
+    modelspec = found.get("modelspec", {})
     attrs: dict[str, Any] = {
-        "name": metadata.get("modelspec.title") or metadata.get("ss_output_name") or Path(path).stem,
+        "name": modelspec.get("title") or found.get("kohya", {}).get("ss_output_name") or Path(path).stem,
         "kind": KIND_OF_FORMAT.get(detection.format, detection.format),
         "format": detection.format,
         "architecture": detection.architecture,
@@ -158,8 +161,8 @@ def file_attributes(path: str, detection: Detection, metadata: dict[str, str], h
     if stat.st_size <= AUTOV1_RANGE[0]:  # AutoV1 of a file this short hashes no bytes: it would match any other
         attrs["hashes"].pop("autov1", None)
     for key, attr in MODELSPEC_ATTRIBUTES.items():
-        if metadata.get(f"modelspec.{key}"):
-            attrs[attr] = metadata[f"modelspec.{key}"]
+        if modelspec.get(key):
+            attrs[attr] = modelspec[key]
     return {k: v for k, v in attrs.items() if v is not None}
 
 
@@ -274,8 +277,8 @@ def _from_modelspec(found: dict[str, Any], kind: str) -> list[Origin]:
     sources = [s for s in found.get("merged_from", []) if s]
     if not sources:
         return []
-    parents = [_named_ref(s) for s in sources]
-    return [Origin("merge", parents, [None] * len(parents), {"merged_from": sources}, "modelspec")]
+    parents = [_named_ref(s) for s in sources]  # the names stay on the parents, not repeated on every edge
+    return [Origin("merge", parents, [None] * len(parents), {}, "modelspec")]
 
 
 def _from_kohya(found: dict[str, Any], kind: str) -> list[Origin]:
@@ -399,8 +402,11 @@ def _existing_input(ref: ParentRef, near: str) -> str | None:
     if ref.kind != "path":
         return None
     for candidate in (Path(ref.value), Path(near).parent / ref.value):
-        if candidate.is_file():
-            return os.fspath(candidate)
+        try:
+            if candidate.is_file():
+                return os.fspath(candidate)
+        except (OSError, ValueError):  # a name too long for the file system, or holding a NUL: no such file
+            continue
     return None
 
 

@@ -7,7 +7,10 @@ returns both, user edges may hang under catalog nodes, and nothing can change a 
 Every change happens in one SQLite transaction (`with registry.batch() as b: ...`) that takes the
 write lock up front and waits for other writers, so concurrent processes never lose a write and an
 error leaves the registry as it was. A file that is not a registry, is damaged, or has a newer
-schema is reported and left untouched, never reset.
+schema is reported and left untouched, never reset. A damaged row inside a healthy file (attributes
+that are not JSON, a path or edge naming no node) is skipped with a warning that names it, so the rest
+keeps working; `lmerge registry check --repair` (lineage/graph/repair.py) removes such rows. A full or
+read-only disk is reported as that.
 
 Tables: `nodes` (id, name, JSON attributes), `edges` (parent, child, relation, JSON attributes;
 the parent may be a catalog node), `hashes` (every known hash of a node, to resolve the hashes other
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -25,6 +29,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +63,25 @@ CREATE TABLE paths (path TEXT PRIMARY KEY, node_id TEXT NOT NULL, size INTEGER, 
 CREATE INDEX paths_by_node ON paths (node_id);
 """
 
-# Is `target` reachable from `start` along user edges? (Catalog edges never lead back into user nodes.)
-_REACHES = """
-WITH RECURSIVE below(id) AS (SELECT ? UNION SELECT edges.child FROM edges JOIN below ON edges.parent = below.id)
-SELECT 1 FROM below WHERE id = ? LIMIT 1
+# Is `target` among the ancestors of `start` along user edges? (Catalog edges never lead back into user
+# nodes.) Walked upwards: a model's ancestry is bounded by what its metadata may name, while a popular
+# base's descendants can be the whole registry.
+_IS_ANCESTOR = """
+WITH RECURSIVE above(id) AS (SELECT ? UNION SELECT edges.parent FROM edges JOIN above ON edges.child = above.id)
+SELECT 1 FROM above WHERE id = ? LIMIT 1
 """
 
+
+log = logging.getLogger(__name__)
+
+# SQLite's messages for a write the disk refused -> what we tell the user.
+_DISK_PROBLEMS = (
+    ("disk is full", "the disk holding the registry is full; nothing was changed (free some space and retry)"),
+    ("readonly", "the registry is on a read-only disk or in a folder this user cannot write to; nothing was "
+                 "changed (choose a writable place with --registry or LINEAGE_HOME)"),
+    ("disk i/o error", "the disk failed a read or write of the registry (it may be full or failing); "
+                       "nothing was changed"),
+)
 
 # Every node as one JSON object {id: attrs} and every edge as one JSON array [[parent, child, attrs]].
 _ALL_NODES = "SELECT '{' || coalesce(group_concat(json_quote(id) || ':' || attrs, ','), '') || '}' FROM nodes"
@@ -118,6 +136,41 @@ def _loads(text: str) -> Any:
     return json.loads(text, parse_constant=lambda _: None)
 
 
+_SHORTEN_HASHES = re.compile(r"\b([0-9a-f]{12})[0-9a-f]{52}\b")
+_DAMAGED_ROW = "its attributes are not a JSON object (lmerge registry check --repair removes the row)"
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One damaged row: which table, which row (its key) and what is wrong with it."""
+
+    table: str
+    key: str
+    problem: str
+
+    def __str__(self) -> str:
+        """The row for people: full-length hashes shortened to 12 digits (the key itself stays whole)."""
+        return _SHORTEN_HASHES.sub(r"\1…", f"{self.table} row {self.key!r}: {self.problem}")
+
+
+def _attrs_of(text: Any) -> dict[str, Any] | None:
+    """A stored row's attributes, or None when they are not a JSON object (a damaged row)."""
+    try:
+        value = _loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# How each table's rows are named in a `Damage` -> the statement that deletes exactly that row.
+_DELETE_ROW = {
+    "nodes": ("DELETE FROM nodes WHERE id = ?", lambda key: (key,)),
+    "paths": ("DELETE FROM paths WHERE path = ?", lambda key: (key,)),
+    "edges": ("DELETE FROM edges WHERE parent = ? AND child = ?", lambda key: tuple(key.split(" -> ", 1))),
+    "hashes": ("DELETE FROM hashes WHERE kind = ? AND value = ? AND node_id = ?", lambda key: tuple(key.split(":", 2))),
+}
+
+
 class Registry:
     """A registry file, opened (and created on first use).
 
@@ -129,6 +182,11 @@ class Registry:
     def __init__(self, path: str | os.PathLike | None = None):
         chosen = Path(path) if path is not None else default_registry_path()
         self.path = chosen / REGISTRY_FILE if chosen.is_dir() else chosen
+        if path is not None and not self.path.parent.is_dir():  # a typo must not create an empty registry
+            raise LineageError(f"the folder {os.fspath(self.path.parent)!r} does not exist; create it first or "
+                               "fix the --registry path", self.path)
+        self.damage: list[Damage] = []  # damaged rows met by the last read of the whole user layer
+        self._reported: set[Damage] = set()  # damaged rows already warned about
         if os.path.lexists(self.path):
             check_input(self.path)  # a pipe, device or broken link is no registry
         try:
@@ -185,6 +243,9 @@ class Registry:
             yield
         except sqlite3.OperationalError as e:
             message = str(e)
+            for marker, problem in _DISK_PROBLEMS:
+                if marker in message.lower():
+                    raise LineageError(f"{problem} ({message})", self.path) from None
             if "locked" in message or "busy" in message:
                 raise LineageError(f"registry is locked by another process (waited {LOCK_TIMEOUT_S:.0f} s)",
                                    self.path) from None
@@ -238,10 +299,25 @@ class Registry:
                 "SELECT path FROM paths WHERE node_id = ? ORDER BY seen_at DESC, path", (node_id,))]
         if row is None:
             raise LineageError(f"no node {node_id!r} in the registry or the catalog")
-        attrs = _loads(row[0])
+        attrs = _attrs_of(row[0])
+        if attrs is None:
+            raise LineageError(f"node {node_id!r} is damaged: {_DAMAGED_ROW}", self.path)
         if paths:
             attrs["paths"] = paths
         return attrs
+
+    def file_check(self) -> list[str]:
+        """SQLite's check of the file's pages and indexes: ["ok"] when sound."""
+        with self._snapshot() as conn:
+            return [row[0] for row in conn.execute("PRAGMA quick_check")]
+
+    def stray_hashes(self) -> list[Damage]:
+        """Hash rows that name no (readable) user node."""
+        with self._snapshot() as conn:
+            rows = conn.execute("SELECT kind, value, node_id FROM hashes WHERE node_id NOT IN "
+                                "(SELECT id FROM nodes WHERE json_valid(attrs) AND json_type(attrs) = 'object')")
+            return [Damage("hashes", f"{kind}:{value}:{node_id}", f"points at node {node_id!r}, which is "
+                           "missing") for kind, value, node_id in rows if not is_catalog_node(node_id)]
 
     def find_paths(self, autov3: str) -> list[str]:
         """File paths seen for a content hash (AutoV3), most recently seen first."""
@@ -329,14 +405,58 @@ class Registry:
 
         SQLite joins each table into one JSON text (the stored attribute texts as they are, so a row
         an older version wrote with NaN reads as null rather than failing SQLite's JSON check) that
-        Python parses in a single call: ~10x faster than decoding 100,000 rows one by one."""
+        Python parses in a single call: ~10x faster than decoding 100,000 rows one by one. When that
+        fails (a damaged row), the rows are read one by one and the damaged ones skipped: see `damage`."""
         with self._snapshot() as conn:
-            nodes = _loads(conn.execute(_ALL_NODES).fetchone()[0])
+            try:
+                nodes = _loads(conn.execute(_ALL_NODES).fetchone()[0])
+                edges = [tuple(edge) for edge in _loads(conn.execute(_ALL_EDGES).fetchone()[0])]
+                damage: list[Damage] = []
+                if not all(isinstance(a, dict) for a in nodes.values()) or \
+                        not all(isinstance(a, dict) for _, _, a in edges):
+                    raise ValueError("a row's attributes are not an object")
+            except (ValueError, RecursionError):
+                nodes, edges, damage = self._rows_one_by_one(conn)
             for node_id, path in conn.execute("SELECT node_id, path FROM paths ORDER BY seen_at DESC, path"):
                 if node_id in nodes:
                     nodes[node_id].setdefault("paths", []).append(path)
-            edges = _loads(conn.execute(_ALL_EDGES).fetchone()[0])
-        return nodes, [tuple(edge) for edge in edges]
+                else:
+                    damage.append(Damage("paths", path, f"points at node {node_id!r}, which is missing"))
+        kept = []
+        for parent, child, attrs in edges:
+            missing = [n for n in (parent, child) if n not in nodes and not is_catalog_node(n)]
+            if missing:
+                damage.append(Damage("edges", f"{parent} -> {child}", f"names node {missing[0]!r}, which is "
+                                                                      "missing"))
+            else:
+                kept.append((parent, child, attrs))
+        self.damage = damage
+        for row in damage:
+            if row in self._reported:
+                continue  # once per command, however often it reads the graph
+            self._reported.add(row)
+            log.warning("warning: %s: damaged registry row skipped: %s (lmerge registry check --repair "
+                        "removes it)", self.path, row)
+        return nodes, kept
+
+    @staticmethod
+    def _rows_one_by_one(conn: sqlite3.Connection) -> tuple[dict[str, dict[str, Any]],
+                                                          list[tuple[str, str, dict[str, Any]]], list[Damage]]:
+        """The node and edge rows decoded one at a time, the damaged ones left out and listed."""
+        nodes, edges, damage = {}, [], []
+        for node_id, text in conn.execute("SELECT id, attrs FROM nodes"):
+            attrs = _attrs_of(text)
+            if attrs is None:
+                damage.append(Damage("nodes", node_id, "its attributes are not a JSON object"))
+            else:
+                nodes[node_id] = attrs
+        for parent, child, text in conn.execute("SELECT parent, child, attrs FROM edges"):
+            attrs = _attrs_of(text)
+            if attrs is None:
+                damage.append(Damage("edges", f"{parent} -> {child}", "its attributes are not a JSON object"))
+            else:
+                edges.append((parent, child, attrs))
+        return nodes, edges, damage
 
     def user_graph(self) -> nx.DiGraph:
         """The user's own nodes and edges, with the catalog nodes those edges hang from (as in the catalog)."""
@@ -417,9 +537,19 @@ class Batch:
     def has_node(self, node_id: str) -> bool:
         return is_catalog_node(node_id) or self.node_attrs(node_id) is not None
 
+    def remove_damaged(self, row: Damage) -> int:
+        """Delete one row that `lmerge registry check` found damaged; returns how many rows went (0 or 1)."""
+        statement, key = _DELETE_ROW[row.table]
+        return self._conn.execute(statement, key(row.key)).rowcount
+
     def node_attrs(self, node_id: str) -> dict[str, Any] | None:
         row = self._conn.execute("SELECT attrs FROM nodes WHERE id = ?", (node_id,)).fetchone()
-        return _loads(row[0]) if row else None
+        if row is None:
+            return None
+        attrs = _attrs_of(row[0])
+        if attrs is None:
+            raise LineageError(f"node {node_id!r} is damaged: {_DAMAGED_ROW}")
+        return attrs
 
     def put_node(self, node_id: str, attrs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
         """Create or update a node: `attrs` replace stored values, `defaults` only fill gaps;
@@ -468,13 +598,13 @@ class Batch:
         for node_id in (parent, child):
             if not self.has_node(node_id):
                 raise LineageError(f"no node {node_id!r} in the registry or the catalog")
-        if parent == child or self._conn.execute(_REACHES, (child, parent)).fetchone():
+        if parent == child or self._conn.execute(_IS_ANCESTOR, (parent, child)).fetchone():
             raise LineageError(f"refusing edge {parent} -> {child}: the parent already descends from the "
                                "child (a model cannot descend from itself)")
         stored = {k: v for k, v in attrs.items() if v is not None}
         row = self._conn.execute("SELECT relation, attrs FROM edges WHERE parent = ? AND child = ?",
                                  (parent, child)).fetchone()
-        if row and row[0] == relation and _loads(row[1]) == {**stored, "relation": relation}:
+        if row and row[0] == relation and _attrs_of(row[1]) == {**stored, "relation": relation}:
             return
         self._conn.execute("INSERT INTO edges (parent, child, relation, attrs) VALUES (?, ?, ?, ?) "
                            "ON CONFLICT (parent, child) DO UPDATE SET relation = excluded.relation, "
@@ -500,7 +630,7 @@ class Batch:
         placeholders left without any edge."""
         kept, dropped_sources = set(keep), set(sources)
         for parent, text in self._conn.execute("SELECT parent, attrs FROM edges WHERE child = ?", (child,)).fetchall():
-            attrs = _loads(text)
+            attrs = _attrs_of(text) or {}  # a damaged edge row came from no known source: kept
             if parent not in kept and attrs.get("source") in dropped_sources and "via" not in attrs:
                 self._conn.execute("DELETE FROM edges WHERE parent = ? AND child = ?", (parent, child))
                 if is_placeholder(parent):
@@ -532,7 +662,7 @@ class Batch:
             self._delete_node(placeholder)
             self._conn.execute("DELETE FROM edges WHERE parent = ? OR child = ?", (placeholder, placeholder))
             for parent, child, relation, edge_attrs in edges:
-                moved = {k: v for k, v in _loads(edge_attrs).items() if k != "relation"}
+                moved = {k: v for k, v in (_attrs_of(edge_attrs) or {}).items() if k != "relation"}
                 self.put_edge(node_id if parent == placeholder else parent,
                               node_id if child == placeholder else child, relation, **moved)
             absorbed.append(placeholder)

@@ -9,6 +9,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from lineage.adapters.dialects import DIALECTS, algorithm_of
 from lineage.adapters.reader import SD1_NAMES
@@ -65,13 +66,28 @@ def _variant(components: list[str]) -> str:
     return "without-" + "-".join(missing)
 
 
+def _with_ztsnr(prediction: str, zero_terminal_snr: bool) -> str:
+    """"v" / "epsilon" with "+ztsnr" when the noise schedule was rescaled to zero terminal SNR."""
+    return f"{prediction}+ztsnr" if zero_terminal_snr else prediction
+
+
+def _kohya_prediction(metadata: dict[str, str]) -> str | None:
+    """kohya's training flags: `ss_v_parameterization` and `ss_zero_terminal_snr` ("True" / "False")."""
+    v = metadata.get("ss_v_parameterization") == "True"
+    ztsnr = metadata.get("ss_zero_terminal_snr") == "True"
+    return _with_ztsnr("v" if v else "epsilon", ztsnr) if v or ztsnr else None
+
+
 def _prediction(keys: set[str], metadata: dict[str, str]) -> tuple[str, str]:
     from_markers = prediction_type_from_keys(keys)
     if from_markers:
         return from_markers, "markers"
     declared = metadata.get("modelspec.prediction_type")
     if declared in ("v", "epsilon"):
-        return declared, "modelspec"
+        return _with_ztsnr(declared, metadata.get("ss_zero_terminal_snr") == "True"), "modelspec"
+    from_kohya = _kohya_prediction(metadata)
+    if from_kohya:
+        return from_kohya, "kohya metadata"
     return "epsilon", "default"
 
 
@@ -135,9 +151,21 @@ def _detect_adapter(f: SafetensorsFile, fmt: str) -> Detection:
         arch = "sdxl"
     else:
         arch = None
-    pred = "v" if f.metadata.get("ss_v_parameterization") == "True" else None
+    pred = _kohya_prediction(f.metadata)
     return Detection(f.path, fmt, arch, pred, "kohya metadata" if pred else None, variant="adapter",
                      reason=f"{fmt} adapter key names")
+
+
+def _scheduler_config(path: str) -> dict[str, Any]:
+    """A diffusers scheduler_config.json; one that cannot be read is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the scheduler config ({e})", path) from None
+    if not isinstance(config, dict):
+        raise CheckpointError("the scheduler config is not a JSON object", path)
+    return config
 
 
 def detect_folder(path: str) -> Detection:
@@ -154,10 +182,11 @@ def detect_folder(path: str) -> Detection:
         source = "default"
         scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
         if os.path.isfile(scheduler):
-            with open(scheduler) as fh:
-                declared = json.load(fh).get("prediction_type")
-            if declared == "v_prediction":
-                pred, source = "v", "scheduler_config"
+            config = _scheduler_config(scheduler)
+            v = config.get("prediction_type") == "v_prediction"
+            ztsnr = config.get("rescale_betas_zero_snr") is True  # diffusers' zero-terminal-SNR schedule
+            if v or ztsnr:
+                pred, source = _with_ztsnr("v" if v else "epsilon", ztsnr), "scheduler_config"
         return Detection(path, "sdxl-diffusers", "sdxl", pred, source,
                          _variant(list(files)), files=files, reason="diffusers folder with text_encoder_2")
     return Detection(path, "diffusers", None, files=files, reason="diffusers folder without SDXL's second text encoder")

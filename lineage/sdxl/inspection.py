@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -50,8 +51,9 @@ def inspect_path(path: str | os.PathLike, with_hashes: bool = False) -> dict[str
             components=_component_stats(infos),
             markers=[k for k in f.tensors if is_marker(k)],
             metadata=f.metadata,
-            lineage=lineage_from_metadata(f.metadata),
+            lineage=lineage_from_metadata(f.metadata, path),
         )
+        report["made_from"] = _made_from(report["lineage"], found.format)
         if found.format == "sdxl-single-file":
             present = [c for c in report["components"] if c in ("unet", "clip_l", "clip_g", "vae")]
             report.update(_against_inventory(f.tensors, present))
@@ -100,6 +102,29 @@ def _inspect_folder(found: Detection, with_hashes: bool) -> dict[str, Any]:
     return report
 
 
+def _made_from(found: dict[str, Any], fmt: str) -> dict[str, Any] | None:
+    """The parents the metadata names (its best source, as `lmerge scan` reads it): relation, method,
+    each parent's name, hash or path and weight, and how many earlier steps the file's ancestry records."""
+    from lineage.graph.recording import KIND_OF_FORMAT, origins_from_metadata
+
+    origins = origins_from_metadata(found, KIND_OF_FORMAT.get(fmt, fmt))
+    own = next((o for o in origins if o.child is None), None)
+    if own is None:
+        return None
+    parents = [{"name": ref.name, ref.kind: ref.value, "weight": weight}
+               for ref, weight in zip(own.parents, own.weights)]
+    return {"relation": own.relation, "method": (own.params or {}).get("method"), "source": own.source,
+            "parents": parents, "earlier_steps": len(origins) - 1}
+
+
+def _parent_line(parent: dict[str, Any]) -> str:
+    weight = f"{parent['weight']:>6.3g}  " if parent.get("weight") is not None else "        "
+    named = next((f"{kind} {value[:12]}" if kind != "path" else value for kind, value in parent.items()
+                  if kind not in ("name", "weight")), "")
+    name = parent.get("name") or ""
+    return f"    {weight}{name}" + (f" ({named})" if named and named != name else "")
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The human summary of an `inspect_path` report."""
     lines = [f"{report['path']}",
@@ -123,8 +148,17 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  {label + ':':<12} {shown}")
     if report.get("seen"):
         lines.append(f"  seen:        {', '.join(report['seen'])}")
-    for tool, found in report.get("lineage", {}).items():
-        lines.append(f"  lineage ({tool}): {', '.join(found) if isinstance(found, dict) else found}")
+    made = report.get("made_from")
+    if made:
+        how = ", ".join(str(x) for x in (made["method"], f"read from {made['source']} metadata") if x)
+        lines.append(f"  made by:     {made['relation']} ({how}) of")
+        lines.extend(_parent_line(p) for p in made["parents"])
+        if made["earlier_steps"]:
+            lines.append(f"  ancestry:    {made['earlier_steps']} earlier step(s) recorded in the file")
+    for tool, found in report.get("lineage", {}).items():  # which keys each tool left, fitted to 80 columns
+        keys = ", ".join(found) if isinstance(found, dict) else str(found)
+        lines.append(textwrap.fill(f"lineage ({tool}): {keys}", width=80, initial_indent="  ",
+                                   subsequent_indent="      ", break_on_hyphens=False))
     if report.get("metadata") and not report.get("lineage"):
         lines.append(f"  metadata:    {len(report['metadata'])} keys")
     for name, value in report.get("hashes", {}).items():

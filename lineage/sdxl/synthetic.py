@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from lineage.engine.seeding import key_seed
 from lineage.errors import LineageError
@@ -114,15 +115,24 @@ def _stored(value: torch.Tensor, dtype: str) -> torch.Tensor:
     return value if not value.is_floating_point() else value.to(DTYPES[dtype])
 
 
+def _bar(plan: dict[str, tuple[str, tuple[int, ...]]], progress: bool) -> Iterable[tuple[str, Any]]:
+    """The plan's items, counted by a progress bar when `progress` (on a terminal only)."""
+    from tqdm import tqdm
+
+    return tqdm(plan.items(), total=len(plan), desc="generating", unit="tensor", leave=False,
+                disable=None if progress else True)
+
+
 def write_base(path: str | os.PathLike, *, size: str = "small", seed: int = 0, dtype: str = "F16",
                prediction_type: str = "epsilon", components: Iterable[str] = COMPONENTS,
-               metadata: Mapping[str, str] | None = None) -> str:
-    """Write a generated SDXL base checkpoint; floats are stored as `dtype` (F16, BF16 or F32)."""
+               metadata: Mapping[str, str] | None = None, progress: bool = False) -> str:
+    """Write a generated SDXL base checkpoint; floats are stored as `dtype` (F16, BF16 or F32).
+    `progress`: a bar of the tensors written (on a terminal)."""
     shapes = sdxl_shapes(size, components)
     plan = {k: (d if d != "F16" else dtype, s) for k, (d, s) in shapes.items()}
     plan.update(_marker_plan(prediction_type))
     with SafetensorsWriter(path, plan, metadata) as out:
-        for key, (stored_dtype, shape) in plan.items():
+        for key, (stored_dtype, shape) in _bar(plan, progress):
             value = _base_tensor(key, shape, seed) if key in shapes else torch.empty(shape)
             out.write(key, _stored(value, stored_dtype))
     return os.fspath(path)
@@ -130,10 +140,11 @@ def write_base(path: str | os.PathLike, *, size: str = "small", seed: int = 0, d
 
 def write_child(parent: str | os.PathLike, path: str | os.PathLike, *, seed: int = 1, rank: int = 8,
                 strength: float = 0.05, noise: float = 0.002, components: Iterable[str] = ("unet", "clip_l", "clip_g"),
-                prediction_type: str | None = None, metadata: Mapping[str, str] | None = None) -> str:
+                prediction_type: str | None = None, metadata: Mapping[str, str] | None = None,
+                progress: bool = False) -> str:
     """Write a fine-tune of `parent`: the tensors of `components` get a planted low-rank delta and
     noise, the rest (by default the VAE) are copied. `prediction_type` sets the marker tensors
-    (default: keep the parent's)."""
+    (default: keep the parent's); `progress`: a bar of the tensors written (on a terminal)."""
     changed_prefixes = tuple(COMPONENT_PREFIXES[c] for c in components)
     with SafetensorsFile(parent) as src:
         plan = {k: (i.dtype, i.shape) for k, i in src.tensors.items()}
@@ -142,7 +153,7 @@ def write_child(parent: str | os.PathLike, path: str | os.PathLike, *, seed: int
                 plan.pop(marker, None)
             plan.update(_marker_plan(prediction_type))
         with SafetensorsWriter(path, plan, metadata) as out:
-            for key, (dtype, shape) in plan.items():
+            for key, (dtype, shape) in _bar(plan, progress):
                 if key not in src:
                     out.write(key, torch.empty(shape, dtype=DTYPES[dtype]))
                     continue
