@@ -31,7 +31,8 @@ def inspect(path: str, as_json: bool, with_hashes: bool) -> None:
 @click.option("--parent", type=click.Path(), help="Write a fine-tune of this checkpoint instead of a base.")
 @click.option("--prediction-type", type=click.Choice(list(MARKERS_FOR_PREDICTION)), help="Marker tensors to write.")
 @click.option("--rank", type=int, default=8, show_default=True, help="Rank of the planted delta of a fine-tune.")
-def generate(output: str, size: str, seed: int, dtype: str, parent: str | None, prediction_type: str | None, rank: int) -> None:
+def generate(output: str, size: str, seed: int, dtype: str, parent: str | None, prediction_type: str | None,
+             rank: int) -> None:
     """Write a generated SDXL checkpoint (real key names) for tests, demos and benchmarks."""
     from lineage.sdxl.synthetic import write_base, write_child
 

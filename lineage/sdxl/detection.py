@@ -40,7 +40,8 @@ class Detection:
     """What `detect` found. `variant` says which parts a checkpoint has (full, unet-only, ...)."""
 
     path: str
-    format: str  # sdxl-single-file | sdxl-diffusers | lora-kohya | locon | lokr | loha | lora-peft | sd1 | sd2 | unknown
+    # sdxl-single-file | sdxl-diffusers | lora-kohya | locon | lokr | loha | lora-peft | sd1 | sd2 | unknown
+    format: str
     architecture: str | None  # sdxl | sd1 | sd2 | None
     prediction_type: str | None = None
     prediction_source: str | None = None  # markers | modelspec | default
@@ -111,8 +112,11 @@ def detect_file(f: SafetensorsFile) -> Detection:
 
 def _detect_adapter(f: SafetensorsFile, fmt: str) -> Detection:
     keys = f.keys()
-    if fmt == "lora-kohya" and any(
-            k.endswith(".lora_down.weight") and len(f.tensors[k].shape) == 4 and f.tensors[k].shape[-1] > 1 for k in keys):
+    def is_spatial_conv_down(key: str) -> bool:
+        shape = f.tensors[key].shape
+        return key.endswith(".lora_down.weight") and len(shape) == 4 and shape[-1] > 1
+
+    if fmt == "lora-kohya" and any(is_spatial_conv_down(k) for k in keys):
         fmt = "locon"  # 3x3 convolutions carry a LoRA too (LyCORIS LoCon / kohya conv_dim)
     version = f.metadata.get("ss_base_model_version", "")
     if any(_SDXL_ADAPTER.match(k) for k in keys) or version.startswith("sdxl"):
