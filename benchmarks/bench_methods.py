@@ -114,7 +114,8 @@ def bench_thresholds(rounds: int) -> None:
     print(f"\nties with sampled vs exact thresholds on {shape[0]}×{shape[1]}: {differing:.3%} of the entries differ, "
           f"relative error of the merged delta {relative:.2%}")
     feed_forward = per_entry[(10240, 1280)]
-    print(f"exact thresholds for a full SDXL checkpoint (2 fine-tunes): ~{feed_forward * 2 * SDXL_RANKED_PARAMETERS:.1f} "
+    full_checkpoint_seconds = feed_forward * 2 * SDXL_RANKED_PARAMETERS
+    print(f"exact thresholds for a full SDXL checkpoint (2 fine-tunes): ~{full_checkpoint_seconds:.1f} "
           f"CPU-seconds at the feed-forward rate ({feed_forward * 1e9:.2f} ns per entry and fine-tune), spread over "
           "the merge's workers")
 

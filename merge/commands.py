@@ -113,7 +113,8 @@ def _base_warnings(recipe: Any, registry: str | None) -> list[str]:
 @click.option("--dtype", type=click.Choice(list(DTYPES)), help="Dtype of merged tensors (default fp16).")
 @click.option("--seed", type=int, help="Seed of random methods (each tensor's seed derives from it and its key).")
 @click.option("--recipe", "recipe_file", type=click.Path(), help="A TOML recipe; options given here override it.")
-@click.option("--registry", type=click.Path(), help="The lineage registry (default $LINEAGE_HOME or the user data dir).")
+@click.option("--registry", type=click.Path(),
+              help="The lineage registry (default $LINEAGE_HOME or the user data dir).")
 @click.option("--no-record", is_flag=True, help="Do not register the output in the lineage registry.")
 @click.option("--dry-run", is_flag=True, help="Show the plan (keys per method, memory, output size); write nothing.")
 @click.option("--mismatch", type=click.Choice(MISMATCH_POLICIES),
@@ -195,7 +196,8 @@ def reproduce_command(path: str, inputs: tuple[str, ...], output: str | None, re
     if not found.matches:
         raise LineageError(f"not reproduced: the re-run has AutoV3 {found.autov3[:12]}, the file "
                            f"{found.expected_autov3[:12]}", path)
-    click.echo(f"reproduced {path}: AutoV3 {found.autov3[:12]} matches" + (f" (re-run kept at {output})" if output else ""))
+    kept = f" (re-run kept at {output})" if output else ""
+    click.echo(f"reproduced {path}: AutoV3 {found.autov3[:12]} matches{kept}")
 
 
 @click.command("methods")

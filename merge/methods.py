@@ -205,7 +205,8 @@ def _declare(name: str, fn: Callable[..., torch.Tensor], elementwise: bool,
     keywords = {p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
     # Only the keyword parameters' annotations are evaluated: the models' (`torch.Tensor`) would import
     # torch, and `lmerge methods` / `merge --dry-run` read declarations without it.
-    declared_only = types.SimpleNamespace(__annotations__={n: a for n, a in fn.__annotations__.items() if n in keywords})
+    keyword_annotations = {n: a for n, a in fn.__annotations__.items() if n in keywords}
+    declared_only = types.SimpleNamespace(__annotations__=keyword_annotations)
     try:
         hints = typing.get_type_hints(declared_only, globalns=fn.__globals__, include_extras=True)
     except Exception as e:  # an annotation that does not evaluate in the function's module

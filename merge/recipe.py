@@ -94,7 +94,8 @@ class Recipe:
     prediction_type: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "inputs", tuple(i if isinstance(i, Input) else Input(os.fspath(i)) for i in self.inputs))
+        inputs = tuple(i if isinstance(i, Input) else Input(os.fspath(i)) for i in self.inputs)
+        object.__setattr__(self, "inputs", inputs)
         for name in ("method", "dtype", "mismatch"):
             _expect(isinstance(getattr(self, name), str), name, "a string", getattr(self, name))
         _expect(self.prediction_type is None or isinstance(self.prediction_type, str), "prediction_type",
@@ -103,7 +104,8 @@ class Recipe:
         if self.dtype not in DTYPES:
             raise LineageError(f"unknown output dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.mismatch not in MISMATCH_POLICIES:
-            raise LineageError(f"unknown mismatch policy {self.mismatch!r}; choose one of {', '.join(MISMATCH_POLICIES)}")
+            raise LineageError(f"unknown mismatch policy {self.mismatch!r}; "
+                               f"choose one of {', '.join(MISMATCH_POLICIES)}")
         self._check_params()
 
     def _check_params(self) -> None:
@@ -176,7 +178,8 @@ class Recipe:
         _expect(isinstance(data, Mapping), "", "a table", data)
         version = data.get("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
-            raise LineageError(f"recipe format version {version!r} is not supported (this library reads {RECIPE_VERSION})")
+            raise LineageError(f"recipe format version {version!r} is not supported "
+                               f"(this library reads {RECIPE_VERSION})")
         # `library` and `weights` (each input's nominal weight) are what a merged file's record adds.
         known = {"version", "method", "seed", "dtype", "mismatch", "prediction_type", "params", "per_key", "inputs",
                  "library", "weights"}
@@ -289,7 +292,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        if math.isfinite(value):
+            return repr(value)
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)  # JSON's string escapes are valid TOML basic strings
     if isinstance(value, (list, tuple)):
@@ -303,18 +308,23 @@ def _toml_key(key: str) -> str:
     return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
 
 
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+
 def to_toml(data: Mapping[str, Any]) -> str:
     lines = []
     tables = []
     for key, value in data.items():
-        if isinstance(value, Mapping) or (isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value)):
+        if isinstance(value, Mapping) or _is_table_array(value):
             tables.append((key, value))
         else:
             lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
     for key, value in tables:
         if isinstance(value, list):
             for entry in value:
-                lines += ["", f"[[{_toml_key(key)}]]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in entry.items())]
+                lines += ["", f"[[{_toml_key(key)}]]",
+                          *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in entry.items())]
         elif all(isinstance(v, Mapping) for v in value.values()) and value:
             for sub, entry in value.items():
                 lines += ["", f"[{_toml_key(key)}.{_toml_key(sub)}]",

@@ -9,17 +9,24 @@ P = "model.diffusion_model."
 
 
 @pytest.mark.parametrize("key,expected", [
-    (P + "time_embed.0.weight", {"supermerger": "IN00", "supermerger-legacy": None, "sd-mecha": "BASE", "comfyui": "time_embed.", "lineage": "TIME"}),
-    (P + "label_emb.0.0.weight", {"supermerger": "IN00", "supermerger-legacy": None, "sd-mecha": "BASE", "comfyui": "label_emb.", "lineage": "LABEL"}),
-    (P + "input_blocks.7.1.proj_in.weight", {"supermerger": "IN07", "sd-mecha": "IN07", "comfyui": "input_blocks.7", "lineage": "IN07"}),
-    (P + "middle_block.2.out_layers.3.weight", {"supermerger": "M00", "sd-mecha": "M00", "comfyui": "middle_block.2", "lineage": "M02"}),
-    (P + "output_blocks.8.0.skip_connection.weight", {"supermerger": "OUT08", "comfyui": "output_blocks.8", "lineage": "OUT08"}),
+    (P + "time_embed.0.weight", {"supermerger": "IN00", "supermerger-legacy": None, "sd-mecha": "BASE",
+                                 "comfyui": "time_embed.", "lineage": "TIME"}),
+    (P + "label_emb.0.0.weight", {"supermerger": "IN00", "supermerger-legacy": None, "sd-mecha": "BASE",
+                                  "comfyui": "label_emb.", "lineage": "LABEL"}),
+    (P + "input_blocks.7.1.proj_in.weight", {"supermerger": "IN07", "sd-mecha": "IN07", "comfyui": "input_blocks.7",
+                                             "lineage": "IN07"}),
+    (P + "middle_block.2.out_layers.3.weight", {"supermerger": "M00", "sd-mecha": "M00", "comfyui": "middle_block.2",
+                                                "lineage": "M02"}),
+    (P + "output_blocks.8.0.skip_connection.weight", {"supermerger": "OUT08", "comfyui": "output_blocks.8",
+                                                      "lineage": "OUT08"}),
     (P + "out.2.weight", {"supermerger": "OUT08", "sd-mecha": "OUT08", "comfyui": "out.", "lineage": "OUT"}),
-    ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight", {"supermerger": "BASE", "comfyui": None, "lineage": "CLIP_L"}),
+    ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+     {"supermerger": "BASE", "comfyui": None, "lineage": "CLIP_L"}),
     ("conditioner.embedders.1.model.ln_final.weight", {"supermerger": "BASE", "sd-mecha": "BASE", "lineage": "CLIP_G"}),
-    ("first_stage_model.decoder.conv_in.weight", {"supermerger": "BASE", "sd-mecha": "VAE", "comfyui": None, "lineage": "VAE"}),
-    ("conditioner.embedders.1.model.text_projection", {"supermerger": None, "supermerger-legacy": None, "sd-mecha": "BASE",
-                                                       "lineage": "CLIP_G"}),
+    ("first_stage_model.decoder.conv_in.weight", {"supermerger": "BASE", "sd-mecha": "VAE", "comfyui": None,
+                                                  "lineage": "VAE"}),
+    ("conditioner.embedders.1.model.text_projection", {"supermerger": None, "supermerger-legacy": None,
+                                                       "sd-mecha": "BASE", "lineage": "CLIP_G"}),
 ])
 def test_block_tables(key, expected):
     for scheme, block in expected.items():

@@ -15,7 +15,8 @@ def test_sdxl_single_file_variants(family, tmp_path):
     assert detect(family["vchild"]).prediction_type == "v+ztsnr"
     unet = write_base(tmp_path / "u.safetensors", components=["unet"], dtype="F32")
     assert detect(unet).variant == "unet-only"
-    novae = write_base(tmp_path / "n.safetensors", components=["unet", "clip_l", "clip_g"], dtype="BF16", prediction_type="v")
+    novae = write_base(tmp_path / "n.safetensors", components=["unet", "clip_l", "clip_g"], dtype="BF16",
+                       prediction_type="v")
     d = detect(novae)
     assert d.variant == "without-vae" and d.prediction_type == "v" and d.prediction_source == "markers"
 
@@ -49,9 +50,12 @@ def test_sd1_and_sd2_are_recognised_and_refused_where_sdxl_is_required(tmp_path)
                     "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": (64, 4)}),
     ("locon", {"lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": (4, 32, 3, 3),
                "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight": (32, 4, 1, 1)}),
-    ("lokr", {"lora_unet_output_blocks_2_1_proj_in.lokr_w1": (8, 8), "lora_unet_output_blocks_2_1_proj_in.lokr_w2": (16, 16)}),
-    ("loha", {"lora_te1_text_model_encoder_layers_0_mlp_fc1.hada_w1_a": (64, 4), "lora_te1_text_model_encoder_layers_0_mlp_fc1.hada_w1_b": (4, 64),
-              "lora_te1_text_model_encoder_layers_0_mlp_fc1.hada_w2_a": (64, 4), "lora_te1_text_model_encoder_layers_0_mlp_fc1.hada_w2_b": (4, 64)}),
+    ("lokr", {"lora_unet_output_blocks_2_1_proj_in.lokr_w1": (8, 8),
+              "lora_unet_output_blocks_2_1_proj_in.lokr_w2": (16, 16)}),
+    ("loha", {"lora_te1_text_model_encoder_layers_0_mlp_fc1.hada_w1_a": (64, 4),
+              "lora_te1_text_model_encoder_layers_0_mlp_fc1.hada_w1_b": (4, 64),
+              "lora_te1_text_model_encoder_layers_0_mlp_fc1.hada_w2_a": (64, 4),
+              "lora_te1_text_model_encoder_layers_0_mlp_fc1.hada_w2_b": (4, 64)}),
 ])
 def test_adapters(tmp_path, fmt, keys):
     path = tmp_path / "a.safetensors"

@@ -100,7 +100,8 @@ def test_different_prediction_types_are_refused_unless_one_is_chosen(family, tmp
         merge([family["child"], family["vchild"]], tmp_path / "m.safetensors", record=False)
     assert not (tmp_path / "m.safetensors").exists()
     v = merge([family["child"], family["vchild"]], tmp_path / "v.safetensors", prediction_type="v+ztsnr", record=False)
-    eps = merge([family["child"], family["vchild"]], tmp_path / "e.safetensors", prediction_type="epsilon", record=False)
+    eps = merge([family["child"], family["vchild"]], tmp_path / "e.safetensors", prediction_type="epsilon",
+                record=False)
     assert detect(v.path).prediction_type == "v+ztsnr"
     assert detect(eps.path).prediction_type == "epsilon"
     with SafetensorsFile(v.path) as f:
@@ -124,7 +125,8 @@ def _without(src, dst, drop=(), reshape=None):
                 if k not in drop}
         with SafetensorsWriter(dst, plan) as w:
             for k, (_dtype, shape) in plan.items():
-                w.write(k, torch.zeros(shape, dtype=f.tensors[k].torch_dtype) if reshape and k in reshape else f.read(k))
+                replaced = reshape and k in reshape
+                w.write(k, torch.zeros(shape, dtype=f.tensors[k].torch_dtype) if replaced else f.read(k))
     return str(dst)
 
 

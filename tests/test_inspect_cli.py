@@ -17,7 +17,8 @@ def test_inspect_json_with_hashes(lmerge, family):
     code, out, _ = lmerge("inspect", family["vchild"], "--json", "--hash")
     assert code == 0
     r = json.loads(out)
-    assert (r["format"], r["architecture"], r["prediction_type"], r["variant"]) == ("sdxl-single-file", "sdxl", "v+ztsnr", "full")
+    found = (r["format"], r["architecture"], r["prediction_type"], r["variant"])
+    assert found == ("sdxl-single-file", "sdxl", "v+ztsnr", "full")
     assert r["components"]["unet"]["tensors"] == 1680 and r["components"]["clip_l"]["dtypes"] == {"F16": 196, "I64": 1}
     assert r["missing"] == [] and r["unexpected"] == [] and r["full_size"] is False
     assert r["markers"] == ["v_pred", "ztsnr"] and r["tensors"] == 2517
@@ -68,10 +69,14 @@ BAD_INPUTS = {
     "header_past_end": (struct.pack("<Q", 10_000) + b"{}", "runs past the end of the file"),
     "bad_json": (struct.pack("<Q", 6) + b"{nope}", "invalid safetensors header JSON"),
     "overlap": (_with_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}), "overlapping data_offsets"),
-    "out_of_range": (_with_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}), "out-of-range data_offsets"),
-    "unknown_dtype": (_with_header({"a": {"dtype": "F13", "shape": [2], "data_offsets": [0, 8]}}), "unknown dtype 'F13'"),
-    "shape_size": (_with_header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}), "needs 12 bytes but data_offsets span 8"),
+                              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}),
+                "overlapping data_offsets"),
+    "out_of_range": (_with_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}),
+                     "out-of-range data_offsets"),
+    "unknown_dtype": (_with_header({"a": {"dtype": "F13", "shape": [2], "data_offsets": [0, 8]}}),
+                      "unknown dtype 'F13'"),
+    "shape_size": (_with_header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}),
+                   "needs 12 bytes but data_offsets span 8"),
     "pickle": (pickle.dumps(_Evil(), protocol=2), "pickle checkpoint"),
 }
 
@@ -97,7 +102,8 @@ def test_directory_where_a_file_is_expected(lmerge, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     path = tmp_path / "e.safetensors"
     path.write_bytes(b"")
-    r = subprocess.run([sys.executable, "-m", "lineage", "--debug", "inspect", str(path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "lineage", "--debug", "inspect", str(path)], capture_output=True,
+                       text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
     r = subprocess.run([sys.executable, "-m", "lineage", "inspect", str(path)], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip() == f"error: {path}: empty file"
@@ -105,8 +111,8 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_convert_pickle_loads_weights_only(lmerge, tmp_path):
     ckpt = tmp_path / "model.ckpt"
-    torch.save({"state_dict": {"w": torch.arange(6.0).reshape(2, 3), "nested": {"b": torch.ones(2, dtype=torch.bfloat16)}},
-                "global_step": 7}, ckpt)
+    state = {"w": torch.arange(6.0).reshape(2, 3), "nested": {"b": torch.ones(2, dtype=torch.bfloat16)}}
+    torch.save({"state_dict": state, "global_step": 7}, ckpt)
     code, out, err = lmerge("convert", ckpt, tmp_path / "model.safetensors")
     assert code == 0, err
     import safetensors.torch

@@ -42,8 +42,9 @@ def test_kernels_are_only_chosen_for_cuda_tensors():
 @pytest.mark.skipif(INTERPRETED, reason="this is the child run")
 def test_kernels_under_the_interpreter():
     pytest.importorskip("triton")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__],
-                            cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    command = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert re.search(r"\b\d+ passed, 1 skipped\b", result.stdout), result.stdout  # only the launcher skipped
 

@@ -52,7 +52,8 @@ def test_recipe_file_paths_are_relative_to_the_file(tmp_path):
         'method = "add_difference"\n'
         '[params]\nalpha = 0.5\n'
         '[per_key.alpha]\npreset = "comfyui"\nblocks = "out.=0.25"\ncomponents = { vae = 0.0 }\n'
-        '[[inputs]]\npath = "a.safetensors"\n[[inputs]]\npath = "/abs/b.safetensors"\n[[inputs]]\npath = "c.safetensors"\n')
+        '[[inputs]]\npath = "a.safetensors"\n[[inputs]]\npath = "/abs/b.safetensors"\n'
+        '[[inputs]]\npath = "c.safetensors"\n')
     r = load_recipe(tmp_path / "r.toml")
     assert [i.path for i in r.inputs] == [str(tmp_path / "a.safetensors"), "/abs/b.safetensors",
                                           str(tmp_path / "c.safetensors")]
@@ -65,10 +66,12 @@ def test_recipe_file_paths_are_relative_to_the_file(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ('method = "weighted_sum"\n[[inputs]]\npath = "a"\n', "takes 2 models"),
     ('method = "nope"\n[[inputs]]\npath = "a"\n[[inputs]]\npath = "b"\n', "unknown merge method 'nope'"),
-    ('method = "weighted_sum"\nbeta = 1\n[[inputs]]\npath = "a"\n[[inputs]]\npath = "b"\n', "unknown recipe fields beta"),
+    ('method = "weighted_sum"\nbeta = 1\n[[inputs]]\npath = "a"\n[[inputs]]\npath = "b"\n',
+     "unknown recipe fields beta"),
     ('method = "weighted_sum"\n[params]\ndensity = 0.2\n[[inputs]]\npath = "a"\n[[inputs]]\npath = "b"\n',
      "has no parameter 'density' .*alpha"),
-    ('method = "weighted_sum"\ndtype = "fp8"\n[[inputs]]\npath = "a"\n[[inputs]]\npath = "b"\n', "unknown output dtype"),
+    ('method = "weighted_sum"\ndtype = "fp8"\n[[inputs]]\npath = "a"\n[[inputs]]\npath = "b"\n',
+     "unknown output dtype"),
     ('method = "weighted_sum"\nversion = 9\n[[inputs]]\npath = "a"\n[[inputs]]\npath = "b"\n', "version 9"),
     ('method = [\n', "invalid recipe file"),
 ])

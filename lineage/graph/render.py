@@ -1,9 +1,10 @@
 """Drawing a lineage graph: a text tree, Mermaid, Graphviz DOT (and SVG/PNG/PDF through `dot`),
 JSON and GraphML.
 
-The pictures follow the family charts of the catalog's source articles (docs/catalog.md): top-down, one box per model, the epsilon models
-in their pale yellow. Styling is data (tables below): fill by prediction type, shape by kind, line
-style by relation; merge edges carry each parent's weight; catalog facts go into tooltips.
+The pictures follow the family charts of the catalog's source articles (docs/catalog.md): top-down,
+one box per model, the epsilon models in their pale yellow. Styling is data (tables below): fill by
+prediction type, shape by kind, line style by relation; merge edges carry each parent's weight;
+catalog facts go into tooltips.
 """
 from __future__ import annotations
 

@@ -10,9 +10,10 @@
 | crc32  | of the whole file, 8 hex                                                    |
 
 The file is memory-mapped and walked in chunks by two threads (hashlib and zlib-ng release the GIL):
-one takes the sha256 and CRC32 of the whole file, the other the sha256 of the data section. The threads run freely but stay within a window of chunks of
-each other, and a chunk's pages are dropped from the mapping once both are past it, so resident
-memory stays at a few chunks whatever the file size.
+one takes the sha256 and CRC32 of the whole file, the other the sha256 of the data section. The
+threads run freely but stay within a window of chunks of each other, and a chunk's pages are dropped
+from the mapping once both are past it, so resident memory stays at a few chunks whatever the file
+size.
 """
 from __future__ import annotations
 

@@ -408,7 +408,8 @@ class SafetensorsWriter:
             self._fd = -1
         except OSError as e:
             self.abort()
-            raise LineageError(f"cannot put the output in place ({e.strerror}); nothing was written", self.path) from None
+            raise LineageError(f"cannot put the output in place ({e.strerror}); nothing was written",
+                               self.path) from None
         except BaseException:
             self.abort()
             raise
@@ -422,7 +423,8 @@ class SafetensorsWriter:
         try:
             write_all(self._fd, memoryview(data), offset)
         except OSError as e:
-            raise LineageError(f"write failed ({e.strerror}); nothing was written at the destination", self.path) from None
+            raise LineageError(f"write failed ({e.strerror}); nothing was written at the destination",
+                               self.path) from None
 
     def abort(self) -> None:
         """Drop the partial output; the destination is untouched."""
@@ -466,7 +468,8 @@ def plan_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tuple[i
     return plan
 
 
-def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+              metadata: Mapping[str, str] | None = None) -> None:
     """Write in-memory tensors to `path` atomically (the small-file convenience over SafetensorsWriter)."""
     with SafetensorsWriter(path, plan_of(tensors), metadata) as w:
         for name, t in tensors.items():

@@ -14,7 +14,8 @@ from lineage.sdxl.layout import base_inventory, component_of, is_marker
 
 
 def _stats(tensors: list[TensorInfo]) -> dict[str, Any]:
-    return {"tensors": len(tensors), "params": sum(t.numel for t in tensors), "dtypes": dict(Counter(t.dtype for t in tensors))}
+    return {"tensors": len(tensors), "params": sum(t.numel for t in tensors),
+            "dtypes": dict(Counter(t.dtype for t in tensors))}
 
 
 def _component_stats(tensors: list[TensorInfo]) -> dict[str, dict[str, Any]]:
@@ -98,7 +99,8 @@ def _inspect_folder(found: Detection, with_hashes: bool) -> dict[str, Any]:
         params=sum(c.get("params", 0) for c in components.values()),
     )
     if with_hashes:
-        report["hashes"] = {c: {k: v for k, v in hash_file(p).to_dict().items() if k != "path"} for c, p in found.files.items()}
+        report["hashes"] = {c: {k: v for k, v in hash_file(p).to_dict().items() if k != "path"}
+                            for c, p in found.files.items()}
     return report
 
 
@@ -140,7 +142,8 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("markers"):
         lines.append(f"  markers:     {', '.join(report['markers'])}")
     if "full_size" in report:
-        lines.append(f"  shapes:      {'SDXL 1.0 full size' if report['full_size'] else 'reduced / non-standard widths'}")
+        widths = "SDXL 1.0 full size" if report["full_size"] else "reduced / non-standard widths"
+        lines.append(f"  shapes:      {widths}")
     for label in ("missing", "unexpected"):
         items = report.get(label) or []
         if items:
