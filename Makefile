@@ -1,5 +1,6 @@
 # `make demo` and `make test` work on a fresh clone: they create .venv, install the CPU build of
-# torch where none is present, Debian's graphviz (for `dot`) when running as root, and the package.
+# torch where none is present, Debian's graphviz (for `dot`) and chromium + chromium-driver (the
+# page's browser tests) when running as root, and the package.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
@@ -15,6 +16,11 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@command -v dot >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq graphviz >/dev/null; } \
 		|| echo "note: graphviz's dot is missing (install the graphviz package to render PNG/SVG trees)"
+	@# Debian's Chromium and its driver: the tree page's browser tests (tests/test_page.py) drive them
+	@# through selenium; nothing downloads a browser of its own. About 80 s the first time.
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 \
+		|| { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+		|| echo "note: chromium/chromedriver are missing: the page's browser tests will be skipped"
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-deps --index-url $(TORCH_INDEX) torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'

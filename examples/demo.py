@@ -4,8 +4,9 @@ recorded with their parents and drawn next to the built-in catalog of the real S
     python examples/demo.py [OUTPUT_DIR]     (default: ./demo-output)
 
 Writes into OUTPUT_DIR: the checkpoints (real SDXL key names at reduced widths, 59 MB each),
-`registry.sqlite` (a registry of its own, never the user's), `family.{svg,png,mmd}` and
-`catalog.{svg,png}` (the images need Graphviz's `dot`).
+`registry.sqlite` (a registry of its own, never the user's), `family.{svg,png,mmd}`,
+`catalog.{svg,png}` and `tree.html`, the whole family as a page to explore in a browser (search,
+click a model for its facts; the images and the page need Graphviz's `dot`).
 """
 import sys
 from pathlib import Path
@@ -56,15 +57,19 @@ print(format_report(lineage.inspect(vpred)))
 whole = registry.graph()
 family = whole.subgraph({base_id} | {n for n in neighbourhood(whole, base_id) if n not in catalog_graph()})
 (out / "family.mmd").write_text(render(family, "mermaid"))
+page = (out / "tree.html").resolve()
 try:
     for name, graph in (("family", family), ("catalog", catalog_graph())):
         for fmt in ("svg", "png"):
             data = render(graph, fmt)
             (out / f"{name}.{fmt}").write_bytes(data.encode() if isinstance(data, str) else data)
+    page.write_text(render(registry.graph(), "html", focus=base_id), encoding="utf-8")
 except lineage.LineageError as e:
     print(f"note: no images ({e})", file=sys.stderr)
 
 print()
 print(render(family, "text"), end="")
 print(f"\nregistry: {registry.path}; pictures in {out}/ (family.png, catalog.png)")
+if page.exists():
+    print(f"the family tree to explore in a browser: {page}")
 registry.close()

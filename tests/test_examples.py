@@ -1,4 +1,5 @@
 """Every script in examples/ runs to completion, so the examples never rot."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,3 +16,6 @@ def test_example_runs(script, tmp_path):
     r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
+    if script.name == "demo.py" and shutil.which("dot"):  # `make demo` writes the page and says where
+        assert f"the family tree to explore in a browser: {(tmp_path / 'tree.html').resolve()}" in r.stdout
+        assert (tmp_path / "tree.html").read_text().startswith("<!DOCTYPE html>")

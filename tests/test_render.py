@@ -10,7 +10,7 @@ from lineage import LineageError, hash_file
 from lineage.graph.catalog import catalog_graph
 from lineage.graph.interchange import from_graphml
 from lineage.graph.model import add_lineage_edge, neighbourhood
-from lineage.graph.render import render, to_dot, to_mermaid, to_text
+from lineage.graph.render import edge_label, render, to_dot, to_mermaid, to_text
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
 
@@ -37,11 +37,12 @@ def merge_family():
 
 def dot_edges(dot: str) -> dict[tuple[str, str], str]:
     return {(p, c): attrs for p, c, attrs in re.findall(r'^\s*"([^"]+)" -> "([^"]+)" \[(.*)\];$', dot, re.M)
-            if "invis" not in attrs}
+            if "invis" not in attrs and not p.startswith("legend:")}
 
 
 def dot_nodes(dot: str) -> dict[str, str]:
-    return dict(re.findall(r'^\s*"([^"]+)" \[(label=.*)\];$', dot, re.M))
+    return {node: attrs for node, attrs in re.findall(r'^\s*"([^"]+)" \[(label=.*)\];$', dot, re.M)
+            if not node.startswith("legend:")}
 
 
 def test_text_tree_shows_a_merge_under_each_parent_once_expanded(merge_family):
@@ -49,10 +50,10 @@ def test_text_tree_shows_a_merge_under_each_parent_once_expanded(merge_family):
     lines = text.splitlines()
     assert lines[0] == "Base  [base]  (eps, Lab, 2024-01)"
     assert "├─ Model A  [a]" in lines
-    assert "│  └─ ⊕ Mix <1>  [m]  (merge 0.3)" in lines
+    assert "│  └─ ⊕ Mix <1>  [m]  (weighted sum 0.3)" in lines
     assert "│     └─ Mix 2  [m2]" in lines
     assert "├─ Model B  [b]  (v-pred)  ◀" in lines
-    assert "│  └─ ⊕ Mix <1>  [m]  (merge 0.7)  … see above" in lines
+    assert "│  └─ ⊕ Mix <1>  [m]  (weighted sum 0.7)  … see above" in lines
     assert "└─ Style  [lora]  (adapter, lora)" in lines
     assert text.count("Mix 2") == 1
 
@@ -63,7 +64,7 @@ def test_dot_structure_labels_and_styles(merge_family):
     nodes, edges = dot_nodes(dot), dot_edges(dot)
     assert set(nodes) == set(merge_family)
     assert set(edges) == set(merge_family.edges)
-    assert 'label=" 0.3"' in edges["a", "m"] and 'label=" 0.7"' in edges["b", "m"]
+    assert 'label=" weighted sum 0.3"' in edges["a", "m"] and 'label=" weighted sum 0.7"' in edges["b", "m"]
     assert "label" not in edges["base", "a"]  # a fine-tune needs no label
     assert 'style="dashed"' in edges["base", "lora"] and 'label=" adapter"' in edges["base", "lora"]
     assert 'fillcolor="#FFF9C4"' in nodes["base"] and 'fillcolor="#E1F5FE"' in nodes["b"]
@@ -86,7 +87,7 @@ def test_mermaid_like_the_seed_flowcharts(merge_family):
     ids = dict(re.findall(r'^(n\d+)[\[(]+"([^"]+)"', mermaid, re.M))
     by_name = {name: node_id for node_id, name in ids.items()}
     assert set(by_name) == {"Base", "Model A", "Model B", "Mix #lt;1#gt;", "Mix 2", "Style"}
-    assert f'{by_name["Model A"]} -->|0.3| {by_name["Mix #lt;1#gt;"]}' in lines
+    assert f'{by_name["Model A"]} -->|weighted sum 0.3| {by_name["Mix #lt;1#gt;"]}' in lines
     assert f'{by_name["Base"]} -.->|adapter| {by_name["Style"]}' in lines
     assert f'{by_name["Base"]} --> {by_name["Model A"]}' in lines
     assert f'click {by_name["Base"]} "https://example.org/base" "eps, Lab, 2024-01"' in lines
@@ -174,3 +175,67 @@ def test_tree_of_a_recorded_file(lmerge, tiny):
     assert code == 0 and out.splitlines() == [
         "RouWei 0.8 epsilon  [rouwei-0.8-eps]  (eps, Minthybasis, 13M images)",
         f"└─ mine  [{hash_file(path).autov3[:12]}]  ◀"]
+
+
+# ---------------------------------------------------------------- the tree items of issue 2.3
+
+
+BLOCKS = {"BASE": 0.5, "IN00": 1.0, "M00": 0.5, "OUT00": 0.0}
+
+
+@pytest.mark.parametrize(("attrs", "label"), [
+    ({"relation": "merge", "weight": 0.7, "params": {"method": "weighted_sum"}}, "weighted sum 0.7"),
+    ({"relation": "merge", "params": {"method": "ties"}}, "TIES"),
+    ({"relation": "merge", "weight": 0.5, "params": {"method": "dare_linear"}}, "DARE 0.5"),
+    ({"relation": "merge", "weight": -1.0, "params": {"method": "add_difference"}}, "add difference -1"),
+    ({"relation": "merge", "weight": 1.0, "params": {"method": "Add difference"}}, "add difference 1"),  # A1111
+    ({"relation": "merge", "weight": 0.3, "params": {"method": "weighted_sum",
+                                                       "recipe": {"per_key": {"alpha": {"blocks": BLOCKS}}}}},
+     "block weighted sum"),
+    ({"relation": "merge", "weight": 0.3}, "merge 0.3"),
+    ({"relation": "merge"}, "merge"),
+    ({"relation": "finetune"}, None),
+    ({"relation": "convert"}, "convert"),  # the relation's own name, as `--relation` and `show` say it
+    ({"relation": "adapter"}, "adapter"),
+])
+def test_edges_say_their_method_and_weight(attrs, label):
+    assert edge_label(attrs) == label
+
+
+def test_block_merge_tooltip_lists_the_blocks():
+    g = nx.DiGraph()
+    add_lineage_edge(g, "a", "m", "merge", params={"method": "weighted_sum",
+                                                    "recipe": {"per_key": {"alpha": {"blocks": BLOCKS}}}})
+    edge = dot_edges(to_dot(g))["a", "m"]
+    assert 'label=" block weighted sum"' in edge
+    assert "alpha by block: BASE 0.5, IN00 1, M00 0.5, OUT00 0" in edge
+
+
+def test_legend_explains_only_what_the_picture_uses(merge_family):
+    dot = to_dot(merge_family)
+    legend = dot[dot.index('subgraph "cluster_legend"'):]
+    assert 'label="ε-prediction (eps)"' in legend and 'label="v-prediction"' in legend
+    assert 'label="prediction type not stated"' in legend and "EDM" not in legend
+    assert 'label=" merge"' in legend and 'label=" adapter"' in legend and 'label=" convert"' not in legend
+    assert "an adapter (LoRA" in legend and "a file you have" not in legend
+    assert "cluster_legend" not in to_dot(merge_family, legend=False)
+
+
+def test_own_roots_stand_apart_from_the_catalog():
+    g = nx.DiGraph(catalog_graph())
+    g.add_node("mine", name="My own base", architecture="sdxl", source="user")
+    g.add_node("mine-child", name="My child", architecture="sdxl", source="user")
+    add_lineage_edge(g, "mine", "mine-child", "finetune")
+    g.add_node("under", name="Under Pony", architecture="sdxl", source="user")
+    add_lineage_edge(g, "pony-diffusion-v6-xl", "under", "finetune")
+    lines = to_text(g).splitlines()
+    heading = lines.index("your models without a catalog parent:")
+    assert lines[heading + 1:heading + 3] == ["My own base  [mine]", "└─ My child  [mine-child]"]
+    assert all("[under]" not in line for line in lines[heading:])  # under a catalog model: not apart
+    dot = to_dot(g)
+    own = dot[dot.index('subgraph "cluster_own_sdxl"'):]
+    own = own[:own.index("}")]
+    assert '"mine" [' in own and '"mine-child"' not in own and '"under"' not in own
+    alone = nx.DiGraph()
+    alone.add_node("x", name="X", source="user")
+    assert "your models without" not in to_text(alone)  # no catalog: nothing to stand apart from

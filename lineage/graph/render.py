@@ -3,8 +3,8 @@ JSON and GraphML.
 
 The pictures follow the family charts of the catalog's source articles (docs/catalog.md): top-down,
 one box per model, the epsilon models in their pale yellow. Styling is data (tables below): fill by
-prediction type, shape by kind, line style by relation; merge edges carry each parent's weight;
-catalog facts go into tooltips.
+prediction type, shape by kind, line style by relation; merge edges say their method and each
+parent's weight; a legend explains what the picture uses; catalog facts go into tooltips.
 """
 from __future__ import annotations
 
@@ -16,9 +16,16 @@ import networkx as nx
 
 from lineage.errors import LineageError
 from lineage.graph.interchange import to_graphml, to_json
-from lineage.graph.model import AUTOV3_ID, PREDICTION_FAMILY, is_placeholder, roots
+from lineage.graph.model import (
+    ADAPTER_KINDS,
+    AUTOV3_ID,
+    PREDICTION_FAMILY,
+    RELATIONS,
+    is_placeholder,
+    roots,
+)
 
-TEXT_FORMATS = ("text", "mermaid", "dot", "svg", "json", "graphml")
+TEXT_FORMATS = ("text", "mermaid", "dot", "svg", "html", "json", "graphml")
 BINARY_FORMATS = ("png", "pdf")
 FORMATS = TEXT_FORMATS + BINARY_FORMATS
 
@@ -30,6 +37,8 @@ PREDICTION_COLOURS: dict[str | None, tuple[str, str]] = {
     "edm-v": ("#F3E5F5", "#8E24AA"),
     None: ("#F5F5F5", "#9E9E9E"),  # not stated
 }
+FAMILY_TITLES: dict[str | None, str] = {"epsilon": "ε-prediction (eps)", "v": "v-prediction", "edm": "EDM",
+                                         "edm-v": "EDM v-prediction", None: "prediction type not stated"}
 PREDICTION_LABELS: dict[str, str] = {"epsilon": "eps", "epsilon+ztsnr": "eps+ztsnr", "v": "v-pred",
                                      "v+ztsnr": "v-pred+ztsnr", "edm": "edm", "edm-v": "edm v-pred"}
 LINK_TEXT = "#4051B5"  # the source articles' text colour for models with a link
@@ -37,16 +46,23 @@ PLAIN_TEXT = "#212121"
 KIND_SHAPES: dict[str, str] = {"checkpoint": "box", "lora": "ellipse", "locon": "ellipse", "lokr": "ellipse",
                                "loha": "ellipse"}
 
-# relation -> DOT edge attributes, Mermaid arrow, and the label shown when there is no weight.
+# relation -> DOT edge attributes and Mermaid arrow. Every picture names a relation by its key in
+# model.RELATIONS (the word `--relation` takes), so a tree, `show` and `compat` say the same thing.
 RELATION_STYLES: dict[str, dict[str, Any]] = {
-    "finetune": {"dot": {"color": "#616161"}, "mermaid": "-->", "label": None},
-    "merge": {"dot": {"color": "#8E24AA", "fontcolor": "#8E24AA", "penwidth": "1.6"}, "mermaid": "-->",
-              "label": "merge"},
-    "adapter": {"dot": {"color": "#00897B", "fontcolor": "#00897B", "style": "dashed"}, "mermaid": "-.->",
-                "label": "adapter"},
-    "trained": {"dot": {"color": "#616161", "style": "bold"}, "mermaid": "==>", "label": "trained"},
-    "convert": {"dot": {"color": "#9E9E9E", "fontcolor": "#757575", "style": "dotted"}, "mermaid": "-.->",
-                "label": "file"},
+    "finetune": {"dot": {"color": "#616161"}, "mermaid": "-->"},
+    "merge": {"dot": {"color": "#8E24AA", "fontcolor": "#8E24AA", "penwidth": "1.6"}, "mermaid": "-->"},
+    "adapter": {"dot": {"color": "#00897B", "fontcolor": "#00897B", "style": "dashed"}, "mermaid": "-.->"},
+    "trained": {"dot": {"color": "#616161", "style": "bold"}, "mermaid": "==>"},
+    "convert": {"dot": {"color": "#9E9E9E", "fontcolor": "#757575", "style": "dotted"}, "mermaid": "-.->"},
+}
+UNLABELLED_RELATIONS = frozenset({"finetune"})  # the plain line; the legend says what it is
+
+# Merge methods as people write them (our registry's names, and A1111's "Weighted sum" lowered).
+METHOD_TITLES: dict[str, str] = {
+    "weighted_sum": "weighted sum", "add_difference": "add difference", "train_difference": "train difference",
+    "slerp": "slerp", "linear": "linear", "geometric_median": "geometric median",
+    "task_arithmetic": "task arithmetic", "ties": "TIES", "dare_linear": "DARE", "dare_ties": "DARE-TIES",
+    "della": "DELLA", "breadcrumbs": "breadcrumbs", "model_stock": "model stock",
 }
 
 # Facts shown in tooltips, in this order: (attribute, caption).
@@ -62,10 +78,12 @@ PROMPT_FACTS: tuple[tuple[str, str], ...] = (
 )
 ARCHITECTURE_TITLES: dict[str, str] = {"sdxl": "SDXL", "sd1": "SD 1.x", "sd2": "SD 2.x",
                                        "other": "architecture not known"}
+OWN_ROOTS_TITLE = "your models without a catalog parent"
 TOOLTIP_TEXT_LIMIT = 300  # characters per fact; notes can be long
 
 
-def _family(attrs: dict[str, Any]) -> str | None:
+def prediction_family(attrs: dict[str, Any]) -> str | None:
+    """The prediction family (PREDICTION_FAMILY) of a node's attributes; None when not stated."""
     return PREDICTION_FAMILY.get(attrs.get("prediction_type") or "")
 
 
@@ -108,11 +126,53 @@ def tooltip(node_id: str, attrs: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merge_method(attrs: dict[str, Any]) -> str | None:
+    """The method of a merge edge as people write it ("TIES", "add difference"), "block " before it
+    when the recipe gives the blocks their own weights; None when the metadata does not say."""
+    params = attrs.get("params") or {}
+    method = params.get("method") if isinstance(params, dict) else None
+    if not isinstance(method, str) or not method:
+        return None
+    title = METHOD_TITLES.get(method.strip().lower().replace(" ", "_"), method)
+    return f"block {title}" if block_weights(attrs) else title
+
+
+def block_weights(attrs: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """A block merge's per-block values from our recipe: parameter -> {block: value}."""
+    params = attrs.get("params") or {}
+    recipe = params.get("recipe") if isinstance(params, dict) else None
+    per_key = recipe.get("per_key") if isinstance(recipe, dict) else None
+    if not isinstance(per_key, dict):
+        return {}
+    return {name: spec["blocks"] for name, spec in per_key.items()
+            if isinstance(spec, dict) and isinstance(spec.get("blocks"), dict)}
+
+
 def edge_label(attrs: dict[str, Any]) -> str | None:
-    """A merge edge shows its weight; other relations their name (fine-tunes nothing)."""
+    """What an edge says: a merge its method and this parent's weight ("TIES", "weighted sum 0.7";
+    a block merge's weight varies by block, so it shows none), other relations their name, a
+    fine-tune nothing."""
+    relation = attrs["relation"]
+    method = merge_method(attrs) if relation == "merge" else None
+    weight = attrs.get("weight")
+    parts = [method or ("" if relation in UNLABELLED_RELATIONS and weight is None else relation)]
+    if weight is not None and not (method and method.startswith("block ")):
+        parts.append(f"{weight:.3g}")
+    return " ".join(p for p in parts if p) or None
+
+
+def edge_tooltip(attrs: dict[str, Any]) -> str:
+    """The edge's relation, meaning, method, weight, block weights and note, one per line."""
+    lines = [f"{attrs['relation']}: {RELATIONS[attrs['relation']]}"]
+    if merge_method(attrs):
+        lines.append(f"method: {merge_method(attrs)}")
     if attrs.get("weight") is not None:
-        return f"{attrs['weight']:.3g}"
-    return RELATION_STYLES[attrs["relation"]]["label"]
+        lines.append(f"weight: {attrs['weight']:.3g}")
+    for name, blocks in block_weights(attrs).items():
+        lines.append(f"{name} by block: " + ", ".join(f"{b} {v:.3g}" for b, v in blocks.items()))
+    if attrs.get("note"):
+        lines.append(str(attrs["note"])[:TOOLTIP_TEXT_LIMIT])
+    return "\n".join(lines)
 
 
 def _natural_key(graph: nx.DiGraph) -> Callable[[str], tuple]:
@@ -143,9 +203,9 @@ def to_text(graph: nx.DiGraph, focus: str | None = None) -> str:
         if name != node:
             parts.append(f"[{short_id(node)}]")
         facts = summary(attrs)
-        how = RELATION_STYLES[via["relation"]]["label"] if via is not None else None
+        how = edge_label(via) if via is not None else None
         if how:
-            facts.insert(0, how + (f" {via['weight']:.3g}" if via.get("weight") is not None else ""))
+            facts.insert(0, how)
         if facts:
             parts.append("(" + ", ".join(facts) + ")")
         if node == focus:
@@ -165,9 +225,17 @@ def to_text(graph: nx.DiGraph, focus: str | None = None) -> str:
             walk(child, child_prefix + ("└─ " if last else "├─ "), child_prefix + ("   " if last else "│  "),
                  graph.edges[node, child])
 
-    # The biggest family first, then by name.
-    for root in sorted(roots(graph), key=lambda r: (-len(nx.descendants(graph, r)), order(r))):
-        walk(root, "", "", None)
+    # The biggest family first, then by name; beside the catalog, the user's own roots under a heading.
+    ranked = sorted(roots(graph), key=lambda r: (-len(nx.descendants(graph, r)), order(r)))
+    own = [r for r in ranked if is_own_root(graph, r)]
+    apart = bool(own) and any(attrs.get("source") == "catalog" for _, attrs in graph.nodes(data=True))
+    for root in ranked:
+        if not (apart and root in own):
+            walk(root, "", "", None)
+    if apart:
+        lines += ["", OWN_ROOTS_TITLE + ":"]
+        for root in own:
+            walk(root, "", "", None)
     return "\n".join(lines) + "\n"
 
 
@@ -189,8 +257,8 @@ def _dot_attrs(attrs: dict[str, str]) -> str:
                      for k, v in attrs.items())
 
 
-def _dot_node(node: str, attrs: dict[str, Any], focus: str | None) -> dict[str, str]:
-    fill, border = PREDICTION_COLOURS[_family(attrs)]
+def _dot_node(node: str, attrs: dict[str, Any], focus: str | None, links: bool) -> dict[str, str]:
+    fill, border = PREDICTION_COLOURS[prediction_family(attrs)]
     name = str(attrs.get("name") or node)
     lines = [f"<B>{_html(name)}</B>"]
     facts = summary(attrs)
@@ -208,7 +276,7 @@ def _dot_node(node: str, attrs: dict[str, Any], focus: str | None) -> dict[str, 
         "fontcolor": LINK_TEXT if attrs.get("urls") else PLAIN_TEXT,
         "tooltip": tooltip(node, attrs),
     }
-    if attrs.get("urls"):
+    if attrs.get("urls") and links:
         dot.update(URL=attrs["urls"][0], target="_blank")
     if _is_file(attrs):
         dot["penwidth"] = "2.2"
@@ -217,8 +285,54 @@ def _dot_node(node: str, attrs: dict[str, Any], focus: str | None) -> dict[str, 
     return dot
 
 
-def to_dot(graph: nx.DiGraph, focus: str | None = None) -> str:
-    """Graphviz DOT, laid out top-down; node ids are the graph's ids."""
+def is_own_root(graph: nx.DiGraph, node: str) -> bool:
+    """A model of the user's (not the built-in catalog's) without any parent in the graph."""
+    return graph.in_degree(node) == 0 and graph.nodes[node].get("source") != "catalog"
+
+
+def _legend(graph: nx.DiGraph) -> list[str]:
+    """A DOT cluster explaining the colours, shapes and lines this graph uses (only those)."""
+    out = ['  subgraph "cluster_legend" {',
+           '    graph [label="legend", style="rounded", color="#BDBDBD", fontcolor="#757575", fontsize=12];',
+           '    node [fontsize=9, height=0.3, margin="0.1,0.03"];']
+    families = {prediction_family(attrs) for _, attrs in graph.nodes(data=True)}
+    entries = [(f"legend:{family}",) * 2 for family in PREDICTION_COLOURS if family in families]  # (top, bottom)
+    for family in PREDICTION_COLOURS:
+        if family in families:
+            fill, border = PREDICTION_COLOURS[family]
+            out.append(f"    {_dot_string(f'legend:{family}')} [label={_dot_string(FAMILY_TITLES[family])}, "
+                       f'shape="box", style="rounded,filled", fillcolor="{fill}", color="{border}"];')
+    if any(_is_file(attrs) for _, attrs in graph.nodes(data=True)):
+        entries.append(("legend:file",) * 2)
+        out.append('    "legend:file" [label="a file you have (AutoV3)", shape="box", style="rounded", '
+                   'penwidth="2.2"];')
+    if any(is_placeholder(node) for node in graph):
+        entries.append(("legend:placeholder",) * 2)
+        out.append('    "legend:placeholder" [label="named in metadata, not seen yet", shape="box", '
+                   'style="rounded,dashed"];')
+    if any(attrs.get("kind") in ADAPTER_KINDS for _, attrs in graph.nodes(data=True)):
+        entries.append(("legend:adapter",) * 2)
+        out.append('    "legend:adapter" [label="an adapter (LoRA, LoKr, ...)", shape="ellipse"];')
+    relations = {attrs["relation"] for *_, attrs in graph.edges(data=True)}
+    for relation in RELATIONS:
+        if relation in relations:
+            a, b = f"legend:{relation}:from", f"legend:{relation}:to"
+            out.append(f'    {_dot_string(a)} [label="", shape="point", width=0.05];')
+            out.append(f'    {_dot_string(b)} [label="", shape="point", width=0.05];')
+            style = {**RELATION_STYLES[relation]["dot"], "label": " " + relation, "tooltip": RELATIONS[relation]}
+            out.append(f"    {_dot_string(a)} -> {_dot_string(b)} [{_dot_attrs(style)}];")
+            entries.append((a, b))
+    # One column: each entry above the next.
+    out += [f"    {_dot_string(a[1])} -> {_dot_string(b[0])} [style=invis];" for a, b in zip(entries, entries[1:])]
+    out.append("  }")
+    return out
+
+
+def to_dot(graph: nx.DiGraph, focus: str | None = None, *, legend: bool = True,
+           element_ids: dict[str, str] | None = None, links: bool = True) -> str:
+    """Graphviz DOT, laid out top-down; node ids are the graph's ids. `legend` adds a box explaining
+    colours and lines; `element_ids` (node -> id) names the SVG elements (edges: "<parent id>_<child
+    id>"), for a page that scripts them; `links=False` leaves out the nodes' hyperlinks."""
     order = _natural_key(graph)
     out = [
         "digraph lineage {",
@@ -230,14 +344,29 @@ def to_dot(graph: nx.DiGraph, focus: str | None = None) -> str:
     for node in sorted(graph, key=order):
         by_architecture.setdefault(graph.nodes[node].get("architecture") or "other", []).append(node)
     boxed = len(by_architecture) > 1  # architectures never mix: show each in its own box
+    has_catalog = any(attrs.get("source") == "catalog" for _, attrs in graph.nodes(data=True))
+
+    def node_line(node: str, indent: str) -> str:
+        attrs = _dot_node(node, graph.nodes[node], focus, links)
+        if element_ids:
+            attrs["id"] = element_ids[node]
+        return f"{indent}{_dot_string(node)} [{_dot_attrs(attrs)}];"
+
     for architecture, nodes in sorted(by_architecture.items(), key=lambda item: -len(item[1])):
         indent = "    " if boxed else "  "
         if boxed:
             out.append(f"  subgraph {_dot_string('cluster_' + architecture)} {{")
             out.append(f"    graph [label={_dot_string(ARCHITECTURE_TITLES.get(architecture, architecture))}, "
                        'style="rounded,dashed", color="#BDBDBD", fontcolor="#757575", fontsize=12];')
-        for node in nodes:
-            out.append(f"{indent}{_dot_string(node)} [{_dot_attrs(_dot_node(node, graph.nodes[node], focus))}];")
+        # Beside the catalog, the user's own roots sit in a box of their own: not mistaken for its families.
+        own_roots = [n for n in nodes if has_catalog and is_own_root(graph, n)]
+        if own_roots:
+            out.append(f"{indent}subgraph {_dot_string('cluster_own_' + architecture)} {{")
+            out.append(f'{indent}  graph [label="{OWN_ROOTS_TITLE}", style="rounded", '
+                       'color="#D84315", fontcolor="#D84315", fontsize=11];')
+            out += [node_line(node, indent + "  ") for node in own_roots]
+            out.append(f"{indent}}}")
+        out += [node_line(node, indent) for node in nodes if node not in own_roots]
         # Models without any relation are stacked in a column rather than spread along the top rank.
         alone = [n for n in nodes if graph.degree(n) == 0]
         out += [f"{indent}{_dot_string(a)} -> {_dot_string(b)} [style=invis];" for a, b in zip(alone, alone[1:])]
@@ -249,19 +378,22 @@ def to_dot(graph: nx.DiGraph, focus: str | None = None) -> str:
         label = edge_label(attrs)
         if label:
             dot["label"] = " " + label
-        note = attrs.get("note") or (attrs.get("params") or {}).get("method")
-        dot["tooltip"] = f"{attrs['relation']}" + (f": {note}" if note else "")
+        dot["tooltip"] = edge_tooltip(attrs)
+        if element_ids:
+            dot["id"] = f"{element_ids[parent]}_{element_ids[child]}"
         out.append(f"  {_dot_string(parent)} -> {_dot_string(child)} [{_dot_attrs(dot)}];")
+    if legend and graph.number_of_nodes():
+        out += _legend(graph)
     out.append("}")
     return "\n".join(out) + "\n"
 
 
-def to_image(graph: nx.DiGraph, fmt: str, focus: str | None = None) -> bytes:
-    """SVG, PNG or PDF laid out by Graphviz's `dot` program."""
+def to_image(graph: nx.DiGraph, fmt: str, focus: str | None = None, **dot_options: Any) -> bytes:
+    """SVG, PNG or PDF laid out by Graphviz's `dot` program (`dot_options` go to `to_dot`)."""
     import graphviz  # imported here: only image output needs it
 
     try:
-        return graphviz.Source(to_dot(graph, focus)).pipe(format=fmt)
+        return graphviz.Source(to_dot(graph, focus, **dot_options)).pipe(format=fmt)
     except graphviz.ExecutableNotFound:
         raise LineageError("Graphviz's `dot` program is not installed (Debian/Ubuntu: apt-get install graphviz); "
                            "--format dot, mermaid and text work without it") from None
@@ -310,7 +442,7 @@ def to_mermaid(graph: nx.DiGraph, focus: str | None = None) -> str:
     out += ["", "%% Styling"]
     by_class: dict[str, list[str]] = {}
     for node in nodes:
-        by_class.setdefault(_family(graph.nodes[node]) or "unknown", []).append(ids[node])
+        by_class.setdefault(prediction_family(graph.nodes[node]) or "unknown", []).append(ids[node])
     out += [f"classDef {name} {MERMAID_CLASSES[name]};" for name in by_class]
     out += [f"class {','.join(members)} {name};" for name, members in by_class.items()]
     linked = [ids[node] for node, _ in links]
@@ -334,6 +466,10 @@ def render(graph: nx.DiGraph, fmt: str, focus: str | None = None) -> str | bytes
     """The graph in `fmt` (one of FORMATS); png and pdf are bytes, the rest text."""
     if fmt in RENDERERS:
         return RENDERERS[fmt](graph, focus)
+    if fmt == "html":
+        from lineage.graph.page import to_html  # the page builds on this module
+
+        return to_html(graph, focus)
     if fmt in ("svg",) + BINARY_FORMATS:
         image = to_image(graph, fmt, focus)
         return image.decode("utf-8") if fmt == "svg" else image
@@ -343,6 +479,7 @@ def render(graph: nx.DiGraph, fmt: str, focus: str | None = None) -> str | bytes
 def format_for_path(path: str, default: str = "text") -> str:
     """The format an output file's extension asks for (.svg, .png, .mmd, .gv, ...)."""
     extensions = {"svg": "svg", "png": "png", "pdf": "pdf", "dot": "dot", "gv": "dot", "mmd": "mermaid",
-                  "mermaid": "mermaid", "json": "json", "graphml": "graphml", "txt": "text"}
+                  "mermaid": "mermaid", "json": "json", "graphml": "graphml", "txt": "text",
+                  "html": "html", "htm": "html"}
     return extensions.get(path.rsplit(".", 1)[-1].lower(), default) if "." in path else default
 

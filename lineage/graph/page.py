@@ -1,0 +1,183 @@
+"""The family tree as one HTML page people can explore (`lmerge tree -o tree.html`).
+
+The page is a single self-contained file, readable offline: Graphviz lays the graph out (the same DOT
+as `render.to_dot`, its SVG inlined), and our own script and stylesheet (data/page.js, data/page.css)
+add pan and zoom, search, a panel per node, highlighted ancestors and descendants, filters, a legend
+and collapsible subtrees. The graph's facts travel in a JSON block the script reads; nothing is
+fetched when the page is viewed. docs/catalog.md describes the page for users.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+from importlib import resources
+from pathlib import PurePath
+from typing import Any
+
+import networkx as nx
+
+from lineage.graph.model import RELATIONS, display_name
+from lineage.graph.render import (
+    FAMILY_TITLES,
+    PREDICTION_COLOURS,
+    PREDICTION_LABELS,
+    RELATION_STYLES,
+    block_weights,
+    edge_label,
+    merge_method,
+    prediction_family,
+    to_image,
+)
+
+# Above this many nodes the page opens with the subtrees below COLLAPSED_DEPTH folded away: a
+# 2,000-node family laid out at once is a wall of boxes; its upper generations are a map.
+COLLAPSE_ABOVE = 400
+COLLAPSED_DEPTH = 2
+
+# The node facts the panel lists, in this order: (attribute, caption). Lists are joined.
+PANEL_FACTS: tuple[tuple[str, str], ...] = (
+    ("kind", "kind"), ("architecture", "architecture"), ("maker", "maker"), ("date", "date"),
+    ("license", "licence"), ("dataset", "dataset"), ("dataset_size", "images"), ("hardware", "hardware"),
+    ("gpu_hours", "GPU hours"), ("training_method", "training"), ("resolution", "resolution"),
+    ("format", "file format"), ("size", "file size (bytes)"), ("notes", "notes"),
+)
+HF_URL = re.compile(r"https://huggingface\.co/([\w.-]+/[\w.-]+)")
+
+
+def repo_ids(graph: nx.DiGraph, node: str) -> list[str]:
+    """The Hugging Face repo ids a node is known under: its `hf:` id, and its hub URLs."""
+    attrs = graph.nodes[node]
+    found = [node[3:]] if node.startswith("hf:") else []
+    found += [m.group(1) for url in attrs.get("urls", []) if (m := HF_URL.match(str(url)))]
+    if isinstance(attrs.get("repo_id"), str):
+        found.append(attrs["repo_id"])
+    return list(dict.fromkeys(found))
+
+
+def search_text(graph: nx.DiGraph, node: str) -> str:
+    """Everything a search may match, lowercased: id, names, repo ids, file names, hashes."""
+    attrs = graph.nodes[node]
+    terms = [node, str(attrs.get("name") or ""), *map(str, attrs.get("names", [])), *repo_ids(graph, node)]
+    terms += [PurePath(str(p)).name for p in attrs.get("paths", [])]
+    hashes = attrs.get("hashes")
+    if isinstance(hashes, dict):
+        terms += [str(v) for v in hashes.values()]
+    return "\n".join(t for t in terms if t).lower()
+
+
+def _parent_line(graph: nx.DiGraph, parent: str, node: str) -> str:
+    edge = graph.edges[parent, node]
+    how = [edge["relation"]]
+    if merge_method(edge):
+        how.append(merge_method(edge))
+    if edge.get("weight") is not None:
+        how.append(f"weight {edge['weight']:.3g}")
+    how += [f"{name} by block: " + ", ".join(f"{b} {v:.3g}" for b, v in blocks.items())
+            for name, blocks in block_weights(edge).items()]
+    return "; ".join(how)
+
+
+def panel(graph: nx.DiGraph, node: str) -> dict[str, Any]:
+    """What the page's panel shows for `node`: the facts `lmerge show` prints (names, hashes, paths,
+    parents with relations and weights, prediction type, licence, notes, URLs, children)."""
+    attrs = graph.nodes[node]
+    prediction = attrs.get("prediction_type")
+    facts: list[tuple[str, str]] = [("id", node)]
+    names = [n for n in attrs.get("names", []) if n != attrs.get("name")]
+    if names:
+        facts.append(("also named", ", ".join(map(str, names))))
+    facts.append(("prediction", PREDICTION_LABELS.get(prediction, prediction) if prediction else "not stated"))
+    facts += [(caption, str(attrs[key])) for key, caption in PANEL_FACTS if attrs.get(key) not in (None, "", [])]
+    facts += [("repo", repo) for repo in repo_ids(graph, node)]
+    hashes = attrs.get("hashes")
+    if isinstance(hashes, dict):
+        facts += [(kind, str(value)) for kind, value in sorted(hashes.items())]
+    facts += [("file", str(p)) for p in attrs.get("paths", [])]
+    if attrs.get("source") == "catalog":
+        facts.append(("source", "built-in catalog (docs/catalog.md): " + ", ".join(map(str, attrs.get("sources", [])))))
+    return {
+        "name": display_name(graph, node),
+        "facts": facts,
+        "urls": [str(u) for u in attrs.get("urls", [])],
+        "parents": [[p, _parent_line(graph, p, node)] for p in sorted(graph.predecessors(node))],
+        "children": sorted(graph.successors(node)),
+    }
+
+
+def page_data(graph: nx.DiGraph, ids: dict[str, str], focus: str | None) -> dict[str, Any]:
+    """The JSON the page's script reads: nodes by SVG element id, edges, legend and start state."""
+    nodes = {}
+    for node in graph:
+        info = panel(graph, node)
+        nodes[ids[node]] = {
+            "key": node, "name": info["name"], "family": prediction_family(graph.nodes[node]) or "none",
+            "search": search_text(graph, node), "facts": info["facts"], "urls": info["urls"],
+            "parents": [[ids[p], line] for p, line in info["parents"]],
+            "children": [ids[c] for c in info["children"]],
+        }
+    edges = [{"id": f"{ids[p]}_{ids[c]}", "from": ids[p], "to": ids[c], "relation": attrs["relation"],
+              "label": edge_label(attrs) or ""} for p, c, attrs in graph.edges(data=True)]
+    depth = {ids[n]: d for n, d in _generations(graph).items()}
+    collapsed = [ids[n] for n in graph if graph.number_of_nodes() > COLLAPSE_ABOVE
+                 and depth[ids[n]] == COLLAPSED_DEPTH and graph.out_degree(n)]
+    families = {prediction_family(attrs) for _, attrs in graph.nodes(data=True)}
+    relations = {attrs["relation"] for *_, attrs in graph.edges(data=True)}
+    return {
+        "nodes": nodes, "edges": edges, "focus": ids.get(focus) if focus else None, "collapsed": collapsed,
+        "families": [{"key": family or "none", "title": FAMILY_TITLES[family], "fill": fill, "border": border}
+                     for family, (fill, border) in PREDICTION_COLOURS.items() if family in families],
+        "relations": [{"key": r, "meaning": RELATIONS[r], "colour": RELATION_STYLES[r]["dot"].get("color", "#616161"),
+                       "style": RELATION_STYLES[r]["dot"].get("style", "solid")} for r in RELATIONS if r in relations],
+    }
+
+
+def _generations(graph: nx.DiGraph) -> dict[str, int]:
+    """node -> its fewest generations below a root."""
+    depth = {n: 0 for n in graph if graph.in_degree(n) == 0}
+    frontier = list(depth)
+    while frontier:
+        below = []
+        for node in frontier:
+            for child in graph.successors(node):
+                if child not in depth:
+                    depth[child] = depth[node] + 1
+                    below.append(child)
+        frontier = below
+    return depth
+
+
+def _asset(name: str) -> str:
+    return (resources.files("lineage.graph") / "data" / name).read_text(encoding="utf-8")
+
+
+def _inline_json(data: Any) -> str:
+    """JSON safe inside a <script> element: no "</" can end it early."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+
+
+def to_html(graph: nx.DiGraph, focus: str | None = None, title: str = "lineage family tree") -> str:
+    """The page: one HTML document with the SVG layout, our script and stylesheet, and the data."""
+    ids = {node: f"n{i}" for i, node in enumerate(sorted(graph))}
+    svg = to_image(graph, "svg", focus, legend=False, element_ids=ids, links=False).decode("utf-8")
+    svg = svg[svg.index("<svg"):]  # drop the XML declaration and doctype: the SVG sits inside HTML
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>\n{_asset('page.css')}</style>",
+        "</head><body>",
+        '<header><input id="search" type="search" placeholder="Search: name, repo id, file name, hash prefix" '
+        'autocomplete="off"><ul id="results"></ul>'
+        '<span id="zoom"><button id="zoom-in" title="zoom in">+</button><button id="zoom-out" title="zoom out">'
+        '−</button><button id="fit" title="show everything">fit</button></span>'
+        f'<span id="count">{graph.number_of_nodes()} models, {graph.number_of_edges()} relations</span></header>',
+        '<aside id="side"><section id="panel" hidden></section>'
+        '<section id="filters"><h2>Show</h2><div id="relation-filters"></div><div id="family-filters"></div></section>'
+        '<section id="legend"><h2>Legend</h2></section></aside>',
+        f'<main id="view">{svg}</main>',
+        f'<script type="application/json" id="lineage-data">{_inline_json(page_data(graph, ids, focus))}</script>',
+        f"<script>\n{_asset('page.js')}</script>",
+        "</body></html>",
+    ]) + "\n"
