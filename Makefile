@@ -8,7 +8,7 @@ BENCH  ?= /tmp/lineage-bench
 # bring several GB of CUDA libraries and Triton. Its dependencies come from PyPI with the package.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-fast lint demo bench-hash bench-registry bench-merge clean
+.PHONY: setup test test-fast lint demo bench-hash bench-registry bench-merge bench-apply clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,10 @@ bench-registry: setup
 bench-merge: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/bench_merge.py
+
+# `lmerge apply` of a rank-64 LoRA on a full-size generated SDXL checkpoint beside the I/O floor.
+bench-apply: setup
+	$(PY) benchmarks/bench_apply.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

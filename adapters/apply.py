@@ -255,6 +255,7 @@ def apply(checkpoint: str | os.PathLike, adapters: Sequence[AdapterSpec], output
     adapters; if that fails the output stays and `record_error` says why."""
     from lineage.engine.executor import run_jobs
     from lineage.engine.inputs import InputFile
+    from lineage.merge.api import known_hashes
 
     checkpoint, output = os.fspath(checkpoint), os.fspath(output)
     inputs = _inputs(adapters)
@@ -264,14 +265,15 @@ def apply(checkpoint: str | os.PathLike, adapters: Sequence[AdapterSpec], output
     detection = _require_checkpoint(checkpoint)
     with ExitStack() as stack:
         files = [stack.enter_context(InputFile(p)) for p in [checkpoint, *(a.path for a in inputs)]]
+        known = known_hashes([f.path for f in files], registry)  # after opening, as merges do
         apply_plan = plan_apply(checkpoint, files[0].header.tensors, inputs, detection.prediction_type)
         name = title or Path(output).stem
 
         def metadata(input_autov3: list[str | None], output_autov3: str | None) -> dict[str, str]:
             return apply_metadata(apply_plan, input_autov3, output_autov3, name)
 
-        result = run_jobs(files, ApplyJobs(apply_plan).jobs(), output, metadata=metadata, workers=workers,
-                          progress=progress, description="apply")
+        result = run_jobs(files, ApplyJobs(apply_plan).jobs(), output, metadata=metadata, known_autov3=known,
+                          workers=workers, progress=progress, description="apply")
     node, record_error = None, None
     if record:
         try:

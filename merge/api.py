@@ -65,15 +65,15 @@ def build_recipe(inputs: Sequence[str | os.PathLike], *, method: str = "weighted
                   per_key=variations, seed=seed, dtype=dtype, mismatch=mismatch, prediction_type=prediction_type)
 
 
-def _known_hashes(recipe: Recipe, registry: Any) -> list[str | None]:
-    """Inputs' AutoV3 from an existing registry that has seen the unchanged files (saves hashing
-    them), in one call; a registry that does not exist yet is not created for this."""
+def known_hashes(paths: Sequence[str], registry: Any) -> list[str | None]:
+    """The AutoV3 of each file from an existing registry that has seen it unchanged (saves hashing
+    it), in one call; a registry that does not exist yet is not created for this."""
     from lineage.graph.registry import Registry, default_registry_path, using_registry
 
     if not isinstance(registry, Registry) and not Path(registry or default_registry_path()).exists():
-        return [None] * len(recipe.inputs)
+        return [None] * len(paths)
     with using_registry(registry) as reg:
-        return reg.known_autov3([i.path for i in recipe.inputs])
+        return reg.known_autov3(paths)
 
 
 def plan(recipe: Recipe, workers: int = DEFAULT_WORKERS) -> MergePlan:
@@ -95,7 +95,8 @@ def run_recipe(recipe: Recipe, output: str | None, *, registry: Any = None, titl
 
     with ExitStack() as stack:
         inputs = [stack.enter_context(InputFile(i.path)) for i in recipe.inputs]
-        known = _known_hashes(recipe, registry)  # after opening: a later change shows in the run's own checks
+        # after opening: a later change shows in the run's own checks
+        known = known_hashes([i.path for i in recipe.inputs], registry)
         merge_plan = plan_merge(recipe, [f.header for f in inputs], workers)
         jobs = MergeJobs(merge_plan, [f.path for f in inputs], fail_on_nonfinite)
         name = title or Path(output or "").stem
