@@ -9,7 +9,7 @@ BENCH  ?= /tmp/lineage-bench
 # bring several GB of CUDA libraries and Triton. Its dependencies come from PyPI with the package.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-fast lint demo bench-hash bench-registry bench-merge bench-kernels clean
+.PHONY: setup test test-fast lint demo bench-hash bench-registry bench-merge bench-kernels bench-apply clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,10 @@ bench-merge: setup
 # build of torch and the cuda extra (without a CUDA device it says so and exits 0).
 bench-kernels: setup
 	$(PY) benchmarks/bench_kernels.py
+
+# `lmerge apply` of a rank-64 LoRA on a full-size generated SDXL checkpoint beside the I/O floor.
+bench-apply: setup
+	$(PY) benchmarks/bench_apply.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

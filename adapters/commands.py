@@ -66,6 +66,7 @@ def _is_safetensors(path: str) -> bool:
         return False
     return True
 
+
 # ---------------------------------------------------------------------------------------------
 # extract: a LoRA / LoCon / full diff from a fine-tune and its base
 
@@ -130,6 +131,47 @@ def extract(base: str, tuned: str, output: str, kind: str, rank: int, conv_rank:
         click.echo(f"warning: not recorded in the registry: {done.record_error}", err=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# apply: adapters baked into a checkpoint
+
+
+@click.command("apply")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:STRENGTH]...")
+@click.option("-o", "--output", required=True, type=click.Path(), help="The patched checkpoint to write.")
+@click.option("--title", help="The output's ModelSpec title (default: its file name).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Worker threads (default: up to 4).")
+@click.option("--dry-run", is_flag=True, help="Check the inputs and show what would be patched; write nothing.")
+@click.option("--no-record", is_flag=True, help="Do not record the output in the lineage registry.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def apply_command(checkpoint: str, adapters: tuple[str, ...], output: str, title: str | None, workers: int | None,
+                  dry_run: bool, no_record: bool, as_json: bool) -> None:
+    """Bake ADAPTERs (LoRA, LoCon, LoKr, LoHa, full diff, DoRA; kohya, LyCORIS or PEFT keys) into
+    CHECKPOINT, each at its STRENGTH (default 1): W + strength * delta per adapted weight, in fp32,
+    stored in each tensor's own dtype; every other tensor is copied unchanged."""
+    from lineage.adapters.apply import DEFAULT_WORKERS, AdapterInput, apply, plan
+
+    inputs = [AdapterInput.parse(a) for a in adapters]
+    if dry_run:
+        found = plan(checkpoint, inputs)
+        if as_json:
+            echo_json(found.summary())
+            return
+        click.echo(f"apply to {checkpoint}: {len(found.patches)} keys patched of {len(found.tensors)}")
+        for a, f in zip(found.adapters, found.files):
+            click.echo(f"  {a.path} at {a.strength:g}: {len(f.modules)} {f.algorithm} modules ({f.dialect})")
+        return
+    done = apply(checkpoint, inputs, output, record=not no_record, title=title,
+                 workers=workers or DEFAULT_WORKERS, progress=not as_json)
+    if as_json:
+        echo_json({**done.plan.summary(), "path": done.path, "autov3": done.autov3, "node": done.node,
+                   "record_error": done.record_error})
+        return
+    click.echo(f"wrote {output} ({len(done.plan.patches)} keys patched by {len(inputs)} adapter(s))")
+    if done.record_error:
+        click.echo(f"warning: not recorded in the registry: {done.record_error}", err=True)
+
+
 def _fit(name: str, width: int) -> str:
     """`name` in at most `width` characters, its middle left out: module names differ at both ends."""
     if len(name) <= width:
@@ -140,5 +182,5 @@ def _fit(name: str, width: int) -> str:
 
 def register(group: click.Group) -> None:
     """Add the adapter commands to the `lmerge` group."""
-    for command in (convert, extract):
+    for command in (convert, extract, apply_command):
         group.add_command(command)

@@ -1,0 +1,308 @@
+"""`lineage.adapters.apply(...)`: bake adapters into a checkpoint, as a planner on the one executor
+(lineage/engine/executor.py) — docs/adapters.md, "Applying adapters".
+
+    import lineage.adapters
+    lineage.adapters.apply("base.safetensors", ["style.safetensors", ("detail.safetensors", 0.5)],
+                           "styled.safetensors")
+
+Every adapter (LoRA, LoCon, LoKr, LoHa, full diff, with or without DoRA) is opened through the reader,
+which checks that each of its modules fits the checkpoint. Each checkpoint key some module adapts
+becomes one job that reads the key and every adapter's tensors for it, converts the weight to fp32,
+adds each module's delta at its strength in turn (adapters/delta.py; OpenCLIP-G's q, k and v patch
+their thirds of one `in_proj_weight`), and stores the result in the key's own dtype. Every other key,
+the prediction-type markers and pass-through tensors included, is copied byte for byte. The output
+appears only once complete, never on an input, and is recorded as a `merge` of the checkpoint (weight
+1) and each adapter (weight: its strength).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import types
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lineage.engine.jobs import Job, Output, Source
+from lineage.errors import CheckpointError, LineageError
+from lineage.graph.metadata import LINEAGE_RECORD_KEY, modelspec_metadata
+from lineage.io.atomic import file_destination
+from lineage.io.safetensors import TensorInfo
+from lineage.merge.records import SDXL_ARCHITECTURE, SDXL_IMPLEMENTATION, SDXL_RESOLUTION
+from lineage.sdxl.detection import require_sdxl
+from lineage.sdxl.layout import is_pass_through
+
+from .metadata import adapter_record
+from .modules import modules_by_name
+from .reader import AdapterFile, AdapterModule, open_adapter
+
+if TYPE_CHECKING:
+    from lineage.engine.executor import JobContext
+
+DEFAULT_WORKERS = min(4, os.cpu_count() or 2)
+# Roles whose tensors a job reads (alpha is read once, by the reader).
+FACTOR_ROLES_SKIPPED = frozenset({"alpha"})
+
+
+@dataclass(frozen=True)
+class AdapterInput:
+    """An adapter file and the strength it is applied at."""
+
+    path: str
+    strength: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterInput:
+        """`PATH` or `PATH:STRENGTH` (the last colon splits, when what follows is a number)."""
+        path, sep, tail = text.rpartition(":")
+        if sep:
+            try:
+                return cls(path, float(tail))
+            except ValueError:
+                pass
+        return cls(text)
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One adapter module on one checkpoint key: `rows` is the slice of the key it adapts (OpenCLIP-G's
+    q/k/v), `shape` the adapted weight's shape, `bias` whether it is the module's `diff_b` on the bias."""
+
+    adapter: int  # index into the plan's adapters
+    module: AdapterModule
+    rows: tuple[int, int] | None
+    shape: tuple[int, ...]
+    strength: float
+    bias: bool = False
+
+    @property
+    def roles(self) -> list[str]:
+        """The roles this patch reads, in a fixed order."""
+        wanted = ("diff_b",) if self.bias else tuple(r for r in self.module.keys if r not in FACTOR_ROLES_SKIPPED
+                                                     and r != "diff_b")
+        return [r for r in wanted if r in self.module.keys]
+
+
+@dataclass
+class ApplyPlan:
+    """What an apply does, decided from the headers alone: the checkpoint's keys in file order, and the
+    patches on each adapted key."""
+
+    checkpoint: str
+    adapters: list[AdapterInput]
+    files: list[AdapterFile]
+    tensors: dict[str, TensorInfo]
+    patches: dict[str, list[Patch]] = field(default_factory=dict)
+    prediction_type: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "adapters": [{"path": a.path, "strength": a.strength,
+                                                             "modules": len(f.modules), "algorithm": f.algorithm}
+                                                            for a, f in zip(self.adapters, self.files)],
+                "keys": len(self.tensors), "patched_keys": len(self.patches)}
+
+
+def _bias_key(key: str) -> str:
+    """The bias beside a weight key: `….weight` -> `….bias`, OpenCLIP's `in_proj_weight` -> `in_proj_bias`."""
+    return key[:-len("weight")] + "bias"
+
+
+def plan_apply(checkpoint: str, tensors: Mapping[str, TensorInfo], adapters: Sequence[AdapterInput],
+               prediction_type: str | None = None) -> ApplyPlan:
+    """Open every adapter against the checkpoint's header and place each module's patch on its key."""
+    targets = modules_by_name(tensors)
+    files = [open_adapter(a.path, base=tensors) for a in adapters]
+    plan = ApplyPlan(checkpoint, list(adapters), files, dict(tensors), prediction_type=prediction_type)
+    for index, (adapter, file) in enumerate(zip(adapters, files)):
+        for name, module in file.modules.items():
+            target = targets[name]
+            if module.alpha is not None and not math.isfinite(module.alpha):
+                raise CheckpointError(f"module {name} has alpha {module.alpha}", adapter.path)
+            if is_pass_through(target.key):
+                raise LineageError(f"module {name} would change {target.key}, which is never patched", adapter.path)
+            if any(r != "diff_b" and r not in FACTOR_ROLES_SKIPPED for r in module.keys):
+                plan.patches.setdefault(target.key, []).append(
+                    Patch(index, module, target.rows, target.shape, adapter.strength))
+            if "diff_b" in module.keys:
+                bias = _bias_key(target.key)
+                info = tensors.get(bias)
+                rows = (0, target.shape[0]) if target.rows is None else target.rows
+                if info is None or info.shape[0] < rows[1] or module.shapes["diff_b"] != (rows[1] - rows[0],):
+                    raise CheckpointError(f"module {name}: diff_b {list(module.shapes['diff_b'])} does not fit the "
+                                          f"checkpoint's {bias if info else 'bias (it has none)'}", adapter.path)
+                plan.patches.setdefault(bias, []).append(
+                    Patch(index, module, target.rows, (rows[1] - rows[0],), adapter.strength, bias=True))
+    return plan
+
+
+class ApplyJobs:
+    """The executor's jobs for an ApplyPlan: one per checkpoint key, in file order."""
+
+    def __init__(self, plan: ApplyPlan):
+        self.plan = plan
+
+    def jobs(self) -> list[Job]:
+        jobs = []
+        for key, info in self.plan.tensors.items():
+            output = (Output(key, info.dtype, tuple(info.shape)),)
+            patches = self.plan.patches.get(key)
+            if not patches:
+                jobs.append(Job((Source(0, key),), output, _copy))
+                continue
+            sources = [Source(0, key)]
+            for patch in patches:
+                sources.extend(Source(patch.adapter + 1, patch.module.keys[role]) for role in patch.roles)
+            jobs.append(Job(tuple(sources), output, partial(self._patch, patches)))
+        return jobs
+
+    def _patch(self, patches: list[Patch], ctx: JobContext) -> None:
+        import torch
+
+        from .delta import add_delta_
+
+        weight = ctx.sources[0].fp32()
+        readers = iter(ctx.sources[1:])
+        for patch in patches:
+            tensors = {}
+            for role in patch.roles:
+                reader = next(readers)
+                value = reader.fp32()
+                if not bool(torch.isfinite(value).all()):
+                    raise CheckpointError(f"tensor {reader.info.name!r} holds NaN or Inf",
+                                          self.plan.adapters[patch.adapter].path)
+                tensors[role] = value
+            rows = slice(*patch.rows) if patch.rows else slice(None)
+            if patch.bias:
+                weight[rows].add_(tensors["diff_b"], alpha=patch.strength)
+                continue
+            target = weight.view(weight.shape[0], -1)[rows].view(patch.shape)
+            add_delta_(target, patch.module.algorithm, tensors, patch.module.alpha, patch.strength)
+        ctx.outputs[0].copy_(weight)
+
+
+def _copy(ctx: JobContext) -> None:
+    ctx.sources[0].copy_to(ctx.outputs[0])
+
+
+def apply_metadata(plan: ApplyPlan, input_autov3: Sequence[str | None], output_autov3: str | None,
+                   title: str) -> dict[str, str]:
+    """Our record (the checkpoint and each adapter by name and AutoV3, their weights: 1 and the
+    strengths) and ModelSpec's keys for the patched checkpoint."""
+    names = [Path(plan.checkpoint).name] + [Path(a.path).name for a in plan.adapters]
+    strengths = [a.strength for a in plan.adapters]
+    record = adapter_record("merge", list(zip(names, input_autov3)), method="apply",
+                            weights=[1.0, *strengths], strengths=strengths)
+    described = (f"{Path(plan.checkpoint).name} with "
+                 + ", ".join(f"{n} at {s:g}" for n, s in zip(names[1:], strengths)) + " applied by lineage")
+    return {LINEAGE_RECORD_KEY: json.dumps(record, ensure_ascii=False),
+            **modelspec_metadata(architecture=SDXL_ARCHITECTURE, implementation=SDXL_IMPLEMENTATION, title=title,
+                                 resolution=SDXL_RESOLUTION, date=datetime.date.today().isoformat(),
+                                 prediction_type=plan.prediction_type, merged_from=names, autov3=output_autov3,
+                                 description=described)}
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    path: str
+    autov3: str
+    plan: ApplyPlan
+    node: str | None  # the registry node; None with record=False or when recording failed
+    record_error: str | None = None
+
+
+AdapterSpec = str | os.PathLike | tuple[str | os.PathLike, float] | AdapterInput
+
+
+def _inputs(adapters: Sequence[AdapterSpec]) -> list[AdapterInput]:
+    found = []
+    for a in adapters:
+        if isinstance(a, AdapterInput):
+            found.append(a)
+        elif isinstance(a, tuple):
+            found.append(AdapterInput(os.fspath(a[0]), float(a[1])))
+        else:
+            found.append(AdapterInput(os.fspath(a)))
+    return found
+
+
+def plan(checkpoint: str | os.PathLike, adapters: Sequence[AdapterSpec]) -> ApplyPlan:
+    """The plan of an apply (what `--dry-run` shows), from the headers only."""
+    from lineage.io.safetensors import read_header
+
+    checkpoint = os.fspath(checkpoint)
+    detection = _require_checkpoint(checkpoint)
+    return plan_apply(checkpoint, read_header(checkpoint)[0], _inputs(adapters), detection.prediction_type)
+
+
+def _require_checkpoint(path: str) -> Any:
+    detection = require_sdxl(path)
+    if detection.format != "sdxl-single-file":
+        raise CheckpointError("is a diffusers folder; apply needs a single-file SDXL checkpoint", path)
+    return detection
+
+
+def apply(checkpoint: str | os.PathLike, adapters: Sequence[AdapterSpec], output: str | os.PathLike, *,
+          record: bool = True, registry: Any = None, title: str | None = None, workers: int = DEFAULT_WORKERS,
+          progress: bool = True) -> ApplyResult:
+    """Write `checkpoint` with `adapters` (paths, (path, strength) pairs or AdapterInputs) baked in to
+    `output`. Unless `record=False` the output is registered as a `merge` of the checkpoint and the
+    adapters; if that fails the output stays and `record_error` says why."""
+    from lineage.engine.executor import run_jobs
+    from lineage.engine.inputs import InputFile
+    from lineage.graph.registry import known_autov3
+
+    checkpoint, output = os.fspath(checkpoint), os.fspath(output)
+    inputs = _inputs(adapters)
+    if not inputs:
+        raise LineageError("give at least one adapter to apply")
+    file_destination(output, [checkpoint, *(a.path for a in inputs)])
+    detection = _require_checkpoint(checkpoint)
+    with ExitStack() as stack:
+        files = [stack.enter_context(InputFile(p)) for p in [checkpoint, *(a.path for a in inputs)]]
+        known = known_autov3([f.path for f in files], registry)  # after opening, as merges do
+        apply_plan = plan_apply(checkpoint, files[0].header.tensors, inputs, detection.prediction_type)
+        name = title or Path(output).stem
+
+        def metadata(input_autov3: list[str | None], output_autov3: str | None) -> dict[str, str]:
+            return apply_metadata(apply_plan, input_autov3, output_autov3, name)
+
+        result = run_jobs(files, ApplyJobs(apply_plan).jobs(), output, metadata=metadata, known_autov3=known,
+                          workers=workers, progress=progress, description="apply")
+    node, record_error = None, None
+    if record:
+        try:
+            node = _record(apply_plan, output, result.input_autov3, result.output_autov3, registry)
+        except (LineageError, OSError) as e:
+            record_error = str(e)
+    return ApplyResult(output, result.output_autov3, apply_plan, node, record_error)
+
+
+def _record(plan: ApplyPlan, output: str, input_autov3: Sequence[str], output_autov3: str, registry: Any) -> str:
+    from lineage.graph.recording import record as record_file
+    from lineage.io.hashing import FileHashes
+
+    def hashes(path: str, autov3: str) -> FileHashes:
+        return FileHashes(path, None, None, None, autov3, None)
+
+    parents = [plan.checkpoint, *(a.path for a in plan.adapters)]
+    strengths = [a.strength for a in plan.adapters]
+    return record_file(output, parents=parents, relation="merge", weights=[1.0, *strengths],
+                       params={"method": "apply", "strengths": strengths}, registry=registry,
+                       hashes=hashes(output, output_autov3),
+                       parent_hashes=[hashes(p, h) for p, h in zip(parents, input_autov3)])
+
+
+class _CallableModule(types.ModuleType):
+    """`lineage.adapters.apply(...)` calls `apply` while `lineage.adapters.apply` stays this module."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ApplyResult:
+        return apply(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
