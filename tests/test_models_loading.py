@@ -112,6 +112,18 @@ def test_missing_position_ids_and_logit_scale_get_their_standard_values(tiny_fil
     assert model.clip_g.logit_scale.item() == pytest.approx(2.6592600)
 
 
+def test_file_without_clip_l_last_layer_still_gives_the_hidden_state_sdxl_uses(tiny_file, tmp_path):
+    with SafetensorsFile(tiny_file) as f:
+        tensors = {k: v for k, v in f.items() if ".encoder.layers.11." not in k}
+    save_file(tensors, tmp_path / "pruned.safetensors")
+    pruned = load_sdxl(tmp_path / "pruned.safetensors", parts=("clip_l",)).clip_l
+    full = load_sdxl(tiny_file, parts=("clip_l",)).clip_l
+    assert pruned.config.layers == 11
+    ids = torch.randint(0, 1500, (1, 77))
+    with torch.no_grad():
+        assert torch.equal(pruned(ids).hidden_states[11], full(ids).hidden_states[11])
+
+
 def test_outputs_have_the_expected_shapes(tiny_file):
     model = load_sdxl(tiny_file)
     c = model.unet.config
