@@ -9,7 +9,6 @@ or malformed file is refused by the safetensors reader, which names the file.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -18,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from lineage.errors import CheckpointError, brief
+from lineage.io import strict_json
 from lineage.io.safetensors import SafetensorsFile, TensorInfo
 from lineage.sdxl.layout import COMPONENT_PREFIXES, MARKER_KEYS
 
@@ -43,6 +43,18 @@ REQUIRED_ROLES: dict[str, tuple[tuple[str, ...], ...]] = {
     "lokr": (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
     "loha": (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)),
     "diff": (("diff", "diff_b"),),
+}
+# A factor given whole or as a low-rank pair, never both (a loader would pick one and drop the other).
+WHOLE_OR_PAIR: dict[str, tuple[tuple[str, tuple[str, str]], ...]] = {
+    "lokr": (("lokr_w1", ("lokr_w1_a", "lokr_w1_b")), ("lokr_w2", ("lokr_w2_a", "lokr_w2_b"))),
+}
+# How many dimensions each role's tensor may have (roles not listed are not checked): 4-D for
+# convolution kernels and Tucker cores, 2-D for matrices, 1-D for a bias.
+ROLE_NDIMS: dict[str, tuple[int, ...]] = {
+    "lora_down": (2, 4), "lora_up": (2, 4), "lora_mid": (4,),
+    "lokr_w1": (2,), "lokr_w2": (2, 4), "lokr_t2": (4,),
+    **{f"{w}_{s}": (2,) for w in ("lokr_w1", "lokr_w2", "hada_w1", "hada_w2") for s in ("a", "b")},
+    "hada_t1": (4,), "hada_t2": (4,), "diff": (2, 4), "diff_b": (1,),
 }
 
 
@@ -111,7 +123,9 @@ def _place_keys(path: str, keys: list[str], dialect: Dialect) -> dict[str, dict[
             unknown.append(key)
             continue
         module, role = found
-        roles.setdefault(module, {})[role] = key
+        twin = roles.setdefault(module, {}).setdefault(role, key)
+        if twin != key:
+            raise _fail(path, f"has module {module}'s {role} twice, as {brief(twin)} and {brief(key)}")
     if unknown:
         sd1 = [k for k in unknown if SD1_NAMES.match(k)]
         if sd1:
@@ -144,18 +158,40 @@ def _peft_alphas(path: str, metadata: Mapping[str, str], modules: Mapping[str, M
     if not raw:
         return {}
     try:
-        config = json.loads(raw)
-    except ValueError as e:
+        config = strict_json.loads(raw)
+    except strict_json.JSONError as e:
         raise _fail(path, f"has a {PEFT_CONFIG_KEY} entry that is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise _fail(path, f"has a {PEFT_CONFIG_KEY} entry that is not a JSON object ({brief(config)})")
     alphas = {}
     for name, module in modules.items():
         prefix = PEFT_PREFIXES[module.component]
         pattern = config.get(f"{prefix}.alpha_pattern") or {}
-        value = next((v for entry, v in pattern.items() if peft_config_names(entry, module)),
-                     config.get(f"{prefix}.lora_alpha"))
+        if not isinstance(pattern, dict):
+            raise _fail(path, f"has a {PEFT_CONFIG_KEY} whose {prefix}.alpha_pattern is not an object "
+                              f"({brief(pattern)})")
+        default = (f"{prefix}.lora_alpha", config.get(f"{prefix}.lora_alpha"))
+        entry, value = next(((f"{prefix}.alpha_pattern[{e!r}]", v) for e, v in pattern.items()
+                             if peft_config_names(e, module)), default)
         if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _fail(path, f"has a {PEFT_CONFIG_KEY} whose {entry} is not a number ({brief(value)})")
             alphas[name] = float(value)
     return alphas
+
+
+def _alpha(path: str, f: SafetensorsFile, name: str, key: str) -> float:
+    """A module's alpha tensor as a number: one finite value of a numeric dtype."""
+    info = f.tensors[key]
+    count = math.prod(info.shape)
+    if count != 1:
+        raise _fail(path, f"module {name}: alpha {list(info.shape)} has {count} values, not one")
+    if info.dtype == "BOOL":
+        raise _fail(path, f"module {name}: alpha is a bool tensor, not a number")
+    value = f.read(key).float().item()
+    if not math.isfinite(value):
+        raise _fail(path, f"module {name}: alpha is {value}")
+    return value
 
 
 # Per algorithm: (rows, columns) of the weight its factors rebuild, from the roles' shapes, columns
@@ -206,7 +242,20 @@ def _check_module(path: str, module: AdapterModule, target: Module | None) -> No
     for choice in REQUIRED_ROLES[module.algorithm]:
         if not roles.intersection(choice):
             raise _fail(path, f"module {module.name} ({module.algorithm}) has no {' or '.join(choice)} tensor")
+    for whole, pair in WHOLE_OR_PAIR.get(module.algorithm, ()):
+        halves = sorted(roles.intersection(pair))
+        if whole in roles and halves:
+            raise _fail(path, f"module {module.name} has both {whole} and {', '.join(halves)}: one factor "
+                              "spelled twice")
+        if len(halves) == 1:
+            raise _fail(path, f"module {module.name} has {halves[0]} without its other half")
     s = module.shapes
+    for role, shape in s.items():
+        if role in ROLE_NDIMS and len(shape) not in ROLE_NDIMS[role]:
+            raise _fail(path, f"module {module.name}: {role} {list(shape)} is {len(shape)}-D, not "
+                              f"{' or '.join(f'{n}-D' for n in ROLE_NDIMS[role])}")
+        if role != "alpha" and 0 in shape:
+            raise _fail(path, f"module {module.name}: {role} {list(shape)} is empty (rank 0)")
     for (ra, da), (rb, db) in RANK_PAIRS[module.algorithm]:
         if ra in s and rb in s and not (module.algorithm == "loha" and "hada_t1" in s):
             if len(s[ra]) <= da or len(s[rb]) <= db or s[ra][da] != s[rb][db]:
@@ -248,7 +297,7 @@ def open_adapter(path: str | os.PathLike, *, base: Mapping[str, HasShape] | None
             mixed = [a for a, rs in ALGORITHM_ROLES.items() if a != algorithm and set(roles).intersection(rs)]
             if mixed:
                 raise _fail(path, f"module {name} mixes {algorithm} and {mixed[0]} tensors")
-            alpha = f.read(roles["alpha"]).float().item() if "alpha" in roles else peft_alphas.get(name)
+            alpha = _alpha(path, f, name, roles["alpha"]) if "alpha" in roles else peft_alphas.get(name)
             module = AdapterModule(name, algorithm, dict(roles), alpha,
                                    {role: tuple(f.tensors[key].shape) for role, key in roles.items()})
             if targets is not None and name not in targets:
