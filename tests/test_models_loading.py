@@ -228,6 +228,17 @@ def test_stray_and_missing_tensors_are_refused(tiny_file, tmp_path):
         load_sdxl(tmp_path / "hole.safetensors")
 
 
+def test_a_part_without_its_structure_is_refused(tiny_file, tmp_path):
+    with SafetensorsFile(tiny_file) as f:
+        tensors = {k: v for k, v in f.items() if k != "model.diffusion_model.input_blocks.0.0.weight"}
+    save_file(tensors, tmp_path / "cut.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_sdxl(tmp_path / "cut.safetensors")
+    message = one_line_error(e)
+    assert message.startswith(str(tmp_path / "cut.safetensors"))
+    assert "not an SDXL UNet: no tensor 'input_blocks.0.0.weight'" in message
+
+
 def test_inconsistent_shapes_are_refused(tiny_file, tmp_path):
     with SafetensorsFile(tiny_file) as f:
         tensors = dict(f.items())

@@ -52,7 +52,10 @@ def load_sdxl(path: str | os.PathLike, *, parts: tuple[str, ...] = tuple(MODELS)
         if absent:
             names = " and ".join(PART_NAMES[p] for p in absent)
             raise CheckpointError(f"has no {names} (a {found.variant} file); {WITHOUT[absent[0]]}", f.path)
-        config = config_from_checkpoint(f.tensors, parts)
+        try:
+            config = config_from_checkpoint(f.tensors, parts)
+        except CheckpointError as e:  # the shapes do not form an SDXL part: say which file
+            raise CheckpointError(str(e), f.path) from None
         with torch.device("meta"):
             model = SDXL(config)
         model = model.to(dtype).to_empty(device=device)
