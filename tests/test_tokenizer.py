@@ -156,6 +156,21 @@ def test_long_prompts_in_75_token_chunks(tokenizer):
         assert tokens.clip_g_ids[1, chunk].tolist() == empty.clip_g_ids[0, 0].tolist()
 
 
+@pytest.mark.parametrize(("before", "after", "first_chunk"), [
+    (60, 20, 61),  # the comma 15 tokens from the chunk's end: cut after it, the 14 digits after it move on
+    (55, 30, 56),  # 20 from the end: still cut there (A1111's default reach)
+    (54, 30, 75),  # 21 from the end: too far back, cut at 75 tokens
+])
+def test_full_chunk_is_cut_after_its_last_comma(tokenizer, before, after, first_chunk):
+    digits = "0123456789" * 10  # one token per digit
+    prompt = digits[:before] + "," + digits[:after]
+    chunks = prompt_chunks(tokenizer, prompt)
+    assert [len(c) for c in chunks] == [first_chunk, before + 1 + after - first_chunk]
+    assert [t for c in chunks for t, _ in c] == tokenizer.encode(prompt)
+    if first_chunk < CHUNK_TOKENS:
+        assert chunks[0][-1][0] == tokenizer.comma_id
+
+
 def test_empty_prompt_is_start_end_and_padding(tokenizer):
     tokens = tokenize_prompts(tokenizer, [""])
     assert tokens.clip_l_ids[0, 0].tolist() == [tokenizer.start_id] + [tokenizer.end_id] * 76

@@ -26,6 +26,9 @@ from lineage.train.tokenizer import CONTEXT_LENGTH, SDXLTokenizer
 from lineage.train.unet import timestep_embedding
 
 CHUNK_TOKENS = CONTEXT_LENGTH - 2  # 75 prompt tokens between the start and end tokens
+# A1111's default: a full chunk whose last comma is at most this many tokens from its end is cut after
+# that comma, so that the tag after it is not split between two chunks.
+COMMA_BACKTRACK = 20
 MAX_PROMPT_TOKENS = 1000  # beyond this a prompt is a mistake (a pasted file), not a description
 SIZE_EMBEDDING_WIDTH = 256  # SDXL's width per size/crop value
 
@@ -47,14 +50,22 @@ def prompt_chunks(tokenizer: SDXLTokenizer, prompt: str) -> list[list[tuple[int,
                            f"(starting {prompt[:40]!r})")
     chunks: list[list[tuple[int, float]]] = []
     current: list[tuple[int, float]] = []
+    last_comma = None  # index in `current` of its last comma, if any
     for ids, piece in tokenized:
         if piece.chunk_break:
             chunks.append(current)
-            current = []
+            current, last_comma = [], None
         for token in ids:
+            if token == tokenizer.comma_id:
+                last_comma = len(current)
+            elif len(current) == CHUNK_TOKENS and last_comma is not None and \
+                    CHUNK_TOKENS - last_comma <= COMMA_BACKTRACK:
+                # A1111: end the full chunk at its last comma, carry the words after it to the next chunk
+                chunks.append(current[:last_comma + 1])
+                current, last_comma = current[last_comma + 1:], None
             if len(current) == CHUNK_TOKENS:
                 chunks.append(current)
-                current = []
+                current, last_comma = [], None
             current.append((token, piece.weight))
     if current or not chunks:
         chunks.append(current)

@@ -133,6 +133,11 @@ class SDXLTokenizer:
     def end_id(self) -> int:
         return self.bpe.end_id
 
+    @property
+    def comma_id(self) -> int:
+        """The id of a lone comma (`,</w>`, a byte symbol: in every vocabulary), where A1111 prefers to cut chunks."""
+        return self.bpe.tokenizer.token_to_id(",</w>")
+
     def encode(self, text: str) -> list[int]:
         """The ids of `text`, without start/end tokens (emphasis syntax is read by lineage.train.prompts)."""
         return self.bpe.encode(text)
