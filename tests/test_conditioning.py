@@ -15,6 +15,7 @@ from lineage.train.conditioning import (
     encode_prompts,
     encode_with_negatives,
     micro_conditioning,
+    size_embedding_width,
     tokenize_prompts,
 )
 from lineage.train.loading import load_sdxl
@@ -120,7 +121,8 @@ def test_empty_prompt_is_encoded(ours, tokenizer, pipeline):
 
 def test_micro_conditioning_equals_diffusers(ours, pipeline):
     pooled = torch.randn(2, ours.clip_g.config.projection_dim, generator=torch.Generator().manual_seed(0))
-    width = (ours.unet.config.adm_in_channels - pooled.shape[1]) // SIZE_VALUES
+    width = size_embedding_width(ours)
+    assert width * SIZE_VALUES + pooled.shape[1] == ours.unet.config.adm_in_channels
     for original, crop, target in [((1024, 1024), (0, 0), (1024, 1024)), ((832, 1216), (64, 8), (896, 1152))]:
         y = micro_conditioning(pooled, original_size=original, crop=crop, target_size=target, embedding_width=width)
         time_ids = pipeline._get_add_time_ids(original, crop, target, torch.float32,
@@ -168,10 +170,15 @@ def test_long_prompt_chunks_are_encoded_separately(ours, tokenizer):
     torch.testing.assert_close(context[1, 77:], parts[0][3], rtol=1e-5, atol=1e-6)  # padded with an empty chunk
     torch.testing.assert_close(pooled, parts[1][[0, 2]], rtol=1e-5, atol=1e-6)
     assert tokenize_prompts(tokenizer, [long]).clip_l_ids.shape[1] == 2
+    with torch.no_grad():  # prompt and negative share one chunk count, as guidance needs
+        context, _, negative_context, _ = encode_with_negatives(ours, ["a cat"], [long], tokenizer=tokenizer)
+    assert context.shape == negative_context.shape == (1, 2 * 77, parts[0].shape[-1])
+    torch.testing.assert_close(negative_context[0, 77:], parts[0][1], rtol=1e-5, atol=1e-6)
 
 
 def test_missing_text_encoder_is_one_line(tiny_file):
     unet_only = load_sdxl(tiny_file, parts=("unet",))
+    assert size_embedding_width(unet_only) == 256  # no pooled width to subtract: SDXL's
     with pytest.raises(LineageError, match="no CLIP-L and OpenCLIP-G text encoder: prompts cannot be encoded"):
         encode_prompts(unet_only, ["a cat"])
     with pytest.raises(LineageError, match="2 prompts but 1 negative"):

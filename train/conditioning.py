@@ -31,6 +31,7 @@ CHUNK_TOKENS = CONTEXT_LENGTH - 2  # 75 prompt tokens between the start and end 
 COMMA_BACKTRACK = 20
 MAX_PROMPT_TOKENS = 1000  # beyond this a prompt is a mistake (a pasted file), not a description
 SIZE_EMBEDDING_WIDTH = 256  # SDXL's width per size/crop value
+SIZE_VALUES = 6  # original height, width, crop top, left, target height, width
 
 
 class TokenizedPrompts(NamedTuple):
@@ -155,3 +156,12 @@ def micro_conditioning(pooled: torch.Tensor, *, original_size: tuple[int, int], 
     values = torch.tensor([*original_size, *crop, *target_size], dtype=torch.float32, device=pooled.device)
     sizes = timestep_embedding(values, embedding_width).flatten().to(pooled.dtype)
     return torch.cat([pooled, sizes.expand(pooled.shape[0], -1)], dim=-1)
+
+
+def size_embedding_width(model: SDXL) -> int:
+    """The width of each size/crop embedding this model's UNet takes (SDXL: 256; less in smaller test models):
+    what its `label_emb` input has beyond the pooled vector, shared by the six values."""
+    unet, clip_g = model.unet, model.clip_g
+    if unet is None or clip_g is None:
+        return SIZE_EMBEDDING_WIDTH
+    return (unet.config.adm_in_channels - clip_g.config.projection_dim) // SIZE_VALUES
