@@ -217,6 +217,53 @@ def resize(adapter: str, output: str, rank: int | None, rank_mode: str, rank_par
         click.echo(f"warning: not recorded in the registry: {done.record_error}", err=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# lora-merge: several LoRAs as one (concatenated, or re-truncated to a rank)
+
+
+@click.command("lora-merge")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.option("-o", "--output", required=True, type=click.Path(), help="The merged LoRA to write.")
+@click.option("--rank", type=int, help="Re-truncate the merged modules to this rank (default: concatenate).")
+@click.option("--rank-mode", type=click.Choice(RANK_MODES), default="fixed", show_default=True,
+              help="How each module's rank is chosen (with --rank-param).")
+@click.option("--rank-param", type=float, help="As for lmerge resize.")
+@click.option("--max-rank", type=int, help="Most ranks a mode gives a module.")
+@click.option("--size", help="One budget for the whole file, e.g. 50MB.")
+@click.option("--params", "param_budget", type=int, help="The budget as a parameter count.")
+@click.option("--to", "dialect", type=click.Choice(["kohya", "peft"]), default="kohya", show_default=True,
+              help="The output's key dialect.")
+@click.option("--registry", type=click.Path(), help="The lineage registry (default $LINEAGE_HOME).")
+@click.option("--no-record", is_flag=True, help="Do not record the merged LoRA in the lineage registry.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (every module) as JSON.")
+def lora_merge(adapters: tuple[str, ...], output: str, rank: int | None, rank_mode: str, rank_param: float | None,
+               max_rank: int | None, size: str | None, param_budget: int | None, dialect: str, registry: str | None,
+               no_record: bool, as_json: bool) -> None:
+    """Merge LoRA / LoCon ADAPTERs (any dialect), each at its WEIGHT (default 1), into one LoRA: the exact
+    sum (factors stacked, rank = the sum of ranks), or with --rank / --rank-mode / --size its best
+    truncation (the QR of the stacked factors, then the small SVD)."""
+    from lineage.adapters.apply import AdapterInput
+    from lineage.adapters.lora_merge import lora_merge as run_merge
+
+    done = run_merge([AdapterInput.parse(a) for a in adapters], output, rank=rank, rank_mode=rank_mode,
+                     rank_param=rank_param, max_rank=max_rank, size=size, params=param_budget, dialect=dialect,
+                     record=not no_record, registry=registry, progress=not as_json)
+    if as_json:
+        echo_json({"path": done.path, "autov3": done.autov3, "dialect": done.dialect, "exact": done.exact,
+                   "params": done.params, "total_retained": done.total_retained,
+                   "total_relative_error": done.total_error, "clamped": done.clamped, "node": done.node,
+                   "record_error": done.record_error, "modules": [vars(m) for m in done.modules]})
+        return
+    click.echo(f"wrote {done.path} ({done.dialect}, {done.params:,} parameters, AutoV3 {done.autov3[:12]})")
+    if done.exact:
+        ranks = sorted({m.rank for m in done.modules})
+        click.echo(f"{len(done.modules)} modules concatenated exactly (ranks {ranks[0]}–{ranks[-1]}, alpha = rank)")
+    else:
+        _echo_truncation(done)
+    if done.record_error:
+        click.echo(f"warning: not recorded in the registry: {done.record_error}", err=True)
+
+
 def _echo_truncation(done: Any) -> None:
     """The table of a resize or a lora-merge to a rank: totals, the alpha rule, the worst modules."""
     kept = [m for m in done.modules if m.rank]
@@ -245,5 +292,5 @@ def _fit(name: str, width: int) -> str:
 
 def register(group: click.Group) -> None:
     """Add the adapter commands to the `lmerge` group."""
-    for command in (convert, extract, apply_command, resize):
+    for command in (convert, extract, apply_command, resize, lora_merge):
         group.add_command(command)

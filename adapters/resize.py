@@ -212,68 +212,80 @@ def common_ratio(ratios: Sequence[float]) -> float | None:
     return first if all(math.isclose(r, first, rel_tol=RATIO_TOLERANCE) for r in ratios) else None
 
 
+def scaled_factors(readers: Sequence[Any], roles: Sequence[str], module: AdapterModule, strength: float,
+                   path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(strength · scale · up, down) of `module` from the job's `readers` of its `roles`, 2-D fp32, a
+    Tucker core folded into down (adapters/delta.py); a NaN or Inf names the file `path`."""
+    import torch
+
+    from .delta import rebuild
+
+    tensors = {}
+    for role, reader in zip(roles, readers):
+        value = reader.fp32()
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"tensor {reader.info.name!r} holds NaN or Inf", path)
+        tensors[role] = value
+    delta = rebuild("lora", tensors, module.alpha)
+    return delta.factors[0] * (delta.scale * strength), delta.factors[1]
+
+
+def factor_roles(module: AdapterModule) -> list[str]:
+    """The roles a job reads of a LoRA module, in a fixed order (alpha is the reader's)."""
+    return [r for r in FACTOR_ROLES if r in module.keys]
+
+
 class FactorAnalysis:
     """Run 1: one job per module reads its factors and computes the SVD of its scaled change."""
 
-    def __init__(self, adapter: AdapterFile, input_index: int = 0, strength: float = 1.0):
-        self.adapter, self.input_index, self.strength = adapter, input_index, strength
+    def __init__(self, adapter: AdapterFile):
+        self.adapter = adapter
         self.factors: dict[str, Factors] = {}
         self._lock = threading.Lock()
 
     def jobs(self) -> list[Job]:
-        jobs = []
-        for module in self.adapter.modules.values():
-            roles = [r for r in FACTOR_ROLES if r in module.keys]
-            sources = tuple(Source(self.input_index, module.keys[r]) for r in roles)
-            jobs.append(Job(sources, (), self._job(module, roles)))
-        return jobs
+        return [Job(tuple(Source(0, module.keys[r]) for r in factor_roles(module)), (), self._job(module))
+                for module in self.adapter.modules.values()]
 
-    def scaled_factors(self, ctx: JobContext, module: AdapterModule, roles: Sequence[str]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(strength · scale · up, down) of `module`, 2-D fp32, Tucker core folded into down."""
-        import torch
-
-        from .delta import rebuild
-
-        tensors = {}
-        for role, reader in zip(roles, ctx.sources):
-            value = reader.fp32()
-            if not bool(torch.isfinite(value).all()):
-                raise CheckpointError(f"tensor {reader.info.name!r} holds NaN or Inf", self.adapter.path)
-            tensors[role] = value
-        delta = rebuild("lora", tensors, module.alpha)
-        return delta.factors[0] * (delta.scale * self.strength), delta.factors[1]
-
-    def _job(self, module: AdapterModule, roles: Sequence[str]) -> Any:
+    def _job(self, module: AdapterModule) -> Any:
         def analyse(ctx: JobContext) -> None:
-            up, down = self.scaled_factors(ctx, module, roles)
+            up, down = scaled_factors(ctx.sources, factor_roles(module), module, 1.0, self.adapter.path)
             factors = product_factors(up, down)
             with self._lock:
                 self.factors[module.name] = factors
         return analyse
 
 
-def write_jobs(dialect: str, name: str, layout: LoraLayout, factors: Factors, rank: int, ratio: float,
-               alpha_dtype: str) -> list[Job]:
-    """`lora_down`, `lora_up` (and in kohya's dialect `alpha`) of one module at `rank`, with alpha =
-    ratio · rank: the factors are divided by √ratio so that ratio · up @ down is the truncation."""
-    up, down = factors.split(rank)
-    root = math.sqrt(ratio)
+def lora_outputs(dialect: str, name: str, layout: LoraLayout, rank: int, alpha_dtype: str) -> dict[str, Output]:
+    """The output tensors of one module at `rank`, by role: `lora_down`, `lora_up` and, in kohya's
+    dialect, `alpha` (PEFT keeps alpha in the header)."""
     shapes = layout.shapes(rank)
-    values = {"lora_down": (down / root).reshape(shapes["lora_down"]),
-              "lora_up": (up / root).reshape(shapes["lora_up"])}
+    roles = [r for r in ("lora_down", "lora_up", "alpha") if r in DIALECTS[dialect].suffixes]
+    return {role: Output(adapter_key(dialect, name, role), alpha_dtype if role == "alpha" else layout.dtype,
+                         shapes[role]) for role in roles}
 
+
+def fill_lora(outputs: Mapping[str, torch.Tensor], up: torch.Tensor, down: torch.Tensor, ratio: float) -> None:
+    """Fill a module's output tensors (by role) from the 2-D factors of its change up @ down, with alpha =
+    ratio · rank: the factors are divided by √ratio to keep the change."""
+    root = math.sqrt(ratio)
+    for role, tensor in outputs.items():
+        if role == "alpha":
+            tensor.fill_(ratio * up.shape[1])
+        else:
+            tensor.copy_(((down if role == "lora_down" else up) / root).reshape(tensor.shape))
+
+
+def write_jobs(dialect: str, name: str, layout: LoraLayout, up: torch.Tensor, down: torch.Tensor, ratio: float,
+               alpha_dtype: str) -> list[Job]:
+    """One job per output tensor of a module whose factors are known (`fill_lora`)."""
     def fill(role: str) -> Any:
         def write(ctx: JobContext) -> None:
-            if role == "alpha":
-                ctx.outputs[0].fill_(ratio * rank)
-            else:
-                ctx.outputs[0].copy_(values[role])
+            fill_lora({role: ctx.outputs[0]}, up, down, ratio)
         return write
 
-    roles = [r for r in ("lora_down", "lora_up", "alpha") if r in DIALECTS[dialect].suffixes]
-    return [Job((), (Output(adapter_key(dialect, name, role), alpha_dtype if role == "alpha" else layout.dtype,
-                            shapes[role]),), fill(role)) for role in roles]
+    outputs = lora_outputs(dialect, name, layout, up.shape[1], alpha_dtype)
+    return [Job((), (output,), fill(role)) for role, output in outputs.items()]
 
 
 def _one_or_dynamic(values: Sequence[float]) -> float | str:
@@ -343,7 +355,7 @@ def resize(adapter: str | os.PathLike, output: str | os.PathLike, *, rank: int |
                               source)
     dialect = output_dialect(opened)
     out_ratio = 1.0 if ratio is None else ratio
-    jobs = [job for m in kept for job in write_jobs(dialect, m.name, layouts[m.name], factors[m.name], m.rank,
+    jobs = [job for m in kept for job in write_jobs(dialect, m.name, layouts[m.name], *factors[m.name].split(m.rank),
                                                     out_ratio, _alpha_dtype(opened, opened.modules[m.name]))]
     result = ResizeResult(output, "", dialect, modules, found.input_autov3[0], out_ratio, ratio is None,
                           sum(1 for m in kept if asked is not None and m.rank < asked))
