@@ -223,7 +223,7 @@ def lora_merge(inputs: Sequence[AdapterSpec], output: str | os.PathLike, *, rank
                                     modules={m.name: {"rank": m.rank, **({} if exact else {
                                         "retained": round(m.retained, 6), "error": round(m.relative_error, 5)})}
                                              for m in result.modules if m.rank})
-            return lora_metadata({m.name: (m.rank, float(m.rank)) for m in result.modules if m.rank}, dialect,
+            return lora_metadata({m.name: (m.rank, float(m.rank)) for m in result.modules if m.rank}, dialect, (),
                                  conv, Path(output).stem, output_autov3, fields)
 
         written = run_jobs(opened, jobs if jobs is not None else stacking.write_jobs(dialect), output,

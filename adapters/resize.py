@@ -29,7 +29,7 @@ import os
 import sys
 import threading
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ from .convert import SELF_DESCRIBING
 from .decompose import Factors, RankRule, allocate
 from .dialects import DIALECTS
 from .extract import OUTPUT_DTYPES, _budget
-from .metadata import adapter_metadata, adapter_record
+from .metadata import _number, adapter_metadata, adapter_record
 from .reader import AdapterFile, AdapterModule, open_adapter
 from .writer import adapter_key, dialect_metadata
 
@@ -174,6 +174,11 @@ class LoraLayout:
     dtype: str
 
     @property
+    def spatial(self) -> bool:
+        """A convolution with a kernel larger than 1x1 (kohya gives these conv_dim)."""
+        return any(k > 1 for k in self.down_tail[1:])
+
+    @property
     def cost(self) -> int:
         """Parameters one rank costs (a row of down, a column of up)."""
         return self.out + math.prod(self.down_tail)
@@ -293,13 +298,16 @@ def _one_or_dynamic(values: Sequence[float]) -> float | str:
     return found.pop() if len(found) == 1 else "Dynamic"
 
 
-def lora_metadata(kept: Mapping[str, tuple[int, float]], dialect: str, conv: bool, title: str,
-                  output_autov3: str | None, record: Mapping[str, Any],
+def lora_metadata(kept: Mapping[str, tuple[int, float]], dialect: str, spatial: Collection[str], conv: bool,
+                  title: str, output_autov3: str | None, record: Mapping[str, Any],
                   inherited: Mapping[str, str] | None = None) -> dict[str, str]:
     """The metadata of a LoRA we rewrite: `inherited` (the input's, without what described the input
     file itself), the dialect's own entries for the `kept` modules (name -> (rank, alpha)), and kohya's
-    and ModelSpec's keys, those that describe the new file replacing the input's (UPDATED_ENTRIES)."""
+    and ModelSpec's keys, those that describe the new file replacing the input's (UPDATED_ENTRIES); an
+    inherited `ss_network_args` gets the new conv_dim / conv_alpha of the `spatial` (3x3) modules.
+    `conv`: some module is a convolution (a LoCon)."""
     metadata = {k: v for k, v in (inherited or {}).items() if k not in SELF_DESCRIBING}
+    _update_conv_args(metadata, [kept[n] for n in spatial if n in kept])
     metadata.update(dialect_metadata(dialect, {n: r for n, (r, _) in kept.items()},
                                      {n: a for n, (_, a) in kept.items()}))
     fresh = adapter_metadata(algorithm="locon" if conv else "lora",
@@ -310,6 +318,21 @@ def lora_metadata(kept: Mapping[str, tuple[int, float]], dialect: str, conv: boo
         if key in UPDATED_ENTRIES or key not in metadata:
             metadata[key] = value
     return metadata
+
+
+def _update_conv_args(metadata: dict[str, str], spatial: Sequence[tuple[int, float]]) -> None:
+    """kohya's conv_dim / conv_alpha in `ss_network_args` (when the input has them) for the new ranks, and
+    use_tucker off: a Tucker core is folded into lora_down, never written."""
+    try:
+        args = json.loads(metadata.get("ss_network_args", ""))
+    except ValueError:
+        return
+    if isinstance(args, dict) and "conv_dim" in args and spatial:
+        args["conv_dim"] = _number(_one_or_dynamic([r for r, _ in spatial]))
+        args["conv_alpha"] = _number(_one_or_dynamic([a for _, a in spatial]))
+        if "use_tucker" in args:
+            args["use_tucker"] = "False"
+        metadata["ss_network_args"] = json.dumps(args)
 
 
 def output_dialect(adapter: AdapterFile) -> str:
@@ -363,6 +386,7 @@ def resize(adapter: str | os.PathLike, output: str | os.PathLike, *, rank: int |
                "total_relative_error": round(result.total_error, 6), "alpha_ratio": out_ratio,
                "alphas_folded": ratio is None}
     conv = any(len(layouts[m.name].down_tail) > 1 for m in kept)
+    spatial = [m.name for m in kept if layouts[m.name].spatial]
 
     def metadata(_: list[str | None], output_autov3: str | None) -> dict[str, str]:
         record_fields = adapter_record("convert", [(Path(source).name, result.source_autov3)], method="resize",
@@ -370,8 +394,8 @@ def resize(adapter: str | os.PathLike, output: str | os.PathLike, *, rank: int |
                                                                     "retained": round(m.retained, 6),
                                                                     "error": round(m.relative_error, 5)}
                                                            for m in kept})
-        return lora_metadata({m.name: (m.rank, out_ratio * m.rank) for m in kept}, dialect, conv, Path(output).stem,
-                             output_autov3, record_fields, opened.metadata)
+        return lora_metadata({m.name: (m.rank, out_ratio * m.rank) for m in kept}, dialect, spatial, conv,
+                             Path(output).stem, output_autov3, record_fields, opened.metadata)
 
     written = run_jobs([], jobs, output, metadata=metadata, workers=workers, progress=False, description="write")
     result.autov3 = written.output_autov3

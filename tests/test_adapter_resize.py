@@ -126,8 +126,12 @@ def test_differing_alpha_ratios_are_folded_into_the_factors(base, tmp_path):
 
 
 def test_tucker_locon_is_resized_with_its_core_folded(base, tmp_path):
-    path = write_lora(tmp_path / "tucker.safetensors", modules_of(base, conv=True), rank=4, alpha=4, mid=True)
+    path = write_lora(tmp_path / "tucker.safetensors", modules_of(base, conv=True), rank=4, alpha=4, mid=True,
+                      metadata={"ss_network_args": '{"conv_dim": "4", "conv_alpha": "4", "use_tucker": "True"}'})
     out = resize(path, tmp_path / "t.safetensors", rank=4, record=False, progress=False)
+    smaller = resize(path, tmp_path / "t2.safetensors", rank=2, record=False, progress=False)
+    with SafetensorsFile(smaller.path) as f:
+        assert json.loads(f.metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2", "use_tucker": "False"}
     before, after = deltas(path), deltas(out.path)
     for name, d in before.items():
         assert torch.allclose(after[name], d, rtol=2e-3, atol=2e-3 * float(d.abs().max())), name
@@ -195,3 +199,17 @@ def test_bad_inputs_are_one_line_errors_naming_the_file_and_write_nothing(base, 
     with pytest.raises(LineageError, match="input"):
         resize(lora32, lora32, rank=2, record=False, progress=False)
     assert not out.exists()
+
+
+def test_compat_finds_the_base_of_a_resized_extraction(base, tmp_path):
+    """The `convert` edge makes the resized adapter a copy of its input for `lmerge compat`: it fits the
+    base its input was extracted from."""
+    from lineage.adapters.extract import extract
+    from lineage.sdxl.synthetic import write_child
+
+    tuned = write_child(base, tmp_path / "tuned.safetensors", rank=4)
+    extracted = extract(base, tuned, tmp_path / "x.safetensors", rank=4, progress=False)
+    resized = resize(extracted.path, tmp_path / "x_r2.safetensors", rank=2, progress=False)
+    result = CliRunner().invoke(cli, ["compat", resized.path, base, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["relationship"] == "same-base"
