@@ -3,6 +3,8 @@ join as they land). Each is a thin layer over a library function; nothing heavy 
 command runs."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from lineage.cli.output import echo_json
@@ -172,6 +174,114 @@ def apply_command(checkpoint: str, adapters: tuple[str, ...], output: str, title
         click.echo(f"warning: not recorded in the registry: {done.record_error}", err=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# resize: a LoRA / LoCon re-truncated to other ranks, without its base
+
+RANK_MODES = ["fixed", "ratio", "threshold", "energy", "quantile"]
+
+
+@click.command()
+@click.argument("adapter", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="The resized adapter to write.")
+@click.option("--rank", type=int, help="The new rank of every module (a module keeps less if it has less).")
+@click.option("--rank-mode", type=click.Choice(RANK_MODES), default="fixed", show_default=True,
+              help="How each module's rank is chosen (with --rank-param).")
+@click.option("--rank-param", type=float, help="ratio: keep σ ≥ x·σ₁; threshold: σ ≥ x; energy: share x of ‖ΔW‖²; "
+                                                 "quantile: share x of Σσ.")
+@click.option("--max-rank", type=int, help="Most ranks a mode gives a module [the input's largest rank].")
+@click.option("--size", help="One budget for the whole file, e.g. 50MB: ranks chosen for the least total error.")
+@click.option("--params", "param_budget", type=int, help="The budget as a parameter count.")
+@click.option("--registry", type=click.Path(), help="The lineage registry (default $LINEAGE_HOME).")
+@click.option("--no-record", is_flag=True, help="Do not record the resized adapter in the lineage registry.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (every module) as JSON.")
+def resize(adapter: str, output: str, rank: int | None, rank_mode: str, rank_param: float | None,
+           max_rank: int | None, size: str | None, param_budget: int | None, registry: str | None, no_record: bool,
+           as_json: bool) -> None:
+    """Re-truncate the LoRA / LoCon ADAPTER to new ranks without its base: per module the SVD of
+    up @ down (through the QR of each factor), the retained share of ‖ΔW‖² reported per module."""
+    from lineage.adapters.resize import resize as run_resize
+
+    done = run_resize(adapter, output, rank=rank, rank_mode=rank_mode, rank_param=rank_param, max_rank=max_rank,
+                      size=size, params=param_budget, record=not no_record, registry=registry,
+                      progress=not as_json)
+    if as_json:
+        echo_json({"path": done.path, "autov3": done.autov3, "dialect": done.dialect, "params": done.params,
+                   "total_retained": done.total_retained, "total_relative_error": done.total_error,
+                   "alpha_ratio": done.alpha_ratio, "alphas_folded": done.alphas_folded, "clamped": done.clamped,
+                   "node": done.node, "record_error": done.record_error,
+                   "modules": [vars(m) for m in done.modules]})
+        return
+    click.echo(f"wrote {done.path} ({done.dialect}, {done.params:,} parameters, AutoV3 {done.autov3[:12]})")
+    _echo_truncation(done)
+    if done.record_error:
+        click.echo(f"warning: not recorded in the registry: {done.record_error}", err=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# lora-merge: several LoRAs as one (concatenated, or re-truncated to a rank)
+
+
+@click.command("lora-merge")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.option("-o", "--output", required=True, type=click.Path(), help="The merged LoRA to write.")
+@click.option("--rank", type=int, help="Re-truncate the merged modules to this rank (default: concatenate).")
+@click.option("--rank-mode", type=click.Choice(RANK_MODES), default="fixed", show_default=True,
+              help="How each module's rank is chosen (with --rank-param).")
+@click.option("--rank-param", type=float, help="As for lmerge resize.")
+@click.option("--max-rank", type=int, help="Most ranks a mode gives a module.")
+@click.option("--size", help="One budget for the whole file, e.g. 50MB.")
+@click.option("--params", "param_budget", type=int, help="The budget as a parameter count.")
+@click.option("--to", "dialect", type=click.Choice(["kohya", "peft"]), default="kohya", show_default=True,
+              help="The output's key dialect.")
+@click.option("--registry", type=click.Path(), help="The lineage registry (default $LINEAGE_HOME).")
+@click.option("--no-record", is_flag=True, help="Do not record the merged LoRA in the lineage registry.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (every module) as JSON.")
+def lora_merge(adapters: tuple[str, ...], output: str, rank: int | None, rank_mode: str, rank_param: float | None,
+               max_rank: int | None, size: str | None, param_budget: int | None, dialect: str, registry: str | None,
+               no_record: bool, as_json: bool) -> None:
+    """Merge LoRA / LoCon ADAPTERs (any dialect), each at its WEIGHT (default 1), into one LoRA: the exact
+    sum (factors stacked, rank = the sum of ranks), or with --rank / --rank-mode / --size its best
+    truncation (the QR of the stacked factors, then the small SVD)."""
+    from lineage.adapters.apply import AdapterInput
+    from lineage.adapters.lora_merge import lora_merge as run_merge
+
+    done = run_merge([AdapterInput.parse(a) for a in adapters], output, rank=rank, rank_mode=rank_mode,
+                     rank_param=rank_param, max_rank=max_rank, size=size, params=param_budget, dialect=dialect,
+                     record=not no_record, registry=registry, progress=not as_json)
+    if as_json:
+        echo_json({"path": done.path, "autov3": done.autov3, "dialect": done.dialect, "exact": done.exact,
+                   "params": done.params, "total_retained": done.total_retained,
+                   "total_relative_error": done.total_error, "clamped": done.clamped, "node": done.node,
+                   "record_error": done.record_error, "modules": [vars(m) for m in done.modules]})
+        return
+    click.echo(f"wrote {done.path} ({done.dialect}, {done.params:,} parameters, AutoV3 {done.autov3[:12]})")
+    if done.exact:
+        ranks = sorted({m.rank for m in done.modules})
+        click.echo(f"{len(done.modules)} modules concatenated exactly (ranks {ranks[0]}–{ranks[-1]}, alpha = rank)")
+    else:
+        _echo_truncation(done)
+    if done.record_error:
+        click.echo(f"warning: not recorded in the registry: {done.record_error}", err=True)
+
+
+def _echo_truncation(done: Any) -> None:
+    """The table of a resize or a lora-merge to a rank: totals, the alpha rule, the worst modules."""
+    kept = [m for m in done.modules if m.rank]
+    click.echo(f"retained {done.total_retained:.4%} of ‖ΔW‖², total relative error {done.total_error:.4f}, "
+               f"alpha/rank {done.alpha_ratio:g}")
+    if done.alphas_folded:
+        click.echo("alpha/rank differed between the input modules: each scale folded into its factors")
+    click.echo(f"  {'retained':>9} {'error':>7} {'rank':>9}  module (largest errors first)")
+    for m in sorted(kept, key=lambda m: -m.relative_error)[:WORST_SHOWN]:
+        click.echo(f"  {m.retained:>9.4%} {m.relative_error:>7.4f} {m.rank_in:>4}→{m.rank:<4}  {_fit(m.name, 48)}")
+    dropped = len(done.modules) - len(kept)
+    if dropped:
+        click.echo(f"{dropped} module(s) change nothing (up @ down is zero): left out", err=True)
+    if done.clamped:
+        click.echo(f"{done.clamped} module(s) hold fewer ranks than asked: kept at their own (a resize adds "
+                   "no rank)", err=True)
+
+
 def _fit(name: str, width: int) -> str:
     """`name` in at most `width` characters, its middle left out: module names differ at both ends."""
     if len(name) <= width:
@@ -182,5 +292,5 @@ def _fit(name: str, width: int) -> str:
 
 def register(group: click.Group) -> None:
     """Add the adapter commands to the `lmerge` group."""
-    for command in (convert, extract, apply_command):
+    for command in (convert, extract, apply_command, resize, lora_merge):
         group.add_command(command)
