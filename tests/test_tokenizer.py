@@ -80,7 +80,7 @@ def test_small_vocabulary_keeps_the_first_merges(tmp_path):
         ids = small.encode(prompt)
         assert ids == reference(prompt, add_special_tokens=False)["input_ids"]
         assert all(0 <= i < 1544 for i in ids)
-    with pytest.raises(LineageError, match="at least 514"):
+    with pytest.raises(LineageError, match="has 514 to 49408 entries, not 100"):
         SDXLTokenizer.default(vocab_size=100)
 
 
@@ -105,6 +105,34 @@ def test_diffusers_folder_tokenizer(tokenizer, tmp_path):
         assert own.encode(prompt) == tokenizer.encode(prompt)
     with pytest.raises(LineageError, match=r"not a diffusers SDXL folder.*vocab\.json"):
         SDXLTokenizer.from_diffusers(tmp_path / "elsewhere")
+
+
+def test_damaged_vocabularies_are_one_line(tokenizer, monkeypatch, tmp_path):
+    garbage = tmp_path / "garbage.txt.gz"
+    garbage.write_bytes(b"not gzip")
+    monkeypatch.setattr(tokenizer_module, "VOCAB_FILE", garbage)
+    tokenizer_module._default.cache_clear()
+    with pytest.raises(LineageError, match="garbage.txt.gz: damaged CLIP vocabulary .*reinstall lmerge"):
+        SDXLTokenizer.default()
+    monkeypatch.undo()
+    tokenizer_module._default.cache_clear()
+    with pytest.raises(LineageError, match="49408 entries, not 50000"):
+        SDXLTokenizer.default(vocab_size=50000)  # the merge list holds more, but CLIP uses only these
+    folder = write_hf_tokenizer(tokenizer, tmp_path / "model" / "tokenizer")
+    damages = {
+        "vocab.json": [("{not json", "unreadable tokenizer file"), ('["a", "b"]', "not a table of token -> id"),
+                       ('{"a": 0}', "has no <\\|startoftext\\|> token")],
+        "merges.txt": [("#version: 0.2\na b c\n", "merge 1 is not a pair of symbols: 'a b c'"),
+                       ("#version: 0.2\nzz qq\n", "not a consistent BPE vocabulary")],
+    }
+    for name, cases in damages.items():
+        original = (folder / name).read_text(encoding="utf-8")
+        for text, message in cases:
+            (folder / name).write_text(text, encoding="utf-8")
+            with pytest.raises(LineageError, match=message) as error:
+                SDXLTokenizer.from_diffusers(tmp_path / "model")
+            assert "\n" not in str(error.value)
+        (folder / name).write_text(original, encoding="utf-8")
 
 
 @pytest.mark.parametrize(("prompt", "pieces"), [

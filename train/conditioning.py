@@ -22,7 +22,7 @@ from lineage.errors import LineageError
 from lineage.train.prompts import parse_emphasis
 from lineage.train.sdxl import SDXL
 from lineage.train.text_encoders import CLIPTextL, OpenCLIPTextG
-from lineage.train.tokenizer import CONTEXT_LENGTH, SDXLTokenizer
+from lineage.train.tokenizer import CLIP_VOCAB_SIZE, CONTEXT_LENGTH, SDXLTokenizer
 from lineage.train.unet import timestep_embedding
 
 CHUNK_TOKENS = CONTEXT_LENGTH - 2  # 75 prompt tokens between the start and end tokens
@@ -117,7 +117,7 @@ def encode_prompts(model: SDXL, prompts: Sequence[str], *,
     `tokenizer` defaults to CLIP's vocabulary shipped with lineage, sized to the model's embedding table."""
     clip_l, clip_g = text_encoders(model)
     vocab_size = min(clip_l.config.vocab_size, clip_g.config.vocab_size)
-    tokenizer = tokenizer or SDXLTokenizer.default(vocab_size)
+    tokenizer = tokenizer or SDXLTokenizer.default(min(vocab_size, CLIP_VOCAB_SIZE))
     if tokenizer.bpe.vocab_size > vocab_size:
         raise LineageError(f"the tokenizer has {tokenizer.bpe.vocab_size} tokens but the text encoders "
                            f"only {vocab_size}: use the model's own tokenizer")

@@ -52,12 +52,17 @@ class ClipBPE:
     end_id: int
 
     @classmethod
-    def from_vocab(cls, vocab: dict[str, int], merges: list[tuple[str, str]]) -> ClipBPE:
+    def from_vocab(cls, vocab: dict[str, int], merges: list[tuple[str, str]], source: Path) -> ClipBPE:
+        """The tokenizer of a vocabulary (token -> id) and its merges in rank order, read from `source`."""
         for special in (START, END):
             if special not in vocab:
-                raise LineageError(f"the CLIP vocabulary has no {special} token")
-        tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
-                                  unk_token=END, fuse_unk=False))
+                raise LineageError(f"the CLIP vocabulary has no {special} token", source)
+        try:
+            model = BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                        unk_token=END, fuse_unk=False)
+        except Exception as error:  # tokenizers raises a bare Exception, e.g. a merge of unknown symbols
+            raise LineageError(f"not a consistent BPE vocabulary ({error})", source) from None
+        tokenizer = Tokenizer(model)
         tokenizer.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -72,22 +77,33 @@ class ClipBPE:
         merge, then start and end. A smaller `vocab_size` keeps the first merges (CLIP itself keeps the first
         48,894 of the list): the generated test checkpoints' embedding tables take real prompts that way."""
         merge_count = vocab_size - 2 * 256 - 2
-        if merge_count < 0:
-            raise LineageError(f"a CLIP vocabulary needs at least {2 * 256 + 2} entries, not {vocab_size}")
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")[1:merge_count + 1]  # the first line is a version header
-        merges = [tuple(line.split()) for line in lines]
+        if not 0 <= merge_count <= CLIP_VOCAB_SIZE - 2 * 256 - 2:
+            raise LineageError(f"a CLIP vocabulary has {2 * 256 + 2} to {CLIP_VOCAB_SIZE} entries, not {vocab_size}")
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                lines = f.read().split("\n")[1:merge_count + 1]  # the first line is a version header
+        except (OSError, EOFError, UnicodeDecodeError) as error:
+            raise LineageError(f"damaged CLIP vocabulary ({error}): reinstall lmerge", path) from None
+        merges = _merge_pairs(lines, path)
+        if len(merges) < merge_count:
+            raise LineageError(f"damaged CLIP vocabulary ({len(merges)} merges, {merge_count} needed): "
+                               "reinstall lmerge", path)
         symbols = byte_symbols()
         tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [START, END]
-        return cls.from_vocab({token: i for i, token in enumerate(tokens)}, merges)
+        return cls.from_vocab({token: i for i, token in enumerate(tokens)}, merges, path)
 
     @classmethod
     def from_files(cls, vocab_json: Path, merges_txt: Path) -> ClipBPE:
         """A Hugging Face tokenizer folder's `vocab.json` (token -> id) and `merges.txt` (one pair a line)."""
-        vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
-        lines = merges_txt.read_text(encoding="utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        return cls.from_vocab(vocab, merges)
+        try:
+            vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
+            lines = merges_txt.read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise LineageError(f"unreadable tokenizer file ({error})", vocab_json.parent) from None
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise LineageError("vocab.json is not a table of token -> id", vocab_json)
+        merges = _merge_pairs([line for line in lines if line and not line.startswith("#version")], merges_txt)
+        return cls.from_vocab(vocab, merges, vocab_json.parent)
 
     @property
     def vocab_size(self) -> int:
@@ -141,6 +157,15 @@ class SDXLTokenizer:
     def encode(self, text: str) -> list[int]:
         """The ids of `text`, without start/end tokens (emphasis syntax is read by lineage.train.prompts)."""
         return self.bpe.encode(text)
+
+
+def _merge_pairs(lines: list[str], path: Path) -> list[tuple[str, str]]:
+    """Merge-list lines ("a b") as pairs; a line that is not two symbols is a damaged file."""
+    merges = [tuple(line.split()) for line in lines]
+    bad = next((n for n, pair in enumerate(merges) if len(pair) != 2), None)
+    if bad is not None:
+        raise LineageError(f"merge {bad + 1} is not a pair of symbols: {lines[bad]!r}", path)
+    return merges
 
 
 @functools.lru_cache(maxsize=4)
