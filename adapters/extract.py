@@ -147,9 +147,7 @@ def _lora_decomposer(max_ranks: dict[str, int], exact: bool, keep_as: torch.dtyp
                      ) -> Callable[[torch.Tensor, Module], Factors]:
     """A module's truncated SVD up to the largest rank its rule could keep, kept as it will be stored."""
     def decompose(delta: torch.Tensor, module: Module) -> Factors:
-        factors = low_rank(delta, max_ranks[module.name], exact=exact)
-        return Factors(factors.up.cpu(), factors.singular.cpu(), factors.down.cpu(), factors.norm2,
-                       None if factors.spectrum is None else factors.spectrum.cpu()).to(keep_as)
+        return low_rank(delta, max_ranks[module.name], exact=exact).cpu().to(keep_as)
     return decompose
 
 
@@ -164,13 +162,10 @@ class _LokrModule:
 
 def _lokr_decomposer(splits: dict[str, KroneckerShape], rule: RankRule | None, exact: bool
                      ) -> Callable[[torch.Tensor, Module], _LokrModule]:
+    """A module's nearest Kronecker product at its split (w2 factored by `rule`, or full when None),
+    and the error of the best LoRA of at most as many parameters."""
     def decompose(delta: torch.Tensor, module: Module) -> _LokrModule:
         found = lokr_factors(delta, splits[module.name], rule, exact=exact)
-        cpu = LokrFactors(found.w1.cpu(), found.w2.cpu(), found.w2_factors, found.w2_rank, found.residual2,
-                          found.norm2)
-        if found.w2_factors is not None:
-            f = found.w2_factors
-            cpu.w2_factors = Factors(f.up.cpu(), f.singular.cpu(), f.down.cpu(), f.norm2)
         # The LoRA of equal size: as many ranks as the LoKr's parameters pay for (0: not even rank 1).
         lora_rank = min(found.params // _cost(module), *delta.shape)
         if found.norm2 == 0:
@@ -179,7 +174,7 @@ def _lokr_decomposer(splits: dict[str, KroneckerShape], rule: RankRule | None, e
             lora_error = 1.0
         else:
             lora_error = low_rank(delta, lora_rank, exact=exact).relative_error(lora_rank)
-        return _LokrModule(cpu, lora_rank, lora_error)
+        return _LokrModule(found.cpu(), lora_rank, lora_error)
     return decompose
 
 

@@ -137,6 +137,11 @@ class LokrFactors:
     def relative_error(self) -> float:
         return (self.residual2 / self.norm2) ** 0.5 if self.norm2 > 0 else 0.0
 
+    def cpu(self) -> LokrFactors:
+        """The factors in host memory (from the device the SVDs ran on)."""
+        return LokrFactors(self.w1.cpu(), self.w2.cpu(), None if self.w2_factors is None else self.w2_factors.cpu(),
+                           self.w2_rank, self.residual2, self.norm2)
+
 
 def factoring_saves(shape: tuple[int, int], rank: int) -> bool:
     """Whether w2 (rows, columns) as a rank-`rank` pair is smaller than w2 itself (else full w2,
