@@ -13,7 +13,7 @@ and its squared error is the tail Σ_{i≥K} σᵢ(R)². A LyCORIS file holds on
 module, so extraction uses K = 1; `nearest_kronecker` computes any K for the analysis.
 
 w2 may further be stored as a low-rank pair w2_a @ w2_b. With w1 fixed, the truncation error of w2 is
-orthogonal to the Kronecker residual (R's residual is orthogonal to its top singular vector), so
+orthogonal to the Kronecker residual (R − u·uᵀ·R has no part along u = vec(w1)/‖w1‖), so
 ‖Δ − w1 ⊗ w2ᵣ‖² = ‖Δ − w1 ⊗ w2‖² + ‖w1‖²·‖w2 − w2ᵣ‖²: the reported error is exact.
 """
 from __future__ import annotations
@@ -82,20 +82,16 @@ def rearrange(matrix: torch.Tensor, split: KroneckerShape) -> torch.Tensor:
 @dataclass
 class NearestKronecker:
     """Δ ≈ Σ_k kron(w1[k], w2[k]) for k < K: w1 (K, a, c), w2 (K, b, D), each pair balanced (equal
-    norms); `factors` the truncated SVD of R(Δ), whose tail is the error."""
+    norms); `residual2` = ‖Δ − Σ_k kron(w1[k], w2[k])‖², `norm2` = ‖Δ‖²."""
 
     w1: torch.Tensor
     w2: torch.Tensor
-    factors: Factors
+    residual2: float
+    norm2: float
 
     @property
     def kron_rank(self) -> int:
         return int(self.w1.shape[0])
-
-    @property
-    def residual2(self) -> float:
-        """‖Δ − Σ_k kron(w1[k], w2[k])‖²."""
-        return self.factors.residual2(self.kron_rank)
 
     def matrix(self) -> torch.Tensor:
         """Σ_k kron(w1[k], w2[k]) as one (a·b, c·D) matrix."""
@@ -104,15 +100,29 @@ class NearestKronecker:
 
 def nearest_kronecker(matrix: torch.Tensor, split: KroneckerShape, kron_rank: int = 1, *,
                       exact: bool = False) -> NearestKronecker:
-    """The best sum of `kron_rank` Kronecker products of shapes `split` for the 2-D fp32 `matrix`."""
+    """The best sum of `kron_rank` Kronecker products of shapes `split` for the 2-D fp32 `matrix`.
+
+    The SVD of R(Δ) (adapters/decompose.py: randomized or exact) gives the w1 side, orthonormal U; the
+    w2 side is then taken as Uᵀ·R, the best w2 for those w1. On the exact path that is σ·Vᵀ; on the
+    randomized path it also recovers the part of R outside the sampled basis, and on both it makes
+    the residual exactly ‖R‖² − ‖Uᵀ·R‖² and orthogonal to any change of w2 (see the module docstring)."""
     if kron_rank < 1:
         raise LineageError(f"--kron-rank must be at least 1, got {kron_rank}")
     rearranged = rearrange(matrix, split)
     k = min(kron_rank, *rearranged.shape)
-    factors = low_rank(rearranged, k, exact=exact)
-    up, down = factors.split(k)  # U·√S, √S·Vh: vec(w1) and vec(w2) share σ's magnitude
-    return NearestKronecker(up.T.reshape(k, *split.w1).contiguous(), down.reshape(k, *split.w2).contiguous(),
-                            factors)
+    found = low_rank(rearranged, k, exact=exact)
+    up, _ = found.split(k)  # U·√S
+    root = found.singular[:k].sqrt()
+    left = torch.where(root > 0, up / root.clamp_min(torch.finfo(up.dtype).tiny), torch.zeros_like(up))
+    right = left.T @ rearranged  # (k, b·D)
+    strength = right.norm(dim=1)
+    balance = strength.sqrt()
+    w1 = (left * balance).T
+    w2 = torch.where(balance[:, None] > 0, right / balance.clamp_min(torch.finfo(up.dtype).tiny)[:, None],
+                     torch.zeros_like(right))
+    residual2 = max(0.0, found.norm2 - float(strength.double().square().sum()))
+    return NearestKronecker(w1.reshape(k, *split.w1).contiguous(), w2.reshape(k, *split.w2).contiguous(),
+                            residual2, found.norm2)
 
 
 @dataclass
@@ -155,7 +165,7 @@ def lokr_factors(matrix: torch.Tensor, split: KroneckerShape, rule: RankRule | N
     None) or at the rank `rule` chooses from w2's singular values, when that is smaller than full."""
     nearest = nearest_kronecker(matrix, split, 1, exact=exact)
     w1, w2 = nearest.w1[0], nearest.w2[0]
-    norm2 = nearest.factors.norm2
+    norm2 = nearest.norm2
     if rule is not None and norm2 > 0:
         w2_factors = low_rank(w2, rule.max_rank, exact=True)  # w2 is small: its exact SVD is cheap
         rank = rule.rank(w2_factors)
