@@ -70,7 +70,7 @@ def _is_safetensors(path: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# extract: a LoRA / LoCon / full diff from a fine-tune and its base
+# extract: a LoRA / LoCon / LoKr / full diff from a fine-tune and its base
 
 WORST_SHOWN = 8  # modules listed in extract's table, the largest errors first
 
@@ -79,9 +79,11 @@ WORST_SHOWN = 8  # modules listed in extract's table, the largest errors first
 @click.argument("base", type=click.Path())
 @click.argument("tuned", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="The adapter file to write.")
-@click.option("--type", "kind", type=click.Choice(["lora", "locon", "diff"]), default="lora", show_default=True,
-              help="lora: kohya's default modules; locon: plus the convolutions; diff: the exact difference.")
-@click.option("--rank", type=click.IntRange(min=1), default=32, show_default=True, help="Rank of every module.")
+@click.option("--type", "kind", type=click.Choice(["lora", "locon", "lokr", "diff"]), default="lora",
+              show_default=True, help="lora: kohya's default modules; locon: plus the convolutions; lokr: the "
+                                      "same modules as nearest Kronecker products; diff: the exact difference.")
+@click.option("--rank", type=click.IntRange(min=1), help="Rank of every module [32]; for lokr the rank of w2's "
+                                                         "factors (without it, w2 is stored full).")
 @click.option("--conv-rank", type=click.IntRange(min=1), help="Rank of 3x3 convolutions (locon; default --rank).")
 @click.option("--rank-mode", type=click.Choice(["fixed", "ratio", "threshold", "energy", "quantile"]),
               default="fixed", show_default=True, help="How each module's rank is chosen (with --rank-param).")
@@ -90,6 +92,10 @@ WORST_SHOWN = 8  # modules listed in extract's table, the largest errors first
 @click.option("--max-rank", type=click.IntRange(min=1), help="Most ranks a mode or a budget gives a module [128].")
 @click.option("--size", help="One budget for the whole file, e.g. 200MB: ranks chosen for the least total error.")
 @click.option("--params", "param_budget", type=click.IntRange(min=1), help="The budget as a parameter count.")
+@click.option("--factor", type=int, help="lokr: split each dimension at this factor (it must divide them all); "
+                                        "-1 (default): most square.")
+@click.option("--kron-rank", type=int, default=1, show_default=True,
+              help="lokr: Kronecker products per module; LyCORIS files hold 1, the only value written.")
 @click.option("--components", default="unet,clip_l,clip_g", show_default=True,
               help="Which parts to extract, comma-separated.")
 @click.option("--exact", is_flag=True, help="Full SVDs instead of the randomized range finder (slower).")
@@ -98,21 +104,24 @@ WORST_SHOWN = 8  # modules listed in extract's table, the largest errors first
 @click.option("--registry", type=click.Path(), help="The lineage registry (default $LINEAGE_HOME).")
 @click.option("--no-record", is_flag=True, help="Do not record the adapter in the lineage registry.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (every module) as JSON.")
-def extract(base: str, tuned: str, output: str, kind: str, rank: int, conv_rank: int | None, rank_mode: str,
+def extract(base: str, tuned: str, output: str, kind: str, rank: int | None, conv_rank: int | None, rank_mode: str,
             rank_param: float | None, max_rank: int | None, size: str | None, param_budget: int | None,
-            components: str, exact: bool, dtype: str, device: str | None, registry: str | None, no_record: bool,
-            as_json: bool) -> None:
+            factor: int | None, kron_rank: int, components: str, exact: bool, dtype: str, device: str | None,
+            registry: str | None, no_record: bool, as_json: bool) -> None:
     """Extract TUNED − BASE (two SDXL checkpoints) as an adapter: each module's difference by truncated
-    SVD, streamed module by module, errors reported per module and in total."""
+    SVD (lokr: its nearest Kronecker product, and beside its error the error of a LoRA of equal size),
+    streamed module by module, errors reported per module and in total."""
     from lineage.adapters.extract import extract as run_extract
 
     done = run_extract(base, tuned, output, type=kind, rank=rank, conv_rank=conv_rank, rank_mode=rank_mode,
-                       rank_param=rank_param, size=size, params=param_budget, max_rank=max_rank,
-                       components=[c.strip() for c in components.split(",") if c.strip()], exact=exact,
-                       dtype=dtype, record=not no_record, registry=registry, progress=not as_json, device=device)
+                       rank_param=rank_param, size=size, params=param_budget, max_rank=max_rank, factor=factor,
+                       kron_rank=kron_rank, components=[c.strip() for c in components.split(",") if c.strip()],
+                       exact=exact, dtype=dtype, record=not no_record, registry=registry, progress=not as_json,
+                       device=device)
     if as_json:
         echo_json({"path": done.path, "autov3": done.autov3, "type": done.type, "params": done.params,
-                   "total_relative_error": done.total_error, "svd": "exact" if done.exact else "randomized",
+                   "total_relative_error": done.total_error, "lora_equal_params_relative_error": done.lora_error,
+                   "svd": "exact" if done.exact else "randomized",
                    "components": done.components, "node": done.node, "record_error": done.record_error,
                    "modules": [vars(m) for m in done.modules]})
         return
@@ -123,8 +132,19 @@ def extract(base: str, tuned: str, output: str, kind: str, rank: int, conv_rank:
                    f"{c['relative_error']:>10.4f}")
         if not c["changed"]:
             click.echo(f"  {name} has the same weights in both files: left out", err=True)
-    if done.type != "diff":
-        worst = sorted((m for m in done.modules if m.rank), key=lambda m: -m.relative_error)[:WORST_SHOWN]
+    worst = sorted((m for m in done.modules if m.rank), key=lambda m: -m.relative_error)[:WORST_SHOWN]
+    if done.type == "lokr":
+        lokr_better = sum(m.relative_error < (m.lora_error or 0.0) for m in done.modules if m.rank)
+        click.echo(f"total relative error {done.total_error:.4f}; a LoRA of equal size per module: "
+                   f"{done.lora_error:.4f}")
+        click.echo(f"LoKr is better in {lokr_better} of {sum(1 for m in done.modules if m.rank)} modules; "
+                   "largest errors:")
+        click.echo(f"  {'LoKr':>6} {'LoRA':>6} {'w1':>7} {'w2':>9} {'r':>4}  module")
+        for m in worst:
+            w1, w2 = ("x".join(map(str, s or ())) for s in (m.w1_shape, m.w2_shape))
+            click.echo(f"  {m.relative_error:.4f} {m.lora_error or 0.0:.4f} {w1:>7} {w2:>9} "
+                       f"{m.w2_rank or 'full':>4}  {_fit(m.name, 38)}")
+    elif done.type != "diff":
         click.echo(f"total relative error {done.total_error:.4f} ({'exact' if done.exact else 'randomized'} SVD); "
                    "largest per module:")
         for m in worst:

@@ -59,6 +59,11 @@ class Factors:
         """(up, down) at `rank`."""
         return self.up[:, :rank], self.down[:rank]
 
+    def cpu(self) -> Factors:
+        """The factors in host memory (from the device the SVD ran on)."""
+        return Factors(self.up.cpu(), self.singular.cpu(), self.down.cpu(), self.norm2,
+                       None if self.spectrum is None else self.spectrum.cpu())
+
     def to(self, dtype: torch.dtype) -> Factors:
         """The factors kept in `dtype` (e.g. the adapter's fp16: half the memory, rounded once)."""
         return Factors(self.up.to(dtype), self.singular.float(), self.down.to(dtype), self.norm2, self.spectrum)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,7 @@ from lineage.io.hashing import FileHashes
 from lineage.io.safetensors import DTYPES
 
 from .decompose import Factors, RankRule, allocate, low_rank
+from .kronecker import KroneckerShape, LokrFactors, lokr_factors
 from .metadata import BaseModel, adapter_metadata, adapter_record
 from .modules import ADAPTED_COMPONENTS, Module, sdxl_modules
 from .writer import adapter_key, lora_shapes
@@ -45,14 +46,17 @@ if TYPE_CHECKING:
     from lineage.engine.executor import JobContext
     from lineage.engine.jobs import Job
 
-TYPES = ("lora", "locon", "diff")
+TYPES = ("lora", "locon", "lokr", "diff")
+DEFAULT_RANK = 32
 OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 DEFAULT_MAX_RANK = 128  # the most a rank mode or a size budget may give one module, unless told otherwise
 
 
 @dataclass(frozen=True)
 class ModuleResult:
-    """What extraction made of one module: its rank (0: unchanged, left out) and relative error."""
+    """What extraction made of one module: its rank (0: unchanged, left out; for a LoKr the rank w2
+    holds, full or factored), parameters, alpha and relative error; for a LoKr also its factors' shapes
+    and the rank and relative error of a LoRA of (at most) as many parameters."""
 
     name: str
     component: str
@@ -61,6 +65,12 @@ class ModuleResult:
     relative_error: float
     norm2: float  # ‖Δ‖²
     base_norm2: float  # ‖W_base‖²
+    alpha: float = 0.0
+    w1_shape: tuple[int, ...] | None = None
+    w2_shape: tuple[int, ...] | None = None
+    w2_rank: int | None = None  # None: w2 stored full
+    lora_rank: int | None = None
+    lora_error: float | None = None
 
 
 @dataclass
@@ -87,6 +97,15 @@ class ExtractResult:
     def params(self) -> int:
         return sum(m.params for m in self.modules)
 
+    @property
+    def lora_error(self) -> float | None:
+        """For a LoKr: the total relative error of LoRAs of equal size, module by module (else None)."""
+        if self.type != "lokr":
+            return None
+        total = sum(m.norm2 for m in self.modules)
+        residual = sum(m.norm2 * (m.lora_error or 0.0) ** 2 for m in self.modules)
+        return (residual / total) ** 0.5 if total > 0 else 0.0
+
 
 def _module_difference(ctx: JobContext, module: Module) -> tuple[torch.Tensor, float]:
     """Δ = tuned − base of `module` as an (out, in·kh·kw) fp32 matrix, and ‖W_base‖²."""
@@ -98,13 +117,13 @@ def _module_difference(ctx: JobContext, module: Module) -> tuple[torch.Tensor, f
 
 
 class _Analysis:
-    """Run 1: every module's factors (or, for a full diff, only its norms), computed by the jobs."""
+    """Run 1: each job reads one module's difference and keeps what `decompose` makes of it (LoRA
+    factors, or a LoKr) in `found`, with ‖W_base‖² in `base_norm2`."""
 
-    def __init__(self, modules: Sequence[Module], paths: Sequence[str], max_ranks: dict[str, int], exact: bool,
-                 dtype: str):
-        self.modules, self.paths, self.max_ranks, self.exact = modules, paths, max_ranks, exact
-        self.keep_as = DTYPES[OUTPUT_DTYPES[dtype]]  # factors are kept as they will be stored
-        self.factors: dict[str, Factors] = {}
+    def __init__(self, modules: Sequence[Module], paths: Sequence[str],
+                 decompose: Callable[[torch.Tensor, Module], Any]):
+        self.modules, self.paths, self.decompose = modules, paths, decompose
+        self.found: dict[str, Any] = {}
         self.base_norm2: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -117,13 +136,46 @@ class _Analysis:
         def analyse(ctx: JobContext) -> None:
             delta, base_norm2 = _module_difference(ctx, module)
             _check_finite(delta, module, self.paths)
-            factors = low_rank(ctx.to_device(delta), self.max_ranks[module.name], exact=self.exact)
-            factors = Factors(factors.up.cpu(), factors.singular.cpu(), factors.down.cpu(), factors.norm2,
-                              None if factors.spectrum is None else factors.spectrum.cpu()).to(self.keep_as)
+            found = self.decompose(ctx.to_device(delta), module)
             with self._lock:
-                self.factors[module.name] = factors
+                self.found[module.name] = found
                 self.base_norm2[module.name] = base_norm2
         return analyse
+
+
+def _lora_decomposer(max_ranks: dict[str, int], exact: bool, keep_as: torch.dtype
+                     ) -> Callable[[torch.Tensor, Module], Factors]:
+    """A module's truncated SVD up to the largest rank its rule could keep, kept as it will be stored."""
+    def decompose(delta: torch.Tensor, module: Module) -> Factors:
+        return low_rank(delta, max_ranks[module.name], exact=exact).cpu().to(keep_as)
+    return decompose
+
+
+@dataclass
+class _LokrModule:
+    """A module's LoKr, and what a LoRA of as many parameters would keep of the same difference."""
+
+    factors: LokrFactors
+    lora_rank: int
+    lora_error: float
+
+
+def _lokr_decomposer(splits: dict[str, KroneckerShape], rule: RankRule | None, exact: bool
+                     ) -> Callable[[torch.Tensor, Module], _LokrModule]:
+    """A module's nearest Kronecker product at its split (w2 factored by `rule`, or full when None),
+    and the error of the best LoRA of at most as many parameters."""
+    def decompose(delta: torch.Tensor, module: Module) -> _LokrModule:
+        found = lokr_factors(delta, splits[module.name], rule, exact=exact)
+        # The LoRA of equal size: as many ranks as the LoKr's parameters pay for (0: not even rank 1).
+        lora_rank = min(found.params // _cost(module), *delta.shape)
+        if found.norm2 == 0:
+            lora_error = 0.0
+        elif lora_rank == 0:
+            lora_error = 1.0
+        else:
+            lora_error = low_rank(delta, lora_rank, exact=exact).relative_error(lora_rank)
+        return _LokrModule(found.cpu(), lora_rank, lora_error)
+    return decompose
 
 
 def _check_finite(delta: torch.Tensor, module: Module, paths: Sequence[str]) -> None:
@@ -173,19 +225,25 @@ def parse_size(text: str) -> int:
 
 
 def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike, *, type: str = "lora",
-            rank: int = 32, conv_rank: int | None = None, rank_mode: str = "fixed", rank_param: float | None = None,
-            size: int | str | None = None, params: int | None = None, max_rank: int | None = None,
+            rank: int | None = None, conv_rank: int | None = None, rank_mode: str = "fixed",
+            rank_param: float | None = None, size: int | str | None = None, params: int | None = None,
+            max_rank: int | None = None, factor: int | None = None, kron_rank: int = 1,
             components: Sequence[str] = ADAPTED_COMPONENTS, exact: bool = False, dtype: str = "fp16",
             record: bool = True, registry: Any = None, workers: int = 2, progress: bool = True,
             device: str | None = None) -> ExtractResult:
     """Extract the difference `tuned` − `base` (two SDXL checkpoints) as an adapter written to `output`.
 
     `type`: "lora" (kohya's default modules), "locon" (plus the convolutions; 3x3 ones at `conv_rank`,
-    default `rank`) or "diff" (the exact difference of every module). Ranks: `rank` for every module
-    (`rank_mode` "fixed"), or a rule (`rank_mode` ratio / threshold / energy / quantile with
-    `rank_param`, at most `max_rank`), or one budget for the whole file: `size` (bytes, or "200MB")
-    or `params` (parameters). `exact`: full SVDs instead of the randomized range finder. `dtype`:
-    fp16, bf16 or fp32 factors. The output is recorded as an `adapter` node whose parent is `base`."""
+    default `rank`), "lokr" (the default modules and the convolutions, each as the nearest Kronecker
+    product kron(w1, w2)) or "diff" (the exact difference of every module). Ranks: `rank` (default
+    DEFAULT_RANK) for every module (`rank_mode` "fixed"), or a rule (`rank_mode` ratio / threshold /
+    energy / quantile with `rank_param`, at most `max_rank`), or one budget for the whole file: `size`
+    (bytes, or "200MB") or `params` (parameters). For "lokr" the rank or rule applies to w2's
+    factorisation (w2 full when neither is given, or when factoring does not save parameters);
+    `factor` -1 (default) splits every dimension most-square, else at that factor, which must divide
+    it; `kron_rank` the Kronecker rank (LyCORIS' format holds 1). `exact`: full SVDs instead of the
+    randomized range finder. `dtype`: fp16, bf16 or fp32 tensors. The output is recorded as an
+    `adapter` node whose parent is `base`."""
     from lineage.engine.device import compute_device
     from lineage.engine.executor import run_jobs
     from lineage.engine.inputs import InputFile
@@ -196,17 +254,20 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
         raise LineageError(f"unknown adapter type {type!r}; choose one of {', '.join(TYPES)}")
     if dtype not in OUTPUT_DTYPES:
         raise LineageError(f"unknown dtype {dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}")
+    _check_lokr_options(type, factor, kron_rank, size, params)
     paths = [os.fspath(base), os.fspath(tuned)]
     output = os.fspath(output)
     file_destination(output, paths)
     if os.path.realpath(paths[0]) == os.path.realpath(paths[1]):
         raise LineageError("is given as both the base and the fine-tune: there is no difference to extract", paths[0])
     budget = _budget(size, params, dtype)
-    rules = _rules(type, rank, conv_rank, rank_mode, rank_param, max_rank, budget)
+    w2_given = rank is not None or rank_mode != "fixed"  # LoKr: w2 factored only when asked
+    fixed_rank = DEFAULT_RANK if rank is None else rank
+    rules = _rules(type, fixed_rank, conv_rank, rank_mode, rank_param, max_rank, budget)
     prediction = [require_sdxl(path) for path in paths][0].prediction_type
     compute_on = compute_device(device)
     with InputFile(paths[0]) as base_file, InputFile(paths[1]) as tuned_file:
-        modules = sdxl_modules(base_file.tensors, conv=type == "locon", components=components)
+        modules = sdxl_modules(base_file.tensors, conv=type in ("locon", "lokr"), components=components)
         if not modules:
             raise LineageError(f"has no adaptable modules in {', '.join(components)}", paths[0])
         _check_pair(base_file, tuned_file, modules, paths)
@@ -215,30 +276,30 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
         if type == "diff":
             return _extract_diff(inputs, modules, paths, output, known, dtype, record, registry, workers, progress,
                                  compute_on, prediction)
-        max_ranks = {m.name: rules[m.spatial].max_rank for m in modules}
-        analysis = _Analysis(modules, paths, max_ranks, exact, dtype)
+        if type == "lokr":
+            decompose: Callable[[torch.Tensor, Module], Any] = _lokr_decomposer(
+                _splits(modules, -1 if factor is None else factor), rules[False] if w2_given else None, exact)
+        else:
+            decompose = _lora_decomposer({m.name: rules[m.spatial].max_rank for m in modules}, exact,
+                                         DTYPES[OUTPUT_DTYPES[dtype]])
+        analysis = _Analysis(modules, paths, decompose)
         found = run_jobs(inputs, analysis.jobs(), None, known_autov3=known, workers=workers, progress=progress,
                          description="analyse", device=compute_on)
-    factors = analysis.factors
-    if budget is not None:
-        ranks = allocate(factors, {m.name: _cost(m) for m in modules}, budget)
+    if type == "lokr":
+        results, jobs = _lokr_plan(modules, analysis, OUTPUT_DTYPES[dtype])
     else:
-        ranks = {m.name: rules[m.spatial].rank(factors[m.name]) for m in modules}
-    results = [ModuleResult(m.name, m.component, ranks[m.name], ranks[m.name] * _cost(m),
-                            factors[m.name].relative_error(ranks[m.name]), factors[m.name].norm2,
-                            analysis.base_norm2[m.name]) for m in modules]
-    kept = [(m, ranks[m.name]) for m in modules if ranks[m.name] > 0]
-    if not kept:
+        results, jobs = _lora_plan(modules, analysis, rules, budget, OUTPUT_DTYPES[dtype])
+    if not jobs:
         raise LineageError("has the same weights as the base in every module: there is nothing to extract", paths[1])
-    jobs = [job for module, r in kept for job in _write_jobs(module, r, factors[module.name], OUTPUT_DTYPES[dtype])]
     input_autov3 = list(found.input_autov3)
-    summary = _summary(type, rank, conv_rank, rank_mode, rank_param, budget, exact, results)
-    common = {r for _, r in kept}
-    dim: int | str = common.pop() if len(common) == 1 else "Dynamic"
+    summary = _summary(type, fixed_rank if w2_given else None, conv_rank, rank_mode, rank_param, budget, exact,
+                       results, factor)
+    common = {r.alpha for r in results if r.rank > 0}
+    dim: float | str = common.pop() if len(common) == 1 else "Dynamic"
+    args = _network_args(type, fixed_rank, conv_rank, factor, results)
 
     def metadata(_: list[str | None], output_autov3: str | None) -> dict[str, str]:
-        return _metadata(type, dim, paths, input_autov3, output, output_autov3, summary, results, rank, conv_rank,
-                         prediction)
+        return _metadata(type, dim, paths, input_autov3, output, output_autov3, summary, results, args, prediction)
 
     written = run_jobs([], jobs, output, metadata=metadata, workers=workers, progress=False, description="write")
     result = ExtractResult(output, written.output_autov3, type, results, input_autov3[0], input_autov3[1], exact,
@@ -246,6 +307,89 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
     if record:
         _record(result, paths, summary, registry)
     return result
+
+
+def _check_lokr_options(type: str, factor: int | None, kron_rank: int, size: int | str | None,
+                        params: int | None) -> None:
+    """--factor and --kron-rank belong to LoKr; a LoKr has no size budget (its w2 ranks follow a rule)."""
+    if type != "lokr":
+        if factor is not None:
+            raise LineageError(f"--factor applies to --type lokr only, not {type}")
+        if kron_rank != 1:
+            raise LineageError(f"--kron-rank applies to --type lokr only, not {type}")
+        return
+    if kron_rank < 1:
+        raise LineageError(f"--kron-rank must be at least 1, got {kron_rank}")
+    if kron_rank > 1:
+        raise LineageError(f"--kron-rank {kron_rank}: a LyCORIS LoKr file holds one Kronecker product per module, "
+                           "which loaders rebuild as kron(w1, w2); only --kron-rank 1 can be written")
+    if factor is not None and factor != -1 and factor < 1:
+        raise LineageError(f"--factor must be -1 (most square) or a positive divisor, got {factor}")
+    if size is not None or params is not None:
+        raise LineageError("--size and --params apply to lora and locon; for lokr give --rank or --rank-mode "
+                           "(w2's rank)")
+
+
+def _splits(modules: Sequence[Module], factor: int) -> dict[str, KroneckerShape]:
+    """Every module's Kronecker split at `factor`, checked before anything is read."""
+    splits = {}
+    for module in modules:
+        try:
+            splits[module.name] = KroneckerShape.of(module.shape, factor)
+        except LineageError as e:
+            raise LineageError(f"{e} of module {module.name} (shape {'x'.join(map(str, module.shape))}); "
+                               "give a factor that divides every module's dimensions, or -1") from None
+    return splits
+
+
+def _lora_plan(modules: Sequence[Module], analysis: _Analysis, rules: dict[bool, RankRule], budget: int | None,
+               dtype: str) -> tuple[list[ModuleResult], list[Job]]:
+    """Every module's rank (by its rule, or all at once by the budget), its result and write jobs."""
+    factors: dict[str, Factors] = analysis.found
+    if budget is not None:
+        ranks = allocate(factors, {m.name: _cost(m) for m in modules}, budget)
+    else:
+        ranks = {m.name: rules[m.spatial].rank(factors[m.name]) for m in modules}
+    results = [ModuleResult(m.name, m.component, ranks[m.name], ranks[m.name] * _cost(m),
+                            factors[m.name].relative_error(ranks[m.name]), factors[m.name].norm2,
+                            analysis.base_norm2[m.name], alpha=ranks[m.name]) for m in modules]
+    jobs = []
+    for m in modules:
+        r = ranks[m.name]
+        if r > 0:
+            up, down = factors[m.name].split(r)
+            shapes = lora_shapes(m, r)
+            tensors = {"lora_down": down.reshape(shapes["lora_down"]), "lora_up": up.reshape(shapes["lora_up"])}
+            jobs += _write_jobs(m, tensors, float(r), dtype)
+    return results, jobs
+
+
+def _lokr_plan(modules: Sequence[Module], analysis: _Analysis, dtype: str) -> tuple[list[ModuleResult], list[Job]]:
+    """Every changed module's LoKr tensors in LyCORIS' layout: lokr_w1 (a, c); lokr_w2 (b, d[, kh, kw])
+    or lokr_w2_a (b, r) and lokr_w2_b (r, d·kh·kw) with alpha = r (a scale of 1; with both factors
+    full, loaders take the scale as 1 whatever alpha is, and alpha 1 is written)."""
+    found: dict[str, _LokrModule] = analysis.found
+    results, jobs = [], []
+    for m in modules:
+        lokr = found[m.name]
+        f = lokr.factors
+        changed = f.norm2 > 0
+        w2_shape = tuple(f.w2.shape)
+        rank = (f.w2_rank or min(w2_shape)) if changed else 0
+        alpha = float(f.w2_rank or 1)
+        results.append(ModuleResult(m.name, m.component, rank, f.params if changed else 0, f.relative_error, f.norm2,
+                                    analysis.base_norm2[m.name], alpha=alpha if changed else 0.0,
+                                    w1_shape=tuple(f.w1.shape), w2_shape=w2_shape, w2_rank=f.w2_rank,
+                                    lora_rank=lokr.lora_rank, lora_error=lokr.lora_error))
+        if not changed:
+            continue
+        tensors = {"lokr_w1": f.w1}
+        if f.w2_factors is None:
+            tensors["lokr_w2"] = f.w2.reshape(f.w2.shape[0], m.shape[1] // f.w1.shape[1], *m.shape[2:])
+        else:
+            tensors["lokr_w2_a"], tensors["lokr_w2_b"] = f.w2_factors.split(f.w2_rank)
+        jobs += _write_jobs(m, tensors, alpha, dtype)
+    return results, jobs
 
 
 def _budget(size: int | str | None, params: int | None, dtype: str) -> int | None:
@@ -280,23 +424,21 @@ def _rules(type: str, rank: int, conv_rank: int | None, mode: str, param: float 
     return {False: RankRule(mode, param, top), True: RankRule(mode, param, top)}
 
 
-def _write_jobs(module: Module, rank: int, factors: Factors, dtype: str) -> list[Job]:
+def _write_jobs(module: Module, tensors: dict[str, torch.Tensor], alpha: float, dtype: str) -> list[Job]:
+    """One job per tensor of `module` (role -> tensor in its stored shape), and one for its alpha."""
     from lineage.engine.jobs import Job, Output
-
-    up, down = factors.split(rank)
-    shapes = lora_shapes(module, rank)
-    values = {"lora_down": down.reshape(shapes["lora_down"]), "lora_up": up.reshape(shapes["lora_up"])}
 
     def fill(role: str) -> Any:
         def write(ctx: JobContext) -> None:
             if role == "alpha":
-                ctx.outputs[0].fill_(float(rank))
+                ctx.outputs[0].fill_(alpha)
             else:
-                ctx.outputs[0].copy_(values[role])
+                ctx.outputs[0].copy_(tensors[role])
         return write
 
-    return [Job((), (Output(adapter_key("kohya", module, role), dtype, shapes[role]),), fill(role))
-            for role in ("lora_down", "lora_up", "alpha")]
+    shapes = {**{role: tuple(t.shape) for role, t in tensors.items()}, "alpha": ()}
+    return [Job((), (Output(adapter_key("kohya", module, role), dtype, shape),), fill(role))
+            for role, shape in shapes.items()]
 
 
 def _extract_diff(inputs: list[Any], modules: Sequence[Module], paths: Sequence[str], output: str,
@@ -322,7 +464,7 @@ def _extract_diff(inputs: list[Any], modules: Sequence[Module], paths: Sequence[
     summary: dict[str, Any] = {"type": "diff"}
 
     def metadata(input_autov3: list[str | None], output_autov3: str | None) -> dict[str, str]:
-        return _metadata("diff", "Dynamic", paths, input_autov3, output, output_autov3, summary, [], 0, None,
+        return _metadata("diff", "Dynamic", paths, input_autov3, output, output_autov3, summary, [], None,
                          prediction)
 
     written = run_jobs(inputs, [job(m) for m in modules], output, metadata=metadata, known_autov3=known,
@@ -352,29 +494,59 @@ def _components(results: Sequence[ModuleResult]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _summary(type: str, rank: int, conv_rank: int | None, mode: str, param: float | None, budget: int | None,
-             exact: bool, results: Sequence[ModuleResult]) -> dict[str, Any]:
-    total = sum(r.norm2 for r in results)
-    residual = sum(r.norm2 * r.relative_error ** 2 for r in results)
-    rule: dict[str, Any] = ({"budget_params": budget} if budget is not None else
-                            {"rank": rank, **({"conv_rank": conv_rank} if conv_rank else {})} if mode == "fixed" else
-                            {"rank_mode": mode, "rank_param": param})
-    return {"type": type, **rule, "svd": "exact" if exact else "randomized",
-            "total_relative_error": round((residual / total) ** 0.5 if total > 0 else 0.0, 6)}
+def _summary(type: str, rank: int | None, conv_rank: int | None, mode: str, param: float | None,
+             budget: int | None, exact: bool, results: Sequence[ModuleResult], factor: int | None) -> dict[str, Any]:
+    """What the record keeps of the run: the rank rule, the SVD path and the total error (for a LoKr
+    also its factor, Kronecker rank, and the total error of LoRAs of equal size). `rank` None: a LoKr's
+    w2 is stored full."""
+    def total(errors: Iterable[tuple[float, float]]) -> float:
+        pairs = list(errors)
+        norm2 = sum(n for n, _ in pairs)
+        return round((sum(n * e ** 2 for n, e in pairs) / norm2) ** 0.5 if norm2 > 0 else 0.0, 6)
+
+    if budget is not None:
+        rule: dict[str, Any] = {"budget_params": budget}
+    elif mode != "fixed":
+        rule = {"rank_mode": mode, "rank_param": param}
+    elif rank is None:
+        rule = {"w2": "full"}
+    else:
+        rule = {"rank": rank, **({"conv_rank": conv_rank} if conv_rank and type != "lokr" else {})}
+    lokr = {"factor": -1 if factor is None else factor, "kron_rank": 1} if type == "lokr" else {}
+    summary = {"type": type, **lokr, **rule, "svd": "exact" if exact else "randomized",
+               "total_relative_error": total((r.norm2, r.relative_error) for r in results)}
+    if type == "lokr":
+        summary["lora_equal_params_relative_error"] = total((r.norm2, r.lora_error or 0.0) for r in results)
+    return summary
 
 
-def _metadata(type: str, dim: int | str, paths: Sequence[str], input_autov3: Sequence[str | None], output: str,
-              output_autov3: str | None, summary: dict[str, Any], results: Sequence[ModuleResult], rank: int,
-              conv_rank: int | None, prediction: str | None) -> dict[str, str]:
+def _network_args(type: str, rank: int, conv_rank: int | None, factor: int | None,
+                  results: Sequence[ModuleResult]) -> dict[str, Any] | None:
+    """kohya's ss_network_args besides `algo` (adapters/metadata.py adds it): LoCon's conv rank, LoKr's
+    factor (and full_matrix when no module's w2 is factored, as LyCORIS writes it)."""
+    if type == "locon":
+        return {"conv_dim": conv_rank or rank, "conv_alpha": conv_rank or rank}
+    if type == "lokr":
+        full = all(r.w2_rank is None for r in results)
+        return {"factor": -1 if factor is None else factor, **({"full_matrix": True} if full else {})}
+    return None
+
+
+def _metadata(type: str, dim: float | str, paths: Sequence[str], input_autov3: Sequence[str | None], output: str,
+              output_autov3: str | None, summary: dict[str, Any], results: Sequence[ModuleResult],
+              network_args: dict[str, Any] | None, prediction: str | None) -> dict[str, str]:
     names = [Path(p).name for p in paths]
+    modules = {}
+    for r in results:
+        if r.rank > 0:
+            modules[r.name] = {"rank": r.rank, "error": round(r.relative_error, 5)}
+            if r.lora_error is not None:
+                modules[r.name]["lora_error"] = round(r.lora_error, 5)
     # The base is the parent; the fine-tune is what the adapter reproduces, not a parent of it.
     record = adapter_record("adapter", [(names[0], input_autov3[0])], method="extract",
-                            tuned={"name": names[1], "autov3": input_autov3[1]}, **summary,
-                            modules={r.name: {"rank": r.rank, "error": round(r.relative_error, 5)}
-                                     for r in results if r.rank > 0})
-    args = {"conv_dim": conv_rank or rank, "conv_alpha": conv_rank or rank} if type == "locon" else None
+                            tuned={"name": names[1], "autov3": input_autov3[1]}, **summary, modules=modules)
     return adapter_metadata(algorithm=type, dim=dim, alpha=dim, base=BaseModel(names[0], input_autov3[0]),
-                            title=Path(output).stem, output_autov3=output_autov3, network_args=args,
+                            title=Path(output).stem, output_autov3=output_autov3, network_args=network_args,
                             prediction_type=prediction, record=record)
 
 
