@@ -16,7 +16,7 @@ Then, each as a subprocess under /usr/bin/time -v (wall time, peak RSS), over ko
   behaviour): per module the fp32 difference, `torch.linalg.svd` with full_matrices=True, up = U·S and
   down = Vh cut to rank R, both clamped at the 0.99 quantile of their joined values. A full run takes
   about 20 minutes here, so it is timed on a sample: --per-shape modules of each distinct module shape
-  (14 at full size), spread over the module list; a module's SVD costs what any module of its shape
+  (12 at full size), spread over the module list; a module's SVD costs what any module of its shape
   costs, so the estimate for all modules is each shape's mean time times its module count. Its error
   (clamp included) is compared with the optimum on the same modules;
 - sd-mecha 1.1.8's `extract_kohya_lora` (sd_mecha/extensions/builtin/lycoris.py) on the same files,
