@@ -9,7 +9,7 @@ BENCH  ?= /tmp/lineage-bench
 # bring several GB of CUDA libraries and Triton. Its dependencies come from PyPI with the package.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-fast lint demo bench-hash bench-registry bench-merge bench-kernels bench-apply clean
+.PHONY: setup test test-fast lint demo bench-hash bench-registry bench-merge bench-kernels bench-apply bench-extract clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,13 @@ bench-kernels: setup
 # `lmerge apply` of a rank-64 LoRA on a full-size generated SDXL checkpoint beside the I/O floor.
 bench-apply: setup
 	$(PY) benchmarks/bench_apply.py
+
+# Extraction of a rank-64 LoRA from a full-size generated fine-tune beside kohya's algorithm (timed on one module
+# of each shape, scaled to all) and sd-mecha (installs the bench extra). SIZE=tiny|small for a quick run.
+SIZE ?= full
+bench-extract: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/bench_extract.py --size $(SIZE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -20,6 +20,7 @@ factors clear of underflow (kohya's U·S and Vh leave down at unit scale and up 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lineage.errors import LineageError
@@ -28,6 +29,19 @@ from lineage.lazy import torch
 OVERSAMPLE = 10  # extra random directions of the range finder (Halko et al.: 5-10 suffice)
 POWER_ITERATIONS = 2  # sharpen the range towards the top singular vectors (decaying spectra need few)
 RANK_MODES = ("fixed", "ratio", "threshold", "energy", "quantile")
+NORM_PIECE = 1 << 16  # elements per fp32 dot product of `sum_squares` (its rounding stays ~1e-7 relative)
+
+
+def sum_squares(tensor: torch.Tensor) -> float:
+    """‖tensor‖² accumulated in double across pieces of NORM_PIECE elements, each an fp32 dot product:
+    as exact as the errors need, without the fp64 copy of the whole tensor (as slow as the SVD itself
+    on the largest modules). A piece whose squares overflow fp32 is summed in fp64, so the result is
+    inf or NaN only when a value is."""
+    total = 0.0
+    for piece in tensor.reshape(-1).split(NORM_PIECE):
+        part = float(torch.dot(piece, piece))
+        total += part if math.isfinite(part) else float(piece.double().square().sum())
+    return total
 
 
 @dataclass
@@ -80,7 +94,7 @@ def low_rank(delta: torch.Tensor, max_rank: int, *, exact: bool = False,
     """The truncated SVD of a 2-D fp32 `delta`, up to `max_rank` values (fewer if the matrix is smaller)."""
     if delta.dim() != 2:
         raise ValueError(f"low_rank takes a matrix, got shape {tuple(delta.shape)}")
-    norm2 = float(delta.double().square().sum()) if delta.numel() else 0.0
+    norm2 = sum_squares(delta)
     k = min(max_rank, *delta.shape)
     if exact or k + OVERSAMPLE >= min(delta.shape):
         # The thin SVD costs out·in·min(out, in): the orientation does not matter for torch's driver.

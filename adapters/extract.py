@@ -22,6 +22,7 @@ counted; a component (UNet, CLIP-L, OpenCLIP-G) is reported with the relative si
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -34,7 +35,7 @@ from lineage.io.atomic import file_destination
 from lineage.io.hashing import FileHashes
 from lineage.io.safetensors import DTYPES
 
-from .decompose import Factors, RankRule, allocate, low_rank
+from .decompose import Factors, RankRule, allocate, low_rank, sum_squares
 from .kronecker import KroneckerShape, LokrFactors, lokr_factors
 from .metadata import BaseModel, adapter_metadata, adapter_record
 from .modules import ADAPTED_COMPONENTS, Module, sdxl_modules
@@ -112,8 +113,9 @@ def _module_difference(ctx: JobContext, module: Module) -> tuple[torch.Tensor, f
     base, tuned = (reader.fp32() for reader in ctx.sources)
     if module.rows is not None:
         base, tuned = base[module.rows[0]:module.rows[1]], tuned[module.rows[0]:module.rows[1]]
-    delta = tuned.sub(base).reshape(module.shape[0], -1)
-    return delta, float(base.double().square().sum())
+    base_norm2 = sum_squares(base)
+    # In place: the fp32 copy of the tuned weight is the worker's, and no allocation is as cheap as none.
+    return tuned.sub_(base).reshape(module.shape[0], -1), base_norm2
 
 
 class _Analysis:
@@ -179,9 +181,7 @@ def _lokr_decomposer(splits: dict[str, KroneckerShape], rule: RankRule | None, e
 
 
 def _check_finite(delta: torch.Tensor, module: Module, paths: Sequence[str]) -> None:
-    import torch
-
-    if not bool(torch.isfinite(delta).all()):
+    if not math.isfinite(sum_squares(delta)):  # finite exactly when every value is: no pass over a bool mask
         raise LineageError(f"tensor {module.key!r} holds NaN or Inf in one of the two checkpoints; "
                            "no adapter can carry that", paths[1])
 
@@ -457,7 +457,7 @@ def _extract_diff(inputs: list[Any], modules: Sequence[Module], paths: Sequence[
             _check_finite(delta, module, paths)
             ctx.outputs[0].copy_(delta.reshape(module.shape))
             with lock:
-                norms[module.name] = (float(delta.double().square().sum()), base_norm2)
+                norms[module.name] = (sum_squares(delta), base_norm2)
         out = Output(adapter_key("kohya", module, "diff"), OUTPUT_DTYPES[dtype], module.shape)
         return Job((Source(0, module.key), Source(1, module.key)), (out,), write)
 
