@@ -160,6 +160,23 @@ def element_of(driver, key: str) -> str:
         "return Object.keys(d.nodes).find((k) => d.nodes[k].key === arguments[0]);", key)
 
 
+def moved(driver) -> list[str]:
+    """The shown nodes the page moved away from where Graphviz put them."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('g.node')].filter((g) => !g.classList.contains('hidden') && "
+        "(g.getAttribute('transform') || 'translate(0,0)') !== 'translate(0,0)').map((g) => g.id)")
+
+
+def drawn_height(driver) -> float:
+    """The height of the shown models' drawing, in the drawing's own units (whatever the zoom)."""
+    return driver.execute_script(
+        "const m = document.querySelector('#view svg').getScreenCTM().inverse();"
+        "const ys = [...document.querySelectorAll('g.node:not(.hidden)')].flatMap((g) => {"
+        "  const r = g.getBoundingClientRect();"
+        "  return [new DOMPoint(0, r.top).matrixTransform(m).y, new DOMPoint(0, r.bottom).matrixTransform(m).y]; });"
+        "return Math.max(...ys) - Math.min(...ys);")
+
+
 @needs_dot
 def test_in_chromium_search_click_panel_and_screenshot(browser, family, tmp_path):
     from selenium.webdriver.common.by import By
@@ -224,6 +241,20 @@ def test_in_chromium_filters_collapse_and_sources(browser, family, tmp_path):
     assert browser.find_element(By.CSS_SELECTOR, "text.badge").text == f"+{len(below)}"
     browser.find_element(By.ID, "collapse").click()
     assert shown() == family.number_of_nodes()
+    assert moved(browser) == []  # everything shown: Graphviz's own layout, untouched
+    # Collapsing the whole SDXL family leaves no hole: the shown models and the cluster frame close up.
+    before = drawn_height(browser)
+    browser.execute_script("window.lineagePage.select(arguments[0])", element_of(browser, "sdxl-1.0-base"))
+    browser.find_element(By.ID, "collapse").click()
+    assert drawn_height(browser) < 0.7 * before and moved(browser)
+    frame = browser.execute_script("return document.querySelector('g.cluster path').getBoundingClientRect().height")
+    node = browser.execute_script("return document.getElementById(arguments[0]).getBoundingClientRect().height",
+                                  element_of(browser, "sdxl-1.0-base"))
+    assert frame < 3 * node  # the SDXL frame holds just its one shown model now
+    browser.save_screenshot(str(tmp_path / "collapsed.png"))
+    browser.find_element(By.ID, "collapse").click()
+    assert moved(browser) == []
+    browser.execute_script("window.lineagePage.select(arguments[0])", element_of(browser, "noobai-xl-eps-1.0"))
     links = browser.find_elements(By.CSS_SELECTOR, "#panel-urls a")
     assert [a.get_attribute("href") for a in links] == family.nodes["noobai-xl-eps-1.0"]["urls"]
     legend = browser.find_element(By.ID, "legend").text

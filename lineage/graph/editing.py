@@ -341,7 +341,8 @@ def show_fields(facts: dict[str, Any]) -> list[tuple[str, str]]:
         hashes = ", ".join(f"{k} {v[:12]}" for k, v in f.items() if k in ("sha256", "autov3") and v)
         lines.append(("file", str(f.get("name")) + (f" ({hashes})" if hashes else "")))
     lines += [("path", str(p)) for p in facts.get("paths", [])]
-    lines += [(key, str(value)) for key, value in facts.get("other", {}).items()]
+    lines += [(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+              for key, value in facts.get("other", {}).items()]
     if facts.get("notes"):
         lines.append(("notes", str(facts["notes"])))
     return lines
