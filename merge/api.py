@@ -81,7 +81,8 @@ def run_recipe(recipe: Recipe, output: str | None, *, registry: Any = None, titl
     from lineage.engine.device import compute_device
     from lineage.engine.executor import run_jobs
     from lineage.engine.inputs import InputFile
-    from lineage.graph.registry import known_autov3
+    from lineage.graph.registry import known_hashes
+    from lineage.io.hashing import file_autov1
 
     from .jobs import MergeJobs
 
@@ -89,18 +90,22 @@ def run_recipe(recipe: Recipe, output: str | None, *, registry: Any = None, titl
     with ExitStack() as stack:
         inputs = [stack.enter_context(InputFile(i.path)) for i in recipe.inputs]
         # after opening: a later change shows in the run's own checks
-        known = known_autov3([i.path for i in recipe.inputs], registry)
+        known = known_hashes([i.path for i in recipe.inputs], registry)
+        # A1111 names a merge's inputs by their whole-file sha256: taken in the run's hashing pass unless known
+        # (not when only the output's AutoV3 is wanted: no metadata is written then)
+        input_sha256 = [h.get("sha256") for h in known] if output is not None else None
+        input_autov1 = [h.get("autov1") or file_autov1(f.path) for h, f in zip(known, inputs)] if output else []
         merge_plan = plan_merge(recipe, [f.header for f in inputs], workers)
         jobs = MergeJobs(merge_plan, [f.path for f in inputs], fail_on_nonfinite)
         name = title or Path(output or "").stem
 
         def metadata(input_autov3: list[str | None], output_autov3: str | None) -> dict[str, str]:
             return merge_metadata(recipe.with_hashes(input_autov3), merge_plan.prediction_type, name, output_autov3,
-                                  [f.header.metadata for f in inputs])
+                                  [f.header.metadata for f in inputs], list(zip(input_sha256 or [], input_autov1)))
 
-        result = run_jobs(inputs, jobs.jobs(), output, metadata=metadata, known_autov3=known,
-                          expected_autov3=[i.autov3 for i in recipe.inputs], workers=workers, progress=progress,
-                          description="merge", device=compute_on)
+        result = run_jobs(inputs, jobs.jobs(), output, metadata=metadata, known_autov3=[h.get("autov3") for h in known],
+                          input_sha256=input_sha256, expected_autov3=[i.autov3 for i in recipe.inputs],
+                          workers=workers, progress=progress, description="merge", device=compute_on)
     return merge_plan, result, jobs.nonfinite
 
 
@@ -128,23 +133,24 @@ def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLik
     node, record_error = None, None
     if record:
         try:
-            node = _record(output, hashed, result.output_autov3, registry)
+            node = _record(output, hashed, result.output_autov3, result.input_sha256, registry)
         except (LineageError, OSError) as e:
             record_error = str(e)
     return MergeResult(output, result.output_autov3, hashed, merge_plan, nonfinite, node, record_error)
 
 
-def _record(output: str, recipe: Recipe, output_autov3: str, registry: Any) -> str:
+def _record(output: str, recipe: Recipe, output_autov3: str, input_sha256: list[str | None], registry: Any) -> str:
     """Register the written output with an edge from each input; every hash comes from the run (the
-    output's from the write stream, the inputs' from the registry or the run's own hashing)."""
+    output's from the write stream, the inputs' from the registry or the run's own hashing, kept so
+    that the next merge of these inputs need not hash them again)."""
     from lineage.graph.recording import record as record_file
 
-    def hashes(path: str, autov3: str | None) -> FileHashes:
-        return FileHashes(path, None, None, None, autov3, None)
+    def hashes(path: str, autov3: str | None, sha256: str | None = None) -> FileHashes:
+        return FileHashes(path, sha256, None, sha256[:10] if sha256 else None, autov3, None)
 
     weights = edge_weights(recipe)
     return record_file(output, parents=[i.path for i in recipe.inputs], relation="merge",
                        weights=None if None in weights else weights,
                        params={"method": recipe.method, "recipe": record_of(recipe)}, registry=registry,
                        hashes=hashes(output, output_autov3),
-                       parent_hashes=[hashes(i.path, i.autov3) for i in recipe.inputs])
+                       parent_hashes=[hashes(i.path, i.autov3, sha) for i, sha in zip(recipe.inputs, input_sha256)])

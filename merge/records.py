@@ -7,7 +7,8 @@
   inputs by AutoV3 (the registry) or next to the merged file.
 - ModelSpec 1.0.0 (`modelspec.*`): SDXL architecture, title, resolution, date, `merged_from` (the
   inputs' names), `prediction_type` and `hash_sha256` (the output's AutoV3).
-- A1111 / supermerger: `sd_merge_recipe` and `sd_merge_models` (the flattened ancestry).
+- A1111 / supermerger: `sd_merge_recipe` and `sd_merge_models` (the flattened ancestry), the inputs
+  keyed by their whole-file sha256 as A1111 keys them.
 A published file carries no local paths: inputs appear by file name and hash only.
 """
 from __future__ import annotations
@@ -58,9 +59,11 @@ def record_of(recipe: Recipe) -> dict[str, Any]:
 
 
 def merge_metadata(recipe: Recipe, prediction_type: str, title: str, output_autov3: str | None,
-                   input_metadata: Sequence[Mapping[str, str]]) -> dict[str, str]:
+                   input_metadata: Sequence[Mapping[str, str]],
+                   input_files: Sequence[tuple[str | None, str | None]] = ()) -> dict[str, str]:
     """Every metadata key a merged checkpoint gets. `recipe` carries the inputs' AutoV3 hashes as far
-    as they are known; `output_autov3` is None until the output is written."""
+    as they are known; `output_autov3` is None until the output is written; `input_files` gives each
+    input's whole-file (sha256, AutoV1) as far as known, by which A1111 names the inputs."""
     names = [i.name for i in recipe.inputs]
     description = f"{recipe.method} merge of {', '.join(names)} made with lineage {__version__}"
     # A1111's multiplier is one alpha for every key: written only when that is what the merge did.
@@ -76,7 +79,9 @@ def merge_metadata(recipe: Recipe, prediction_type: str, title: str, output_auto
                              prediction_type=prediction_type, merged_from=names, autov3=output_autov3,
                              description=description),
         **a1111_merge_metadata(interp_method=A1111_METHODS.get(recipe.method, recipe.method),
-                               inputs=[(i.name, i.autov3) for i in recipe.inputs], multiplier=multiplier,
+                               inputs=[(os.path.basename(i.path), *file_ids) for i, file_ids in
+                                       zip(recipe.inputs, [*input_files, *[(None, None)] * len(recipe.inputs)])],
+                               multiplier=multiplier,
                                save_as_half=recipe.dtype == "fp16", name=title, input_metadata=input_metadata,
                                per_key=per_key),
     }

@@ -67,7 +67,7 @@ def test_show_lists_names_hashes_paths_parents_children(tiny, lmerge):
                          params={"method": "ties"})
     code, out, _ = lmerge("show", mix)
     assert code == 0 and out.startswith(f"mix [{mix}] (user)")
-    assert "a [" in out and "(merge, weight 0.7, method ties)" in out and "path: " in out and "autov3: " in out
+    assert "a [" in out and "(merge, weight 0.7, method TIES)" in out and "path: " in out and "autov3: " in out
     code, out, _ = lmerge("show", a, "--json")
     facts = json.loads(out)
     assert code == 0 and facts["children"][0]["id"] == mix and facts["children"][0]["weight"] == 0.7

@@ -1,6 +1,8 @@
 """The streaming engine on small generated checkpoints: results, pass-through keys, markers, blocks,
 mismatches, NaN/Inf, determinism, metadata and recording."""
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,12 +224,16 @@ def test_metadata_carries_the_record_modelspec_and_a1111_ancestry(trio, tmp_path
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
     assert meta["modelspec.merged_from"] == "first, y"
     assert meta["modelspec.hash_sha256"] == "0x" + hash_file(second.path).autov3 == "0x" + second.autov3
+    # A1111's keys name the inputs as A1111's merger does: by the sha256 of the whole file
+    sha256 = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in hashes}
     recipe = json.loads(meta["sd_merge_recipe"])
     assert recipe["interp_method"] == "Weighted sum" and recipe["multiplier"] == 0.5
-    assert recipe["primary_model_hash"] == hashes[first.path]
+    assert recipe["primary_model_hash"] == sha256[first.path] and recipe["secondary_model_hash"] == sha256[trio["y"]]
     ancestry = json.loads(meta["sd_merge_models"])  # the first merge's own inputs are folded in
-    assert set(ancestry) == {hashes[trio["base"]], hashes[trio["x"]], hashes[first.path], hashes[trio["y"]]}
-    assert ancestry[hashes[first.path]]["sd_merge_recipe"]["secondary_model_hash"] == hashes[trio["x"]]
+    assert set(ancestry) == {sha256[trio["base"]], sha256[trio["x"]], sha256[first.path], sha256[trio["y"]]}
+    assert ancestry[sha256[first.path]]["sd_merge_recipe"]["secondary_model_hash"] == sha256[trio["x"]]
+    assert ancestry[sha256[trio["y"]]]["name"] == "y.safetensors"
+    assert ancestry[sha256[trio["y"]]]["legacy_hash"] == hash_file(trio["y"]).autov1
     assert Recipe.from_dict(record).inputs[0] == Input("first.safetensors", hashes[first.path], "first")
 
 
@@ -322,6 +328,24 @@ def test_recording_a_merge_reads_no_file_again(trio, tmp_path, monkeypatch):
         assert set(reg.user_graph().predecessors(out.node)) == {hash_file(p).autov3 for p in (trio["base"], trio["x"])}
 
 
+def test_a1111_keys_are_read_back_as_whole_file_hashes_of_the_recorded_inputs(trio, tmp_path):
+    """A reader that knows only A1111's convention (64 hex digits = the whole file's sha256) finds the
+    inputs: scanning the merge stripped of our own record links it to the input files' nodes."""
+    from lineage.graph.recording import scan_file
+    from lineage.graph.registry import Registry
+
+    registry = tmp_path / "reg.sqlite"
+    merged = merge([trio["base"], trio["x"]], tmp_path / "m.safetensors", alpha=0.3, registry=registry)
+    tensors, meta = _tensors(merged.path)
+    a1111_only = {k: v for k, v in meta.items() if k.startswith("sd_merge_")}
+    save_file(tensors, tmp_path / "a1111.safetensors", metadata=a1111_only)
+    with Registry(registry) as reg:
+        node = scan_file(tmp_path / "a1111.safetensors", reg)
+        parents = reg.graph().pred[node]
+        assert set(parents) == {hash_file(trio["base"]).autov3, hash_file(trio["x"]).autov3}
+        assert [parents[hash_file(p).autov3]["weight"] for p in (trio["base"], trio["x"])] == [0.7, 0.3]
+
+
 def test_known_input_hashes_come_from_one_registry_lookup(trio, tmp_path, monkeypatch):
     from lineage.graph.registry import Registry
 
@@ -335,6 +359,9 @@ def test_known_input_hashes_come_from_one_registry_lookup(trio, tmp_path, monkey
     again = merge([trio["base"], trio["x"]], tmp_path / "again.safetensors", alpha=0.2, registry=registry)
     assert lookups == [trio["base"], trio["x"]] and hashed == []  # looked up once, not hashed, not looked up again
     assert again.recipe.inputs[0].autov3 == hash_file(trio["base"]).autov3
+    # the whole-file sha256 that A1111's keys need was kept from the first merge's hashing pass too
+    _, meta = _tensors(again.path)
+    assert json.loads(meta["sd_merge_recipe"])["primary_model_hash"] == hash_file(trio["base"]).sha256
 
 
 LARGE_KEY = "model.diffusion_model.lineage_test_large.weight"  # an extra key: 600,000 entries

@@ -183,3 +183,30 @@ def test_offline_a_parent_card_not_saved_is_listed_as_not_followed(lmerge, monke
     hub_access._probe.cache_clear()
     assert code == 0 and "someone/parent" in out
     assert "not followed: someone/parent" in err and "cannot reach the Hugging Face Hub" in err
+
+
+def test_hub_nodes_keep_the_prediction_type_of_their_scheduler_config_or_card_tags(cards, tiny):
+    """A repo's scheduler_config (saved beside its card) or its card's tags say v-prediction: the `hf:` node
+    carries it, the tree shows it, and compat uses it (an ε LoRA of the family on it is a warning)."""
+    import json
+
+    from lineage.graph.compat import check
+    from lineage.graph.render import render
+
+    write_card_file(cards, "org/vpred", {"base_model": "OnomaAIResearch/Illustrious-xl-early-release-v0"})
+    scheduler = cards / "org" / "vpred" / "scheduler" / "scheduler_config.json"
+    scheduler.parent.mkdir(parents=True)
+    scheduler.write_text(json.dumps({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}))
+    write_card_file(cards, "org/tagged", {"base_model": "org/vpred", "tags": ["v-prediction", "anime"]})
+    import_card("org/tagged", cards_dir=cards)
+    with Registry() as reg:
+        assert reg.node("hf:org/vpred")["prediction_type"] == "v+ztsnr"
+        assert reg.node("hf:org/vpred")["prediction_source"] == "scheduler_config"
+        assert reg.node("hf:org/tagged")["prediction_type"] == "v"
+    lora = lineage.record(tiny("lora.safetensors", 1, lora=True), parents=["illustrious-xl-v0.1"], relation="adapter")
+    with Registry() as reg:
+        graph = reg.graph()
+        result = check(graph, lora, "hf:org/vpred")
+        assert (result.relationship, result.verdict) == ("prediction-in-family", "likely compatible")
+        assert result.reason.startswith("trained on ε, used on v-pred")
+        assert "v-pred" in render(graph.subgraph({"hf:org/vpred", "hf:org/tagged"}), "text")

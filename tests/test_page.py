@@ -61,16 +61,30 @@ def data_of(page: str) -> dict:
 
 
 def test_panel_has_what_show_prints(family):
+    """The panel's lines are `lmerge show`'s lines (one source: editing.show / show_fields), every one of them."""
+    from lineage.graph.edit_commands import show_text
+    from lineage.graph.editing import show
+
     info = panel(family, "ab" * 32)
     facts = dict(info["facts"])
-    assert facts["prediction"] == "v-pred" and facts["sha256"] == "cd" * 32
-    assert facts["file"] == "/models/myFinetune_v10.safetensors"
+    assert facts["prediction type"] == "v" and facts["sha256"] == "cd" * 32 and facts["origin"] == "user"
+    assert facts["path"] == "/models/myFinetune_v10.safetensors" and facts["architecture"] == "sdxl"
     assert info["parents"] == [["noobai-xl-vpred-1.0", "finetune"]]
-    assert panel(family, "mix")["parents"] == [["noobai-xl-eps-1.1", "merge; TIES; weight 0.7"],
-                                               ["rouwei-0.8-eps", "merge; TIES; weight 0.3"]]
+    assert panel(family, "mix")["parents"] == [["noobai-xl-eps-1.1", "merge, weight 0.7, method TIES"],
+                                               ["rouwei-0.8-eps", "merge, weight 0.3, method TIES"]]
+    for node in ("ab" * 32, "mix", "noobai-xl-vpred-1.0", "hf:someone/lonely"):
+        printed = show_text(show(family, node))
+        shown = panel(family, node)
+        for caption, text in shown["facts"][2:]:  # after id and origin, which show prints in its first line
+            assert f"  {caption}: {text}\n" in printed
+        for url in shown["urls"]:
+            assert f"  url: {url}\n" in printed
+        for parent, how in shown["parents"]:
+            assert f"[{parent}] ({how})" in printed or f"{parent} ({how})" in printed
     catalog = panel(family, "noobai-xl-vpred-1.0")
     assert catalog["urls"] and catalog["children"] == ["ab" * 32]
-    assert dict(catalog["facts"])["source"].startswith("built-in catalog (docs/catalog.md)")
+    assert dict(catalog["facts"])["origin"] == "catalog" and "Civitai" in dict(catalog["facts"])
+    assert "Laxhar/noobai-XL-Vpred-1.0" in dict(catalog["facts"])["Hugging Face"]
 
 
 def test_search_text_has_names_repo_ids_file_names_and_hashes(family):
@@ -146,6 +160,23 @@ def element_of(driver, key: str) -> str:
         "return Object.keys(d.nodes).find((k) => d.nodes[k].key === arguments[0]);", key)
 
 
+def moved(driver) -> list[str]:
+    """The shown nodes the page moved away from where Graphviz put them."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('g.node')].filter((g) => !g.classList.contains('hidden') && "
+        "(g.getAttribute('transform') || 'translate(0,0)') !== 'translate(0,0)').map((g) => g.id)")
+
+
+def drawn_height(driver) -> float:
+    """The height of the shown models' drawing, in the drawing's own units (whatever the zoom)."""
+    return driver.execute_script(
+        "const m = document.querySelector('#view svg').getScreenCTM().inverse();"
+        "const ys = [...document.querySelectorAll('g.node:not(.hidden)')].flatMap((g) => {"
+        "  const r = g.getBoundingClientRect();"
+        "  return [new DOMPoint(0, r.top).matrixTransform(m).y, new DOMPoint(0, r.bottom).matrixTransform(m).y]; });"
+        "return Math.max(...ys) - Math.min(...ys);")
+
+
 @needs_dot
 def test_in_chromium_search_click_panel_and_screenshot(browser, family, tmp_path):
     from selenium.webdriver.common.by import By
@@ -177,7 +208,7 @@ def test_in_chromium_search_click_panel_and_screenshot(browser, family, tmp_path
     browser.execute_script("window.lineagePage.centre(arguments[0])", mix)
     browser.find_element(By.CSS_SELECTOR, f"g#{mix} text").click()
     assert browser.find_element(By.ID, "panel-name").text == "my </script> mix"
-    assert "RouWei 0.8 epsilon (merge; TIES; weight 0.3)" in browser.find_element(By.ID, "panel-parents").text
+    assert "RouWei 0.8 epsilon (merge, weight 0.3, method TIES)" in browser.find_element(By.ID, "panel-parents").text
     assert browser.execute_script("return document.querySelectorAll('g.edge.lit').length") >= 2
     browser.save_screenshot(str(tmp_path / "click.png"))
     assert (tmp_path / "click.png").read_bytes()[:4] == b"\x89PNG"
@@ -210,6 +241,20 @@ def test_in_chromium_filters_collapse_and_sources(browser, family, tmp_path):
     assert browser.find_element(By.CSS_SELECTOR, "text.badge").text == f"+{len(below)}"
     browser.find_element(By.ID, "collapse").click()
     assert shown() == family.number_of_nodes()
+    assert moved(browser) == []  # everything shown: Graphviz's own layout, untouched
+    # Collapsing the whole SDXL family leaves no hole: the shown models and the cluster frame close up.
+    before = drawn_height(browser)
+    browser.execute_script("window.lineagePage.select(arguments[0])", element_of(browser, "sdxl-1.0-base"))
+    browser.find_element(By.ID, "collapse").click()
+    assert drawn_height(browser) < 0.7 * before and moved(browser)
+    frame = browser.execute_script("return document.querySelector('g.cluster path').getBoundingClientRect().height")
+    node = browser.execute_script("return document.getElementById(arguments[0]).getBoundingClientRect().height",
+                                  element_of(browser, "sdxl-1.0-base"))
+    assert frame < 3 * node  # the SDXL frame holds just its one shown model now
+    browser.save_screenshot(str(tmp_path / "collapsed.png"))
+    browser.find_element(By.ID, "collapse").click()
+    assert moved(browser) == []
+    browser.execute_script("window.lineagePage.select(arguments[0])", element_of(browser, "noobai-xl-eps-1.0"))
     links = browser.find_elements(By.CSS_SELECTOR, "#panel-urls a")
     assert [a.get_attribute("href") for a in links] == family.nodes["noobai-xl-eps-1.0"]["urls"]
     legend = browser.find_element(By.ID, "legend").text

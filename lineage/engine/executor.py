@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -66,6 +66,7 @@ MetadataFn = Callable[[list[str | None], str | None], Mapping[str, str]]
 class RunResult:
     output_autov3: str  # sha256 of the output's data section
     input_autov3: list[str]  # each input's, known or computed
+    input_sha256: list[str | None] = field(default_factory=list)  # whole-file, when the run was asked for them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +277,8 @@ class _Run:
 def run_jobs(inputs: Sequence[InputFile], jobs: Sequence[Job], output: str | os.PathLike | None, *,
              metadata: MetadataFn | None = None, known_autov3: Sequence[str | None] = (),
              expected_autov3: Sequence[str | None] = (), workers: int = 2, progress: bool = True,
-             description: str = "run", device: torch.device | None = None) -> RunResult:
+             description: str = "run", device: torch.device | None = None,
+             input_sha256: list[str | None] | None = None) -> RunResult:
     """Run `jobs` over `inputs` and write their outputs, in job order, to `output` (None: only hash them).
 
     `metadata(input_autov3s, output_autov3)` gives the output's metadata: it is called before the
@@ -284,7 +286,10 @@ def run_jobs(inputs: Sequence[InputFile], jobs: Sequence[Job], output: str | os.
     the header keeps room for what the hashes add. `known_autov3[i]` spares hashing input i (e.g. the
     registry has seen the unchanged file); an input whose hash differs from `expected_autov3[i]`
     fails the run before the output appears, as does an input changed while the run reads it.
-    `device` (from lineage.engine.device.compute_device; None: the CPU) is where the jobs compute."""
+    `device` (from lineage.engine.device.compute_device; None: the CPU) is where the jobs compute.
+    `input_sha256` (one entry per input, None where unknown) asks for the inputs' whole-file sha256
+    too (A1111's identity): the run fills in the missing ones, in the same read that takes the AutoV3,
+    before the final `metadata` call (which may read them from this list)."""
     _check_jobs(inputs, jobs)
     n = len(inputs)
     known = [known_autov3[i] if i < len(known_autov3) else None for i in range(n)]
@@ -296,7 +301,9 @@ def run_jobs(inputs: Sequence[InputFile], jobs: Sequence[Job], output: str | os.
     hash_error: list[BaseException] = []
     stop_hashing = threading.Event()
 
-    to_hash = sum(f.header.file_size - f.header.data_start for f, h in zip(inputs, known) if h is None)
+    wants_sha256 = [input_sha256 is not None and input_sha256[i] is None for i in range(n)]
+    to_hash = sum(f.header.file_size - (0 if wants_sha256[i] else f.header.data_start)
+                  for i, f in enumerate(inputs) if known[i] is None or wants_sha256[i])
     # The inputs' hashing has a bar of its own: it may still be reading after the last merged tensor is written.
     hash_bar = tqdm(total=to_hash, unit="B", unit_scale=True, desc="hashing inputs", leave=False, position=1,
                     disable=None if progress and to_hash else True)
@@ -304,8 +311,14 @@ def run_jobs(inputs: Sequence[InputFile], jobs: Sequence[Job], output: str | os.
     def hash_inputs() -> None:
         try:
             for i, f in enumerate(inputs):
-                if input_autov3[i] is None:
-                    input_autov3[i] = f.data_autov3(stop_hashing, hash_bar.update)
+                if input_autov3[i] is None or wants_sha256[i]:
+                    whole_file = hashlib.sha256() if wants_sha256[i] else None
+                    autov3 = f.data_autov3(stop_hashing, hash_bar.update, whole_file)
+                    if autov3 is None:  # stopped
+                        return
+                    input_autov3[i] = autov3
+                    if input_sha256 is not None and whole_file is not None:
+                        input_sha256[i] = whole_file.hexdigest()
         except BaseException as e:  # re-raised by the calling thread
             hash_error.append(e)
 
@@ -315,7 +328,8 @@ def run_jobs(inputs: Sequence[InputFile], jobs: Sequence[Job], output: str | os.
             sink: SafetensorsWriter | _DataDigest = _DataDigest()
         else:
             plan = {out.key: (out.dtype, out.shape) for job in jobs for out in job.outputs}
-            room = METADATA_ROOM_PER_HASH * (known.count(None) + 1) if metadata else 0
+            hashed_later = sum(known[i] is None or wants_sha256[i] for i in range(n))
+            room = METADATA_ROOM_PER_HASH * (hashed_later + 1) if metadata else 0
             sink = stack.enter_context(SafetensorsWriter(output, plan, metadata(known, None) if metadata else None,
                                                          hash_data=True, metadata_room=room))
         hasher = threading.Thread(target=hash_inputs, name="lineage-hash-inputs", daemon=True)
@@ -363,4 +377,4 @@ def run_jobs(inputs: Sequence[InputFile], jobs: Sequence[Job], output: str | os.
         output_autov3 = sink.data_sha256()
         if isinstance(sink, SafetensorsWriter) and metadata:
             sink.update_metadata(metadata(list(hashes), output_autov3))
-    return RunResult(output_autov3, hashes)
+    return RunResult(output_autov3, hashes, list(input_sha256) if input_sha256 is not None else [None] * n)

@@ -85,20 +85,25 @@ class InputFile:
                                   "nothing was written", self.path)
         raise CheckpointError("was changed while being read; nothing was written", self.path)
 
-    def data_autov3(self, stop: threading.Event | None = None,
-                    on_bytes: Callable[[int], object] | None = None) -> str | None:
+    def data_autov3(self, stop: threading.Event | None = None, on_bytes: Callable[[int], object] | None = None,
+                    whole_file: hashlib._Hash | None = None) -> str | None:
         """AutoV3: the sha256 of the data section, read sequentially through one buffer. None when
-        `stop` is set before the end. `on_bytes(n)` is told of each n bytes hashed (a progress bar)."""
+        `stop` is set before the end. `on_bytes(n)` is told of each n bytes hashed (a progress bar).
+        `whole_file`, when given, is fed every byte of the file, header included, in the same read:
+        the whole-file sha256 (A1111's identity of a checkpoint) without reading the file twice."""
         digest = hashlib.sha256()
         buffer = bytearray(HASH_CHUNK_BYTES)
         view = memoryview(buffer)
-        size = self.header.file_size
-        for begin in range(self.header.data_start, size, HASH_CHUNK_BYTES):
+        size, data_start = self.header.file_size, self.header.data_start
+        for begin in range(0 if whole_file is not None else data_start, size, HASH_CHUNK_BYTES):
             if stop is not None and stop.is_set():
                 return None
             n = min(HASH_CHUNK_BYTES, size - begin)
             self.read_into(begin, view[:n])
-            digest.update(view[:n])
+            if whole_file is not None:
+                whole_file.update(view[:n])
+            if begin + n > data_start:
+                digest.update(view[max(0, data_start - begin):n])
             if on_bytes is not None:
                 on_bytes(n)
         return digest.hexdigest()

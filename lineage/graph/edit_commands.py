@@ -42,47 +42,24 @@ def link(path: str, node: str, registry_path: str | None) -> None:
     click.echo(f"linked {path}: it is {label(graph, target)}")
 
 
-def _edge_text(edge: dict[str, Any]) -> str:
-    details = [edge.get("relation", "?")]
-    if edge.get("weight") is not None:
-        details.append(f"weight {edge['weight']:.3g}")
-    if edge.get("method"):
-        details.append(f"method {edge['method']}")
+def _related(edge: dict[str, Any]) -> str:
+    """A parent or child as `show` lists it: its name, id and how it is related."""
+    from lineage.graph.editing import edge_text
+
     name = edge["name"] if edge["name"] == edge["id"] else f"{edge['name']} [{edge['id']}]"
-    return f"{name} ({', '.join(details)})"
+    return f"{name} ({edge_text(edge)})"
 
 
 def show_text(facts: dict[str, Any]) -> str:
     """`lmerge show` as text: one fact per line, lists indented."""
+    from lineage.graph.editing import show_fields
+
     lines = [f"{facts['name']} [{facts['id']}] ({facts['origin']})"]
-    for key, title in (("kind", "kind"), ("architecture", "architecture"), ("prediction_type", "prediction type"),
-                       ("license", "licence")):
-        if facts.get(key):
-            lines.append(f"  {title}: {facts[key]}")
-    if facts.get("names"):
-        lines.append(f"  also named: {', '.join(facts['names'])}")
-    for repo in facts.get("repo_ids", []):
-        lines.append(f"  Hugging Face: {repo}")
-    for c in facts.get("civitai", []):
-        version = f", version {c['version_id']}" if c.get("version_id") else ""
-        lines.append(f"  Civitai: model {c['model_id']}{version}")
-    for url in facts.get("urls", []):
-        lines.append(f"  url: {url}")
-    for kind, value in facts.get("hashes", {}).items():
-        lines.append(f"  {kind}: {value}")
-    for f in facts.get("files", []):
-        hashes = ", ".join(f"{k} {v[:12]}" for k, v in f.items() if k in ("sha256", "autov3") and v)
-        lines.append(f"  file: {f.get('name')}" + (f" ({hashes})" if hashes else ""))
-    for p in facts.get("paths", []):
-        lines.append(f"  path: {p}")
+    lines += [f"  {caption}: {text}" for caption, text in show_fields(facts)]
     for title in ("parents", "children"):
         if facts.get(title):
             lines.append(f"  {title}:")
-            lines += [f"    {_edge_text(e)}" for e in facts[title]]
-    for key, value in facts.get("other", {}).items():
-        lines.append(f"  {key}: {value}")
-    if facts.get("notes"):
-        lines.append(f"  notes: {facts['notes']}")
+            lines += [f"    {_related(e)}" for e in facts[title]]
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +134,7 @@ def edit(node: str, rename: str | None, repo: str | None, civitai_url: str | Non
     for key, value in values.items():
         click.echo(f"set {key} to {value!r}" if value else f"cleared {key}")
     if parents:
-        click.echo("parents now: " + "; ".join(_edge_text(e) for e in facts.get("parents", [])))
+        click.echo("parents now: " + "; ".join(_related(e) for e in facts.get("parents", [])))
     click.echo(f"edited {facts['name']} [{node_id}]")
 
 

@@ -29,6 +29,7 @@ from lineage.graph.catalog import is_catalog_node
 from lineage.graph.model import ADAPTER_KINDS, PREDICTION_FAMILY, RELATIONS, display_name
 from lineage.graph.naming import civitai_ids_of_url, civitai_versions, huggingface_repo_of_url, repo_ids
 from lineage.graph.registry import Batch, Registry, using_registry
+from lineage.graph.render import block_weights, merge_method
 
 ALIAS = "same_as"  # node attribute: this node (a file) is that model
 MAX_ALIAS_CHAIN = 16  # a file linked to a file linked to a model ...; longer chains are a damaged registry
@@ -295,8 +296,9 @@ def show(graph: nx.DiGraph, node: str) -> dict[str, Any]:
         e = graph.edges[parent, child]
         params = e.get("params") or {}
         return {k: v for k, v in {"id": other, "name": display_name(graph, other), "relation": e.get("relation"),
-                                  "weight": e.get("weight"), "method": params.get("method"),
-                                  "source": e.get("source"), "note": e.get("note")}.items() if v is not None}
+                                  "weight": e.get("weight"), "method": merge_method(e) or params.get("method"),
+                                  "blocks": block_weights(e) or None, "source": e.get("source"),
+                                  "note": e.get("note")}.items() if v is not None}
 
     civitai = civitai_versions(attrs)
     facts = {
@@ -314,3 +316,45 @@ def show(graph: nx.DiGraph, node: str) -> dict[str, Any]:
     shown = set(facts) | {"urls", "civitai_url", "repo", "huggingface", "civitai", "source", "hashes"}
     facts["other"] = {k: v for k, v in attrs.items() if k not in shown}
     return {k: v for k, v in facts.items() if v not in (None, [], {})}
+
+
+# What `lmerge show` prints besides its first line and the parents / children, in order: (fact, caption).
+# The page's panel (page.py) shows the same lines.
+SHOWN_FACTS: tuple[tuple[str, str], ...] = (
+    ("kind", "kind"), ("architecture", "architecture"), ("prediction_type", "prediction type"),
+    ("license", "licence"),
+)
+
+
+def show_fields(facts: dict[str, Any]) -> list[tuple[str, str]]:
+    """`show`'s facts as the (caption, text) lines `lmerge show` prints (and the page's panel shows),
+    without the first line (name, id, origin) and the parents and children (see `edge_text`)."""
+    lines = [(caption, str(facts[key])) for key, caption in SHOWN_FACTS if facts.get(key)]
+    if facts.get("names"):
+        lines.append(("also named", ", ".join(map(str, facts["names"]))))
+    lines += [("Hugging Face", repo) for repo in facts.get("repo_ids", [])]
+    lines += [("Civitai", f"model {c['model_id']}" + (f", version {c['version_id']}" if c.get("version_id") else ""))
+              for c in facts.get("civitai", [])]
+    lines += [("url", str(url)) for url in facts.get("urls", [])]
+    lines += [(kind, str(value)) for kind, value in facts.get("hashes", {}).items()]
+    for f in facts.get("files", []):
+        hashes = ", ".join(f"{k} {v[:12]}" for k, v in f.items() if k in ("sha256", "autov3") and v)
+        lines.append(("file", str(f.get("name")) + (f" ({hashes})" if hashes else "")))
+    lines += [("path", str(p)) for p in facts.get("paths", [])]
+    lines += [(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+              for key, value in facts.get("other", {}).items()]
+    if facts.get("notes"):
+        lines.append(("notes", str(facts["notes"])))
+    return lines
+
+
+def edge_text(edge: dict[str, Any]) -> str:
+    """How a parent or child in `show` is related: relation, weight, method, per-block values."""
+    details = [edge.get("relation", "?")]
+    if edge.get("weight") is not None:
+        details.append(f"weight {edge['weight']:.3g}")
+    if edge.get("method"):
+        details.append(f"method {edge['method']}")
+    details += [f"{name} by block: " + ", ".join(f"{b} {v:.3g}" for b, v in blocks.items())
+                for name, blocks in edge.get("blocks", {}).items()]
+    return ", ".join(details)

@@ -1,7 +1,9 @@
 """Hugging Face model cards: read the `base_model` chain into the graph, write it for our nodes.
 
 A model card's YAML front matter names the model(s) it was made from (`base_model`, a repo id or a
-list) and how (`base_model_relation`: finetune, merge, adapter, quantized). `import_card` follows
+list) and how (`base_model_relation`: finetune, merge, adapter, quantized). A repo's prediction type
+comes from its diffusers `scheduler/scheduler_config.json` (saved beside the card in `cards_dir`, or
+from the hub) or else from the card's tags, so `hf:` nodes carry it and `compat` can use it. `import_card` follows
 that chain upwards, card by card, until it reaches a model the catalog knows (matched by its
 Hugging Face URL), a card without `base_model`, or a card it cannot fetch; then it writes all nodes
 and edges in one registry transaction. Cards are read with huggingface_hub's `ModelCard.load`: a
@@ -9,6 +11,7 @@ local file, a folder of saved cards (`cards_dir/<owner>/<name>/README.md`), or t
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
 from lineage.errors import LineageError
@@ -34,6 +37,10 @@ RELATION_FROM_HUB: dict[str, str] = {"finetune": "finetune", "merge": "merge", "
 # parent's card), unless the hub said the copy is `quantized` (kept on the edge by `import_card`).
 RELATION_TO_HUB: dict[str, str] = {"finetune": "finetune", "trained": "finetune", "merge": "merge",
                                    "adapter": "adapter"}
+# Card tags that state a prediction type (Hugging Face tags are free text; these are the spellings in use).
+V_PREDICTION_TAGS = {"v-prediction", "v_prediction", "v-pred", "vpred", "v-parameterization"}
+ZERO_TERMINAL_SNR_TAGS = {"zsnr", "ztsnr", "zero-terminal-snr", "zero_terminal_snr"}
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 MAX_CHAIN = 32  # cards followed upwards at most (real chains are a handful long)
 HUB_URL = "https://huggingface.co/"
 
@@ -99,10 +106,44 @@ def relation_of(card: ModelCard, bases: int) -> str:
     return "finetune"
 
 
-def _hub_attrs(repo: str, card: ModelCard | None) -> dict[str, Any]:
+def _scheduler_config(repo: str, cards_dir: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The repo's diffusers scheduler config: saved in `cards_dir/<owner>/<name>/`, else from the hub;
+    None when it has none (a single-file repo) or it cannot be read (the card's tags may still say)."""
+    saved = Path(cards_dir, *repo.split("/"), *SCHEDULER_CONFIG.split("/")) if cards_dir is not None else None
+    try:
+        if saved is None or not saved.is_file():
+            with hub_quiet():
+                saved = Path(hf_hub_download(repo, SCHEDULER_CONFIG))
+        config = json.loads(saved.read_text(encoding="utf-8"))
+    except CARD_ERRORS:
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def prediction_of_repo(repo: str, card: ModelCard | None, cards_dir: str | os.PathLike | None
+                       ) -> tuple[str, str] | None:
+    """(prediction type, where it was read) of a hub repo: its scheduler config, else its card's tags."""
+    from lineage.sdxl.detection import scheduler_prediction  # imported here: detection pulls in torch
+
+    config = _scheduler_config(repo, cards_dir)
+    if config is not None:
+        declared = scheduler_prediction(config)
+        if declared or config.get("prediction_type") == "epsilon":
+            return declared or "epsilon", "scheduler_config"
+    tags = {str(t).lower() for t in (card.data.tags or [])} if card is not None else set()
+    if tags & (V_PREDICTION_TAGS | ZERO_TERMINAL_SNR_TAGS):
+        v, ztsnr = bool(tags & V_PREDICTION_TAGS), bool(tags & ZERO_TERMINAL_SNR_TAGS)
+        return ("v" if v else "epsilon") + ("+ztsnr" if ztsnr else ""), "model card tags"
+    return None
+
+
+def _hub_attrs(repo: str, card: ModelCard | None, cards_dir: str | os.PathLike | None) -> dict[str, Any]:
     attrs: dict[str, Any] = {"name": repo, "urls": [HUB_URL + repo], "source": "hub"}
     if card is not None:
         attrs.update({k: v for k, v in (("license", card.data.license), ("tags", card.data.tags)) if v})
+    prediction = prediction_of_repo(repo, card, cards_dir) if card is not None else None
+    if prediction:
+        attrs["prediction_type"], attrs["prediction_source"] = prediction
     return attrs
 
 
@@ -140,7 +181,7 @@ def import_card(source: str | os.PathLike, registry: str | os.PathLike | Registr
         result = HubImport(root)
         hub_nodes: dict[str, dict[str, Any]] = {}
         if root_repo and not is_catalog_node(root):
-            hub_nodes[root] = _hub_attrs(root_repo, first)
+            hub_nodes[root] = _hub_attrs(root_repo, first, cards_dir)
         planned: list[tuple[str, str, str, dict[str, Any]]] = []
         queue = deque([(root, first, 0)])
         seen = {root}
@@ -163,7 +204,7 @@ def import_card(source: str | os.PathLike, registry: str | os.PathLike | Registr
                         queue.append((parent, parent_card, depth + 1))
                     except CARD_ERRORS as e:
                         result.not_followed[repo] = _card_error(repo, e)
-                hub_nodes[parent] = _hub_attrs(repo, parent_card)
+                hub_nodes[parent] = _hub_attrs(repo, parent_card, cards_dir)
         with reg.batch() as b:
             for node, attrs in hub_nodes.items():
                 b.put_node(node, attrs)

@@ -253,31 +253,33 @@ def modelspec_metadata(*, architecture: str, implementation: str, title: str, re
     return metadata
 
 
-def a1111_merge_metadata(*, interp_method: str, inputs: Sequence[tuple[str, str | None]], multiplier: float | None,
-                         save_as_half: bool, name: str, input_metadata: Sequence[Mapping[str, str]],
+def a1111_merge_metadata(*, interp_method: str, inputs: Sequence[tuple[str, str | None, str | None]],
+                         multiplier: float | None, save_as_half: bool, name: str,
+                         input_metadata: Sequence[Mapping[str, str]],
                          per_key: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """A1111 / supermerger's keys for a merge of `inputs` ((name, AutoV3 or None), in order):
-    `sd_merge_recipe` (what the merge did; the first three inputs' hashes in A1111's roles) and
-    `sd_merge_models` ({hash: {name, sd_merge_recipe}} for every input, with each input's own
-    `sd_merge_models` folded in: the flattened ancestry; an input without a hash is keyed by name).
-    A1111 keys these by the whole-file sha256; ours are AutoV3, the content identity computed while
-    merging (the whole-file hash would need a second read of every input), and `hash_kind` says so.
+    """A1111 / supermerger's keys for a merge of `inputs` ((file name, whole-file sha256, AutoV1), in
+    order; a hash not known yet is None), keyed as A1111's own merger keys them:
+    `sd_merge_recipe` (what the merge did; the first three inputs' sha256 in A1111's roles) and
+    `sd_merge_models` ({sha256: {name, legacy_hash (the AutoV1), sd_merge_recipe}} for every input, with
+    each input's own `sd_merge_models` folded in: the flattened ancestry; an input without a hash yet
+    is keyed by its name).
     A merge whose parameters vary per key (block weights) has no single `multiplier`: it writes
     `block_weights` ({parameter: its per-key table}) and the caller passes `multiplier=None`."""
-    recipe: dict[str, Any] = {"type": "lineage", "hash_kind": "autov3", "interp_method": interp_method}
-    for role, (_, autov3) in zip(A1111_HASH_ROLES, inputs):
-        recipe[role] = autov3
+    recipe: dict[str, Any] = {"type": "lineage", "interp_method": interp_method}
+    for role, (_, sha256, _) in zip(A1111_HASH_ROLES, inputs):
+        recipe[role] = sha256
     if multiplier is not None:
         recipe["multiplier"] = multiplier
     if per_key:
         recipe["block_weights"] = dict(per_key)
     recipe.update(save_as_half=save_as_half, custom_name=name)
     models: dict[str, Any] = {}
-    for (input_name, autov3), metadata in zip(inputs, input_metadata):
+    for (input_name, sha256, autov1), metadata in zip(inputs, input_metadata):
         found = lineage_from_metadata(metadata).get("a1111", {})
         ancestry = found.get("sd_merge_models")
         if isinstance(ancestry, dict) and "unparsed" not in ancestry:
             models.update(ancestry)
-        models[autov3 or input_name] = {"name": input_name, "sd_merge_recipe": found.get("sd_merge_recipe")}
+        models[sha256 or input_name] = {"name": input_name, "legacy_hash": autov1,
+                                        "sd_merge_recipe": found.get("sd_merge_recipe")}
     return {"sd_merge_recipe": json.dumps(recipe, ensure_ascii=False),
             "sd_merge_models": json.dumps(models, ensure_ascii=False)}

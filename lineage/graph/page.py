@@ -17,15 +17,13 @@ from typing import Any
 
 import networkx as nx
 
+from lineage.graph.editing import edge_text, show, show_fields
 from lineage.graph.model import RELATIONS, display_name
 from lineage.graph.render import (
     FAMILY_TITLES,
     PREDICTION_COLOURS,
-    PREDICTION_LABELS,
     RELATION_STYLES,
-    block_weights,
     edge_label,
-    merge_method,
     prediction_family,
     to_image,
 )
@@ -35,13 +33,6 @@ from lineage.graph.render import (
 COLLAPSE_ABOVE = 400
 COLLAPSED_DEPTH = 2
 
-# The node facts the panel lists, in this order: (attribute, caption). Lists are joined.
-PANEL_FACTS: tuple[tuple[str, str], ...] = (
-    ("kind", "kind"), ("architecture", "architecture"), ("maker", "maker"), ("date", "date"),
-    ("license", "licence"), ("dataset", "dataset"), ("dataset_size", "images"), ("hardware", "hardware"),
-    ("gpu_hours", "GPU hours"), ("training_method", "training"), ("resolution", "resolution"),
-    ("format", "file format"), ("size", "file size (bytes)"), ("notes", "notes"),
-)
 HF_URL = re.compile(r"https://huggingface\.co/([\w.-]+/[\w.-]+)")
 
 
@@ -66,42 +57,17 @@ def search_text(graph: nx.DiGraph, node: str) -> str:
     return "\n".join(t for t in terms if t).lower()
 
 
-def _parent_line(graph: nx.DiGraph, parent: str, node: str) -> str:
-    edge = graph.edges[parent, node]
-    how = [edge["relation"]]
-    if merge_method(edge):
-        how.append(merge_method(edge))
-    if edge.get("weight") is not None:
-        how.append(f"weight {edge['weight']:.3g}")
-    how += [f"{name} by block: " + ", ".join(f"{b} {v:.3g}" for b, v in blocks.items())
-            for name, blocks in block_weights(edge).items()]
-    return "; ".join(how)
-
-
 def panel(graph: nx.DiGraph, node: str) -> dict[str, Any]:
-    """What the page's panel shows for `node`: the facts `lmerge show` prints (names, hashes, paths,
-    parents with relations and weights, prediction type, licence, notes, URLs, children)."""
-    attrs = graph.nodes[node]
-    prediction = attrs.get("prediction_type")
-    facts: list[tuple[str, str]] = [("id", node)]
-    names = [n for n in attrs.get("names", []) if n != attrs.get("name")]
-    if names:
-        facts.append(("also named", ", ".join(map(str, names))))
-    facts.append(("prediction", PREDICTION_LABELS.get(prediction, prediction) if prediction else "not stated"))
-    facts += [(caption, str(attrs[key])) for key, caption in PANEL_FACTS if attrs.get(key) not in (None, "", [])]
-    facts += [("repo", repo) for repo in repo_ids(graph, node)]
-    hashes = attrs.get("hashes")
-    if isinstance(hashes, dict):
-        facts += [(kind, str(value)) for kind, value in sorted(hashes.items())]
-    facts += [("file", str(p)) for p in attrs.get("paths", [])]
-    if attrs.get("source") == "catalog":
-        facts.append(("source", "built-in catalog (docs/catalog.md): " + ", ".join(map(str, attrs.get("sources", [])))))
+    """What the page's panel shows for `node`: what `lmerge show` prints (editing.show, the one source of
+    a node's facts, and its lines), with the URLs as links and the parents and children as node links."""
+    facts = show(graph, node)
     return {
         "name": display_name(graph, node),
-        "facts": facts,
-        "urls": [str(u) for u in attrs.get("urls", [])],
-        "parents": [[p, _parent_line(graph, p, node)] for p in sorted(graph.predecessors(node))],
-        "children": sorted(graph.successors(node)),
+        "facts": [("id", node), ("origin", facts["origin"])] + [line for line in show_fields(facts)
+                                                                  if line[0] != "url"],
+        "urls": [str(u) for u in facts.get("urls", [])],
+        "parents": [[e["id"], edge_text(e)] for e in facts.get("parents", [])],
+        "children": [e["id"] for e in facts.get("children", [])],
     }
 
 

@@ -337,7 +337,11 @@ class Registry:
                 (absolute, stat.st_size, stat.st_mtime_ns)).fetchone()
             if row is None:
                 return None
-            hashes = dict(self._conn.execute("SELECT kind, value FROM hashes WHERE node_id = ?", (row[0],)))
+            rows = self._conn.execute("SELECT kind, value FROM hashes WHERE node_id = ?", (row[0],)).fetchall()
+        # A node's files share their tensor data, not their metadata: a whole-file hash the node holds
+        # several of (its files' sha256 differ) belongs to none of them in particular, so it is not given.
+        kinds = [kind for kind, _ in rows]
+        hashes = {kind: value for kind, value in rows if kinds.count(kind) == 1}
         return (row[0], hashes) if "autov3" in hashes else None
 
     def known_autov3(self, paths: Iterable[str | os.PathLike]) -> list[str | None]:
@@ -685,11 +689,18 @@ def using_registry(registry: str | os.PathLike | Registry | None = None) -> Iter
             reg.close()
 
 
+def known_hashes(paths: Sequence[str | os.PathLike], registry: str | os.PathLike | Registry | None = None
+                 ) -> list[dict[str, str]]:
+    """The hashes ({kind: hex}) of each file that an existing registry has seen unchanged ({} for the
+    others), in one call, so that a run need not hash it again; a registry that does not exist yet is
+    not created for this."""
+    if not isinstance(registry, Registry) and not Path(registry or default_registry_path()).exists():
+        return [{} for _ in paths]
+    with using_registry(registry) as reg:
+        return [known[1] if (known := reg.known_file(p)) else {} for p in paths]
+
+
 def known_autov3(paths: Sequence[str | os.PathLike], registry: str | os.PathLike | Registry | None = None
                  ) -> list[str | None]:
-    """The AutoV3 of each file that an existing registry has seen unchanged (None for the others), in one
-    call, so that a run need not hash it again; a registry that does not exist yet is not created for this."""
-    if not isinstance(registry, Registry) and not Path(registry or default_registry_path()).exists():
-        return [None] * len(paths)
-    with using_registry(registry) as reg:
-        return reg.known_autov3(paths)
+    """The AutoV3 of each file an existing registry has seen unchanged (None for the others)."""
+    return [hashes.get("autov3") for hashes in known_hashes(paths, registry)]

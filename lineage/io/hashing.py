@@ -72,7 +72,7 @@ def hash_file(path: str | os.PathLike, chunk_size: int = CHUNK,
         if size == 0:
             raise CheckpointError("empty file", path)
         data_start = _data_start(os.pread(fd, 9, 0), size)
-        autov1 = hashlib.sha256(os.pread(fd, AUTOV1_RANGE[1] - AUTOV1_RANGE[0], AUTOV1_RANGE[0])).hexdigest()[:8]
+        autov1 = _autov1(fd)
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
             sha_file, sha_data, crc = _hash_mapped(mm, size, data_start, chunk_size, on_bytes=on_bytes)
     finally:
@@ -85,6 +85,19 @@ def hash_file(path: str | os.PathLike, chunk_size: int = CHUNK,
         autov3=sha_data,
         crc32=f"{crc:08x}",
     )
+
+
+def _autov1(fd: int) -> str:
+    return hashlib.sha256(os.pread(fd, AUTOV1_RANGE[1] - AUTOV1_RANGE[0], AUTOV1_RANGE[0])).hexdigest()[:8]
+
+
+def file_autov1(path: str | os.PathLike) -> str:
+    """A1111's legacy hash alone (one 64 KiB read): what its merges write as an input's `legacy_hash`."""
+    fd = open_input(os.fspath(path))
+    try:
+        return _autov1(fd)
+    finally:
+        os.close(fd)
 
 
 def _hash_mapped(mm: mmap.mmap, size: int, data_start: int | None, chunk_size: int, window: int = 8,

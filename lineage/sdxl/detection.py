@@ -168,6 +168,13 @@ def _scheduler_config(path: str) -> dict[str, Any]:
     return config
 
 
+def scheduler_prediction(config: dict[str, Any]) -> str | None:
+    """The prediction type a diffusers scheduler config declares beyond the default (plain epsilon), else None."""
+    v = config.get("prediction_type") == "v_prediction"
+    ztsnr = config.get("rescale_betas_zero_snr") is True  # diffusers' zero-terminal-SNR schedule
+    return _with_ztsnr("v" if v else "epsilon", ztsnr) if v or ztsnr else None
+
+
 def detect_folder(path: str) -> Detection:
     files = {}
     for component, candidates in DIFFUSERS_FILES.items():
@@ -182,11 +189,9 @@ def detect_folder(path: str) -> Detection:
         source = "default"
         scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
         if os.path.isfile(scheduler):
-            config = _scheduler_config(scheduler)
-            v = config.get("prediction_type") == "v_prediction"
-            ztsnr = config.get("rescale_betas_zero_snr") is True  # diffusers' zero-terminal-SNR schedule
-            if v or ztsnr:
-                pred, source = _with_ztsnr("v" if v else "epsilon", ztsnr), "scheduler_config"
+            declared = scheduler_prediction(_scheduler_config(scheduler))
+            if declared:
+                pred, source = declared, "scheduler_config"
         return Detection(path, "sdxl-diffusers", "sdxl", pred, source,
                          _variant(list(files)), files=files, reason="diffusers folder with text_encoder_2")
     return Detection(path, "diffusers", None, files=files, reason="diffusers folder without SDXL's second text encoder")

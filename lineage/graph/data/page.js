@@ -136,9 +136,112 @@
       element[edge.id].classList.toggle("hidden",
         !(visible.has(edge.from) && visible.has(edge.to) && shownRelations.has(edge.relation)));
     }
+    compact();
     for (const id of collapsed) if (visible.has(id)) addBadge(id, hiddenBelow(id));
     document.getElementById("count").textContent =
       `${visible.size} of ${nodeIds.length} models shown, ${data.edges.length} relations`;
+  }
+
+  // ------------------------------------------------------------------ compaction: no holes where nodes hide
+  // Graphviz laid out every node; hiding some (a collapsed subtree, a filter) would leave holes. So the
+  // drawing is compacted along both axes: a band of the drawing with no shown node across it (a column
+  // in x, a row in y) wider than the gaps Graphviz itself left between nodes (at most MAX_GAP) shrinks
+  // to that gap, and every point — node, edge, arrowhead, label, cluster box — moves with the band it
+  // lies in. With everything shown the map is the identity: Graphviz's own layout.
+  const MIN_GAP = 18, MAX_GAP = 120;
+  const nodeBox = {};
+  for (const id of nodeIds) nodeBox[id] = element[id].getBBox();
+  const written = new Map();  // element -> {attribute: value as Graphviz wrote it}
+
+  function bandsOf(intervals, gap) {  // [from, to] intervals merged where less than `gap` apart
+    const bands = [];
+    for (const [a, b] of intervals.sort((p, q) => p[0] - q[0])) {
+      const last = bands[bands.length - 1];
+      if (last && a <= last[1] + gap) last[1] = Math.max(last[1], b); else bands.push([a, b]);
+    }
+    return bands;
+  }
+  function layoutGap(axis, size) {  // the widest gap between nodes in Graphviz's layout, within bounds
+    const bands = bandsOf(nodeIds.map((id) => [nodeBox[id][axis], nodeBox[id][axis] + nodeBox[id][size]]), 0);
+    let widest = MIN_GAP;
+    for (let i = 1; i < bands.length; i++) widest = Math.max(widest, bands[i][0] - bands[i - 1][1]);
+    return Math.min(widest, MAX_GAP);
+  }
+  const GAP = { x: layoutGap("x", "width"), y: layoutGap("y", "height") };
+
+  function axisMap(intervals, gap) {  // occupied [from, to] intervals of one axis -> a monotone map of that axis
+    const bands = bandsOf(intervals, gap);
+    const removed = [0];
+    for (let i = 1; i < bands.length; i++) removed.push(removed[i - 1] + bands[i][0] - bands[i - 1][1] - gap);
+    return (v) => {
+      let lo = 0, hi = bands.length - 1;  // the last band starting at or before v
+      if (hi < 0 || v < bands[0][0]) return v;
+      while (lo < hi) { const mid = (lo + hi + 1) >> 1; if (bands[mid][0] <= v) lo = mid; else hi = mid - 1; }
+      const [, end] = bands[lo];
+      if (v <= end || lo === bands.length - 1) return v - removed[lo];
+      return end - removed[lo] + (v - end) / (bands[lo + 1][0] - end) * gap;  // inside a hole: squeezed
+    };
+  }
+
+  const NUMBER_PAIR = /(-?\d*\.?\d+(?:e-?\d+)?),(-?\d*\.?\d+(?:e-?\d+)?)/g;
+  function moveShapes(group, fx, fy) {  // every coordinate in an edge's or cluster's shapes, through the maps
+    for (const shape of group.querySelectorAll("path, polygon, polyline, text")) {
+      if (!written.has(shape)) {
+        written.set(shape, Object.fromEntries(["d", "points", "x", "y"].filter((a) => shape.hasAttribute(a))
+          .map((a) => [a, shape.getAttribute(a)])));
+      }
+      const was = written.get(shape);
+      const pairs = (text) => text.replace(NUMBER_PAIR, (_, x, y) => `${fx(+x)},${fy(+y)}`);
+      if (was.d) shape.setAttribute("d", pairs(was.d));
+      if (was.points) shape.setAttribute("points", pairs(was.points));
+      if (was.x) shape.setAttribute("x", fx(+was.x));
+      if (was.y) shape.setAttribute("y", fy(+was.y));
+    }
+  }
+
+  // A cluster's frame (SDXL, SD 1.x, ...) is redrawn around its shown models, with Graphviz's margins.
+  function boxAround(boxes) {
+    const x0 = Math.min(...boxes.map((b) => b.x)), y0 = Math.min(...boxes.map((b) => b.y));
+    const x1 = Math.max(...boxes.map((b) => b.x + b.width)), y1 = Math.max(...boxes.map((b) => b.y + b.height));
+    return { x: x0, y: y0, width: x1 - x0, height: y1 - y0 };
+  }
+  const clusters = [...svg.querySelectorAll("g.cluster")].map((g) => {
+    const frame = g.querySelector("path, polygon"), label = g.querySelector("text");
+    const b = frame.getBBox();
+    const members = nodeIds.filter((id) => {
+      const n = nodeBox[id], cx = n.x + n.width / 2, cy = n.y + n.height / 2;
+      return cx > b.x && cx < b.x + b.width && cy > b.y && cy < b.y + b.height;
+    });
+    const inner = members.length ? boxAround(members.map((id) => nodeBox[id])) : b;
+    frame.setAttribute("vector-effect", "non-scaling-stroke");
+    return { g, frame, label, b, members, margin: [inner.x - b.x, inner.y - b.y, b.x + b.width - inner.x - inner.width,
+                                                  b.y + b.height - inner.y - inner.height] };
+  });
+
+  function compact() {
+    const shown = [...visible].map((id) => nodeBox[id]);
+    const fx = axisMap(shown.map((b) => [b.x, b.x + b.width]), GAP.x);
+    const fy = axisMap(shown.map((b) => [b.y, b.y + b.height]), GAP.y);
+    for (const id of nodeIds) {
+      const b = nodeBox[id], cx = b.x + b.width / 2, cy = b.y + b.height / 2;
+      element[id].setAttribute("transform", `translate(${fx(cx) - cx},${fy(cy) - cy})`);
+    }
+    for (const edge of data.edges) moveShapes(element[edge.id], fx, fy);
+    for (const c of clusters) {
+      const shown = c.members.filter((id) => visible.has(id));
+      c.g.classList.toggle("hidden", !shown.length);
+      if (!shown.length) continue;
+      const moved = boxAround(shown.map((id) => {
+        const b = nodeBox[id];
+        return { x: fx(b.x + b.width / 2) - b.width / 2, y: fy(b.y + b.height / 2) - b.height / 2,
+                 width: b.width, height: b.height };
+      }));
+      const [left, top, right, bottom] = c.margin;
+      const x = moved.x - left, y = moved.y - top, w = moved.width + left + right, h = moved.height + top + bottom;
+      c.frame.setAttribute("transform",
+        `translate(${x},${y}) scale(${w / c.b.width},${h / c.b.height}) translate(${-c.b.x},${-c.b.y})`);
+      if (c.label) c.label.setAttribute("transform", `translate(${x + w / 2 - (c.b.x + c.b.width / 2)},${y - c.b.y})`);
+    }
   }
 
   function addBadge(id, count) {
@@ -231,7 +334,12 @@
       const folded = collapsed.has(id);
       panelEl.append(el("button", {
         id: "collapse", textContent: folded ? "Expand subtree" : "Collapse subtree",
-        onclick: () => { folded ? collapsed.delete(id) : collapsed.add(id); updateVisibility(); select(id); },
+        onclick: () => {
+          folded ? collapsed.delete(id) : collapsed.add(id);
+          updateVisibility();
+          select(id);
+          centre(id);  // the drawing was compacted around what is shown: keep the node in view
+        },
       }));
     }
     panelEl.hidden = false;
