@@ -29,7 +29,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from test_models_reference import diffusers_unet_config, diffusers_vae_config, load_exactly  # noqa: E402
 from test_schedules import reference_scheduler  # noqa: E402
 
-TOLERANCE = 1e-4  # max |ours − diffusers| on images in [0, 1], after several UNet calls in fp32
+TOLERANCE = 1e-5  # max |ours − diffusers| on images in [0, 1] (measured ~1e-6 after 4 guided steps, fp32)
 
 
 @pytest.fixture(scope="module")
