@@ -55,7 +55,8 @@ def write_lokr(path, modules, seed=0, low_rank_w2=0):
         (a, b), (c, d) = _factor(m.shape[0]), _factor(m.shape[1])
         k = math.prod(m.shape[2:])
         tensors[f"{m.name}.lokr_w1"] = torch.randn(a, c, generator=g)
-        if low_rank_w2:
+        # LyCORIS factors w2 only where the rank is below half its larger side (else it expects a whole w2)
+        if low_rank_w2 and low_rank_w2 < max(b, d) / 2:
             tensors[f"{m.name}.lokr_w2_a"] = torch.randn(b, low_rank_w2, generator=g)
             tensors[f"{m.name}.lokr_w2_b"] = torch.randn(low_rank_w2, d * k, generator=g)
         else:

@@ -64,9 +64,11 @@ def test_shapes_come_from_the_header(tmp_path):
     path = write_base(tmp_path / "tiny.safetensors", size="tiny")
     tensors, _ = read_header(path)
     modules = modules_by_name(tensors)
-    assert modules["lora_te2_text_model_encoder_layers_0_self_attn_v_proj"].rows == (80, 120)
-    assert modules["lora_te2_text_model_encoder_layers_0_self_attn_v_proj"].shape == (40, 40)
-    assert modules["lora_unet_input_blocks_4_1_proj_in"].shape == (20, 20)
+    g = tensors["conditioner.embedders.1.model.transformer.resblocks.0.attn.out_proj.weight"].shape[0]
+    assert modules["lora_te2_text_model_encoder_layers_0_self_attn_v_proj"].rows == (2 * g, 3 * g)
+    assert modules["lora_te2_text_model_encoder_layers_0_self_attn_v_proj"].shape == (g, g)
+    width = tensors["model.diffusion_model.input_blocks.4.0.out_layers.3.weight"].shape[0]  # the second level's
+    assert modules["lora_unet_input_blocks_4_1_proj_in"].shape == (width, width)
     assert set(modules) == set(reference_modules())
 
 

@@ -46,11 +46,11 @@ def test_reduced_sizes_have_the_same_keys_with_shapes_inferred_from_the_file(siz
 
 def test_tiny_config_keeps_sdxl_structure_at_smaller_widths():
     config = config_from_checkpoint({k: s for k, (_, s) in sdxl_shapes("tiny").items()})
-    assert config.unet == UNetConfig(model_channels=10, head_channels=2, context_dim=64, adm_in_channels=88,
-                                     norm_groups=10)
-    assert config.clip_l == CLIPLConfig(vocab_size=1544, width=24, mlp_width=96)
-    assert config.clip_g == OpenCLIPGConfig(vocab_size=1544, width=40, mlp_width=160, projection_dim=40)
-    assert config.vae == VAEConfig(channels=4, norm_groups=4)
+    assert config.unet == UNetConfig(model_channels=4, head_channels=1, context_dim=32, adm_in_channels=44,
+                                     norm_groups=4)
+    assert config.clip_l == CLIPLConfig(vocab_size=1544, width=12, mlp_width=48)
+    assert config.clip_g == OpenCLIPGConfig(vocab_size=1544, width=20, mlp_width=80, projection_dim=20)
+    assert config.vae == VAEConfig(channels=2, norm_groups=2)
 
 
 def test_single_file_loads_with_strict_state_dict_and_identical_values(tiny_file):
@@ -135,7 +135,7 @@ def test_outputs_have_the_expected_shapes(tiny_file):
         mean, logvar = model.vae.encode(torch.zeros(1, 3, 64, 64))
         image = model.vae.decode(mean)
     assert prediction.shape == (2, 4, 16, 16)
-    assert len(text.hidden_states) == 33 and text.pooled.shape == (2, 40)
+    assert len(text.hidden_states) == 33 and text.pooled.shape == (2, model.clip_g.config.projection_dim)
     assert mean.shape == logvar.shape == (1, 4, 8, 8) and image.shape == (1, 3, 64, 64)
 
 
@@ -151,8 +151,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_file, monkeypatch)
         model.set_gradient_checkpointing(checkpointing)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, 4, 8, 8, generator=g)
-        context = torch.randn(1, 77, 64, generator=g)
-        y = torch.randn(1, 88, generator=g)
+        context = torch.randn(1, 77, model.unet.config.context_dim, generator=g)
+        y = torch.randn(1, model.unet.config.adm_in_channels, generator=g)
         ids = torch.randint(0, 1500, (1, 77), generator=g)
         loss = (model.unet(x, torch.tensor([500.0]), context, y).square().mean()
                 + model.clip_g(ids).pooled.square().mean() + model.clip_l(ids).hidden_states[-2].square().mean()
@@ -242,11 +242,12 @@ def test_a_part_without_its_structure_is_refused(tiny_file, tmp_path):
 def test_inconsistent_shapes_are_refused(tiny_file, tmp_path):
     with SafetensorsFile(tiny_file) as f:
         tensors = dict(f.items())
-    tensors["model.diffusion_model.out.0.weight"] = torch.ones(11)
+    width = tensors["model.diffusion_model.out.0.weight"].numel()
+    tensors["model.diffusion_model.out.0.weight"] = torch.ones(width + 1)
     save_file(tensors, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError) as e:
         load_sdxl(tmp_path / "bad.safetensors")
-    assert "'model.diffusion_model.out.0.weight' has shape [11], expected [10]" in one_line_error(e)
+    assert f"'model.diffusion_model.out.0.weight' has shape [{width + 1}], expected [{width}]" in one_line_error(e)
 
 
 def test_bad_arguments_are_one_line_errors(tiny_file):

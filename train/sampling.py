@@ -27,13 +27,13 @@ from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from lineage.errors import CheckpointError, LineageError
+from lineage.train.conditioning import SIZE_VALUES, encode_with_negatives, micro_conditioning
 from lineage.train.samplers import SAMPLERS, Model
 from lineage.train.schedules import make_schedule
-from lineage.train.unet import UNet, timestep_embedding
+from lineage.train.unet import UNet
 from lineage.train.vae import VAE
 
 SCHEDULERS = {"normal": "Normal", "karras": "Karras"}  # ours -> A1111's "Schedule type"
-SIZE_VALUES = 6  # SDXL's micro-conditioning: original h, w, crop top, left, target h, w
 MAX_SEED = 2 ** 32 - 1  # A1111's seed range
 
 
@@ -45,14 +45,6 @@ class Conditioning:
     pooled: torch.Tensor  # [B, 1280]
     negative_context: torch.Tensor
     negative_pooled: torch.Tensor
-
-
-def micro_conditioning(pooled: torch.Tensor, *, original_size: tuple[int, int], crop: tuple[int, int] = (0, 0),
-                       target_size: tuple[int, int], embedding_width: int = 256) -> torch.Tensor:
-    """y = pooled ‖ the sinusoidal embeddings of (original h, w, crop top, left, target h, w)."""
-    values = torch.tensor([*original_size, *crop, *target_size], dtype=torch.float32, device=pooled.device)
-    sizes = timestep_embedding(values, embedding_width).flatten().to(pooled.dtype)
-    return torch.cat([pooled, sizes.expand(pooled.shape[0], -1)], dim=-1)
 
 
 def latent_scale(vae: VAE) -> int:
@@ -186,7 +178,6 @@ def sample(checkpoint: str | os.PathLike, prompt: str, *, negative: str = "", ad
     prediction = _prediction_type(path)
     if adapters:
         apply_in_memory(model, path, adapters)
-    from lineage.train.conditioning import encode_with_negatives  # noqa: E402 (placeholder until merge)
     with torch.no_grad():
         context, pooled, negative_context, negative_pooled = encode_with_negatives(
             model, [prompt] * batch, [negative] * batch)

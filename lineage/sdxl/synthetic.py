@@ -3,7 +3,8 @@
 Every generated file has the real single-file SDXL key names and structure (docs/layouts.md):
 - size "full": exactly the 2,515 keys and shapes of the public SDXL 1.0 base file (6.9 GB in fp16);
 - size "small": the same keys with every width shrunk about tenfold (320 -> 32 channels, ...), 59 MB in fp16;
-- size "tiny": the same keys with every width divided by 32 (320 -> 10 channels, ...), 7 MB in fp16:
+- size "tiny": the same keys with the UNet's widths divided by 80 (320 -> 4 channels), the other
+  components' by 64, 1.7 MB in fp16:
   for tests of logic that does not depend on tensor sizes.
 
 A "child" is a fine-tune of a parent file: each changed weight gets a planted low-rank delta plus
@@ -37,12 +38,13 @@ REDUCED_DIMS: dict[str, dict[str, dict[int, int]]] = {
         "clip_g": {1280: 80, 3840: 240, 5120: 320, 49408: 1000},
         "vae": {128: 16, 256: 32, 512: 64},
     },
-    # every width / 32: CLIP-L 768 -> 24, CLIP-G 1280 -> 40: context 64, ADM input 40 + 6*8 = 88
+    # UNet widths / 80 (320 -> 4), the text encoders' and VAE's / 64: CLIP-L 768 -> 12, CLIP-G 1280 -> 20:
+    # context 32, ADM input 20 + 6*4 = 44. About 1.7 MB in fp16, a fifth of it the header's 2,515 names.
     "tiny": {
-        "unet": {320: 10, 640: 20, 960: 30, 1280: 40, 1920: 60, 2560: 80, 5120: 160, 10240: 320, 2048: 64, 2816: 88},
-        "clip_l": {768: 24, 3072: 96, 49408: 1544},
-        "clip_g": {1280: 40, 3840: 120, 5120: 160, 49408: 1544},
-        "vae": {128: 4, 256: 8, 512: 16},
+        "unet": {320: 4, 640: 8, 960: 12, 1280: 16, 1920: 24, 2560: 32, 5120: 64, 10240: 128, 2048: 32, 2816: 44},
+        "clip_l": {768: 12, 3072: 48, 49408: 1544},
+        "clip_g": {1280: 20, 3840: 60, 5120: 80, 49408: 1544},
+        "vae": {128: 2, 256: 4, 512: 8},
     },
 }
 SIZES = ("tiny", "small", "full")
