@@ -29,6 +29,7 @@ _API: dict[str, str] = {
     "write_child": ".sdxl.synthetic:write_child",
     "merge": ".merge",  # the package, callable: lineage.merge(inputs, output, ...)
     "record": ".graph.recording:record",
+    "sample": ".train.sampling:sample",
 }
 
 __all__ = sorted(_API)

@@ -1,6 +1,7 @@
 """`lmerge`: the command line. The group lives here; each area adds its own commands from its package
 (io: hash, convert; sdxl: inspect, generate; graph: add, scan, link, tree, compat, hub, registry;
-merge: merge, reproduce, methods; adapters: convert). Every subcommand is a thin layer over a library function."""
+merge: merge, reproduce, methods; adapters: convert; train: sample). Every subcommand is a thin layer over a
+library function."""
 from __future__ import annotations
 
 import sys
@@ -38,8 +39,9 @@ def _register_areas() -> None:
     from lineage.io.commands import register as register_io
     from lineage.merge.commands import register as register_merge
     from lineage.sdxl.commands import register as register_sdxl
+    from lineage.train.commands import register as register_sampling
 
-    for register in (register_sdxl, register_io, register_graph, register_merge, register_adapters):
+    for register in (register_sdxl, register_io, register_graph, register_merge, register_adapters, register_sampling):
         register(main)
 
 

@@ -1,0 +1,55 @@
+"""Adapters applied to a loaded model in memory, for sampling without a baked copy (docs/models.md, "Sampling").
+
+The plan is the one `lmerge apply` makes (adapters/apply.py: each adapter opened through the reader and
+checked against the checkpoint, each module placed on the key it changes, OpenCLIP-G's q/k/v on their thirds
+of `in_proj_weight`); here each patched parameter of the loaded model gets strength · Δ (adapters/delta.py)
+added in fp32, in place, reading the adapters' tensors one at a time from their files. Nothing is written.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import ExitStack
+
+import torch
+
+from lineage.adapters.apply import Patch, plan
+from lineage.adapters.delta import add_delta_
+from lineage.errors import CheckpointError
+from lineage.io.safetensors import SafetensorsFile
+from lineage.train.sdxl import SDXL
+
+
+def apply_in_memory(model: SDXL, checkpoint: str | os.PathLike, adapters: Sequence) -> int:
+    """Add every adapter (path, or (path, strength)) to `model`, loaded from `checkpoint`; returns the number
+    of parameters changed. Keys of parts the model left out are skipped."""
+    applied = plan(checkpoint, adapters)
+    parameters = model.state_dict(keep_vars=True)
+    with ExitStack() as stack, torch.no_grad():
+        files = [stack.enter_context(SafetensorsFile(a.path)) for a in applied.adapters]
+        changed = 0
+        for key, patches in applied.patches.items():
+            target = parameters.get(key)
+            if target is None:
+                continue
+            weight = target.detach().float()
+            for patch in patches:
+                _add_patch(weight, patch, files[patch.adapter])
+            target.copy_(weight)
+            changed += 1
+    return changed
+
+
+def _add_patch(weight: torch.Tensor, patch: Patch, adapter: SafetensorsFile) -> None:
+    tensors = {}
+    for role in patch.roles:
+        value = adapter.read(patch.module.keys[role]).to(weight.device, torch.float32)
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"tensor {patch.module.keys[role]!r} holds NaN or Inf", adapter.path)
+        tensors[role] = value
+    rows = slice(*patch.rows) if patch.rows else slice(None)
+    if patch.bias:
+        weight[rows].add_(tensors["diff_b"], alpha=patch.strength)
+        return
+    target = weight.view(weight.shape[0], -1)[rows].view(patch.shape)
+    add_delta_(target, patch.module.algorithm, tensors, patch.module.alpha, patch.strength)
