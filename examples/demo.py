@@ -107,13 +107,17 @@ merges = {
 for name, result in merges.items():
     print(f"{name:>8}: {Path(result.path).name:<22} AutoV3 {result.autov3[:12]}")
 
-# -- 3. Adapters: extract a LoRA, apply it, convert it to PEFT and back ------------------------------
+# -- 3. Adapters: extract a LoRA and a LoKr, apply one, convert it to PEFT and back ---------------
 heading("adapters")
 lora = extract(illustrious, finetune, mine / "myStyle-lora.safetensors", rank=8, registry=registry,
                progress=False)
 print(f"extracted {Path(lora.path).name}: rank 8, {len(lora.modules)} modules, "
       f"relative error {lora.total_error:.4f}")
-# (LoKr extraction of the same pair goes here.)
+# A LoKr of the same pair: each module's nearest Kronecker product, beside a LoRA of as many parameters
+lokr = extract(illustrious, finetune, mine / "myStyle-lokr.safetensors", type="lokr", registry=registry,
+               progress=False)
+print(f"extracted {Path(lokr.path).name}: {lokr.params:,} parameters, relative error "
+      f"{lokr.total_error:.4f}\n  (a LoRA of as many parameters: {lokr.lora_error:.4f})")
 applied = apply(illustrious, [(lora.path, 1.0)], mine / "illustrious+myStyle.safetensors", registry=registry,
                 progress=False)
 print(f"applied at strength 1.0: {Path(applied.path).name}")
