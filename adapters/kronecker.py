@@ -153,10 +153,13 @@ class LokrFactors:
                            self.w2_rank, self.residual2, self.norm2)
 
 
-def factoring_saves(shape: tuple[int, int], rank: int) -> bool:
-    """Whether w2 (rows, columns) as a rank-`rank` pair is smaller than w2 itself (else full w2,
-    as LyCORIS' full-matrix mode stores it)."""
-    return rank < min(shape) and rank * sum(shape) < shape[0] * shape[1]
+def factoring_saves(split: KroneckerShape, rank: int) -> bool:
+    """Whether w2 is stored as a rank-`rank` pair: only when the pair is smaller than w2 itself, and
+    only where LyCORIS expects a pair (its rank below half the larger of b and d; at a larger rank
+    its loader builds a whole w2 and cannot take the pair). Else w2 is whole, as in LyCORIS'
+    full-matrix mode."""
+    rows, cols = split.b, split.d * split.kernel
+    return rank < max(split.b, split.d) / 2 and rank < min(rows, cols) and rank * (rows + cols) < rows * cols
 
 
 def lokr_factors(matrix: torch.Tensor, split: KroneckerShape, rule: RankRule | None, *,
@@ -169,7 +172,7 @@ def lokr_factors(matrix: torch.Tensor, split: KroneckerShape, rule: RankRule | N
     if rule is not None and norm2 > 0:
         w2_factors = low_rank(w2, rule.max_rank, exact=True)  # w2 is small: its exact SVD is cheap
         rank = rule.rank(w2_factors)
-        if factoring_saves(tuple(w2.shape), rank):
+        if factoring_saves(split, rank):
             w1_norm2 = float(w1.double().square().sum())
             return LokrFactors(w1, w2, w2_factors, rank, nearest.residual2 + w1_norm2 * w2_factors.residual2(rank),
                                norm2)
