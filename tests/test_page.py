@@ -108,6 +108,9 @@ def test_page_is_one_self_contained_file(family):
     assert data["focus"] == ids["mix"] and data["nodes"][ids["mix"]]["name"] == "my </script> mix"
     assert {r["key"] for r in data["relations"]} == {"finetune", "merge", "adapter"}
     assert {f["key"] for f in data["families"]} == {"epsilon", "v", "none"}
+    assert data["assumed"]["style"] == "dashed" and "no source states" in data["assumed"]["meaning"]
+    plain = nx.DiGraph([("a", "b", {"relation": "finetune"})])
+    assert page_data(plain, {"a": "n0", "b": "n1"}, None)["assumed"] is None  # the legend line only when drawn
     assert 'xlink:href="https://' not in page  # a click opens the panel (which links the sources)
 
 
@@ -259,6 +262,7 @@ def test_in_chromium_filters_collapse_and_sources(browser, family, tmp_path):
     assert [a.get_attribute("href") for a in links] == family.nodes["noobai-xl-eps-1.0"]["urls"]
     legend = browser.find_element(By.ID, "legend").text
     assert "merge: the child mixes several parents" in legend and "v-prediction" in legend
+    assert "assumed: no source states this relation" in legend
 
 
 @needs_dot

@@ -239,3 +239,66 @@ def test_own_roots_stand_apart_from_the_catalog():
     alone = nx.DiGraph()
     alone.add_node("x", name="X", source="user")
     assert "your models without" not in to_text(alone)  # no catalog: nothing to stand apart from
+
+
+def aidxl_up():
+    return neighbourhood(catalog_graph(), "aidxl-v0.8", up=True, down=False)
+
+
+ASSUMED_EDGES = {("aidxl-v0.1", "aidxl-v0.5"), ("aidxl-v0.51", "aidxl-v0.52"), ("aidxl-v0.6", "aidxl-v0.7"),
+                 ("aidxl-v0.7", "aidxl-v0.8")}
+
+
+def test_assumed_catalog_edges_are_drawn_as_assumed_with_the_reason():
+    g = aidxl_up()
+    assert {(p, c) for p, c, a in g.edges(data=True) if a.get("assumed")} == ASSUMED_EDGES
+    dot = to_dot(g)
+    edges = dot_edges(dot)
+    for edge, attrs in edges.items():
+        if edge in ASSUMED_EDGES:
+            assert 'style="dashed"' in attrs and 'color="#EF6C00"' in attrs
+            assert "\\nassumed: AIDXL's versions are one training line" in attrs
+        else:
+            assert "#EF6C00" not in attrs and "assumed" not in attrs
+    assert 'style="bold"' not in edges["aidxl-v0.5", "aidxl-v0.51"]  # stated: the plain finetune line
+    legend = dot[dot.index('subgraph "cluster_legend"'):]
+    assert 'label=" assumed"' in legend
+    text = to_text(g)
+    assert "(finetune, assumed)" in text
+    for _parent, child in ASSUMED_EDGES:
+        line = next(line for line in text.splitlines() if f"[{child}]" in line)
+        assert "finetune, assumed" in line
+    assert "assumed" not in next(line for line in text.splitlines() if "[aidxl-v0.51]" in line)
+    mermaid = to_mermaid(g)
+    assert mermaid.count("-.->|finetune, assumed|") == 4 and mermaid.count("assumed") == 4
+
+
+def test_adapter_lines_stay_and_the_legend_names_assumed_only_when_drawn(merge_family):
+    dot = to_dot(merge_family)
+    assert "assumed" not in dot
+    assert dot_edges(dot)["base", "lora"].startswith('color="#00897B", fontcolor="#00897B", style="dashed"')
+    assert "assumed" not in to_mermaid(merge_family) and "assumed" not in to_text(merge_family)
+
+
+def test_text_tree_fits_80_columns_and_keeps_every_id():
+    g = catalog_graph()
+    lines = to_text(g).splitlines()  # width 80 unless told
+    assert max(len(line) for line in lines) <= 80  # characters, not bytes
+    assert any(len(line) > 80 for line in to_text(g, width=None).splitlines())  # it needed fitting
+    text = "\n".join(lines)
+    for node in g:
+        assert f"[{node}]" in text or node == str(g.nodes[node].get("name") or node), node
+    noob = next(line for line in lines if "[noobai-xl-eps-1.1]" in line)
+    assert noob.startswith(noob[:noob.index("NoobAI")] + "NoobAI-XL Epsilon-pred 1.1  [noobai-xl-eps-1.1]  (eps")
+    assert "12.7M images" not in noob  # the last facts go first, the name stays whole when that suffices
+
+
+def test_text_tree_shortens_the_name_last_and_never_the_id():
+    g = nx.DiGraph()
+    g.add_node("base-model-id", name="A very long model name " * 3, maker="Someone", dataset_size=5_000_000)
+    g.add_node("child-id", name="Child")
+    add_lineage_edge(g, "base-model-id", "child-id", "finetune", assumed="a guess")
+    lines = to_text(g, width=42).splitlines()
+    assert all(len(line) <= 42 for line in lines)
+    assert lines[0].endswith("…  [base-model-id]") and lines[1] == "└─ Child  [child-id]  (finetune, assumed)"
+    assert to_text(g, width=None).splitlines()[0].endswith("(Someone, 5M images)")

@@ -157,7 +157,14 @@ def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | N
     fmt = fmt or (format_for_path(output) if output else "text")
     if fmt in BINARY_FORMATS and not output:
         raise LineageError(f"--format {fmt} is binary: give -o FILE")
-    data = render(graph, fmt, focus)
+    if fmt == "text" and not output and sys.stdout.isatty():  # a terminal: its lines fit its width
+        import shutil
+
+        from lineage.graph.render import to_text
+
+        data: str | bytes = to_text(graph, focus, width=shutil.get_terminal_size().columns)
+    else:
+        data = render(graph, fmt, focus)
     if output:
         atomic_write(output, data, inputs=[reg.path])
         click.echo(f"wrote {output} ({graph.number_of_nodes()} models, {graph.number_of_edges()} relations)")

@@ -20,6 +20,8 @@ import networkx as nx
 from lineage.graph.editing import edge_text, show, show_fields
 from lineage.graph.model import RELATIONS, display_name
 from lineage.graph.render import (
+    ASSUMED_MEANING,
+    ASSUMED_STYLE,
     FAMILY_TITLES,
     PREDICTION_COLOURS,
     RELATION_STYLES,
@@ -95,6 +97,10 @@ def page_data(graph: nx.DiGraph, ids: dict[str, str], focus: str | None) -> dict
                      for family, (fill, border) in PREDICTION_COLOURS.items() if family in families],
         "relations": [{"key": r, "meaning": RELATIONS[r], "colour": RELATION_STYLES[r]["dot"].get("color", "#616161"),
                        "style": RELATION_STYLES[r]["dot"].get("style", "solid")} for r in RELATIONS if r in relations],
+        # the legend's line for edges the catalog only assumed, when the picture has any
+        "assumed": {"meaning": ASSUMED_MEANING, "colour": ASSUMED_STYLE["dot"]["color"],
+                    "style": ASSUMED_STYLE["dot"]["style"]}
+        if any(attrs.get("assumed") for *_, attrs in graph.edges(data=True)) else None,
     }
 
 

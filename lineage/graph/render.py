@@ -56,6 +56,12 @@ RELATION_STYLES: dict[str, dict[str, Any]] = {
     "convert": {"dot": {"color": "#9E9E9E", "fontcolor": "#757575", "style": "dotted"}, "mermaid": "-.->"},
 }
 UNLABELLED_RELATIONS = frozenset({"finetune"})  # the plain line; the legend says what it is
+# An edge the catalog only assumed (its `assumed` reason): dashed in orange, apart from the teal dashed
+# adapter line; its tooltip gives the reason.
+ASSUMED_STYLE: dict[str, Any] = {"dot": {"style": "dashed", "color": "#EF6C00", "fontcolor": "#EF6C00"},
+                                 "mermaid": "-.->"}
+ASSUMED_MEANING = "assumed: no source states this relation"
+TEXT_WIDTH = 80  # columns of the text tree, unless told (a terminal's width)
 
 # Merge methods as people write them (our registry's names, and A1111's "Weighted sum" lowered).
 METHOD_TITLES: dict[str, str] = {
@@ -161,9 +167,27 @@ def edge_label(attrs: dict[str, Any]) -> str | None:
     return " ".join(p for p in parts if p) or None
 
 
+def edge_dot_style(attrs: dict[str, Any]) -> dict[str, str]:
+    """The DOT line of an edge: its relation's, or the assumed one when the catalog only assumed it."""
+    dot = dict(RELATION_STYLES[attrs["relation"]]["dot"])
+    if attrs.get("assumed"):
+        dot.update(ASSUMED_STYLE["dot"])
+    return dot
+
+
+def assumed_label(attrs: dict[str, Any]) -> str | None:
+    """An edge's label with "assumed" after it when the catalog only assumed it ("finetune, assumed")."""
+    label = edge_label(attrs)
+    if not attrs.get("assumed"):
+        return label
+    return f"{label or attrs['relation']}, assumed"
+
+
 def edge_tooltip(attrs: dict[str, Any]) -> str:
-    """The edge's relation, meaning, method, weight, block weights and note, one per line."""
+    """The edge's relation, meaning, why it is assumed, method, weight, block weights and note, one per line."""
     lines = [f"{attrs['relation']}: {RELATIONS[attrs['relation']]}"]
+    if attrs.get("assumed"):
+        lines.append(f"assumed: {str(attrs['assumed'])[:TOOLTIP_TEXT_LIMIT]}")
     if merge_method(attrs):
         lines.append(f"method: {merge_method(attrs)}")
     if attrs.get("weight") is not None:
@@ -188,9 +212,11 @@ def _natural_key(graph: nx.DiGraph) -> Callable[[str], tuple]:
 # Text
 
 
-def to_text(graph: nx.DiGraph, focus: str | None = None) -> str:
+def to_text(graph: nx.DiGraph, focus: str | None = None, width: int | None = TEXT_WIDTH) -> str:
     """A tree for terminals: each model under its parents; a merge (several parents) appears under
-    each of them marked with ⊕ and its weight, and its own children are shown once."""
+    each of them marked with ⊕ and its weight, and its own children are shown once. Each line fits
+    `width` characters (None: no limit): the model's last facts go first, then the name is shortened
+    with "…"; the relation (how it came from the parent) and the node id are never cut."""
     order = _natural_key(graph)
     lines: list[str] = []
     shown: set[str] = set()
@@ -198,21 +224,28 @@ def to_text(graph: nx.DiGraph, focus: str | None = None) -> str:
     def line(node: str, prefix: str, via: dict[str, Any] | None) -> str:
         attrs = graph.nodes[node]
         name = str(attrs.get("name") or node)
-        merge = graph.in_degree(node) > 1 or (via is not None and via["relation"] == "merge")
-        parts = [("⊕ " if merge else "") + name]
-        if name != node:
-            parts.append(f"[{short_id(node)}]")
-        facts = summary(attrs)
-        how = edge_label(via) if via is not None else None
-        if how:
-            facts.insert(0, how)
-        if facts:
-            parts.append("(" + ", ".join(facts) + ")")
-        if node == focus:
-            parts.append("◀")
-        if node in shown and graph.out_degree(node):
-            parts.append("… see above")
-        return prefix + "  ".join(parts)
+        mark = "⊕ " if graph.in_degree(node) > 1 or (via is not None and via["relation"] == "merge") else ""
+        how = assumed_label(via) if via is not None else None
+        facts = summary(attrs)  # most important first: the last ones go first when the line is too long
+        tail = (["◀"] if node == focus else []) + (["… see above"] if node in shown and graph.out_degree(node) else [])
+
+        shown_id = name != node  # the id in brackets; else the name is the id
+
+        def compose(name: str, facts: list[str], how: str | None) -> str:
+            parts = [mark + name] + ([f"[{short_id(node)}]"] if shown_id else [])
+            told = ([how] if how else []) + facts
+            if told:
+                parts.append("(" + ", ".join(told) + ")")
+            return prefix + "  ".join(parts + tail)
+
+        text = compose(name, facts, how)
+        while width is not None and len(text) > width and facts:
+            facts = facts[:-1]
+            text = compose(name, facts, how)
+        if width is not None and len(text) > width and shown_id and len(name) > 1:
+            name = name[:max(1, len(name) - (len(text) - width) - 1)].rstrip() + "…"
+            text = compose(name, facts, how)
+        return text
 
     def walk(node: str, prefix: str, child_prefix: str, via: dict[str, Any] | None) -> None:
         lines.append(line(node, prefix, via))
@@ -322,6 +355,13 @@ def _legend(graph: nx.DiGraph) -> list[str]:
             style = {**RELATION_STYLES[relation]["dot"], "label": " " + relation, "tooltip": RELATIONS[relation]}
             out.append(f"    {_dot_string(a)} -> {_dot_string(b)} [{_dot_attrs(style)}];")
             entries.append((a, b))
+    if any(attrs.get("assumed") for *_, attrs in graph.edges(data=True)):
+        a, b = "legend:assumed:from", "legend:assumed:to"
+        out.append(f'    {_dot_string(a)} [label="", shape="point", width=0.05];')
+        out.append(f'    {_dot_string(b)} [label="", shape="point", width=0.05];')
+        style = {**ASSUMED_STYLE["dot"], "label": " assumed", "tooltip": ASSUMED_MEANING}
+        out.append(f"    {_dot_string(a)} -> {_dot_string(b)} [{_dot_attrs(style)}];")
+        entries.append((a, b))
     # One column: each entry above the next.
     out += [f"    {_dot_string(a[1])} -> {_dot_string(b[0])} [style=invis];" for a, b in zip(entries, entries[1:])]
     out.append("  }")
@@ -374,7 +414,7 @@ def to_dot(graph: nx.DiGraph, focus: str | None = None, *, legend: bool = True,
             out.append("  }")
     for parent, child in sorted(graph.edges, key=lambda e: (order(e[0]), order(e[1]))):
         attrs = graph.edges[parent, child]
-        dot = dict(RELATION_STYLES[attrs["relation"]]["dot"])
+        dot = edge_dot_style(attrs)
         label = edge_label(attrs)
         if label:
             dot["label"] = " " + label
@@ -431,8 +471,8 @@ def to_mermaid(graph: nx.DiGraph, focus: str | None = None) -> str:
     out += ["", "%% Relationships between models"]
     for parent, child in sorted(graph.edges, key=lambda e: (order(e[0]), order(e[1]))):
         attrs = graph.edges[parent, child]
-        arrow = RELATION_STYLES[attrs["relation"]]["mermaid"]
-        label = edge_label(attrs)
+        arrow = (ASSUMED_STYLE if attrs.get("assumed") else RELATION_STYLES[attrs["relation"]])["mermaid"]
+        label = assumed_label(attrs)
         out.append(f"{ids[parent]} {arrow}{f'|{_mermaid_text(label)}|' if label else ''} {ids[child]}")
     links = [(node, graph.nodes[node]["urls"][0]) for node in nodes if graph.nodes[node].get("urls")]
     if links:

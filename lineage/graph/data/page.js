@@ -419,6 +419,7 @@
   const items = el("dl", {});
   for (const f of data.families) items.append(el("dt", {}, familySwatch(f)), el("dd", { textContent: f.title }));
   for (const r of data.relations) items.append(el("dt", {}, relationSwatch(r)), el("dd", { textContent: `${r.key}: ${r.meaning}` }));
+  if (data.assumed) items.append(el("dt", {}, relationSwatch(data.assumed)), el("dd", { textContent: data.assumed.meaning }));
   for (const [mark, meaning] of [
     ["bold border", "a file you have (its AutoV3 in the box)"], ["ellipse", "an adapter (LoRA, LoKr, ...)"],
     ["dashed box", "named in metadata, not seen yet"], ["+N", "a collapsed subtree: N models hidden below"],
