@@ -2,7 +2,7 @@
 
 `low_rank(delta, max_rank)` factors one module's difference (2-D; a convolution flattened to
 (out, in·kh·kw)) by truncated SVD, either exactly (`torch.linalg.svd` of the matrix, thin) or by a
-randomized range finder (`torch.svd_lowrank`: `max_rank + OVERSAMPLE` random directions refined by
+randomized range finder (as `torch.svd_lowrank`, seeded: `max_rank + OVERSAMPLE` random directions refined by
 POWER_ITERATIONS power iterations, then the SVD of the small projected matrix). Both give orthonormal
 singular vectors, so the residual of keeping the first r values is exactly
 ‖Δ‖² − Σ_{i<r} σᵢ²: the reported errors need no second product.
@@ -100,10 +100,22 @@ def low_rank(delta: torch.Tensor, max_rank: int, *, exact: bool = False,
         # The thin SVD costs out·in·min(out, in): the orientation does not matter for torch's driver.
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         return _balanced(u[:, :k], s[:k], vh[:k], norm2, s)
-    if generator is not None:  # svd_lowrank draws from the global generator: seed it reproducibly
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-    u, s, v = torch.svd_lowrank(delta, q=k + OVERSAMPLE, niter=POWER_ITERATIONS)
-    return _balanced(u[:, :k], s[:k], v[:, :k].T, norm2)
+    u, s, vh = _randomized_svd(delta, k + OVERSAMPLE, generator or torch.Generator().manual_seed(0))
+    return _balanced(u[:, :k], s[:k], vh[:k], norm2)
+
+
+def _randomized_svd(matrix: torch.Tensor, width: int, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Halko et al.'s range finder with POWER_ITERATIONS re-orthogonalised power iterations, then the
+    SVD of the small projected matrix (what torch.svd_lowrank computes). The random directions come
+    from `generator`, not from torch's global one, which worker threads would share: the same
+    inputs give the same factors, and so the same file, whatever the threads' order."""
+    directions = torch.randn(matrix.shape[1], width, generator=generator).to(matrix.device, matrix.dtype)
+    basis = torch.linalg.qr(matrix @ directions).Q
+    for _ in range(POWER_ITERATIONS):
+        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return basis @ u, s, vh
 
 
 @dataclass(frozen=True)

@@ -226,3 +226,12 @@ def test_the_cli_reports_at_80_columns_and_records_an_adapter_node(pair, tmp_pat
         node = reg.resolve(str(out))
         parents = reg.graph().in_edges(node, data=True)
         assert [d["relation"] for _, _, d in parents] == ["adapter"], list(parents)
+
+
+def test_the_randomized_path_gives_the_same_file_every_time(pair, tmp_path):
+    """Its random directions come from a seeded generator of its own, not torch's global one, which
+    two worker threads would draw from in whatever order they run."""
+    base, tuned = pair
+    first, second = (extract(base, tuned, tmp_path / f"{n}.safetensors", rank=4, workers=2, record=False,
+                             progress=False) for n in ("a", "b"))
+    assert first.autov3 == second.autov3
