@@ -31,3 +31,79 @@ def test_generate_convert_and_reproduce_print_json(lmerge, trio, tmp_path):
     assert lmerge("merge", trio["base"], trio["x"], "-o", merged)[0] == 0
     code, out, _ = lmerge("reproduce", merged, "--json")
     assert code == 0 and json.loads(out)["matches"] is True
+
+
+# Commands that print no report and so need no --json. Empty today: every command reports something.
+NO_REPORT: set[str] = set()
+# Commands whose JSON comes from an output format instead: `tree --format json`.
+JSON_BY_FORMAT = {"tree"}
+
+
+def _commands(group, prefix=()):
+    import click
+
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+        else:
+            yield " ".join((*prefix, name)), command
+
+
+def test_every_command_that_reports_has_json():
+    from lineage.cli import main
+
+    commands = dict(_commands(main))
+    assert {"edit", "link", "merge-nodes", "remove", "hub card", "registry info"} <= set(commands)
+    missing = []
+    for name, command in commands.items():
+        if name in NO_REPORT:
+            continue
+        options = {o for param in command.params for o in getattr(param, "opts", [])}
+        if name in JSON_BY_FORMAT:
+            fmt = next(p for p in command.params if "--format" in getattr(p, "opts", []))
+            if "json" not in fmt.type.choices:
+                missing.append(name)
+        elif "--json" not in options:
+            missing.append(name)
+        else:
+            flag = next(p for p in command.params if "--json" in p.opts)
+            assert flag.is_flag, name
+    for name in ("edit", "link", "merge-nodes", "remove", "hub card"):
+        flag = next(p for p in commands[name].params if "--json" in getattr(p, "opts", []))
+        assert flag.help == "Print one JSON object.", name
+    assert missing == []
+
+
+def test_link_edit_merge_nodes_and_remove_print_json(lmerge, tiny):
+    from lineage.graph.recording import scan_file
+
+    a, b = tiny("fp16.safetensors", 1), tiny("fp32.safetensors", 2)
+    ida, idb = scan_file(a), scan_file(b)
+    code, out, _ = lmerge("merge-nodes", ida, idb, "--json")
+    assert code == 0 and json.loads(out) == {"merged": idb, "into": ida, "name": "fp16"}
+    code, out, _ = lmerge("edit", b, "--unlink", "--json")
+    assert code == 0 and json.loads(out)["unlinked"] == idb
+    code, out, _ = lmerge("edit", ida, "--rename", "fp16", "--set-notes", "", "--parent", "illustrious-xl-v0.1",
+                          "--json")
+    report = json.loads(out)
+    assert code == 0 and report["node"] == ida and report["name"] == "fp16"
+    assert report["set"] == {"name": "fp16"} and report["cleared"] == ["notes"]
+    assert [p["id"] for p in report["parents"]] == ["illustrious-xl-v0.1"]
+    code, out, _ = lmerge("link", b, "noobai-xl-vpred-1.0", "--json")
+    assert code == 0 and json.loads(out)["node"] == "noobai-xl-vpred-1.0" and json.loads(out)["path"] == b
+    code, out, _ = lmerge("remove", ida, "--json")
+    assert code == 0 and json.loads(out) == {"removed": ida, "linked_files": []}
+
+
+def test_hub_card_prints_json(lmerge, tiny, tmp_path):
+    import lineage
+
+    child = lineage.record(tiny("c.safetensors", 1), parents=["noobai-xl-vpred-0.75"])
+    code, out, _ = lmerge("hub", "card", child, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["node"] == child and report["output"] is None and report["left_out"] == []
+    assert report["base_model"] == "Laxhar/noobai-XL-Vpred-0.75" and report["base_model_relation"] == "finetune"
+    readme = tmp_path / "README.md"
+    code, out, _ = lmerge("hub", "card", child, "-o", readme, "--json")
+    assert code == 0 and json.loads(out)["output"] == str(readme)
+    assert "Laxhar/noobai-XL-Vpred-0.75" in readme.read_text()

@@ -239,8 +239,9 @@ def hub_import(source: str, as_node: str | None, cards_dir: str | None, depth: i
 @click.argument("node")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Update (or create) this README.md instead of printing the front matter.")
+@_json_option
 @_registry_option
-def hub_card(node: str, output: str | None, registry_path: str | None) -> None:
+def hub_card(node: str, output: str | None, as_json: bool, registry_path: str | None) -> None:
     """Write the model card front matter (base_model, base_model_relation) of NODE from the graph."""
     from lineage.graph.hub import card_data, front_matter, write_card
     from lineage.graph.registry import Registry
@@ -248,7 +249,13 @@ def hub_card(node: str, output: str | None, registry_path: str | None) -> None:
     with Registry(registry_path) as reg:
         node_id = reg.resolve(node)
         graph = reg.graph()
-    if output:
+    if as_json:
+        data, missing = card_data(graph, node_id)
+        if output:
+            write_card(graph, node_id, output, inputs=[reg.path])
+        echo_json({"node": node_id, "base_model": data.base_model, "base_model_relation": data.base_model_relation,
+                   "output": output, "left_out": missing})
+    elif output:
         missing = write_card(graph, node_id, output, inputs=[reg.path])
         click.echo(f"wrote {output}")
     else:

@@ -20,6 +20,10 @@ def _registry_option(command: Any) -> Any:
     return click.option("--registry", "registry_path", type=click.Path(), default=None, help=_REGISTRY_HELP)(command)
 
 
+def _json_option(command: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(command)
+
+
 def label(graph: Any, node: str) -> str:
     name = display_name(graph, node)
     return node if name == node else f"{name} [{node}]"
@@ -28,8 +32,9 @@ def label(graph: Any, node: str) -> str:
 @click.command()
 @click.argument("path", type=click.Path())
 @click.argument("node")
+@_json_option
 @_registry_option
-def link(path: str, node: str, registry_path: str | None) -> None:
+def link(path: str, node: str, as_json: bool, registry_path: str | None) -> None:
     """The file PATH IS the model NODE (e.g. a catalog entry: noobai-xl-vpred-1.0): its hashes and
     paths attach to NODE, and what is made from the file is made from NODE. Kinds, architectures
     and prediction types must agree (a LoRA is never a checkpoint)."""
@@ -39,6 +44,9 @@ def link(path: str, node: str, registry_path: str | None) -> None:
     with Registry(registry_path) as reg:
         target = link_file(path, node, reg)
         graph = reg.graph()
+    if as_json:
+        echo_json({"path": path, "node": target, "name": display_name(graph, target)})
+        return
     click.echo(f"linked {path}: it is {label(graph, target)}")
 
 
@@ -65,7 +73,7 @@ def show_text(facts: dict[str, Any]) -> str:
 
 @click.command()
 @click.argument("node")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_json_option
 @_registry_option
 def show(node: str, as_json: bool, registry_path: str | None) -> None:
     """Everything known about NODE: names, hashes, files and paths, parents (relation, weight,
@@ -98,10 +106,11 @@ def show(node: str, as_json: bool, registry_path: str | None) -> None:
               help="Relation of the new --parent edges (default: merge for several, else finetune).")
 @click.option("--weight", "weights", type=float, multiple=True, help="Weight of each --parent, in order.")
 @click.option("--unlink", is_flag=True, help="NODE (a linked file) is its own model again: undoes link/merge-nodes.")
+@_json_option
 @_registry_option
 def edit(node: str, rename: str | None, repo: str | None, civitai_url: str | None, license_: str | None,
          notes: str | None, removed: tuple[str, ...], parents: tuple[str, ...], relation: str | None,
-         weights: tuple[float, ...], unlink: bool, registry_path: str | None) -> None:
+         weights: tuple[float, ...], unlink: bool, as_json: bool, registry_path: str | None) -> None:
     """Change one of your own nodes (catalog nodes are read-only): rename it, set its repo id,
     Civitai URL, licence or notes, remove a parent edge or replace its parents."""
     from lineage.graph import editing
@@ -114,23 +123,33 @@ def edit(node: str, rename: str | None, repo: str | None, civitai_url: str | Non
     if not (values or removed or parents or unlink):
         raise LineageError("nothing to change: give --rename, --set-repo, --set-civitai, --set-license, "
                            "--set-notes, --remove-parent, --parent or --unlink")
+    say = (lambda text: None) if as_json else click.echo
     with Registry(registry_path) as reg:
+        unlinked = None
         if unlink:
-            alias = editing.unlink(node, reg)
-            click.echo(f"unlinked {alias}: it is its own model again")
+            unlinked = editing.unlink(node, reg)
+            say(f"unlinked {unlinked}: it is its own model again")
             if not (values or removed or parents):
+                if as_json:
+                    echo_json({"node": unlinked, "unlinked": unlinked, "set": {}, "cleared": [],
+                               "removed_parents": [], "parents": None})
                 return
-            node = alias
+            node = unlinked
         node_id = reg.resolve(node)
         if values:
             editing.set_attributes(node_id, values, reg)
         for parent in removed:
             editing.remove_parent(node_id, parent, reg)
-            click.echo(f"removed parent {parent}")
+            say(f"removed parent {parent}")
         if parents:
             editing.set_parents(node_id, parents, relation or ("merge" if len(parents) > 1 else "finetune"),
                                 weights or None, reg)
         facts = editing.show(reg.graph(), node_id)
+    if as_json:
+        echo_json({"node": node_id, "name": facts["name"], "unlinked": unlinked,
+                   "set": {k: v for k, v in values.items() if v}, "cleared": [k for k, v in values.items() if not v],
+                   "removed_parents": list(removed), "parents": facts.get("parents", []) if parents else None})
+        return
     for key, value in values.items():
         click.echo(f"set {key} to {value!r}" if value else f"cleared {key}")
     if parents:
@@ -141,8 +160,9 @@ def edit(node: str, rename: str | None, repo: str | None, civitai_url: str | Non
 @click.command("merge-nodes")
 @click.argument("keep")
 @click.argument("duplicate")
+@_json_option
 @_registry_option
-def merge_nodes(keep: str, duplicate: str, registry_path: str | None) -> None:
+def merge_nodes(keep: str, duplicate: str, as_json: bool, registry_path: str | None) -> None:
     """DUPLICATE is the same model as KEEP: from now on its names, hashes, files and children are
     KEEP's (undo: `lmerge edit DUPLICATE --unlink`). Not a weight merge: that is `lmerge merge`."""
     from lineage.graph.editing import merge_nodes as merge
@@ -152,13 +172,17 @@ def merge_nodes(keep: str, duplicate: str, registry_path: str | None) -> None:
         gone = reg.resolve(duplicate)
         kept = merge(keep, duplicate, reg)
         graph = reg.graph()
+    if as_json:
+        echo_json({"merged": gone, "into": kept, "name": display_name(graph, kept)})
+        return
     click.echo(f"merged {gone} into {label(graph, kept)}")
 
 
 @click.command()
 @click.argument("node")
+@_json_option
 @_registry_option
-def remove(node: str, registry_path: str | None) -> None:
+def remove(node: str, as_json: bool, registry_path: str | None) -> None:
     """Remove one of your own nodes from the registry, with its edges and the files linked to it
     (the files on disk are not touched). Catalog nodes cannot be removed."""
     from lineage.graph.editing import remove_node
@@ -166,6 +190,9 @@ def remove(node: str, registry_path: str | None) -> None:
 
     with Registry(registry_path) as reg:
         removed = remove_node(node, reg)
+    if as_json:
+        echo_json({"removed": removed[0], "linked_files": removed[1:]})
+        return
     click.echo(f"removed {removed[0]}" + (f" and {len(removed) - 1} linked file(s)" if len(removed) > 1 else ""))
 
 

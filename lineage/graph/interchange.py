@@ -73,13 +73,31 @@ def _object(value: Any) -> bool:
     return isinstance(value, dict)
 
 
+def _objects(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
+def _repo_list(value: Any) -> bool:  # catalog `huggingface`: repo ids, or {"repo": id, "source": ...}
+    return isinstance(value, list) and all(isinstance(v, str) or (isinstance(v, dict) and _text(v.get("repo")))
+                                           for v in value)
+
+
+def _files(value: Any) -> bool:  # the files folded into a model: {"name", "linked": alias id, hashes...}
+    return _objects(value) and all(v.get("linked") is None or _text(v["linked"]) for v in value)
+
+
 # The attributes the registry gives a meaning to -> (check, what it must be). Others may hold any JSON.
 NODE_FIELDS: dict[str, tuple[Any, str]] = {
     "name": (_text, "text"), "names": (_texts, "a list of texts"), "paths": (_texts, "a list of texts"),
     "hashes": (_text_map, "an object of texts"), "size": (_count, "a whole number >= 0"), "kind": (_text, "text"),
     "format": (_text, "text"), "architecture": (_text, "text"), "prediction_type": (_text, "text"),
     "prediction_source": (_text, "text"), "source": (_text, "text"), "notes": (_text, "text"),
-    "maker": (_text, "text"), "license": (_text, "text"), "repo_id": (_text, "text"),
+    "maker": (_text, "text"), "license": (_text, "text"),
+    # `repo` is what `lmerge edit --repo` stores; `repo_id` is never written, but page.repo_ids reads it.
+    "repo": (_text, "text"), "repo_id": (_text, "text"), "civitai_url": (_text, "text"),
+    "same_as": (_text, "text"), "urls": (_texts, "a list of texts"), "date": (_text, "text"),
+    "huggingface": (_repo_list, "a list of repo ids"), "civitai": (_objects, "a list of objects"),
+    "files": (_files, "a list of objects whose \"linked\" is text"),
 }
 EDGE_FIELDS: dict[str, tuple[Any, str]] = {
     "weight": (_number, "a number"), "params": (_object, "an object"), "source": (_text, "text"),
@@ -87,10 +105,11 @@ EDGE_FIELDS: dict[str, tuple[Any, str]] = {
 }
 
 
-def _check_fields(entry: dict[str, Any], fields: dict[str, tuple[Any, str]], name: str, where: str) -> None:
+def _check_fields(entry: dict[str, Any], fields: dict[str, tuple[Any, str]], name: str, where: str,
+                  which: str) -> None:
     for field, (check, expected) in fields.items():
         if entry.get(field) is not None and not check(entry[field]):
-            raise _fail(where, f"{name}.{field} is {entry[field]!r:.80}, not {expected}")
+            raise _fail(where, f"{name}.{field} is {entry[field]!r:.80}, not {expected} ({which})")
 
 
 def _fail(where: str, problem: str) -> LineageError:
@@ -124,7 +143,7 @@ def from_document(document: Any, where: str = "<document>") -> nx.DiGraph:
         if node["id"] in graph:
             raise _fail(where, f"nodes[{i}]: node {node['id']!r} is listed twice")
         _refuse_nonfinite(node, f"nodes[{i}]", where)
-        _check_fields(node, NODE_FIELDS, f"nodes[{i}]", where)
+        _check_fields(node, NODE_FIELDS, f"nodes[{i}]", where, f"node {node['id']!r}")
         graph.add_node(node["id"], **{k: v for k, v in node.items() if k != "id"})
     for i, edge in enumerate(edges):
         if not isinstance(edge, dict) or not all(isinstance(edge.get(k), str) and edge[k] for k in ("parent", "child")):
@@ -133,7 +152,7 @@ def from_document(document: Any, where: str = "<document>") -> nx.DiGraph:
             raise _fail(where, f"edges[{i}] has relation {edge.get('relation')!r}; "
                                f"expected one of {', '.join(RELATIONS)}")
         _refuse_nonfinite(edge, f"edges[{i}]", where)
-        _check_fields(edge, EDGE_FIELDS, f"edges[{i}]", where)
+        _check_fields(edge, EDGE_FIELDS, f"edges[{i}]", where, f"edge {edge['parent']} -> {edge['child']}")
         for end in ("parent", "child"):
             if edge[end] not in graph:
                 raise _fail(where, f"edges[{i}]: {end} {edge[end]!r} is not listed in \"nodes\"")
