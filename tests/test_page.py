@@ -91,6 +91,9 @@ def test_search_text_has_names_repo_ids_file_names_and_hashes(family):
     text = search_text(family, "ab" * 32)
     assert "my finetune" in text and "myfinetune_v10.safetensors" in text and "cd" * 32 in text
     assert "someone/lonely" in search_text(family, "hf:someone/lonely")
+    with_repo = family.copy()
+    with_repo.nodes["ab" * 32]["repo"] = "me/my-finetune"  # as `lmerge edit --set-repo` stores it
+    assert "me/my-finetune" in search_text(with_repo, "ab" * 32)
 
 
 @needs_dot

@@ -14,7 +14,6 @@ from lineage.graph.registry import Registry
     ({"size": -1}, "nodes[1].size is -1, not a whole number"),
     ({"urls": "https://a"}, "nodes[1].urls is 'https://a', not a list of texts (node 'bad')"),
     ({"repo": ["o/n"]}, "nodes[1].repo is ['o/n'], not text (node 'bad')"),
-    ({"repo_id": 7}, "nodes[1].repo_id is 7, not text (node 'bad')"),
     ({"civitai_url": {"u": 1}}, "nodes[1].civitai_url is {'u': 1}, not text (node 'bad')"),
     ({"same_as": ["good"]}, "nodes[1].same_as is ['good'], not text (node 'bad')"),
     ({"date": 2024}, "nodes[1].date is 2024, not text (node 'bad')"),

@@ -93,8 +93,8 @@ NODE_FIELDS: dict[str, tuple[Any, str]] = {
     "format": (_text, "text"), "architecture": (_text, "text"), "prediction_type": (_text, "text"),
     "prediction_source": (_text, "text"), "source": (_text, "text"), "notes": (_text, "text"),
     "maker": (_text, "text"), "license": (_text, "text"),
-    # `repo` is what `lmerge edit --repo` stores; `repo_id` is never written, but page.repo_ids reads it.
-    "repo": (_text, "text"), "repo_id": (_text, "text"), "civitai_url": (_text, "text"),
+    # `repo` is what `lmerge edit --set-repo` stores (page.repo_ids reads it and the catalog's `huggingface`).
+    "repo": (_text, "text"), "civitai_url": (_text, "text"),
     "same_as": (_text, "text"), "urls": (_texts, "a list of texts"), "date": (_text, "text"),
     "huggingface": (_repo_list, "a list of repo ids"), "civitai": (_objects, "a list of objects"),
     "files": (_files, "a list of objects whose \"linked\" is text"),

@@ -39,12 +39,17 @@ HF_URL = re.compile(r"https://huggingface\.co/([\w.-]+/[\w.-]+)")
 
 
 def repo_ids(graph: nx.DiGraph, node: str) -> list[str]:
-    """The Hugging Face repo ids a node is known under: its `hf:` id, and its hub URLs."""
+    """The Hugging Face repo ids a node is known under: its `hf:` id, the repo set by `lmerge edit
+    --set-repo`, the catalog's `huggingface` entries, and its hub URLs."""
     attrs = graph.nodes[node]
     found = [node[3:]] if node.startswith("hf:") else []
+    if isinstance(attrs.get("repo"), str):
+        found.append(attrs["repo"])
+    for entry in attrs.get("huggingface") or []:
+        repo = entry.get("repo") if isinstance(entry, dict) else entry
+        if isinstance(repo, str):
+            found.append(repo)
     found += [m.group(1) for url in attrs.get("urls", []) if (m := HF_URL.match(str(url)))]
-    if isinstance(attrs.get("repo_id"), str):
-        found.append(attrs["repo_id"])
     return list(dict.fromkeys(found))
 
 
