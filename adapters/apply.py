@@ -164,8 +164,6 @@ class ApplyJobs:
     def _patch(self, patches: list[Patch], ctx: JobContext) -> None:
         import torch
 
-        from .delta import add_delta_
-
         weight = ctx.sources[0].fp32()
         readers = iter(ctx.sources[1:])
         for patch in patches:
@@ -177,13 +175,21 @@ class ApplyJobs:
                     raise CheckpointError(f"tensor {reader.info.name!r} holds NaN or Inf",
                                           self.plan.adapters[patch.adapter].path)
                 tensors[role] = value
-            rows = slice(*patch.rows) if patch.rows else slice(None)
-            if patch.bias:
-                weight[rows].add_(tensors["diff_b"], alpha=patch.strength)
-                continue
-            target = weight.view(weight.shape[0], -1)[rows].view(patch.shape)
-            add_delta_(target, patch.module.algorithm, tensors, patch.module.alpha, patch.strength)
+            add_patch_(weight, patch, tensors)
         ctx.outputs[0].copy_(weight)
+
+
+def add_patch_(weight: Any, patch: Patch, tensors: dict[str, Any]) -> None:
+    """Add one patch, its factors read as fp32 `tensors` by role, to the fp32 `weight` (in place):
+    to its rows of a fused weight (OpenCLIP-G's q/k/v), or to the bias for a `diff_b`."""
+    from .delta import add_delta_  # imports torch: not at module import
+
+    rows = slice(*patch.rows) if patch.rows else slice(None)
+    if patch.bias:
+        weight[rows].add_(tensors["diff_b"], alpha=patch.strength)
+        return
+    target = weight.view(weight.shape[0], -1)[rows].view(patch.shape)
+    add_delta_(target, patch.module.algorithm, tensors, patch.module.alpha, patch.strength)
 
 
 def _copy(ctx: JobContext) -> None:

@@ -13,8 +13,7 @@ from contextlib import ExitStack
 
 import torch
 
-from lineage.adapters.apply import Patch, plan
-from lineage.adapters.delta import add_delta_
+from lineage.adapters.apply import Patch, add_patch_, plan
 from lineage.errors import CheckpointError
 from lineage.io.safetensors import SafetensorsFile
 from lineage.train.sdxl import SDXL
@@ -47,9 +46,4 @@ def _add_patch(weight: torch.Tensor, patch: Patch, adapter: SafetensorsFile) -> 
         if not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"tensor {patch.module.keys[role]!r} holds NaN or Inf", adapter.path)
         tensors[role] = value
-    rows = slice(*patch.rows) if patch.rows else slice(None)
-    if patch.bias:
-        weight[rows].add_(tensors["diff_b"], alpha=patch.strength)
-        return
-    target = weight.view(weight.shape[0], -1)[rows].view(patch.shape)
-    add_delta_(target, patch.module.algorithm, tensors, patch.module.alpha, patch.strength)
+    add_patch_(weight, patch, tensors)
