@@ -57,3 +57,15 @@ def test_generate_counts_the_tensors_it_writes(lmerge, tmp_path, monkeypatch):
         count = len(f.tensors)
     generating = [bar for bar in _Recorder.bars if bar.desc == "generating"]
     assert len(generating) == 1 and generating[0].total == generating[0].done == count
+
+
+def test_hash_counts_the_bytes_it_reads(lmerge, tiny, tmp_path, monkeypatch):
+    import os
+
+    _Recorder.bars = []
+    monkeypatch.setattr(tqdm, "tqdm", _Recorder)
+    paths = [tiny(f"h{seed}.safetensors", seed) for seed in range(2)]
+    code, _, _ = lmerge("hash", *paths)
+    hashing = [bar for bar in _Recorder.bars if bar.desc == "hashing"]
+    total = sum(os.path.getsize(p) for p in paths)
+    assert code == 0 and len(hashing) == 1 and hashing[0].total == hashing[0].done == total

@@ -1,8 +1,10 @@
 """Name matching (lineage/graph/naming.py): ids, repo ids, URLs, hash prefixes, Civitai file names."""
+import networkx as nx
 import pytest
 
 from lineage import LineageError, hash_file
 from lineage.graph.catalog import catalog_graph
+from lineage.graph.editing import set_attributes, show, show_fields
 from lineage.graph.naming import best_match, match, resolve, tokens
 from lineage.graph.recording import scan, scan_file
 from lineage.graph.registry import Registry
@@ -106,3 +108,56 @@ def test_a_lora_naming_its_base_only_by_file_name_lands_on_the_catalog_node(tiny
         graph = reg.graph()
     assert list(graph.predecessors(hash_file(lora).autov3)) == ["pony-diffusion-v6-xl"]
     assert graph.nodes[hash_file(lora).autov3]["architecture"] == "sdxl"  # ss_base_model_version: the architecture
+
+
+@pytest.mark.parametrize("title, node, how", [
+    ("sd_xl_base_1.0.safetensors [31e35c80fc]", "sdxl-1.0-base", "hash"),  # AutoV2: the SHA256's first 10 digits
+    ("a_renamed_copy [31E35C80FC]", "sdxl-1.0-base", "hash"),  # the hash decides, whatever the name says
+    ("noobaiXLNAIXL_vPred10Version [ea349eeae8]", "noobai-xl-vpred-1.0", "tokens"),  # an unknown hash: the name
+    ("ponyDiffusionV6XL_v6StartWithThisOne.safetensors [67ab2fd8ec]", "pony-diffusion-v6-xl", "hash"),
+])
+def test_a1111_checkpoint_titles_match_by_hash_then_name(title, node, how):
+    found = resolve(catalog_graph(), title)
+    assert (found.node, found.how) == (node, how)
+
+
+def test_an_a1111_title_with_the_old_eight_digit_hash():
+    graph = nx.DiGraph()
+    graph.add_node("old", name="Old model", hashes={"autov1": "1a2b3c4d"})
+    graph.add_node("other", name="Other model")
+    assert resolve(graph, "other_model [1a2b3c4d]").node == "old"
+    assert resolve(graph, "other_model [0f0f0f0f]").node == "other"
+
+
+@pytest.mark.parametrize("url", [
+    "https://civitai.com/api/download/models/1190596",  # a version's download link: no model id in it
+    "https://civitai.com/api/download/models/1190596?type=Model&format=SafeTensor",
+    "civitai.com/api/download/models/1190596",
+    "https://civitai.com/api/v1/model-versions/1190596",
+    "https://civitai.com/models/833294/noobai-xl-nai-xl?modelVersionId=1190596",
+])
+def test_civitai_download_links_name_the_version(url):
+    found = resolve(catalog_graph(), url)
+    assert (found.node, found.how) == ("noobai-xl-vpred-1.0", "civitai")
+
+
+def test_cli_arguments_take_a1111_titles_and_download_links(lmerge):
+    code, out, _ = lmerge("tree", "https://civitai.com/api/download/models/1190596", "--up")
+    assert code == 0 and "[noobai-xl-vpred-1.0]  ◀" in out
+    code, out, _ = lmerge("tree", "sd_xl_base_1.0.safetensors [31e35c80fc]", "--up")
+    assert code == 0 and out.startswith("Stable Diffusion XL 1.0 base  [sdxl-1.0-base]") and "◀" in out
+
+
+def test_metadata_naming_parents_by_a1111_titles_lands_on_catalog_nodes(tiny):
+    merged = scan_file(tiny("m.safetensors", 1, {"modelspec.merged_from": (
+        "models/Stable-diffusion/sd_xl_base_1.0.safetensors [31e35c80fc], noobaiXLNAIXL_vPred10Version [ea349eeae8]")}))
+    with Registry() as reg:
+        assert set(reg.graph().predecessors(merged)) == {"sdxl-1.0-base", "noobai-xl-vpred-1.0"}
+
+
+def test_a_node_given_a_civitai_download_link_is_found_by_it(tiny):
+    node = scan_file(tiny("mine.safetensors", 1))
+    set_attributes(node, {"civitai_url": "https://civitai.com/api/download/models/4242424"})
+    with Registry() as reg:
+        assert reg.resolve("https://civitai.com/api/download/models/4242424") == node
+        assert ("Civitai", "version 4242424") in show_fields(show(reg.graph(), node))

@@ -268,6 +268,52 @@ def test_in_chromium_filters_collapse_and_sources(browser, family, tmp_path):
     assert "assumed: no source states this relation" in legend
 
 
+def view_box(driver) -> list[float]:
+    """The drawing's visible box (x, y, width, height): what pan and zoom change."""
+    return [float(v) for v in driver.execute_script(
+        "return document.querySelector('#view svg').getAttribute('viewBox')").split()]
+
+
+def keys_with_class(driver, name: str) -> set[str]:
+    """The node keys (ids in the graph) of the drawn models carrying CSS class `name`."""
+    return set(driver.execute_script(
+        "const d = JSON.parse(document.getElementById('lineage-data').textContent);"
+        "return [...document.querySelectorAll('g.node.' + arguments[0])].map((g) => d.nodes[g.id].key);", name))
+
+
+@needs_dot
+def test_in_chromium_pan_zoom_and_a_clicked_node_lights_its_lineage(browser, family, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+    from selenium.webdriver.common.by import By
+
+    page = tmp_path / "tree.html"
+    page.write_text(to_html(family))
+    browser.get(page.as_uri())
+    view = browser.find_element(By.ID, "view")
+    start = view_box(browser)
+    browser.find_element(By.ID, "zoom-in").click()  # the buttons: a smaller box is a closer look
+    zoomed = view_box(browser)
+    assert zoomed[2] == pytest.approx(start[2] / 1.4) and zoomed[3] == pytest.approx(start[3] / 1.4)
+    browser.find_element(By.ID, "zoom-out").click()
+    assert view_box(browser)[2] == pytest.approx(start[2])
+    ActionChains(browser).scroll_from_origin(ScrollOrigin.from_element(view), 0, -300).perform()  # the wheel
+    wheeled = view_box(browser)
+    assert wheeled[2] < start[2]
+    ActionChains(browser).move_to_element(view).click_and_hold().move_by_offset(150, 80).release().perform()
+    panned = view_box(browser)  # dragging the drawing right and down shows what lies left and above
+    assert panned[0] < wheeled[0] and panned[1] < wheeled[1] and panned[2] == pytest.approx(wheeled[2])
+
+    node = "noobai-xl-eps-1.1"  # parents above it (Illustrious, NoobAI) and children below (RouWei, our mix)
+    browser.execute_script("window.lineagePage.centre(arguments[0])", element_of(browser, node))
+    browser.find_element(By.CSS_SELECTOR, f"g#{element_of(browser, node)} text").click()
+    assert keys_with_class(browser, "selected") == {node}
+    assert keys_with_class(browser, "ancestor") == nx.ancestors(family, node)
+    assert keys_with_class(browser, "descendant") == nx.descendants(family, node)
+    assert nx.ancestors(family, node) and "mix" in nx.descendants(family, node)
+    browser.save_screenshot(str(tmp_path / "lineage.png"))
+
+
 @needs_dot
 @pytest.mark.slow
 def test_in_chromium_2000_nodes_load_and_search(browser, tmp_path):

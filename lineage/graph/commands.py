@@ -106,9 +106,14 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
 @_registry_option
 def scan(directory: str, as_json: bool, registry_path: str | None) -> None:
     """Record every .safetensors file under DIRECTORY, linking the parents their metadata names
-    (our record, A1111, ModelSpec, sd-mecha, kohya). Running it again changes nothing."""
+    (our record, A1111, ModelSpec, sd-mecha, kohya). A new file whose hash or download name
+    (`noobaiXLNAIXL_vPred10Version.safetensors`) surely names a catalog model is linked to it, as
+    `lmerge link` does; a name that only resembles one is suggested. Running it again changes nothing."""
+    import shlex
+
     from tqdm import tqdm
 
+    from lineage.graph.catalog import catalog_graph
     from lineage.graph.recording import scan as scan_directory
 
     # A bar of files read (on a terminal), with each file's name above it.
@@ -118,11 +123,23 @@ def scan(directory: str, as_json: bool, registry_path: str | None) -> None:
             bar.update(1)
 
         result = scan_directory(directory, registry_path, on_file=reading)
+    linked = [r for r in result.recognised if r.linked]
+    suggested = [r for r in result.recognised if not r.linked]
     if as_json:
+        recognised = {kind: [{"path": r.path, "node": r.node, "confidence": r.confidence, "how": r.how}
+                             for r in found] for kind, found in (("linked", linked), ("suggested", suggested))}
         echo_json({"recorded": [{"path": p, "node": n} for p, n in result.recorded], "relations": result.edges,
-                   "failed": [{"path": p, "problem": why} for p, why in result.failed]})
+                   **recognised, "failed": [{"path": p, "problem": why} for p, why in result.failed]})
     else:
         click.echo(f"recorded {len(result.recorded)} file(s); {result.edges} relation(s) from metadata")
+        catalog = catalog_graph()
+        for r in linked:
+            click.echo(f"linked {r.path}: it is {_label(catalog, r.node)} ({r.told}, {r.confidence:.0%})")
+        for path in dict.fromkeys(r.path for r in suggested):  # one line per file, its candidates best first
+            likes = [f"{_label(catalog, r.node)} ({r.confidence:.0%})" for r in suggested if r.path == path]
+            first = next(r for r in suggested if r.path == path)
+            click.echo(f"{path} looks like {' or '.join(likes)}; "
+                       f"run `lmerge link {shlex.quote(path)} {first.node}` to confirm")
     for path, problem in result.failed:
         click.echo(f"error: {problem}" if path in problem else f"error: {path}: {problem}", err=True)
     if result.failed:

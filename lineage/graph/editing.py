@@ -18,7 +18,7 @@ done instead.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import PurePath
 from typing import Any
 
@@ -93,18 +93,33 @@ def canonical(reg: Registry, node_id: str) -> str:
     return node_id
 
 
-def _same_kind(reg: Registry, alias: dict[str, Any], alias_label: str, target: str) -> None:
-    """Refuse to make two things one model when their kind, architecture or prediction type differ."""
-    model = reg.graph().nodes[target]
-    checks = (("kind", lambda k: "adapter" if k in ADAPTER_KINDS else k),
-              ("architecture", lambda a: a), ("prediction_type", lambda p: PREDICTION_FAMILY.get(p, p)))
-    for key, family in checks:
+# What two things must share to be one model, each fact compared by its family of values (a LoRA and
+# a LoKr are both adapters; "v" and "v+ztsnr" are both v-prediction).
+IDENTITY_FACTS: tuple[tuple[str, Callable[[str], str]], ...] = (
+    ("kind", lambda k: "adapter" if k in ADAPTER_KINDS else k), ("architecture", lambda a: a),
+    ("prediction_type", lambda p: PREDICTION_FAMILY.get(p, p)),
+)
+
+
+def identity_conflict(alias: dict[str, Any], model: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(fact, alias's value, model's value) of the first fact that makes `alias` (a file's node) and
+    `model` different models, or None when nothing known tells them apart."""
+    for key, family in IDENTITY_FACTS:
         mine, theirs = alias.get(key), model.get(key)
         if key == "prediction_type" and alias.get("prediction_source") == "default":
             mine = None  # detection assumed it; nothing in the file says so
         if mine and theirs and family(mine) != family(theirs):
-            raise LineageError(f"{alias_label} is a {key.replace('_', ' ')} {mine} model and "
-                               f"{display_name(reg.graph(), target)} a {theirs} one: they cannot be the same model")
+            return key, mine, theirs
+    return None
+
+
+def _same_kind(reg: Registry, alias: dict[str, Any], alias_label: str, target: str) -> None:
+    """Refuse to make two things one model when their kind, architecture or prediction type differ."""
+    conflict = identity_conflict(alias, reg.graph().nodes[target])
+    if conflict:
+        key, mine, theirs = conflict
+        raise LineageError(f"{alias_label} is a {key.replace('_', ' ')} {mine} model and "
+                           f"{display_name(reg.graph(), target)} a {theirs} one: they cannot be the same model")
 
 
 def link(path: str | os.PathLike, node: str, registry: str | os.PathLike | Registry | None = None) -> str:
@@ -191,7 +206,8 @@ def set_attributes(node: str, values: dict[str, str | None],
     if values.get("repo") and not huggingface_repo_of_url(f"https://huggingface.co/{values['repo']}"):
         raise LineageError(f"{values['repo']!r} is not a Hugging Face repo id (owner/name)")
     if values.get("civitai_url") and not civitai_ids_of_url(values["civitai_url"]):
-        raise LineageError(f"{values['civitai_url']!r} is not a Civitai model URL (https://civitai.com/models/ID...)")
+        raise LineageError(f"{values['civitai_url']!r} is not a Civitai model URL (https://civitai.com/models/ID... "
+                           "or a download link https://civitai.com/api/download/models/VERSION)")
     if "name" in values and not values["name"]:
         raise LineageError("a node's name cannot be empty")
     with using_registry(registry) as reg:
@@ -333,7 +349,8 @@ def show_fields(facts: dict[str, Any]) -> list[tuple[str, str]]:
     if facts.get("names"):
         lines.append(("also named", ", ".join(map(str, facts["names"]))))
     lines += [("Hugging Face", repo) for repo in facts.get("repo_ids", [])]
-    lines += [("Civitai", f"model {c['model_id']}" + (f", version {c['version_id']}" if c.get("version_id") else ""))
+    ids = (("model_id", "model"), ("version_id", "version"))  # a download link names only the version
+    lines += [("Civitai", ", ".join(f"{what} {c[key]}" for key, what in ids if c.get(key) is not None))
               for c in facts.get("civitai", [])]
     lines += [("url", str(url)) for url in facts.get("urls", [])]
     lines += [(kind, str(value)) for kind, value in facts.get("hashes", {}).items()]

@@ -50,7 +50,7 @@ MAX_NAME = 4_096       # characters in one model name, hash or path (PATH_MAX on
 MAX_DEPTH = 16         # nesting of a JSON value (our own records nest 4 deep)
 MAX_NUMBER = 1e15      # magnitude of any number (weights, multipliers, counts)
 MAX_PARENTS = 256      # models one merge names (merged_from, our record's inputs)
-MAX_ANCESTRY = 10_000  # entries of A1111's flattened ancestry (sd_merge_models) read (~6 s, 26 MB)
+MAX_ANCESTRY = 1_000  # entries of A1111's flattened ancestry (sd_merge_models) read (2.6 KB of registry each)
 # Keys whose text is a model name (ModelSpec's title, the file name kohya trained on).
 _NAME_KEYS = ("modelspec.title", "ss_sd_model_name", "ss_output_name")
 _NUMBER = (int, float)

@@ -1,10 +1,12 @@
 """Which model does a name mean? One matcher for every place a model is named.
 
 Users and tools name models in many ways: a node id (`noobai-xl-vpred-1.0`), a Hugging Face repo id
-(`Laxhar/noobai-XL-Vpred-1.0`) or URL, a Civitai URL (`…/models/833294?modelVersionId=1190596`), a
-hash prefix (6+ hex digits of any hash a node carries), a display name, or the file name a model
-circulates under on Civitai (`noobaiXLNAIXL_vPred10Version.safetensors`). `match` tries these in
-that order and says how sure it is; `resolve` turns a miss into an error that offers the closest
+(`Laxhar/noobai-XL-Vpred-1.0`) or URL, a Civitai URL (a model page `…/models/833294?modelVersionId=1190596`
+or a download link `…/api/download/models/1190596`), a hash prefix (6+ hex digits of any hash a node
+carries), a display name, the file name a model circulates under on Civitai
+(`noobaiXLNAIXL_vPred10Version.safetensors`), or A1111's checkpoint title, a name with its short hash
+(`sd_xl_base_1.0.safetensors [31e35c80fc]`: the hash decides when it is known, the name otherwise).
+`match` tries these in that order and says how sure it is; `resolve` turns a miss into an error that offers the closest
 names ("did you mean …"). The CLI arguments, `lmerge link`, the parents that file metadata names
 (kohya's `ss_sd_model_name`, ModelSpec `merged_from`, A1111 names) and model cards' `base_model` all
 come through here, so a model is recognised the same way everywhere.
@@ -26,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import ParseResult, parse_qs, urlparse
 
 import networkx as nx
 
@@ -41,8 +43,19 @@ MIN_HASH_PREFIX = 6
 # Hashes a node's `files` may carry (the catalog's published files, the files linked to a node).
 FILE_HASH_KINDS = ("sha256", "autov1", "autov2", "autov3", "crc32")
 SUGGESTIONS = 3
+# The most a name scores against a candidate of another family (whose first word it lacks).
+OTHER_FAMILY_MAX = 0.5
 
 _HEX = re.compile(rf"(?:0x)?([0-9a-f]{{{MIN_HASH_PREFIX},64}})")
+# A1111's checkpoint title: `name [hash]`, the hash its AutoV2 (10 digits) or its old hash, the AutoV1 (8).
+A1111_TITLE = re.compile(r"(?P<name>.+?)\s*\[(?P<hash>[0-9a-f]{10}|[0-9a-f]{8})\]", re.IGNORECASE)
+# The paths of civitai.com URLs that name a model or one of its versions, and which id each carries (a
+# model page may add the version as `?modelVersionId=`). Version ids are unique across Civitai.
+_CIVITAI_PATHS = (
+    re.compile(r"/models/(?P<model>\d+)(?:/.*)?"),                # the model page, maybe with its slug
+    re.compile(r"/api/download/models/(?P<version>\d+)/?"),       # a version's download link
+    re.compile(r"/api/v1/model-versions/(?P<version>\d+)/?"),     # a version in Civitai's API
+)
 _REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Words in Civitai file names and titles that say nothing about which model it is.
 _FILLER = frozenset({"version", "safetensors", "ckpt", "pt", "bin", "fp16", "fp32", "bf16", "pruned", "emaonly",
@@ -68,6 +81,7 @@ class Tokens:
     numbers: frozenset[str]   # versions without dots and trailing zeros: "1", "065s"
     compact: str              # every letter and digit of the name, lower case, filler words removed
     lead: str                 # the first word: the family name ("noobai", "pony", "kohaku")
+    letters: str              # `compact` without its digits, where a candidate's words are looked for
 
 
 @functools.lru_cache(maxsize=65536)  # the same node names are scored against every name looked up
@@ -83,7 +97,8 @@ def tokens(text: str) -> Tokens:
         numbers.add((digits.rstrip("0") or "0") + (m.group(2) or ""))  # 1.0 = v10 = 1: trailing zeros say nothing
     words = [w for w in re.split(r"[^a-z]+", _VERSION.sub(" ", spaced)) if len(w) > 1 and w not in _FILLER]
     compact = "".join(ch for ch in spaced if ch.isalnum())
-    return Tokens(frozenset(words), frozenset(numbers), compact, words[0] if words else "")
+    letters = "".join(ch for ch in compact if not ch.isdigit())
+    return Tokens(frozenset(words), frozenset(numbers), compact, words[0] if words else "", letters)
 
 
 def token_score(query: Tokens, candidate: Tokens) -> float:
@@ -93,11 +108,10 @@ def token_score(query: Tokens, candidate: Tokens) -> float:
     wanted = len(candidate.words) + len(candidate.numbers)
     if not wanted or not candidate.words:
         return 0.0
-    letters = re.sub(r"\d", "", query.compact)
-    found = sum(word in letters for word in candidate.words) + len(candidate.numbers & query.numbers)
+    found = sum(word in query.letters for word in candidate.words) + len(candidate.numbers & query.numbers)
     score = found / wanted
-    if candidate.lead not in letters:
-        score /= 2  # another family: "kohakuXLEpsilon" is no "NoobAI-XL eps"
+    if candidate.lead not in query.letters:
+        score *= OTHER_FAMILY_MAX  # another family: "kohakuXLEpsilon" is no "NoobAI-XL eps"
     if query.numbers and not query.numbers & candidate.numbers:
         # the name carries a version this candidate does not have (a different one when it has any)
         score -= 0.5 if candidate.numbers else 0.1
@@ -119,8 +133,8 @@ def repo_ids(attrs: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def civitai_versions(attrs: dict[str, Any]) -> list[tuple[int, int | None]]:
-    """(model id, version id or None) for each Civitai page a node lists."""
+def civitai_versions(attrs: dict[str, Any]) -> list[tuple[int | None, int | None]]:
+    """(model id, version id) for each Civitai page a node lists; either may be unknown (None)."""
     found = [(int(c["model_id"]), int(c["version_id"]) if c.get("version_id") is not None else None)
              for c in attrs.get("civitai", ()) if isinstance(c, dict) and c.get("model_id") is not None]
     for url in [*attrs.get("urls", ()), *([attrs["civitai_url"]] if attrs.get("civitai_url") else [])]:
@@ -152,9 +166,15 @@ def display_names(node: str, attrs: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys([*names, node]))
 
 
+def _parse_url(url: str) -> ParseResult:
+    """`url` parsed, with `https://` assumed when it starts with the host (`civitai.com/models/…`)."""
+    url = url.strip()
+    return urlparse(url if "://" in url else f"https://{url}")
+
+
 def huggingface_repo_of_url(url: str) -> str | None:
     """`owner/name` of a huggingface.co model URL (not datasets or spaces)."""
-    parsed = urlparse(url.strip())
+    parsed = _parse_url(url)
     if parsed.netloc.lower() not in ("huggingface.co", "www.huggingface.co", "hf.co"):
         return None
     parts = [p for p in parsed.path.split("/") if p]
@@ -163,16 +183,20 @@ def huggingface_repo_of_url(url: str) -> str | None:
     return None
 
 
-def civitai_ids_of_url(url: str) -> tuple[int, int | None] | None:
-    """(model id, version id or None) of a civitai.com model URL."""
-    parsed = urlparse(url.strip())
+def civitai_ids_of_url(url: str) -> tuple[int | None, int | None] | None:
+    """(model id, version id) of a civitai.com URL naming a model or a version (see `_CIVITAI_PATHS`);
+    the one it does not say is None."""
+    parsed = _parse_url(url)
     if not parsed.netloc.lower().endswith("civitai.com"):
         return None
-    parts = [p for p in parsed.path.split("/") if p]
-    if len(parts) < 2 or parts[0] != "models" or not parts[1].isdigit():
-        return None
-    version = parse_qs(parsed.query).get("modelVersionId", [None])[0]
-    return int(parts[1]), int(version) if version and version.isdigit() else None
+    for pattern in _CIVITAI_PATHS:
+        found = pattern.fullmatch(parsed.path)
+        if found:
+            ids = found.groupdict()
+            version = ids.get("version") or parse_qs(parsed.query).get("modelVersionId", [""])[0]
+            return (int(ids["model"]) if ids.get("model") else None,
+                    int(version) if version.isdigit() else None)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +211,8 @@ class NameIndex:
         self.size = graph.number_of_nodes()
         self.nodes = set(graph)
         self.repos: dict[str, list[str]] = {}
-        self.civitai: dict[int, list[tuple[int | None, str]]] = {}
+        self.civitai_models: dict[int, list[str]] = {}
+        self.civitai_versions: dict[int, list[str]] = {}
         self.names: dict[str, list[str]] = {}
         self.files: dict[str, list[str]] = {}
         self.labels: list[tuple[str, list[Tokens]]] = []
@@ -196,7 +221,10 @@ class NameIndex:
             for repo in repo_ids(attrs):
                 self.repos.setdefault(repo.lower(), []).append(node)
             for model_id, version_id in civitai_versions(attrs):
-                self.civitai.setdefault(model_id, []).append((version_id, node))
+                if model_id is not None:
+                    self.civitai_models.setdefault(model_id, []).append(node)
+                if version_id is not None:
+                    self.civitai_versions.setdefault(version_id, []).append(node)
             hashes += [(h, node) for h in node_hashes(attrs)]
             names = display_names(node, attrs)
             for name in names:
@@ -228,6 +256,11 @@ def name_index(graph: nx.DiGraph) -> NameIndex:
     return index
 
 
+def nodes_with_hash(graph: nx.DiGraph, value: str) -> list[str]:
+    """The nodes carrying a hash that is, or starts with, `value` (hex, any case, maybe 0x-prefixed)."""
+    return name_index(graph).by_hash_prefix(value.lower().removeprefix("0x"))
+
+
 def _unique(nodes: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(nodes))
 
@@ -250,8 +283,10 @@ def _exact(graph: nx.DiGraph, spec: str) -> list[Match]:
     civitai = civitai_ids_of_url(text)
     if civitai:
         model_id, version_id = civitai
-        found = _unique(n for v, n in index.civitai.get(model_id, []) if version_id is None or v == version_id)
-        if found:  # a model page without a version names every version: ambiguous unless it has one
+        # a model page without a version names every version: ambiguous unless it has one
+        found = _unique(index.civitai_versions.get(version_id, []) if version_id is not None
+                        else index.civitai_models.get(model_id, []) if model_id is not None else [])
+        if found:
             return [Match(n, 1.0, "civitai") for n in found]
     hexed = _HEX.fullmatch(low)
     if hexed:
@@ -265,33 +300,52 @@ def _exact(graph: nx.DiGraph, spec: str) -> list[Match]:
     return [Match(n, 1.0, "file name") for n in found]
 
 
-def _scored(graph: nx.DiGraph, spec: str) -> list[Match]:
-    """Every node scored by tokens against its names and file names, best first."""
+def _scored(graph: nx.DiGraph, spec: str, floor: float = 0.0) -> list[Match]:
+    """The nodes scored by tokens against their names and file names, best first. With a `floor`
+    above OTHER_FAMILY_MAX, names of another family (their first word not in `spec`) are not scored:
+    they cannot reach it (a scan matches thousands of names against every node)."""
     query = tokens(spec)
+    same_family_only = floor > OTHER_FAMILY_MAX
     scored = []
     for node, labels in name_index(graph).labels:
-        best = max((token_score(query, label) for label in labels), default=0.0)
+        best = max((token_score(query, label) for label in labels
+                    if not same_family_only or label.lead in query.letters), default=0.0)
         if best > 0:
             scored.append(Match(node, round(best, 3), "tokens"))
     scored.sort(key=lambda m: (-m.confidence, m.node))
     return scored
 
 
-def match(graph: nx.DiGraph, spec: str) -> list[Match]:
-    """The nodes `spec` may name, best first: exact matches (confidence 1), else token matches."""
+def _a1111_title(graph: nx.DiGraph, title: re.Match[str], floor: float) -> list[Match]:
+    """An A1111 checkpoint title `name [hash]`: the node carrying that hash, else what the name matches."""
+    by_hash = name_index(graph).by_hash_prefix(title["hash"].lower())
+    return [Match(n, 1.0, "hash") for n in by_hash] if by_hash else match(graph, title["name"], floor)
+
+
+def match(graph: nx.DiGraph, spec: str, floor: float = 0.0) -> list[Match]:
+    """The nodes `spec` may name, best first: exact matches (confidence 1), else token matches (those
+    below `floor` may be left out)."""
+    title = A1111_TITLE.fullmatch(spec.strip())
+    if title:
+        return _a1111_title(graph, title, floor)
     exact = _exact(graph, spec)
-    return exact if exact else _scored(graph, spec)
+    return exact if exact else _scored(graph, spec, floor)
 
 
-def best_match(graph: nx.DiGraph, spec: str, min_confidence: float = MIN_CONFIDENCE) -> Match | None:
-    """The one node `spec` names with at least `min_confidence`, or None when nothing does or two
-    candidates are too close to tell apart."""
-    found = match(graph, spec)
+def decisive(found: list[Match], min_confidence: float = MIN_CONFIDENCE) -> Match | None:
+    """The first of `found` (best first) when it has at least `min_confidence` and no other comes
+    within AMBIGUITY_MARGIN of it; else None."""
     if not found or found[0].confidence < min_confidence:
         return None
     if len(found) > 1 and found[0].confidence - found[1].confidence < AMBIGUITY_MARGIN:
         return None
     return found[0]
+
+
+def best_match(graph: nx.DiGraph, spec: str, min_confidence: float = MIN_CONFIDENCE) -> Match | None:
+    """The one node `spec` names with at least `min_confidence`, or None when nothing does or two
+    candidates are too close to tell apart."""
+    return decisive(match(graph, spec, floor=min_confidence), min_confidence)
 
 
 def suggestions(graph: nx.DiGraph, spec: str, count: int = SUGGESTIONS) -> list[str]:

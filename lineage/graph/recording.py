@@ -27,9 +27,11 @@ from typing import Any
 import networkx as nx
 
 from lineage.errors import LineageError
+from lineage.graph.editing import ALIAS
 from lineage.graph.metadata import lineage_from_metadata
 from lineage.graph.model import ADAPTER_KINDS, check_relation, is_placeholder, reference_id
-from lineage.graph.naming import best_match, match
+from lineage.graph.naming import A1111_TITLE, best_match, nodes_with_hash
+from lineage.graph.recognition import Recognition, recognise
 from lineage.graph.registry import Batch, Registry, using_registry
 from lineage.io.hashing import AUTOV1_RANGE, FileHashes, hash_file
 from lineage.io.inputs import check_input
@@ -114,6 +116,7 @@ class ScanResult:
     recorded: list[tuple[str, str]] = field(default_factory=list)  # (path, node id)
     edges: int = 0  # edges read from metadata
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, problem)
+    recognised: list[Recognition] = field(default_factory=list)  # files taken as (or like) catalog models
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +187,8 @@ def _named_ref(text: str) -> ParentRef:
     by_hash = _hash_ref(text)
     if by_hash:
         return by_hash
+    if A1111_TITLE.fullmatch(text):  # `name [hash]`: matched by its hash first (naming.py), not a path
+        return ParentRef("name", text, text)
     if text.endswith((".safetensors", ".ckpt")) or os.sep in text or "/" in text:
         return ParentRef("path", text, Path(text).stem)
     return ParentRef("name", text, text)
@@ -380,7 +385,7 @@ def _resolve_ref(b: Batch, graph: nx.DiGraph, ref: ParentRef, files: dict[str, F
     if ref.kind == "path" and ref.value in files:
         return _put_file(b, files[ref.value], None, "scan")
     if ref.kind in ("sha256", "autov2", "autov1"):
-        by_hash = [m.node for m in match(graph, ref.value) if m.how == "hash" and not is_placeholder(m.node)]
+        by_hash = [n for n in nodes_with_hash(graph, ref.value) if not is_placeholder(n)]
         if len(by_hash) == 1:
             return by_hash[0]
         by_name = best_match(graph, ref.name) if ref.name and not by_hash else None
@@ -448,11 +453,23 @@ def scan_file(path: str | os.PathLike, registry: str | os.PathLike | Registry | 
         return facts.node_id
 
 
+def _put_recognised(b: Batch, facts: FileFacts) -> list[Recognition]:
+    """Record a scanned file; the first time it is seen, as the catalog model it is (recognition.py).
+    Only the first time: a link the user undid (`lmerge edit FILE --unlink`) is not made again."""
+    stored = b.node_attrs(facts.node_id)
+    found = recognise(facts) if stored is None or "format" not in stored else []
+    model = next((r.node for r in found if r.linked), None)
+    _put_file(b, facts, {ALIAS: model} if model else None, "scan")  # a link, as `lmerge link` makes it
+    return found
+
+
 def scan(directory: str | os.PathLike, registry: str | os.PathLike | Registry | None = None,
          on_file: Callable[[str], None] | None = None) -> ScanResult:
     """Record every .safetensors file under `directory` (or the one file given) and link the parents
-    their metadata names. All files are registered before any edge, so the order does not matter;
-    a broken file is reported in `failed` and the others are still recorded."""
+    their metadata names. A file seen for the first time whose hash or download name says which
+    catalog model it is becomes that model (`recognised`, recognition.py). All files are registered
+    before any edge, so the order does not matter; a broken file is reported in `failed` and the
+    others are still recorded."""
     root = Path(directory)
     if not root.is_dir():
         check_input(root)  # one file: refused up front unless it is a regular file
@@ -467,7 +484,7 @@ def scan(directory: str | os.PathLike, registry: str | os.PathLike | Registry | 
             try:
                 facts = describe(path, reg)
                 with reg.batch() as b:
-                    _put_file(b, facts, None, "scan")
+                    result.recognised += _put_recognised(b, facts)
             except LineageError as e:
                 result.failed.append((os.fspath(path), str(e)))
                 continue
