@@ -5,7 +5,7 @@ import pytest
 from lineage import LineageError, hash_file
 from lineage.graph.catalog import catalog_graph
 from lineage.graph.editing import set_attributes, show, show_fields
-from lineage.graph.naming import best_match, match, resolve, tokens
+from lineage.graph.naming import best_match, decisive, display_names, file_names, match, resolve, tokens
 from lineage.graph.recording import scan, scan_file
 from lineage.graph.registry import Registry
 
@@ -121,6 +121,13 @@ def test_a1111_checkpoint_titles_match_by_hash_then_name(title, node, how):
     assert (found.node, found.how) == (node, how)
 
 
+def test_an_a1111_title_names_a_recorded_file_by_its_autov2(tiny):
+    path = tiny("mine.safetensors", 1)
+    node = scan_file(path)
+    with Registry() as reg:
+        assert reg.resolve(f"someOtherName_v2 [{hash_file(path).autov2}]") == node
+
+
 def test_an_a1111_title_with_the_old_eight_digit_hash():
     graph = nx.DiGraph()
     graph.add_node("old", name="Old model", hashes={"autov1": "1a2b3c4d"})
@@ -161,3 +168,12 @@ def test_a_node_given_a_civitai_download_link_is_found_by_it(tiny):
     with Registry() as reg:
         assert reg.resolve("https://civitai.com/api/download/models/4242424") == node
         assert ("Civitai", "version 4242424") in show_fields(show(reg.graph(), node))
+
+
+def test_leaving_other_families_unscored_changes_no_best_match():
+    # best_match scores only names of the query's family (the others cannot reach its floor): same answers
+    catalog = catalog_graph()
+    names = {n for node, attrs in catalog.nodes(data=True) for n in [*display_names(node, attrs), *file_names(attrs)]}
+    names |= {"noobaiXL_v10", "kohakuXL_beta", "illustriousNoobMix_v10", "ponyXL", "animagine_v3", "m123"}
+    for name in sorted(names):
+        assert best_match(catalog, name) == decisive(match(catalog, name)), name

@@ -6,8 +6,8 @@ or a download link `…/api/download/models/1190596`), a hash prefix (6+ hex dig
 carries), a display name, the file name a model circulates under on Civitai
 (`noobaiXLNAIXL_vPred10Version.safetensors`), or A1111's checkpoint title, a name with its short hash
 (`sd_xl_base_1.0.safetensors [31e35c80fc]`: the hash decides when it is known, the name otherwise).
-`match` tries these in that order and says how sure it is; `resolve` turns a miss into an error that offers the closest
-names ("did you mean …"). The CLI arguments, `lmerge link`, the parents that file metadata names
+`match` tries these in that order and says how sure it is; `resolve` turns a miss into an error that
+offers the closest names ("did you mean …"). The CLI arguments, `lmerge link`, the parents that file metadata names
 (kohya's `ss_sd_model_name`, ModelSpec `merged_from`, A1111 names) and model cards' `base_model` all
 come through here, so a model is recognised the same way everywhere.
 
@@ -301,11 +301,11 @@ def _exact(graph: nx.DiGraph, spec: str) -> list[Match]:
 
 
 def _scored(graph: nx.DiGraph, spec: str, floor: float = 0.0) -> list[Match]:
-    """The nodes scored by tokens against their names and file names, best first. With a `floor`
-    above OTHER_FAMILY_MAX, names of another family (their first word not in `spec`) are not scored:
-    they cannot reach it (a scan matches thousands of names against every node)."""
+    """The nodes scored by tokens against their names and file names, best first. With a `floor` that
+    names of another family (their first word not in `spec`) cannot reach, nor come within
+    AMBIGUITY_MARGIN of, they are not scored (a scan matches thousands of names against every node)."""
     query = tokens(spec)
-    same_family_only = floor > OTHER_FAMILY_MAX
+    same_family_only = floor >= OTHER_FAMILY_MAX + AMBIGUITY_MARGIN
     scored = []
     for node, labels in name_index(graph).labels:
         best = max((token_score(query, label) for label in labels
