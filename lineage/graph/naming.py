@@ -13,7 +13,10 @@ File names are compared by normalised tokens: camelCase and letter/digit boundar
 version numbers lose their dots and trailing zeros (`1.0`, `v1-0`, `10` all read `1`; `0.65s` reads `065s`), and
 Civitai's filler words (`Version`, `safetensors`, …) are dropped. A candidate's words must appear in
 the name and its version numbers must agree; the confidence is the share of the candidate's tokens
-found, less a penalty for version numbers in the name that the candidate does not have.
+found, less a penalty for version numbers in the name that the candidate does not have. Only display
+names are candidates: a file name a model is known under matches exactly or not at all, because a hub's
+file name often says less than the model's name (`NoobAI-XL-v1.0` names no prediction type) and would
+make a name that does (`noobai vpred 1`) ambiguous.
 """
 from __future__ import annotations
 
@@ -204,7 +207,7 @@ class NameIndex:
             files = file_names(attrs)
             for f in files:
                 self.files.setdefault(_EXTENSION.sub("", f.lower()), []).append(node)
-            self.labels.append((node, [tokens(label) for label in [*names, *files]]))
+            self.labels.append((node, [tokens(label) for label in names]))
         self.hashes = sorted(set(hashes))
 
     def by_hash_prefix(self, prefix: str) -> list[str]:
@@ -266,7 +269,7 @@ def _exact(graph: nx.DiGraph, spec: str) -> list[Match]:
 
 
 def _scored(graph: nx.DiGraph, spec: str) -> list[Match]:
-    """Every node scored by tokens against its names and file names, best first."""
+    """Every node scored by tokens against its display names, best first."""
     query = tokens(spec)
     scored = []
     for node, labels in name_index(graph).labels:
