@@ -144,7 +144,7 @@ def test_sources_are_the_hubs_themselves_and_repo_facts_cite_their_own_repo(node
         url = urlparse(fact["source"])
         assert url.netloc in SOURCE_HOSTS, (node_id, fact)
         if key == "huggingface" and url.netloc == "huggingface.co":
-            assert url.path.lower().startswith(f"/{fact['repo'].lower()}/"), (node_id, fact)
+            assert f"{url.path.lower()}/".startswith(f"/{fact['repo'].lower()}/"), (node_id, fact)
 
 
 def test_autov2_is_the_prefix_of_the_sha256_published_for_the_same_model(nodes):
