@@ -4,6 +4,7 @@ import json
 import re
 from collections import Counter
 from importlib import resources
+from urllib.parse import urlparse
 
 import pytest
 
@@ -11,6 +12,8 @@ from lineage.graph.catalog import catalog_graph, catalog_node_for_repo
 from lineage.graph.naming import display_names, resolve
 
 SEEDS = {"000", "001", "002", "003", "004", "handbook"}
+# the hubs themselves, Civitai's archive and GitHub; never a mirror or proxy of them
+SOURCE_HOSTS = {"huggingface.co", "civitai.com", "civitaiarchive.com", "github.com"}
 HEX = {"sha256": 64, "autov2": 10, "autov3": 64, "autov1": 8, "crc32": 8}
 
 
@@ -100,7 +103,77 @@ def test_the_catalog_names_are_display_names(nodes):
     assert all(n["name"] in display_names(n["id"], dict(g.nodes[n["id"]])) for n in nodes)
 
 
-def test_circulating_civitai_file_names_are_exact_matches():
+@pytest.mark.parametrize("name, node", [
+    ("noobaiXLNAIXL_vPred10Version.safetensors", "noobai-xl-vpred-1.0"),
+    ("noobaiXLNAIXL_vPred05Version.safetensors", "noobai-xl-vpred-0.5"),
+    ("noobaiXLNAIXL_vPred075SVersion", "noobai-xl-vpred-0.75s"),
+    ("noobaiXLNAIXL_epsilonPred11Version.safetensors", "noobai-xl-eps-1.1"),
+    ("ponyDiffusionV6XL_v6StartWithThisOne.safetensors", "pony-diffusion-v6-xl"),
+    ("illustriousXL_v01.safetensors", "illustrious-xl-v0.1"),
+    ("animagineXLV31_v31.safetensors", "animagine-xl-3.1"),
+    ("kohakuXLEpsilon_rev1.safetensors", "kohaku-xl-epsilon"),
+    ("/models/Stable-diffusion/NoobAI-XL-v1.0.safetensors", "noobai-xl-eps-1.0"),  # the hub's own names
+    ("NoobAI-XL-Vpred-v1.0.safetensors", "noobai-xl-vpred-1.0"),
+    ("Illustrious-XL-v2.0.safetensors", "illustrious-xl-v2.0"),
+    ("v2-1_768-ema-pruned.ckpt", "sd-2.1-768"),
+])
+def test_circulating_file_names_are_exact_matches(name, node):
+    found = resolve(catalog_graph(), name)
+    assert (found.node, found.how) == (node, "file name")
+
+
+def test_no_file_name_belongs_to_two_models(nodes):
+    owners = {}  # name without its extension (name matching ignores it) -> the models it is a file of
+    for node_id, key, f in facts(nodes):
+        if key == "files" and f.get("name"):
+            owners.setdefault(re.sub(r"\.(safetensors|ckpt)$", "", f["name"].lower()), set()).add(node_id)
+    assert {name: ids for name, ids in owners.items() if len(ids) > 1} == {}
+
+
+def test_published_hashes_find_their_models():
     g = catalog_graph()
-    assert resolve(g, "noobaiXLNAIXL_vPred05Version.safetensors").how == "file name"
-    assert resolve(g, "noobaiXLNAIXL_vPred075SVersion").node == "noobai-xl-vpred-0.75s"
+    assert resolve(g, "ff827fc345").node == "noobai-xl-eps-1.0"  # LFS SHA256 of NoobAI-XL-v1.0.safetensors
+    assert resolve(g, "e41b3cdbfa68").node == "noobai-xl-vpred-0.9r"
+    assert resolve(g, "3e15ba0038").node == "illustrious-xl-v0.1"
+
+
+def test_sources_are_the_hubs_themselves_and_repo_facts_cite_their_own_repo(nodes):
+    for node_id, key, fact in facts(nodes):
+        if fact["source"] in SEEDS:
+            continue
+        url = urlparse(fact["source"])
+        assert url.netloc in SOURCE_HOSTS, (node_id, fact)
+        if key == "huggingface" and url.netloc == "huggingface.co":
+            assert f"{url.path.lower()}/".startswith(f"/{fact['repo'].lower()}/"), (node_id, fact)
+
+
+def test_autov2_is_the_prefix_of_the_sha256_published_for_the_same_model(nodes):
+    for n in nodes:
+        files = n.get("files", ())
+        sha256 = [f["sha256"] for f in files if "sha256" in f]
+        for f in files:
+            if "autov2" in f and sha256:
+                assert any(h.startswith(f["autov2"]) for h in sha256), (n["id"], f)
+    pony = next(n for n in nodes if n["id"] == "pony-diffusion-v6-xl")
+    assert any("sha256" in f for f in pony["files"]) and any("autov2" in f for f in pony["files"])
+
+
+def test_every_checkpoint_says_its_prediction_type_or_why_not(nodes):
+    by_id = {n["id"]: n for n in nodes}
+    for n in nodes:
+        if n["kind"] == "checkpoint" and "prediction_type" not in n:
+            assert n["id"] == "sd-2.0" and "No prediction type" in n["notes"], n["id"]
+    assert by_id["sd-2.1-768"]["prediction_type"] == "v"
+    for node_id in ("sd-1.4", "sd-1.5", "sd-2.1", "anything-v3", "chilloutmix"):
+        assert by_id[node_id]["prediction_type"] == "epsilon", node_id
+    for n in nodes:
+        if n["architecture"] == "sd1" and "prediction_type" in n.get("assumed", {}):
+            assert "v-prediction" in n["assumed"]["prediction_type"], n["id"]
+
+
+def test_the_hubs_generic_names_do_not_make_near_names_ambiguous():
+    # "NoobAI-XL-v1.0" (the ε 1.0 file) names no prediction type: it must not compete with V-pred 1.0 for a
+    # name that does, since file names match exactly and are not scored by tokens
+    g = catalog_graph()
+    assert resolve(g, "noobai vpred 1").node == "noobai-xl-vpred-1.0"
+    assert resolve(g, "noobai vpred 0.75").node == "noobai-xl-vpred-0.75"

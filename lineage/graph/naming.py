@@ -15,7 +15,10 @@ File names are compared by normalised tokens: camelCase and letter/digit boundar
 version numbers lose their dots and trailing zeros (`1.0`, `v1-0`, `10` all read `1`; `0.65s` reads `065s`), and
 Civitai's filler words (`Version`, `safetensors`, …) are dropped. A candidate's words must appear in
 the name and its version numbers must agree; the confidence is the share of the candidate's tokens
-found, less a penalty for version numbers in the name that the candidate does not have.
+found, less a penalty for version numbers in the name that the candidate does not have. Only display
+names are candidates: a file name a model is known under matches exactly or not at all, because a hub's
+file name often says less than the model's name (`NoobAI-XL-v1.0` names no prediction type) and would
+make a name that does (`noobai vpred 1`) ambiguous.
 """
 from __future__ import annotations
 
@@ -232,7 +235,7 @@ class NameIndex:
             files = file_names(attrs)
             for f in files:
                 self.files.setdefault(_EXTENSION.sub("", f.lower()), []).append(node)
-            self.labels.append((node, [tokens(label) for label in [*names, *files]]))
+            self.labels.append((node, [tokens(label) for label in names]))
         self.hashes = sorted(set(hashes))
 
     def by_hash_prefix(self, prefix: str) -> list[str]:
@@ -301,7 +304,7 @@ def _exact(graph: nx.DiGraph, spec: str) -> list[Match]:
 
 
 def _scored(graph: nx.DiGraph, spec: str, floor: float = 0.0) -> list[Match]:
-    """The nodes scored by tokens against their names and file names, best first. With a `floor` that
+    """The nodes scored by tokens against their display names, best first. With a `floor` that
     names of another family (their first word not in `spec`) cannot reach, nor come within
     AMBIGUITY_MARGIN of, they are not scored (a scan matches thousands of names against every node)."""
     query = tokens(spec)
