@@ -35,7 +35,7 @@ def test_a_name_that_only_resembles_catalog_models_is_suggested_not_linked(lmerg
 
 
 def test_scan_json_lists_linked_and_suggested_files(lmerge, tiny, tmp_path):
-    linked = tiny("illustriousXL_v01.safetensors", 1)
+    linked = tiny("illustriousXL_v01_fp16.safetensors", 1)  # not a catalog file name: scored by tokens
     suggested = tiny("kohakuXL_beta.safetensors", 2)
     code, out, _ = lmerge("scan", tmp_path, "--json")
     report = json.loads(out)
