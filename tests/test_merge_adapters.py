@@ -285,3 +285,19 @@ def test_output_onto_an_adapter_is_refused(lmerge, trio, tmp_path):
                              "--save-recipe", adapter)
     assert code == 1 and stderr.count("\n") == 1 and not (tmp_path / "m.safetensors").exists()
     assert open(adapter, "rb").read() == before
+
+
+def test_an_adapter_on_a_tensor_the_merge_passes_through_is_refused(trio, tmp_path):
+    # a weight stored as integers is passed through, never merged: an adapter may not change it either
+    module = modules_of(trio["base"])[0]
+    copies = []
+    for name in ("x", "y"):
+        tensors = load(trio[name])
+        tensors[module.key] = tensors[module.key].to(torch.int8)
+        save_file(tensors, tmp_path / f"{name}_int.safetensors", read_header(trio[name])[1])
+        copies.append(tmp_path / f"{name}_int.safetensors")
+    adapter = write_lora(tmp_path / "lora.safetensors", [module])
+    with pytest.raises(LineageError, match=f"would change {module.key}, which the merge passes through") as e:
+        lineage.merge(copies, tmp_path / "out.safetensors", adapters=[adapter], progress=False)
+    assert "lora.safetensors" in str(e.value) and module.name in str(e.value)
+    assert nothing_written(tmp_path)
