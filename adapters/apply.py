@@ -43,7 +43,7 @@ from .modules import modules_by_name
 from .reader import AdapterFile, AdapterModule, open_adapter
 
 if TYPE_CHECKING:
-    from lineage.engine.executor import JobContext
+    from lineage.engine.executor import JobContext, SourceReader
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 2)
 # Roles whose tensors a job reads (alpha is read once, by the reader).
@@ -59,14 +59,21 @@ class AdapterInput:
 
     @classmethod
     def parse(cls, text: str) -> AdapterInput:
-        """`PATH` or `PATH:STRENGTH` (the last colon splits, when what follows is a number)."""
+        """`PATH` or `PATH:STRENGTH` (the last colon splits, when what follows is a number). What follows
+        a colon and is neither a number nor part of a path (`C:/x.safetensors`, an existing file's
+        name) is a strength that is not a number: an error."""
         path, sep, tail = text.rpartition(":")
-        if sep:
-            try:
-                return cls(path, float(tail))
-            except ValueError:
-                pass
-        return cls(text)
+        if not sep:
+            return cls(text)
+        try:
+            strength = float(tail)
+        except ValueError:
+            if "/" in tail or "\\" in tail or os.path.exists(text):
+                return cls(text)
+            raise LineageError(f"{text!r}: the strength {tail!r} after the colon is not a number") from None
+        if not math.isfinite(strength):
+            raise LineageError(f"{text!r}: the strength must be a finite number, got {tail!r}")
+        return cls(path, strength)
 
 
 @dataclass(frozen=True)
@@ -155,28 +162,39 @@ class ApplyJobs:
             if not patches:
                 jobs.append(Job((Source(0, key),), output, _copy))
                 continue
-            sources = [Source(0, key)]
-            for patch in patches:
-                sources.extend(Source(patch.adapter + 1, patch.module.keys[role]) for role in patch.roles)
-            jobs.append(Job(tuple(sources), output, partial(self._patch, patches)))
+            sources = (Source(0, key), *patch_sources(patches, first_input=1))
+            jobs.append(Job(sources, output, partial(self._patch, patches)))
         return jobs
 
     def _patch(self, patches: list[Patch], ctx: JobContext) -> None:
-        import torch
-
         weight = ctx.sources[0].fp32()
-        readers = iter(ctx.sources[1:])
-        for patch in patches:
-            tensors = {}
-            for role in patch.roles:
-                reader = next(readers)
-                value = reader.fp32()
-                if not bool(torch.isfinite(value).all()):
-                    raise CheckpointError(f"tensor {reader.info.name!r} holds NaN or Inf",
-                                          self.plan.adapters[patch.adapter].path)
-                tensors[role] = value
-            add_patch_(weight, patch, tensors)
+        add_patches_(weight, patches, ctx.sources[1:], [a.path for a in self.plan.adapters])
         ctx.outputs[0].copy_(weight)
+
+
+def patch_sources(patches: Sequence[Patch], first_input: int) -> list[Source]:
+    """The adapter tensors `patches` read, in the order `add_patches_` takes them: adapter i is the
+    run's input `first_input + i` (1 in an apply, after the checkpoint; after the models in a merge)."""
+    return [Source(first_input + p.adapter, p.module.keys[role]) for p in patches for role in p.roles]
+
+
+def add_patches_(weight: Any, patches: Sequence[Patch], readers: Sequence[SourceReader],
+                 adapter_paths: Sequence[str]) -> None:
+    """Add every patch of one key to its fp32 `weight` (in place, on the weight's device), in order, each
+    patch's factors read from `readers` (the job's sources of `patch_sources`). A factor holding NaN or
+    Inf fails with the adapter (`adapter_paths[patch.adapter]`) named."""
+    import torch
+
+    found = iter(readers)
+    for patch in patches:
+        tensors = {}
+        for role in patch.roles:
+            reader = next(found)
+            value = reader.fp32()
+            if not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"tensor {reader.info.name!r} holds NaN or Inf", adapter_paths[patch.adapter])
+            tensors[role] = value.to(weight.device)
+        add_patch_(weight, patch, tensors)
 
 
 def add_patch_(weight: Any, patch: Patch, tensors: dict[str, Any]) -> None:

@@ -6,6 +6,8 @@
                   blocks="0,1,1,1,1,1,1,1,1,1,0.5,0,0,0,0,0,0,0,0,0", preset="supermerger")
     lineage.merge(["base.safetensors", "x.safetensors", "y.safetensors"], "ties.safetensors",
                   method="ties", params={"density": 0.2})
+    lineage.merge(["a.safetensors", "b.safetensors"], "out.safetensors", alpha=0.5,
+                  adapters=[("style.safetensors", 0.7)])          # then a LoRA added at strength 0.7
     lineage.merge(lineage_recipe, "out.safetensors")                                     # a Recipe
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from lineage.io.hashing import FileHashes
 from lineage.io.safetensors import SafetensorsFile
 
 from .planner import MergePlan, plan_merge
-from .recipe import Input, ParamValue, Recipe
+from .recipe import Adapter, Input, ParamValue, Recipe
 from .records import edge_weights, merge_metadata, record_of
 from .weights import DEFAULT_PRESET, KeyWeights, parse_blocks
 
@@ -39,18 +41,34 @@ class MergeResult:
     autov3: str  # of the output's tensor data: the same recipe on the same inputs gives the same value
     recipe: Recipe  # with the inputs' AutoV3 filled in
     plan: MergePlan
-    nonfinite: list[tuple[str, str]]  # (input path, key) of input tensors holding NaN / Inf
+    nonfinite: list[tuple[str, str]]  # (input path, key) of merged input tensors holding NaN / Inf
     node: str | None  # the registry node id; None with record=False or when recording failed
     record_error: str | None = None  # why the written output could not be recorded (`lmerge scan` it later)
+
+
+AdapterSpec = str | os.PathLike | tuple[str | os.PathLike, float] | Adapter
+
+
+def adapter_of(spec: AdapterSpec) -> Adapter:
+    """An adapter of a recipe from a path (strength 1), a (path, strength) pair or an Adapter."""
+    if isinstance(spec, Adapter):
+        return spec
+    if isinstance(spec, tuple):
+        if len(spec) != 2:
+            raise LineageError(f"an adapter is a path or a (path, strength) pair, got {spec!r}")
+        return Adapter(os.fspath(spec[0]), strength=spec[1])
+    return Adapter(os.fspath(spec))
 
 
 def build_recipe(inputs: Sequence[str | os.PathLike], *, method: str = "weighted_sum", alpha: float | None = None,
                  params: Mapping[str, ParamValue] | None = None, blocks: str | Mapping[str, float] | None = None,
                  preset: str | None = None, per_key: Mapping[str, KeyWeights] | None = None, seed: int = 0,
-                 dtype: str = "fp16", mismatch: str = "error", prediction_type: str | None = None) -> Recipe:
+                 dtype: str = "fp16", mismatch: str = "error", prediction_type: str | None = None,
+                 adapters: Sequence[AdapterSpec] = ()) -> Recipe:
     """A recipe from the options the CLI and `merge` take. `alpha` is a shorthand for params["alpha"];
     `blocks` varies alpha per block of `preset` (a string in the preset's convention, or a mapping
-    block -> value in the method's convention)."""
+    block -> value in the method's convention); `adapters` (paths or (path, strength) pairs) are added
+    to the merged result in order."""
     all_params = dict(params or {})
     if alpha is not None:
         all_params["alpha"] = alpha
@@ -62,7 +80,8 @@ def build_recipe(inputs: Sequence[str | os.PathLike], *, method: str = "weighted
     elif preset is not None:
         raise LineageError("--preset names the blocks of --blocks; give the block weights too")
     return Recipe(method=method, inputs=tuple(Input(os.fspath(p)) for p in inputs), params=all_params,
-                  per_key=variations, seed=seed, dtype=dtype, mismatch=mismatch, prediction_type=prediction_type)
+                  per_key=variations, seed=seed, dtype=dtype, mismatch=mismatch, prediction_type=prediction_type,
+                  adapters=tuple(adapter_of(a) for a in adapters))
 
 
 def plan(recipe: Recipe, workers: int = DEFAULT_WORKERS) -> MergePlan:
@@ -76,8 +95,9 @@ def run_recipe(recipe: Recipe, output: str | None, *, registry: Any = None, titl
                workers: int = DEFAULT_WORKERS, progress: bool = True, fail_on_nonfinite: bool = False,
                device: str | None = None) -> tuple[MergePlan, RunResult, list[tuple[str, str]]]:
     """Plan and run a recipe into `output` with its metadata (None: only compute the output's AutoV3),
-    computing on `device` ("cpu", "cuda", "cuda:N"; None: the CPU). Returns the plan, the executor's
-    result and the (input path, key) of tensors holding NaN / Inf."""
+    computing on `device` ("cpu", "cuda", "cuda:N"; None: the CPU). The run's inputs are the recipe's
+    files: its models, then its adapters (each hashed and checked against a recorded AutoV3 alike).
+    Returns the plan, the executor's result and the (input path, key) of tensors holding NaN / Inf."""
     from lineage.engine.device import compute_device
     from lineage.engine.executor import run_jobs
     from lineage.engine.inputs import InputFile
@@ -88,23 +108,24 @@ def run_recipe(recipe: Recipe, output: str | None, *, registry: Any = None, titl
 
     compute_on = compute_device(device)
     with ExitStack() as stack:
-        inputs = [stack.enter_context(InputFile(i.path)) for i in recipe.inputs]
+        inputs = [stack.enter_context(InputFile(f.path)) for f in recipe.files]
+        models = inputs[:len(recipe.inputs)]
         # after opening: a later change shows in the run's own checks
-        known = known_hashes([i.path for i in recipe.inputs], registry)
+        known = known_hashes([f.path for f in recipe.files], registry)
         # A1111 names a merge's inputs by their whole-file sha256: taken in the run's hashing pass unless known
         # (not when only the output's AutoV3 is wanted: no metadata is written then)
         input_sha256 = [h.get("sha256") for h in known] if output is not None else None
         input_autov1 = [h.get("autov1") or file_autov1(f.path) for h, f in zip(known, inputs)] if output else []
-        merge_plan = plan_merge(recipe, [f.header for f in inputs], workers)
+        merge_plan = plan_merge(recipe, [f.header for f in models], workers)
         jobs = MergeJobs(merge_plan, [f.path for f in inputs], fail_on_nonfinite)
         name = title or Path(output or "").stem
 
         def metadata(input_autov3: list[str | None], output_autov3: str | None) -> dict[str, str]:
             return merge_metadata(recipe.with_hashes(input_autov3), merge_plan.prediction_type, name, output_autov3,
-                                  [f.header.metadata for f in inputs], list(zip(input_sha256 or [], input_autov1)))
+                                  [f.header.metadata for f in models], list(zip(input_sha256 or [], input_autov1)))
 
         result = run_jobs(inputs, jobs.jobs(), output, metadata=metadata, known_autov3=[h.get("autov3") for h in known],
-                          input_sha256=input_sha256, expected_autov3=[i.autov3 for i in recipe.inputs],
+                          input_sha256=input_sha256, expected_autov3=[f.autov3 for f in recipe.files],
                           workers=workers, progress=progress, description="merge", device=compute_on)
     return merge_plan, result, jobs.nonfinite
 
@@ -117,7 +138,8 @@ def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLik
     The output appears at its path only once complete. The inputs' AutoV3 are computed while
     merging, unless the registry has seen the unchanged files. Unless `record=False` the output is
     registered in the lineage registry (`registry`: a Registry, a path or None for the default) as a
-    `merge` node with an edge from each input weighted by its nominal weight; if that fails, the
+    `merge` node with an edge from each input weighted by its nominal weight and from each adapter
+    weighted by its strength (`adapters=[(path, strength), ...]` are added to the merged result); if that fails, the
     output stays and `record_error` says why. Input tensors with NaN/Inf are listed in the result,
     or raise with `fail_on_nonfinite`. `device` ("cuda", "cuda:N"; None: the CPU) is where the
     merged tensors are computed; the files stream through the host either way.
@@ -126,7 +148,7 @@ def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLik
     if isinstance(inputs, Recipe) and options:
         raise LineageError(f"options {', '.join(options)} are part of the recipe; set them on the Recipe")
     output = os.fspath(output)
-    file_destination(output, [i.path for i in recipe.inputs])  # never onto an input, a device or a pipe
+    file_destination(output, [f.path for f in recipe.files])  # never onto an input or adapter, a device or a pipe
     merge_plan, result, nonfinite = run_recipe(recipe, output, registry=registry, title=title, workers=workers,
                                                progress=progress, fail_on_nonfinite=fail_on_nonfinite, device=device)
     hashed = recipe.with_hashes(result.input_autov3)
@@ -140,7 +162,8 @@ def merge(inputs: Recipe | Sequence[str | os.PathLike], output: str | os.PathLik
 
 
 def _record(output: str, recipe: Recipe, output_autov3: str, input_sha256: list[str | None], registry: Any) -> str:
-    """Register the written output with an edge from each input; every hash comes from the run (the
+    """Register the written output with an edge from each input and adapter (a `merge` edge, as `lmerge
+    apply` records an adapter, weighted by its strength); every hash comes from the run (the
     output's from the write stream, the inputs' from the registry or the run's own hashing, kept so
     that the next merge of these inputs need not hash them again)."""
     from lineage.graph.recording import record as record_file
@@ -149,8 +172,8 @@ def _record(output: str, recipe: Recipe, output_autov3: str, input_sha256: list[
         return FileHashes(path, sha256, None, sha256[:10] if sha256 else None, autov3, None)
 
     weights = edge_weights(recipe)
-    return record_file(output, parents=[i.path for i in recipe.inputs], relation="merge",
+    return record_file(output, parents=[f.path for f in recipe.files], relation="merge",
                        weights=None if None in weights else weights,
                        params={"method": recipe.method, "recipe": record_of(recipe)}, registry=registry,
                        hashes=hashes(output, output_autov3),
-                       parent_hashes=[hashes(i.path, i.autov3, sha) for i, sha in zip(recipe.inputs, input_sha256)])
+                       parent_hashes=[hashes(f.path, f.autov3, sha) for f, sha in zip(recipe.files, input_sha256)])

@@ -14,7 +14,7 @@ import click
 from lineage.errors import LineageError
 from lineage.io.atomic import destination, file_destination
 
-from .recipe import DTYPES, MISMATCH_POLICIES, Input, Recipe, load_recipe
+from .recipe import DTYPES, MISMATCH_POLICIES, Adapter, Input, Recipe, load_recipe
 from .weights import PRESETS
 
 
@@ -42,18 +42,27 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
     return params
 
 
+def _adapters(loras: tuple[str, ...]) -> list[Adapter]:
+    """`--lora PATH[:STRENGTH]` values, read as `lmerge apply` reads its adapters."""
+    from lineage.adapters.apply import AdapterInput
+
+    return [Adapter(a.path, strength=a.strength) for a in map(AdapterInput.parse, loras)]
+
+
 def _recipe_from_options(inputs: tuple[str, ...], recipe_file: str | None, method: str | None, alpha: float | None,
                          blocks: str | None, preset: str | None, params: dict[str, Any], dtype: str | None,
-                         seed: int | None, mismatch: str | None, prediction_type: str | None) -> Recipe:
+                         seed: int | None, mismatch: str | None, prediction_type: str | None,
+                         loras: tuple[str, ...] = ()) -> Recipe:
     """The recipe file's recipe with the command line's options on top, or one from the options alone."""
     from .api import build_recipe
 
+    adapters = _adapters(loras)
     if recipe_file is None:
         if not inputs:
             raise LineageError("give the input models (or --recipe FILE)")
         return build_recipe(inputs, method=method or "weighted_sum", alpha=alpha, params=params, blocks=blocks,
                             preset=preset, seed=seed or 0, dtype=dtype or "fp16", mismatch=mismatch or "error",
-                            prediction_type=prediction_type)
+                            prediction_type=prediction_type, adapters=adapters)
     recipe = load_recipe(recipe_file)
     from_options = build_recipe(inputs or [i.path for i in recipe.inputs], method=method or recipe.method,
                                 alpha=alpha, params=params, blocks=blocks, preset=preset)
@@ -68,6 +77,7 @@ def _recipe_from_options(inputs: tuple[str, ...], recipe_file: str | None, metho
         dtype=dtype or recipe.dtype,
         mismatch=mismatch or recipe.mismatch,
         prediction_type=prediction_type or recipe.prediction_type,
+        adapters=tuple(adapters) if adapters else recipe.adapters,
     )
 
 
@@ -110,6 +120,10 @@ def _base_warnings(recipe: Any, registry: str | None) -> list[str]:
                                                            "comfyui values are ComfyUI ratios: the weight of model 1.")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
               help="A method parameter, e.g. density=0.2 or weights=0.5,0.5 (repeatable).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:STRENGTH]",
+              help="An adapter (LoRA, LoCon, LoKr, LoHa, diff; kohya, LyCORIS or PEFT keys) added to the merged "
+                   "result at STRENGTH (default 1), as `lmerge apply` would add it, in the same pass; repeatable. "
+                   "Given with --recipe, these replace the recipe's [[adapters]].")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), help="Dtype of merged tensors (default fp16).")
 @click.option("--seed", type=int, help="Seed of random methods (each tensor's seed derives from it and its key).")
 @click.option("--recipe", "recipe_file", type=click.Path(), help="A TOML recipe; options given here override it.")
@@ -132,12 +146,13 @@ def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alph
                   preset: str | None, params: tuple[str, ...], dtype: str | None, seed: int | None,
                   recipe_file: str | None, registry: str | None, no_record: bool, dry_run: bool, mismatch: str | None,
                   prediction_type: str | None, fail_on_nonfinite: bool, save_recipe: str | None, workers: int | None,
-                  device: str | None, as_json: bool) -> None:
-    """Merge checkpoints A B [C ...] into OUTPUT, tensor by tensor (bounded memory)."""
+                  device: str | None, as_json: bool, loras: tuple[str, ...]) -> None:
+    """Merge checkpoints A B [C ...] into OUTPUT, tensor by tensor (bounded memory), and add any
+    --lora adapters to the result in the same pass."""
     from .api import DEFAULT_WORKERS, merge, plan
 
     recipe = _recipe_from_options(inputs, recipe_file, method, alpha, blocks, preset, _parse_params(params), dtype,
-                                  seed, mismatch, prediction_type)
+                                  seed, mismatch, prediction_type, loras)
     workers = workers or DEFAULT_WORKERS
     if dry_run:
         merge_plan = plan(recipe, workers)
@@ -146,7 +161,7 @@ def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alph
             click.echo(f"warning: {warning}", err=True)
         return
     # Neither -o nor --save-recipe may land on a file this command reads, nor on each other: checked before merging.
-    read = [*(i.path for i in recipe.inputs), recipe_file]
+    read = [*(f.path for f in recipe.files), recipe_file]
     file_destination(output, read)
     if save_recipe:
         destination(save_recipe, [*read, output])
@@ -162,8 +177,10 @@ def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alph
                                "nonfinite": [list(x) for x in result.nonfinite], "plan": result.plan.summary(),
                                "recipe": result.recipe.to_dict()}, indent=2))
     else:
+        adapters = len(recipe.adapters)
+        patched = f", {result.plan.patched_keys} patched by {adapters} adapter(s)" if adapters else ""
         click.echo(f"wrote {output} (AutoV3 {result.autov3[:12]}, {result.plan.counts().get(recipe.method, 0)} "
-                   f"tensors merged by {recipe.method}, {len(result.plan.steps)} in all)")
+                   f"tensors merged by {recipe.method}{patched}, {len(result.plan.steps)} in all)")
         if result.node:
             click.echo(f"recorded as node {result.node}")
     if result.record_error:  # the output is complete and stays: recording it can be done again
@@ -175,7 +192,8 @@ def merge_command(inputs: tuple[str, ...], output: str, method: str | None, alph
 @click.command("reproduce")
 @click.argument("path", type=click.Path())
 @click.option("--input", "inputs", multiple=True, type=click.Path(),
-              help="An input file, in the recorded order (repeat for each); default: found by AutoV3 in the registry.")
+              help="An input file, in the recorded order, then each recorded adapter (repeat for each); default: "
+                   "found by AutoV3 in the registry.")
 @click.option("-o", "--output", type=click.Path(), help="Keep the re-run here (default: a temporary file, removed).")
 @click.option("--registry", type=click.Path(), help="The lineage registry to find inputs in.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a mismatch still exits 1).")

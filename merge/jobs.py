@@ -10,6 +10,10 @@ One job per step, producing that step's key:
 - `copy` and `pass` read the key from one input: byte for byte when the dtype stays, else converted
   chunk by chunk;
 - `marker` reads nothing: its output is empty.
+A step with patches (the recipe's adapters on its key) also reads each patch's factors from the
+adapter files, the run's inputs after the models: the merged (or copied) tensor is kept whole in
+fp32, the patches are added to it by adapters/apply.py's `add_patches_` (what `lmerge apply` does),
+and it is rounded to the output dtype once.
 Merged tensors are computed on the run's device (`ctx.to_device`: the fp32 pieces, or whole fp32
 tensors, go there and the result comes back into the output); statistics (TIES' thresholds) are
 computed on the host from the stored tensors, and copies never leave the host.
@@ -23,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lineage.adapters.apply import add_patches_, patch_sources
 from lineage.engine.executor import JobContext
 from lineage.engine.jobs import Job, Output, Source
 from lineage.engine.seeding import key_seed
@@ -39,25 +44,34 @@ def _all_finite(x: torch.Tensor) -> bool:
 
 class MergeJobs:
     """The jobs of one merge plan, and what running them found: `nonfinite` lists (input path, key)
-    of merged input tensors holding NaN or Inf (or, with `fail_on_nonfinite`, the first one fails)."""
+    of merged input tensors holding NaN or Inf (or, with `fail_on_nonfinite`, the first one fails).
+    `input_paths` are the run's inputs: the recipe's models, then its adapters."""
 
     def __init__(self, plan: MergePlan, input_paths: Sequence[str], fail_on_nonfinite: bool = False):
         self.plan = plan
         self.input_paths = list(input_paths)
+        self.models = len(plan.recipe.inputs)  # the run's inputs before the adapters
         self.method = plan.recipe.merge_method
         self.elementwise = is_elementwise(self.method)
         self.fail_on_nonfinite = fail_on_nonfinite
         self.nonfinite: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
+    @property
+    def adapter_paths(self) -> list[str]:
+        return self.input_paths[self.models:]
+
     def jobs(self) -> list[Job]:
         return [self._job(step) for step in self.plan.steps]
 
     def _job(self, step: Step) -> Job:
         output = (Output(step.key, step.dtype, step.shape),)
+        adapters = tuple(patch_sources(step.patches, first_input=self.models))
         if step.action == "merge":
-            sources = tuple(Source(i, step.key) for i in range(len(self.input_paths)))
-            return Job(sources, output, partial(self._merge, step))
+            sources = tuple(Source(i, step.key) for i in range(self.models))
+            return Job(sources + adapters, output, partial(self._merge, step))
+        if step.patches:
+            return Job((Source(step.source, step.key), *adapters), output, partial(self._patched_copy, step))
         if step.action in ("copy", "pass"):
             return Job((Source(step.source, step.key),), output, self._copy)
         return Job((), output, _nothing)  # marker: an empty tensor
@@ -74,23 +88,35 @@ class MergeJobs:
         params: dict[str, Any] = dict(step.params or {})
         if self.method.random:
             params["seed"] = key_seed(self.plan.recipe.seed, step.key)
+        models = ctx.sources[:self.models]
         out = ctx.outputs[0].view(-1)
+        # with patches, the merge lands whole in fp32 on the device, to be patched and then rounded once
+        result = torch.empty(step.numel, dtype=torch.float32, device=ctx.device) if step.patches else out
         if not self.elementwise:
-            inputs = [ctx.to_device(reader.fp32()) for reader in ctx.sources]
+            inputs = [ctx.to_device(reader.fp32()) for reader in models]
             for index, x in enumerate(inputs):
                 if not _all_finite(x):
                     self._note_nonfinite(index, step.key)
-            out.copy_(self.method.fn(*inputs, **params).reshape(-1))
-            return
-        if self.method.statistics is not None:
-            params["statistics"] = self.method.statistics([reader.stored() for reader in ctx.sources], params)
-        for start, host_block in ctx.fp32_chunks():
-            block = ctx.to_device(host_block)
-            if not _all_finite(block):
-                for index, row in enumerate(block):
-                    if not _all_finite(row):
-                        self._note_nonfinite(index, step.key)
-            out[start:start + block.shape[1]].copy_(self.method.fn(*block, **params))
+            result.copy_(self.method.fn(*inputs, **params).reshape(-1))
+        else:
+            if self.method.statistics is not None:
+                params["statistics"] = self.method.statistics([reader.stored() for reader in models], params)
+            for start, host_block in ctx.fp32_chunks(models):
+                block = ctx.to_device(host_block)
+                if not _all_finite(block):
+                    for index, row in enumerate(block):
+                        if not _all_finite(row):
+                            self._note_nonfinite(index, step.key)
+                result[start:start + block.shape[1]].copy_(self.method.fn(*block, **params))
+        if step.patches:
+            add_patches_(result.view(step.shape), step.patches, ctx.sources[self.models:], self.adapter_paths)
+            out.copy_(result)
+
+    def _patched_copy(self, step: Step, ctx: JobContext) -> None:
+        """A copied key an adapter patches: the first model's tensor in fp32, patched, then stored."""
+        weight = ctx.to_device(ctx.sources[0].fp32())
+        add_patches_(weight, step.patches, ctx.sources[1:], self.adapter_paths)
+        ctx.outputs[0].copy_(weight)
 
     @staticmethod
     def _copy(ctx: JobContext) -> None:

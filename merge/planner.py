@@ -10,6 +10,10 @@ interpolate as they are, and applies the recipe's mismatch policy. Every output 
 - `pass`: copied byte for byte from one input: `position_ids`, `logit_scale`, non-float tensors and
   the prediction-type markers (loaders read them as flags or ids: never interpolated);
 - `marker`: an empty marker tensor for a prediction type no input carries.
+A recipe's adapters are placed on the output's keys by the planner of `lmerge apply`
+(adapters/apply.py: plan_apply, which checks each adapter against the output's header): a `merge` or
+`copy` step then carries its key's patches, which the job adds to the fp32 result before storing it.
+An adapter that would change a tensor the merge passes through unchanged is refused.
 The plan is what `lmerge merge --dry-run` shows; merge/jobs.py turns its steps into the executor's
 jobs (lineage/engine/) to run it. Nothing here imports torch.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from lineage.engine.budget import CHUNK_ELEMENTS, executor_bytes
@@ -30,6 +34,9 @@ from lineage.sdxl.layout import MARKER_KEYS, MARKERS_FOR_PREDICTION, UNWRITABLE_
 from .recipe import Recipe
 
 if TYPE_CHECKING:
+    from lineage.adapters.apply import Patch
+    from lineage.adapters.reader import AdapterFile
+
     from .methods import MergeMethod
 
 def is_elementwise(method: MergeMethod) -> bool:
@@ -49,6 +56,7 @@ class Step:
     source: int = 0  # input index a copy / pass-through comes from
     params: Mapping[str, Any] | None = None  # the method's parameters for this key (merge only)
     reason: str = ""  # why a key is copied rather than merged
+    patches: tuple[Patch, ...] = ()  # the recipe's adapters on this key, added in order (merge / copy only)
 
     @property
     def numel(self) -> int:
@@ -70,6 +78,11 @@ class MergePlan:
     dropped: list[str] = field(default_factory=list)  # keys left out (mismatch policy "drop"/"first")
     workers: int = 2
     stored_itemsize: int = 2  # bytes per element of the widest merged input tensor (sizes the read buffers)
+    adapter_files: list[AdapterFile] = field(default_factory=list)  # the recipe's adapters, opened
+
+    @property
+    def patched_keys(self) -> int:
+        return sum(bool(s.patches) for s in self.steps)
 
     @property
     def output_bytes(self) -> int:
@@ -98,6 +111,9 @@ class MergePlan:
                 working += sum(numel * n * stored for numel in largest)
         else:  # whole fp32 tensors: each source in fp32 and chunk by chunk as stored, the result, ~2 temporaries
             working = sum(numel * (n * 4 + 3 * 4) for numel in largest) + self.workers * CHUNK_ELEMENTS * n * stored
+        # a patched key: its whole fp32 result, the delta an adapter adds and that delta's factors (at most its size)
+        patched = sorted((s.numel for s in self.steps if s.patches), reverse=True)[: self.workers]
+        working += sum(numel * 3 * 4 for numel in patched)
         return executor_bytes(self.workers, (s.nbytes for s in self.steps)) + working
 
     def roles(self) -> list[str]:
@@ -150,6 +166,10 @@ class MergePlan:
             "keys": len(self.steps),
             "steps": self.counts(),
             "dropped": self.dropped,
+            "adapters": [{"path": a.path, "strength": a.strength, "modules": len(f.modules),
+                          "algorithm": f.algorithm, "dialect": f.dialect}
+                         for a, f in zip(self.recipe.adapters, self.adapter_files)],
+            "patched_keys": self.patched_keys,
             "output_dtype": self.recipe.dtype,
             "output_bytes": self.output_bytes,
             "memory_estimate_bytes": self.memory_estimate(),
@@ -163,6 +183,11 @@ class MergePlan:
             lines.append(f"  {role + ':':<9}{source.path}")
         for label, n in self.counts().items():
             lines.append(f"  {n:>5}  {label}")
+        if self.recipe.adapters:
+            lines.append(f"  then {self.patched_keys} keys patched by {len(self.recipe.adapters)} adapter(s):")
+        for adapter, file in zip(self.recipe.adapters, self.adapter_files):
+            lines.append(f"    {adapter.path} at {adapter.strength:g}: {len(file.modules)} {file.algorithm} modules "
+                         f"({file.dialect})")
         lines.extend(self._block_table())
         if self.dropped:
             shown = ", ".join(self.dropped[:3]) + (", …" if len(self.dropped) > 3 else "")
@@ -252,7 +277,33 @@ def plan_merge(recipe: Recipe, files: Sequence[SafetensorsFile], workers: int = 
                            + ". Use mismatch 'first' (take them from the first model) or 'drop'.")
 
     steps.extend(_marker_steps(files, types, prediction))
-    return MergePlan(recipe, steps, types, prediction, dropped, workers, stored_itemsize)
+    steps, adapter_files = _place_adapters(recipe, files, steps)
+    return MergePlan(recipe, steps, types, prediction, dropped, workers, stored_itemsize, adapter_files)
+
+
+def _place_adapters(recipe: Recipe, files: Sequence[SafetensorsFile],
+                    steps: list[Step]) -> tuple[list[Step], list[AdapterFile]]:
+    """The steps with the recipe's adapters' patches on their keys, and the adapters opened. Each adapter
+    is checked against the output's header (module names, shapes) as `lmerge apply` checks it."""
+    if not recipe.adapters:
+        return steps, []
+    from lineage.adapters.apply import AdapterInput, plan_apply  # the adapter formats: only for a recipe with adapters
+
+    output: dict[str, TensorInfo] = {}  # each kept key's header entry from the input it is read from
+    for step in steps:
+        holder = next((f for f in (files[step.source], *files) if step.key in f.tensors), None)
+        if holder is not None:
+            output[step.key] = holder.tensors[step.key]
+    placed = plan_apply(recipe.inputs[0].path, output, [AdapterInput(a.path, a.strength) for a in recipe.adapters])
+    patched = []
+    for step in steps:
+        patches = placed.patches.get(step.key)
+        if patches and step.action not in ("merge", "copy"):
+            adapter = recipe.adapters[patches[0].adapter].path
+            raise LineageError(f"module {patches[0].module.name} would change {step.key}, which the merge passes "
+                               f"through unchanged ({step.reason})", adapter)
+        patched.append(replace(step, patches=tuple(patches)) if patches else step)
+    return patched, placed.files
 
 
 def _copy_step(info: TensorInfo, out_dtype: str, reason: str) -> Step:

@@ -27,6 +27,11 @@ metadata key `lineage.record`. All three are the one dict of `Recipe.to_dict`:
     autov3 = "1f0c…"                 # sha256 of the data section; filled in when the merge runs
     name = "a"
 
+    [[adapters]]                     # optional: LoRA / LoCon / LoKr / LoHa / diff files added to the merged
+    path = "style.safetensors"       #   result, each at its strength, in this order (what `lmerge apply`
+    strength = 0.8                   #   would do to the merged file, without the second pass)
+    autov3 = "9a3e…"                 # filled in when the merge runs, like the inputs'
+
 TOML was chosen over JSON because people write recipes by hand (comments, less quoting); the
 record inside a checkpoint is JSON because metadata values are strings.
 """
@@ -81,6 +86,21 @@ class Input:
 
 
 @dataclass(frozen=True)
+class Adapter(Input):
+    """An adapter file the merge adds to its result at `strength` (W + strength·ΔW per adapted key,
+    as `lmerge apply` does), with its AutoV3 once hashed."""
+
+    strength: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "strength": self.strength}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything that determines a merge's tensor data (so the same recipe reproduces it bit for bit)."""
 
@@ -92,10 +112,15 @@ class Recipe:
     dtype: str = "fp16"
     mismatch: str = "error"
     prediction_type: str | None = None
+    adapters: tuple[Adapter, ...] = ()  # applied to the merged result, in order
 
     def __post_init__(self) -> None:
         inputs = tuple(i if isinstance(i, Input) else Input(os.fspath(i)) for i in self.inputs)
         object.__setattr__(self, "inputs", inputs)
+        object.__setattr__(self, "adapters", tuple(self.adapters))
+        for n, adapter in enumerate(self.adapters):
+            _expect(isinstance(adapter, Adapter), f"adapters[{n}]", "an Adapter", adapter)
+            _expect(_is_number(adapter.strength), f"adapters[{n}].strength", "a finite number", adapter.strength)
         for name in ("method", "dtype", "mismatch"):
             _expect(isinstance(getattr(self, name), str), name, "a string", getattr(self, name))
         _expect(self.prediction_type is None or isinstance(self.prediction_type, str), "prediction_type",
@@ -153,11 +178,24 @@ class Recipe:
             method.check_constraint(values, f"key {key}")
         return values
 
-    def with_hashes(self, autov3: list[str]) -> Recipe:
-        return replace(self, inputs=tuple(replace(i, autov3=h) for i, h in zip(self.inputs, autov3)))
+    @property
+    def files(self) -> tuple[Input, ...]:
+        """Every file the merge reads: the inputs, then the adapters (the order of a run's inputs, of
+        `with_hashes` and of `with_paths`)."""
+        return (*self.inputs, *self.adapters)
 
-    def with_paths(self, paths: list[str]) -> Recipe:
-        return replace(self, inputs=tuple(replace(i, path=p) for i, p in zip(self.inputs, paths)))
+    def with_hashes(self, autov3: Sequence[str | None]) -> Recipe:
+        """The recipe with each file's AutoV3 (in the order of `files`)."""
+        return self._with_each("autov3", autov3)
+
+    def with_paths(self, paths: Sequence[str]) -> Recipe:
+        """The recipe with each file's path (in the order of `files`)."""
+        return self._with_each("path", paths)
+
+    def _with_each(self, name: str, values: Sequence[Any]) -> Recipe:
+        files = [replace(f, **{name: v}) for f, v in zip(self.files, values)] + list(self.files[len(values):])
+        count = len(self.inputs)
+        return replace(self, inputs=tuple(files[:count]), adapters=tuple(files[count:]))  # type: ignore[arg-type]
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -169,6 +207,8 @@ class Recipe:
         if self.per_key:
             out["per_key"] = {name: w.to_dict() for name, w in self.per_key.items()}
         out["inputs"] = [i.to_dict() for i in self.inputs]
+        if self.adapters:
+            out["adapters"] = [a.to_dict() for a in self.adapters]
         return out
 
     @classmethod
@@ -182,7 +222,7 @@ class Recipe:
                                f"(this library reads {RECIPE_VERSION})")
         # `library` and `weights` (each input's nominal weight) are what a merged file's record adds.
         known = {"version", "method", "seed", "dtype", "mismatch", "prediction_type", "params", "per_key", "inputs",
-                 "library", "weights"}
+                 "adapters", "library", "weights"}
         unknown = set(data) - known
         if unknown:
             raise LineageError(f"unknown recipe fields {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -194,21 +234,21 @@ class Recipe:
         _expect(isinstance(params, Mapping), "params", "a table", params)
         per_key = data.get("per_key", {})
         _expect(isinstance(per_key, Mapping), "per_key", "a table of tables", per_key)
-        entries = data["inputs"]
-        _expect(isinstance(entries, list), "inputs", "a list of [[inputs]] tables", entries)
-        inputs = []
-        for i, entry in enumerate(entries):
-            _check_input_entry(entry, f"inputs[{i}]")
-            path = entry["path"] if isinstance(entry, Mapping) else entry
-            if base_dir is not None and not os.path.isabs(path):
-                path = os.path.join(base_dir, path)
-            if isinstance(entry, Mapping):
-                inputs.append(Input(path, entry.get("autov3"), entry.get("name", "")))
-            else:
-                inputs.append(Input(path))
+        files: dict[str, list[dict[str, Any]]] = {}
+        for table, fields in (("inputs", INPUT_FIELDS), ("adapters", ADAPTER_FIELDS)):
+            entries = data.get(table, [])
+            _expect(isinstance(entries, list), table, f"a list of [[{table}]] tables", entries)
+            files[table] = []
+            for i, entry in enumerate(entries):
+                _check_input_entry(entry, f"{table}[{i}]", fields)
+                found = dict(entry) if isinstance(entry, Mapping) else {"path": entry}
+                if base_dir is not None and not os.path.isabs(found["path"]):
+                    found["path"] = os.path.join(base_dir, found["path"])
+                files[table].append(found)
         return cls(
             method=data["method"],
-            inputs=tuple(inputs),
+            inputs=tuple(Input(**entry) for entry in files["inputs"]),
+            adapters=tuple(Adapter(**entry) for entry in files["adapters"]),
             params=dict(params),
             per_key={str(name): KeyWeights.from_dict(w, f"per_key.{name}") for name, w in per_key.items()},
             seed=data.get("seed", 0),
@@ -224,12 +264,12 @@ class Recipe:
         return to_toml(self.to_dict())
 
     def save(self, path: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = ()) -> None:
-        """Write the recipe as TOML, its input paths relative to the recipe file's folder (as `load_recipe`
-        reads them): a shared recipe carries no absolute local paths. Never onto one of `inputs`
-        (nor this recipe's own inputs)."""
+        """Write the recipe as TOML, its input and adapter paths relative to the recipe file's folder (as
+        `load_recipe` reads them): a shared recipe carries no absolute local paths. Never onto one of
+        `inputs` (nor this recipe's own files)."""
         folder = os.path.dirname(os.path.abspath(path))
-        relative = self.with_paths([os.path.relpath(os.path.abspath(i.path), folder) for i in self.inputs])
-        atomic_write(path, relative.to_toml(), inputs=[*inputs, *(i.path for i in self.inputs)])
+        relative = self.with_paths([os.path.relpath(os.path.abspath(f.path), folder) for f in self.files])
+        atomic_write(path, relative.to_toml(), inputs=[*inputs, *(f.path for f in self.files)])
 
 
 def _is_whole_number(value: Any) -> bool:
@@ -244,24 +284,29 @@ def _expect(ok: bool, field_name: str, kind: str, value: Any) -> None:
 
 
 INPUT_FIELDS = {"path": "a file path", "autov3": "a hex string", "name": "a string"}  # an [[inputs]] table's keys
+ADAPTER_FIELDS = {**INPUT_FIELDS, "strength": "a finite number"}  # an [[adapters]] table's keys
 
 
-def _check_input_entry(entry: Any, field_name: str) -> None:
-    """An [[inputs]] entry: a path string, or a table of INPUT_FIELDS with at least `path`."""
+def _check_input_entry(entry: Any, field_name: str, fields: Mapping[str, str] = INPUT_FIELDS) -> None:
+    """An [[inputs]] or [[adapters]] entry: a path string, or a table of `fields` with at least `path`."""
     if isinstance(entry, str):
         return
     _expect(isinstance(entry, Mapping), field_name, "a path or a table with `path`", entry)
-    unknown = set(entry) - set(INPUT_FIELDS)
+    unknown = set(entry) - set(fields)
     if unknown:
         raise LineageError(f"unknown fields in recipe `{field_name}`: {', '.join(sorted(map(str, unknown)))}; "
-                           f"known: {', '.join(INPUT_FIELDS)}")
+                           f"known: {', '.join(fields)}")
     _expect("path" in entry, f"{field_name}.path", "given", None)
-    for key, kind in INPUT_FIELDS.items():
+    for key, kind in fields.items():
         value = entry.get(key)
-        if key == "autov3" and value is not None:
+        if value is None and key != "path":
+            continue
+        if key == "autov3":
             ok = isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
+        elif key == "strength":
+            ok = _is_number(value)
         else:
-            ok = value is None and key != "path" or isinstance(value, str)
+            ok = isinstance(value, str)
         _expect(ok, f"{field_name}.{key}", kind, value)
 
 

@@ -2,11 +2,11 @@
 (the ModelSpec and A1111 conventions are written by lineage/graph/metadata.py, beside their readers):
 
 - `lineage.record`: our full record, JSON — the recipe (method, params, per-key weights, seed, dtype,
-  mismatch policy, prediction type), every input by file name, name and AutoV3, each input's nominal
-  weight and the library version. `Recipe.from_dict` reads it back; `lmerge reproduce` finds the
-  inputs by AutoV3 (the registry) or next to the merged file.
+  mismatch policy, prediction type), every input and adapter by file name, name and AutoV3, each
+  one's nominal weight (an adapter's: its strength) and the library version. `Recipe.from_dict` reads
+  it back; `lmerge reproduce` finds the files by AutoV3 (the registry) or next to the merged file.
 - ModelSpec 1.0.0 (`modelspec.*`): SDXL architecture, title, resolution, date, `merged_from` (the
-  inputs' names), `prediction_type` and `hash_sha256` (the output's AutoV3).
+  inputs' and adapters' names), `prediction_type` and `hash_sha256` (the output's AutoV3).
 - A1111 / supermerger: `sd_merge_recipe` and `sd_merge_models` (the flattened ancestry), the inputs
   keyed by their whole-file sha256 as A1111 keys them.
 A published file carries no local paths: inputs appear by file name and hash only.
@@ -41,20 +41,22 @@ EDGE_WEIGHTS: dict[str, Callable[[Mapping[str, Any]], list[float]]] = {
 
 
 def edge_weights(recipe: Recipe) -> list[float | None]:
-    """The nominal weight of each input in the merge (None where the method has no such notion)."""
+    """The nominal weight of each file in the merge, in the order of `recipe.files`: each input's (None
+    where the method has no such notion), then each adapter's strength."""
+    strengths: list[float | None] = [float(a.strength) for a in recipe.adapters]
     params = {**recipe.merge_method.defaults, **recipe.params}
     if recipe.method in EDGE_WEIGHTS:
-        return [float(w) for w in EDGE_WEIGHTS[recipe.method](params)]
+        return [float(w) for w in EDGE_WEIGHTS[recipe.method](params)] + strengths
     weights = params.get("weights")
     if isinstance(weights, (list, tuple)) and len(weights) == len(recipe.inputs):
-        return [float(w) for w in weights]
-    return [None] * len(recipe.inputs)
+        return [float(w) for w in weights] + strengths
+    return [None] * len(recipe.inputs) + strengths
 
 
 def record_of(recipe: Recipe) -> dict[str, Any]:
-    """Our full record: the recipe with its inputs by file name and hash, each input's nominal weight
-    and the library."""
-    published = recipe.with_paths([os.path.basename(i.path) for i in recipe.inputs])
+    """Our full record: the recipe with its inputs and adapters by file name and hash, the nominal
+    weight of each (`edge_weights`) and the library."""
+    published = recipe.with_paths([os.path.basename(f.path) for f in recipe.files])
     return {**published.to_dict(), "weights": edge_weights(recipe), "library": f"lineage {__version__}"}
 
 
@@ -65,7 +67,8 @@ def merge_metadata(recipe: Recipe, prediction_type: str, title: str, output_auto
     as they are known; `output_autov3` is None until the output is written; `input_files` gives each
     input's whole-file (sha256, AutoV1) as far as known, by which A1111 names the inputs."""
     names = [i.name for i in recipe.inputs]
-    description = f"{recipe.method} merge of {', '.join(names)} made with lineage {__version__}"
+    applied = "".join(f", {a.name} applied at {a.strength:g}" for a in recipe.adapters)
+    description = f"{recipe.method} merge of {', '.join(names)}{applied} made with lineage {__version__}"
     # A1111's multiplier is one alpha for every key: written only when that is what the merge did.
     # A block merge leaves it out and says per block (the recipe's per-key table) instead, so a reader
     # never takes a block merge for a plain weighted sum at the scalar alpha.
@@ -76,7 +79,8 @@ def merge_metadata(recipe: Recipe, prediction_type: str, title: str, output_auto
         LINEAGE_RECORD_KEY: json.dumps(record_of(recipe), ensure_ascii=False),
         **modelspec_metadata(architecture=SDXL_ARCHITECTURE, implementation=SDXL_IMPLEMENTATION, title=title,
                              resolution=SDXL_RESOLUTION, date=datetime.date.today().isoformat(),
-                             prediction_type=prediction_type, merged_from=names, autov3=output_autov3,
+                             prediction_type=prediction_type, merged_from=[f.name for f in recipe.files],
+                             autov3=output_autov3,
                              description=description),
         **a1111_merge_metadata(interp_method=A1111_METHODS.get(recipe.method, recipe.method),
                                inputs=[(os.path.basename(i.path), *file_ids) for i, file_ids in

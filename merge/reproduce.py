@@ -1,7 +1,7 @@
 """`lmerge reproduce FILE`: re-run the recipe a merged file records and check the result is the same.
 
-The record (`lineage.record` in FILE's metadata) names every input by file name and AutoV3. Inputs
-are found, in this order, among the paths the user gives, the files the registry has seen with that
+The record (`lineage.record` in FILE's metadata) names every input and adapter by file name and
+AutoV3. These files are found, in this order, among the paths the user gives, the files the registry has seen with that
 AutoV3, and the file of that name next to FILE. The recipe is re-run and the new output's AutoV3 is
 compared with FILE's own. Unless the re-run is to be kept (`output`), nothing is written: the run
 only hashes what it would write, so there is no temporary file to leave behind.
@@ -19,7 +19,7 @@ from lineage.graph.metadata import LINEAGE_RECORD_KEY, lineage_from_metadata
 from lineage.io.atomic import file_destination
 
 from .api import DEFAULT_WORKERS, merge, run_recipe
-from .recipe import Recipe
+from .recipe import Adapter, Recipe
 
 
 @dataclass(frozen=True)
@@ -53,25 +53,28 @@ def recorded_recipe(path: str | os.PathLike) -> tuple[Recipe, str]:
 
 def locate_inputs(recipe: Recipe, near: str | os.PathLike, given: Sequence[str | os.PathLike] = (),
                   registry: Any = None) -> list[str]:
-    """A path for every recorded input: the given paths (all of them, in order), else the registry's
-    files with the recorded AutoV3, else the recorded file name next to `near` (the merged file).
-    The merge verifies each hash."""
+    """A path for every recorded input, then every recorded adapter (`recipe.files`): the given paths
+    (all of them, in that order), else the registry's files with the recorded AutoV3, else the recorded
+    file name next to `near` (the merged file). The merge verifies each hash."""
     if given:
-        if len(given) != len(recipe.inputs):
-            raise LineageError(f"the record names {len(recipe.inputs)} inputs, {len(given)} were given")
+        if len(given) != len(recipe.files):
+            adapters = f" and {len(recipe.adapters)} adapters" if recipe.adapters else ""
+            raise LineageError(f"the record names {len(recipe.inputs)} inputs{adapters}, {len(given)} files were "
+                               "given")
         return [os.fspath(p) for p in given]
     from lineage.graph.registry import using_registry
 
     folder = os.path.dirname(os.path.abspath(near))
     found = []
     with using_registry(registry) as reg:
-        for inp in recipe.inputs:
+        for inp in recipe.files:
             candidates = [*(reg.find_paths(inp.autov3) if inp.autov3 else []), os.path.join(folder, inp.path)]
             existing = next((c for c in candidates if os.path.isfile(c)), None)
             if existing is None:
-                raise LineageError(f"input {inp.name!r} (AutoV3 {(inp.autov3 or '?')[:12]}) was not found: not in "
+                what = "adapter" if isinstance(inp, Adapter) else "input"
+                raise LineageError(f"{what} {inp.name!r} (AutoV3 {(inp.autov3 or '?')[:12]}) was not found: not in "
                                    f"the registry and not next to the merged file as {inp.path}; give the "
-                                   "inputs with --input")
+                                   "inputs and adapters with --input")
             found.append(existing)
     return found
 
@@ -83,7 +86,7 @@ def reproduce(path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = 
     path = os.fspath(path)
     recipe, expected = recorded_recipe(path)
     recipe = recipe.with_paths(locate_inputs(recipe, path, inputs, registry))
-    used = [i.path for i in recipe.inputs]
+    used = [f.path for f in recipe.files]
     if output is not None:
         file_destination(output, [path])  # the re-run must not replace the file it checks
         result = merge(recipe, output, record=False, registry=registry, workers=workers, progress=progress)

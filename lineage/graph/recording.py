@@ -204,7 +204,8 @@ def _from_own_record(record: Any, kind: str) -> list[Origin]:
     if not isinstance(record, dict) or not isinstance(record.get("inputs"), list):
         return []
     parents = []
-    for item in record["inputs"]:
+    adapters = record.get("adapters") if isinstance(record.get("adapters"), list) else []
+    for item in [*record["inputs"], *adapters]:  # a merge's adapters are parents too, weighted by strength
         if not isinstance(item, dict):
             continue
         name = item.get("name") or (Path(item["path"]).stem if isinstance(item.get("path"), str) else None)
