@@ -1,6 +1,7 @@
 """Triton kernels for the elementwise merge methods, used for CUDA tensors (docs/merging.md, "Triton kernels").
 
-The torch code in merge/methods.py is the reference and the CPU path; the methods call these
+The torch code in merge/methods.py is the reference and the CPU path (TIES on the CPU runs the
+compiled loops of merge/cpu_loops.py); the methods call these
 functions only when `use_kernels(...)` says so (triton imported and every tensor on a CUDA device).
 Each kernel makes one pass over its inputs, whatever the number of models:
 

@@ -301,6 +301,12 @@ def _elementwise(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> tor
     return out
 
 
+def use_cpu_loops(*tensors: torch.Tensor) -> bool:
+    """True when the compiled loops of merge/cpu_loops.py take these tensors (fp32, on the CPU); the
+    torch code is then the reference the tests hold them to."""
+    return all(t.is_cpu and t.dtype == torch.float32 for t in tensors)
+
+
 def _weights(weights: Sequence[float] | None, count: int) -> list[float]:
     """The (checked) per-model weights as floats; None means 1 for each of `count` models."""
     return [1.0] * count if weights is None else [float(w) for w in weights]
@@ -590,6 +596,10 @@ def ties(base: torch.Tensor, *models: torch.Tensor, weights: PositiveWeights = N
         (base, *models), {"density": density, "threshold": threshold})
     if kernels.use_kernels(base, *models):
         return kernels.ties(base, models, thresholds, w, alpha)
+    if use_cpu_loops(base, *models):
+        from . import cpu_loops  # imports numba: only when a TIES merge runs
+
+        return cpu_loops.ties(base, models, thresholds, w, alpha)
 
     def on_slice(base: torch.Tensor, *models: torch.Tensor) -> torch.Tensor:
         trimmed = [_trim(model - base, t) for model, t in zip(models, thresholds)]
