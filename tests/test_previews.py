@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from adapter_samples import modules_of, write_lora
@@ -70,6 +71,9 @@ def test_preview_writes_pngs_of_the_asked_size_under_the_autov3(lmerge, base, si
 
 def test_previews_are_kept_for_a_renamed_file_and_redrawn_when_asked(lmerge, base, side, isolated_registry, tmp_path):
     first = draw(lmerge, side, base, "--prompt", "a red cube", "--prompt", "a blue ball")
+    # A request that fails (a size the model cannot draw) leaves the previews as they were.
+    code, _, err = lmerge("preview", base, "--prompt", "a red cube", "--size", f"{side + 8}x{side}")
+    assert code == 1 and "multiples of" in err
     renamed = tmp_path / "renamed.safetensors"
     shutil.move(base, renamed)
     assert lmerge("add", renamed)[0] == 0
@@ -171,7 +175,7 @@ def _png_of(lmerge, base: str, tmp_path) -> str:
 
 
 @needs_dot
-def test_a_catalog_model_shows_the_previews_of_its_linked_file(lmerge, base, side, tmp_path):
+def test_a_catalog_model_shows_the_previews_of_its_linked_file(lmerge, base, side, tmp_path, caplog):
     assert lmerge("link", base, "sdxl-1.0-base")[0] == 0
     result = draw(lmerge, side, "sdxl-1.0-base", "--prompt", "a red cube")["previews"][0]
     assert result["node"] == "sdxl-1.0-base" and result["checkpoint"] == base
@@ -179,6 +183,11 @@ def test_a_catalog_model_shows_the_previews_of_its_linked_file(lmerge, base, sid
     assert lmerge("tree", "sdxl-1.0-base", "--depth", 1, "--previews", "-o", tmp_path / "tree.svg")[0] == 0
     groups = node_groups((tmp_path / "tree.svg").read_text())
     assert "<image " in groups["sdxl-1.0-base"] and sum("<image " in g for g in groups.values()) == 1
+    # A damaged image is left out with a warning; the tree is still drawn.
+    (Path(result["folder"]) / "0.png").write_bytes(b"not a png")
+    code, _, err = lmerge("tree", "sdxl-1.0-base", "--depth", 1, "--previews", "-o", tmp_path / "again.svg")
+    assert code == 0 and "<image " not in (tmp_path / "again.svg").read_text()
+    assert "0.png: not a readable image" in caplog.text
 
 
 def test_the_progress_label_says_how_long_is_left(lmerge, base, side, monkeypatch):

@@ -213,8 +213,8 @@ def preview(nodes: tuple[str, ...], prompts: tuple[str, ...], seeds: tuple[int, 
     """Draw a fixed grid of prompts with each of NODES and keep the images beside the registry (by the
     file's AutoV3), for `lmerge tree --previews`. An adapter is drawn on its base model.
 
-    Images drawn before with the same settings are kept. On a CPU a full-size (1024x1024) step takes tens
-    of seconds: the progress bar says how long is left, and the time per step is printed at the end."""
+    Images drawn before with the same settings are kept. On a CPU a full-size (1024x1024) step takes a
+    minute or more: the progress bar says how long is left, and the time per step is printed at the end."""
     from tqdm import tqdm
 
     from lineage.graph.previews import StepTimer, grid_with, make_previews, planned, preview_source

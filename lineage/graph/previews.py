@@ -11,14 +11,16 @@ model's box and all of them in the page's panel.
 - A node is drawn from the file the registry recorded for it (the most recently seen that still
   exists). An adapter node is drawn as its base model's file with the adapter applied in memory.
 - `previews.json` in the folder records what each image was drawn with. An image is drawn again only
-  when its settings (or, for an adapter, its base file) changed, or with `--force`.
-- On a CPU a full-size step takes tens of seconds; the caller's `on_step` sees each step, and
-  `StepTimer` turns the steps into seconds per step and the time left.
+  when its settings or the files it was drawn from changed (their AutoV2: metadata can change the
+  prediction type), or with `--force`.
+- On a CPU a full-size step takes minutes (docs/tree.md has the figures); the caller's `on_step` sees
+  each step, and `StepTimer` turns the steps into seconds per step and the time left.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,18 +31,25 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
 from lineage.errors import LineageError
-from lineage.graph.model import ADAPTER_KINDS, AUTOV3_ID, display_name
+from lineage.graph.model import ADAPTER_KINDS, display_name
 from lineage.graph.registry import Registry
+from lineage.io import strict_json
 from lineage.io.atomic import atomic_write
+
+if TYPE_CHECKING:
+    from lineage.graph.recording import FileFacts
+
+log = logging.getLogger(__name__)
 
 PREVIEWS_FOLDER = "previews"  # beside the registry file
 MANIFEST = "previews.json"
 IMAGE_NAME = re.compile(r"\d+\.png")  # the grid's n-th image; a manifest naming anything else is not followed
+FOLDER_NAME = re.compile(r"[0-9a-f]{64}(\+[a-z0-9+-]+)?")  # a file's node id: AutoV3, `+v` etc. for marker files
 THUMBNAIL_PIXELS = 160  # longest side of the copies embedded in trees and pages (the stored images stay as drawn)
 
 
@@ -94,8 +103,8 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     """The folder's record of what its images were drawn with; empty when missing or unreadable (the
     images are then drawn again)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = strict_json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # strict_json.JSONError is a ValueError
         return {}
     return manifest if isinstance(manifest, dict) and isinstance(manifest.get("cells"), list) else {}
 
@@ -110,8 +119,8 @@ def stored_images(folder: Path) -> list[Path]:
 def preview_keys(graph: nx.DiGraph, node: str) -> list[str]:
     """The folder names a model's previews may be under: the AutoV3 id of its own file, and those of
     the files linked to it (`lmerge link`)."""
-    own = [node] if AUTOV3_ID.match(node) else []
-    return own + [str(f["linked"]) for f in graph.nodes[node].get("files", []) if f.get("linked")]
+    linked = [str(f["linked"]) for f in graph.nodes[node].get("files", []) if f.get("linked")]
+    return [key for key in (node, *linked) if FOLDER_NAME.fullmatch(key)]
 
 
 def previews_of(graph: nx.DiGraph, registry: Registry) -> dict[str, list[Path]]:
@@ -144,7 +153,8 @@ def thumbnails(images: dict[str, list[Path]], pixels: int = THUMBNAIL_PIXELS) ->
                         image.thumbnail((pixels, pixels))
                         target = os.path.join(folder, f"{n}-{i}.png")
                         image.convert("RGB").save(target, format="PNG", optimize=True)
-                except OSError:  # a damaged image file: the node shows without it
+                except OSError as e:  # a damaged image file: the node shows without it
+                    log.warning("warning: %s: not a readable image (%s); left out of the tree", path, e)
                     continue
                 small.setdefault(node, []).append(target)
         yield small
@@ -173,7 +183,7 @@ class PreviewSource:
         return {"checkpoint": self.checkpoint_autov2, "adapter": self.key if self.adapter else None}
 
 
-def _local_file(registry: Registry, graph: nx.DiGraph, node: str) -> tuple[str, Any]:
+def _local_file(registry: Registry, graph: nx.DiGraph, node: str) -> tuple[str, FileFacts]:
     """The most recently seen file of `node` that still exists, with its hashes and AutoV3 id."""
     from lineage.graph.recording import describe
 
@@ -324,15 +334,14 @@ def make_previews(registry: Registry, source: PreviewSource, grid: PromptGrid, *
     folder = previews_root(registry) / source.key
     cells = grid.cells()
     todo = planned(registry, source, grid, force)
-    kept = _kept(folder, source)
-    record = {f"{i}.png": kept[f"{i}.png"] for i in range(len(cells)) if i not in todo}
+    # Until an image is replaced, the record keeps describing the one on disk: a run that fails or is
+    # stopped leaves every listed image true to its entry.
+    record = _kept(folder, source)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LineageError(f"cannot create the previews folder ({e.strerror})", folder) from None
-    _remove_extra_images(folder, len(cells))
     inputs = [source.checkpoint, source.adapter]
-    _write_manifest(folder, source, record, inputs)  # forget what is about to be redrawn or no longer in the grid
     drawn = []
     for n, i in enumerate(todo):
         cell = cells[i]
@@ -354,6 +363,13 @@ def make_previews(registry: Registry, source: PreviewSource, grid: PromptGrid, *
         drawn.append(path)
         record[path.name] = {**cell, "file": path.name}
         _write_manifest(folder, source, record, inputs)
+    # The images of an earlier, larger grid go: the folder holds the grid last asked for.
+    extra = [p for p in folder.iterdir() if IMAGE_NAME.fullmatch(p.name) and int(p.stem) >= len(cells)]
+    for path in extra:
+        path.unlink(missing_ok=True)
+        record.pop(path.name, None)
+    if extra:
+        _write_manifest(folder, source, record, inputs)
     return Previews(source, folder, [folder / f"{i}.png" for i in range(len(cells))], drawn)
 
 
@@ -362,10 +378,3 @@ def _write_manifest(folder: Path, source: PreviewSource, cells: dict[str, dict[s
     ordered = [cells[name] for name in sorted(cells, key=lambda name: int(Path(name).stem))]
     manifest = {"node": source.node, "name": source.name, "drawn_with": source.drawn_with(), "cells": ordered}
     atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", inputs=inputs)
-
-
-def _remove_extra_images(folder: Path, count: int) -> None:
-    """Images of an earlier, larger grid (index ≥ count) go: the folder holds the grid last asked for."""
-    for path in folder.glob("*.png"):
-        if path.stem.isdigit() and int(path.stem) >= count:
-            path.unlink(missing_ok=True)
