@@ -18,6 +18,7 @@ from lineage.cli.output import echo_json
 from lineage.errors import LineageError
 from lineage.graph.catalog import is_catalog_node
 from lineage.graph.model import RELATIONS, display_name, neighbourhood
+from lineage.graph.previews import DEFAULT_GRID
 from lineage.graph.render import FORMATS
 from lineage.train.commands import SAMPLER_CHOICES
 
@@ -197,13 +198,14 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.argument("nodes", nargs=-1, required=True)
 @click.option("--prompt", "prompts", multiple=True,
               help="A prompt of the grid; repeat for several (replaces the built-in prompts).")
-@click.option("--seed", "seeds", multiple=True, type=click.IntRange(0, 2**32 - 1),
-              help="A seed; each prompt is drawn with each seed (default: 1).")
-@click.option("--negative", default=None, help="Negative prompt (default: none).")
-@click.option("--size", callback=_parse_size, metavar="WxH", help="Image size (default: 1024x1024).")
-@click.option("--steps", type=click.IntRange(min=1), help="Sampling steps (default: 20).")
-@click.option("--cfg", type=float, help="Classifier-free guidance scale (default: 7).")
-@click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), help="Sampler (default: euler).")
+@click.option("--seed", "seeds", multiple=True, type=click.IntRange(0, 2**32 - 1),  # A1111's range, as MAX_SEED
+              help=f"A seed; each prompt is drawn with each seed (default: {', '.join(map(str, DEFAULT_GRID.seeds))}).")
+@click.option("--negative", default=None, help=f"Negative prompt (default: {DEFAULT_GRID.negative or 'none'}).")
+@click.option("--size", callback=_parse_size, metavar="WxH",
+              help=f"Image size (default: {DEFAULT_GRID.width}x{DEFAULT_GRID.height}).")
+@click.option("--steps", type=click.IntRange(min=1), help=f"Sampling steps (default: {DEFAULT_GRID.steps}).")
+@click.option("--cfg", type=float, help=f"Classifier-free guidance scale (default: {DEFAULT_GRID.cfg:g}).")
+@click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), help=f"Sampler (default: {DEFAULT_GRID.sampler}).")
 @click.option("--force", is_flag=True, help="Draw every image again, even those drawn with the same settings.")
 @_json_option
 @_registry_option

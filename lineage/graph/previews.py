@@ -37,12 +37,12 @@ import networkx as nx
 
 from lineage.errors import LineageError
 from lineage.graph.model import ADAPTER_KINDS, display_name
-from lineage.graph.registry import Registry
 from lineage.io import strict_json
 from lineage.io.atomic import atomic_write
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the CLI reads DEFAULT_GRID for its help: this module imports no registry or torch
     from lineage.graph.recording import FileFacts
+    from lineage.graph.registry import Registry
 
 log = logging.getLogger(__name__)
 
