@@ -55,7 +55,7 @@ def folder_of(isolated_registry, path: str):
 def test_preview_writes_pngs_of_the_asked_size_under_the_autov3(lmerge, base, side, isolated_registry, tmp_path):
     result = draw(lmerge, side, base, "--prompt", "a red cube", "--prompt", "a blue ball", "--seed", 3)
     folder = folder_of(isolated_registry, base)
-    assert [f for f in result["previews"][0]["written"]] == [str(folder / "0.png"), str(folder / "1.png")]
+    assert result["previews"][0]["written"] == [str(folder / "0.png"), str(folder / "1.png")]
     for path, prompt in zip(result["previews"][0]["written"], ("a red cube", "a blue ball")):
         image = Image.open(path)
         assert image.format == "PNG" and image.size == (side, side)
