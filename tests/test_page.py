@@ -185,11 +185,14 @@ def drawn_height(driver) -> float:
 
 @needs_dot
 def test_in_chromium_search_click_panel_and_screenshot(browser, family, tmp_path):
+    from PIL import Image
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     page = tmp_path / "tree.html"
-    page.write_text(to_html(family))
+    picture = tmp_path / "preview.png"  # as `lmerge preview` leaves one (tree --previews embeds it)
+    Image.new("RGB", (48, 32), (200, 40, 40)).save(picture)
+    page.write_text(to_html(family, pictures={"ab" * 32: [str(picture)]}))
     browser.get(page.as_uri())
     assert browser.execute_script("return window.lineagePage.ready") > 0
     browser.find_element(By.ID, "search").send_keys("myFinetune_v10")  # a file name
@@ -197,6 +200,9 @@ def test_in_chromium_search_click_panel_and_screenshot(browser, family, tmp_path
     assert [r.text.split(" ")[0:2] for r in results] == [["my", "finetune"]]
     results[0].click()
     assert browser.find_element(By.ID, "panel-name").text == "my finetune"
+    shown = browser.execute_script("return [...document.querySelectorAll('#panel-previews img')]"
+                                   ".map((i) => [i.naturalWidth, i.naturalHeight, i.src.slice(0, 22)])")
+    assert shown == [[48, 32, "data:image/png;base64,"]]  # the preview in the panel, from inside the page
     assert "NoobAI-XL V-pred 1.0 (finetune)" in browser.find_element(By.ID, "panel-parents").text
     assert "cd" * 32 in browser.find_element(By.ID, "panel-facts").text
     # Its ancestors up to SDXL 1.0 are highlighted; no descendant.

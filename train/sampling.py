@@ -160,10 +160,13 @@ def _check_request(sampler: str, scheduler: str, steps: int, batch: int, width: 
 def sample(checkpoint: str | os.PathLike, prompt: str, *, negative: str = "", adapters: Sequence = (),
            steps: int = 28, cfg: float = 7.0, seed: int | None = None, width: int = 1024, height: int = 1024,
            sampler: str = "euler", scheduler: str = "normal", batch: int = 1, dtype: torch.dtype = torch.float32,
-           device: str | torch.device = "cpu", progress: bool = True) -> list[Image.Image]:
+           device: str | torch.device = "cpu", progress: bool = True,
+           on_step: Callable[[int, int], None] | None = None, model_hash: str | None = None) -> list[Image.Image]:
     """`batch` images of `prompt` from an SDXL single file, seeds seed, seed+1, …; `seed=None` picks one.
-    `adapters`: paths or (path, strength) pairs, applied in memory. Each image's `info["parameters"]` holds
-    A1111's infotext (save it with `png_info(image)`)."""
+    `adapters`: paths or (path, strength) pairs, applied in memory. `on_step(i, steps)` is called after each
+    denoising step (a caller's own progress); `model_hash`: the file's AutoV2 when the caller knows it (else
+    the file is hashed for the infotext). Each image's `info["parameters"]` holds A1111's infotext (save
+    it with `png_info(image)`)."""
     from lineage.io.hashing import hash_file
     from lineage.train.live_adapters import apply_in_memory
     from lineage.train.loading import load_sdxl
@@ -186,14 +189,20 @@ def sample(checkpoint: str | os.PathLike, prompt: str, *, negative: str = "", ad
     seeds = [first + i for i in range(batch)]
 
     bar = tqdm(total=steps, desc=f"sampling {batch}×{width}x{height}", unit="step", disable=None if progress else True)
+
+    def stepped(i: int, n: int) -> None:
+        bar.update(1)
+        if on_step:
+            on_step(i, n)
+
     started = time.monotonic()
     with bar:
         latents = denoise(model.unet, conditioning, seeds=seeds, width=width, height=height, steps=steps, cfg=cfg,
                           sampler=sampler, scheduler=scheduler, prediction=prediction,
-                          latent_cells=latent_scale(model.vae), on_step=lambda i, n: bar.update(1))
+                          latent_cells=latent_scale(model.vae), on_step=stepped)
     seconds_per_step = (time.monotonic() - started) / steps
     images = to_pil(decode(model.vae, latents))
-    model_hash = hash_file(path).autov2
+    model_hash = model_hash or hash_file(path).autov2
     for image, image_seed in zip(images, seeds):
         image.info["parameters"] = parameters_text(
             prompt=prompt, negative=negative, steps=steps, sampler=sampler, scheduler=scheduler, cfg=cfg,

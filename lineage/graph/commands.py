@@ -1,5 +1,5 @@
-"""`lmerge` commands for the lineage graph: add, scan, tree, compat, hub, registry (link, show, edit,
-merge-nodes, remove: edit_commands.py).
+"""`lmerge` commands for the lineage graph: add, scan, tree, preview, compat, hub, registry (link, show,
+edit, merge-nodes, remove: edit_commands.py).
 
 Each is a thin layer over `record`, `render`, `compat`, `hub` and `registry`; `register(main)` adds
 them to the `lmerge` group (lineage/cli). Every command takes `--registry PATH` (default: $LINEAGE_HOME
@@ -18,7 +18,9 @@ from lineage.cli.output import echo_json
 from lineage.errors import LineageError
 from lineage.graph.catalog import is_catalog_node
 from lineage.graph.model import RELATIONS, display_name, neighbourhood
+from lineage.graph.previews import DEFAULT_GRID
 from lineage.graph.render import FORMATS
+from lineage.train.commands import SAMPLER_CHOICES
 
 COMPAT_ERROR_EXIT = 2  # `lmerge compat`: 0 fits (maybe with a warning), 1 incompatible, 2 the question was wrong
 _REGISTRY_HELP = "Registry file (default: $LINEAGE_HOME/registry.sqlite, else the user data directory)."
@@ -154,14 +156,18 @@ def scan(directory: str, as_json: bool, registry_path: str | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="Output format (default: from -o's extension, else text).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file.")
+@click.option("--previews", "with_previews", is_flag=True,
+              help="Show each model's images from `lmerge preview` in its box (svg, png, pdf; html also in its "
+                   "panel). The images are embedded: the file can be moved.")
 @_registry_option
 def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | None, output: str | None,
-         registry_path: str | None) -> None:
+         with_previews: bool, registry_path: str | None) -> None:
     """Show the lineage tree: the whole family, or NODE's ancestors and descendants.
 
     NODE is a recorded file, a node id (catalog slug or AutoV3), a hash prefix, a repo id or a name."""
+    from lineage.graph.previews import previews_of, thumbnails
     from lineage.graph.registry import Registry
-    from lineage.graph.render import BINARY_FORMATS, format_for_path, render
+    from lineage.graph.render import BINARY_FORMATS, PICTURE_FORMATS, format_for_path, render
     from lineage.io.atomic import atomic_write
 
     with Registry(registry_path) as reg:
@@ -174,6 +180,11 @@ def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | N
     fmt = fmt or (format_for_path(output) if output else "text")
     if fmt in BINARY_FORMATS and not output:
         raise LineageError(f"--format {fmt} is binary: give -o FILE")
+    if with_previews and fmt not in PICTURE_FORMATS:
+        raise LineageError(f"--previews needs a tree with pictures ({', '.join(PICTURE_FORMATS)}), not {fmt}")
+    images = previews_of(graph, reg) if with_previews else {}
+    if with_previews and not images:
+        click.echo("no model in this tree has previews yet (make them with `lmerge preview NODE`)", err=True)
     if fmt == "text" and not output and sys.stdout.isatty():  # a terminal: its lines fit its width
         import shutil
 
@@ -181,12 +192,88 @@ def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | N
 
         data: str | bytes = to_text(graph, focus, width=shutil.get_terminal_size().columns)
     else:
-        data = render(graph, fmt, focus)
+        with thumbnails(images) as pictures:
+            data = render(graph, fmt, focus, pictures)
     if output:
         atomic_write(output, data, inputs=[reg.path])
         click.echo(f"wrote {output} ({graph.number_of_nodes()} models, {graph.number_of_edges()} relations)")
     else:
         click.echo(data, nl=False)
+
+
+def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    """"832x1216" -> (832, 1216)."""
+    if value is None:
+        return None
+    width, x, height = value.lower().partition("x")
+    if not (x and width.isdigit() and height.isdigit()):
+        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")
+    return int(width), int(height)
+
+
+@click.command()
+@click.argument("nodes", nargs=-1, required=True)
+@click.option("--prompt", "prompts", multiple=True,
+              help="A prompt of the grid; repeat for several (replaces the built-in prompts).")
+@click.option("--seed", "seeds", multiple=True, type=click.IntRange(0, 2**32 - 1),  # A1111's range, as MAX_SEED
+              help=f"A seed; each prompt is drawn with each seed (default: {', '.join(map(str, DEFAULT_GRID.seeds))}).")
+@click.option("--negative", default=None, help=f"Negative prompt (default: {DEFAULT_GRID.negative or 'none'}).")
+@click.option("--size", callback=_parse_size, metavar="WxH",
+              help=f"Image size (default: {DEFAULT_GRID.width}x{DEFAULT_GRID.height}).")
+@click.option("--steps", type=click.IntRange(min=1), help=f"Sampling steps (default: {DEFAULT_GRID.steps}).")
+@click.option("--cfg", type=float, help=f"Classifier-free guidance scale (default: {DEFAULT_GRID.cfg:g}).")
+@click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), help=f"Sampler (default: {DEFAULT_GRID.sampler}).")
+@click.option("--force", is_flag=True, help="Draw every image again, even those drawn with the same settings.")
+@_json_option
+@_registry_option
+def preview(nodes: tuple[str, ...], prompts: tuple[str, ...], seeds: tuple[int, ...], negative: str | None,
+            size: tuple[int, int] | None, steps: int | None, cfg: float | None, sampler: str | None, force: bool,
+            as_json: bool, registry_path: str | None) -> None:
+    """Draw a fixed grid of prompts with each of NODES and keep the images beside the registry (by the
+    file's AutoV3), for `lmerge tree --previews`. An adapter is drawn on its base model.
+
+    Images drawn before with the same settings are kept. On a CPU a full-size (1024x1024) step takes a
+    minute or more: the progress bar says how long is left, and the time per step is printed at the end."""
+    from tqdm import tqdm
+
+    from lineage.graph.previews import StepTimer, grid_with, make_previews, planned, preview_source
+    from lineage.graph.registry import Registry
+
+    width, height = size or (None, None)
+    grid = grid_with(width, height, steps, prompts, seeds, negative=negative, cfg=cfg, sampler=sampler)
+    with Registry(registry_path) as reg:
+        sources = list({s.key: s for s in (preview_source(reg, spec) for spec in nodes)}.values())
+        work = {s.key: planned(reg, s, grid, force) for s in sources}  # every name is checked before drawing
+        timer = StepTimer(sum(len(cells) for cells in work.values()), grid.steps)
+        total = timer.images * grid.steps
+        bar_format = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps{postfix}"
+        results = []
+        with tqdm(total=total, unit="step", bar_format=bar_format, disable=True if as_json else None) as bar:
+            def stepped() -> None:  # the label: how long the rest takes at the times measured so far
+                timer.step()
+                bar.set_postfix_str(timer.label(), refresh=False)
+                bar.update(1)
+
+            for source in sources:
+                def drawing(i: int, count: int, name: str = source.name) -> None:
+                    bar.set_description(f"{name}: image {i + 1}/{count}")
+
+                results.append(make_previews(reg, source, grid, force=force, on_image=drawing, on_step=stepped,
+                                             timer=timer))
+    rate = timer.seconds_per_step
+    if as_json:
+        echo_json({"previews": [{"node": r.source.node, "name": r.source.name, "folder": str(r.folder),
+                                 "checkpoint": r.source.checkpoint, "adapter": r.source.adapter,
+                                 "base": r.source.base, "files": [str(f) for f in r.files],
+                                 "written": [str(f) for f in r.drawn]} for r in results],
+                   "size": f"{grid.width}x{grid.height}", "steps": grid.steps, "seconds_per_step": rate})
+        return
+    for r in results:
+        on = f" on {r.source.checkpoint}" if r.source.adapter else ""
+        click.echo(f"{r.source.name}: drew {len(r.drawn)} image(s){on}, kept {len(r.files) - len(r.drawn)}, "
+                   f"in {r.folder}")
+    if rate is not None:
+        click.echo(f"{rate:.3g} s per step at {grid.width}x{grid.height}")
 
 
 @click.command()
@@ -383,6 +470,6 @@ def register(group: click.Group) -> None:
     """Add the lineage-graph commands to the `lmerge` group."""
     from lineage.graph.edit_commands import register as register_editing
 
-    for command in (add, scan, tree, compat, hub, registry_group):
+    for command in (add, scan, tree, preview, compat, hub, registry_group):
         group.add_command(command)
     register_editing(group)

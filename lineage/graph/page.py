@@ -25,6 +25,7 @@ from lineage.graph.render import (
     FAMILY_TITLES,
     PREDICTION_COLOURS,
     RELATION_STYLES,
+    data_uri,
     edge_label,
     prediction_family,
     to_image,
@@ -78,8 +79,11 @@ def panel(graph: nx.DiGraph, node: str) -> dict[str, Any]:
     }
 
 
-def page_data(graph: nx.DiGraph, ids: dict[str, str], focus: str | None) -> dict[str, Any]:
-    """The JSON the page's script reads: nodes by SVG element id, edges, legend and start state."""
+def page_data(graph: nx.DiGraph, ids: dict[str, str], focus: str | None,
+              pictures: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The JSON the page's script reads: nodes by SVG element id, edges, legend and start state;
+    a node with `pictures` (image files) carries them as data URIs for its panel."""
+    pictures = pictures or {}
     nodes = {}
     for node in graph:
         info = panel(graph, node)
@@ -89,6 +93,8 @@ def page_data(graph: nx.DiGraph, ids: dict[str, str], focus: str | None) -> dict
             "parents": [[ids[p], line] for p, line in info["parents"]],
             "children": [ids[c] for c in info["children"]],
         }
+        if pictures.get(node):
+            nodes[ids[node]]["previews"] = [data_uri(path) for path in pictures[node]]
     edges = [{"id": f"{ids[p]}_{ids[c]}", "from": ids[p], "to": ids[c], "relation": attrs["relation"],
               "label": edge_label(attrs) or ""} for p, c, attrs in graph.edges(data=True)]
     depth = {ids[n]: d for n, d in _generations(graph).items()}
@@ -133,11 +139,15 @@ def _inline_json(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
 
 
-def to_html(graph: nx.DiGraph, focus: str | None = None, title: str = "lineage family tree") -> str:
-    """The page: one HTML document with the SVG layout, our script and stylesheet, and the data."""
+def to_html(graph: nx.DiGraph, focus: str | None = None, title: str = "lineage family tree",
+            pictures: dict[str, list[str]] | None = None) -> str:
+    """The page: one HTML document with the SVG layout, our script and stylesheet, and the data.
+    `pictures` (node -> image files): the first in the node's box, all of them in its panel."""
     ids = {node: f"n{i}" for i, node in enumerate(sorted(graph))}
-    svg = to_image(graph, "svg", focus, legend=False, element_ids=ids, links=False).decode("utf-8")
+    svg = to_image(graph, "svg", focus, legend=False, element_ids=ids, links=False,
+                   pictures=pictures).decode("utf-8")
     svg = svg[svg.index("<svg"):]  # drop the XML declaration and doctype: the SVG sits inside HTML
+    data = _inline_json(page_data(graph, ids, focus, pictures))
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -154,7 +164,7 @@ def to_html(graph: nx.DiGraph, focus: str | None = None, title: str = "lineage f
         '<section id="filters"><h2>Show</h2><div id="relation-filters"></div><div id="family-filters"></div></section>'
         '<section id="legend"><h2>Legend</h2></section></aside>',
         f'<main id="view">{svg}</main>',
-        f'<script type="application/json" id="lineage-data">{_inline_json(page_data(graph, ids, focus))}</script>',
+        f'<script type="application/json" id="lineage-data">{data}</script>',
         f"<script>\n{_asset('page.js')}</script>",
         "</body></html>",
     ]) + "\n"

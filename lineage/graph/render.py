@@ -8,6 +8,7 @@ parent's weight; a legend explains what the picture uses; catalog facts go into 
 """
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +62,7 @@ UNLABELLED_RELATIONS = frozenset({"finetune"})  # the plain line; the legend say
 ASSUMED_STYLE: dict[str, Any] = {"dot": {"style": "dashed", "color": "#EF6C00", "fontcolor": "#EF6C00"},
                                  "mermaid": "-.->"}
 ASSUMED_MEANING = "assumed: no source states this relation"
+PICTURE_POINTS = 96  # side of the square a node's preview image is drawn in (tree --previews)
 TEXT_WIDTH = 80  # columns of the text tree, unless told (a terminal's width)
 
 # Merge methods as people write them (our registry's names, and A1111's "Weighted sum" lowered).
@@ -290,7 +292,8 @@ def _dot_attrs(attrs: dict[str, str]) -> str:
                      for k, v in attrs.items())
 
 
-def _dot_node(node: str, attrs: dict[str, Any], focus: str | None, links: bool) -> dict[str, str]:
+def _dot_node(node: str, attrs: dict[str, Any], focus: str | None, links: bool,
+              picture: str | None = None) -> dict[str, str]:
     fill, border = PREDICTION_COLOURS[prediction_family(attrs)]
     name = str(attrs.get("name") or node)
     lines = [f"<B>{_html(name)}</B>"]
@@ -299,9 +302,14 @@ def _dot_node(node: str, attrs: dict[str, Any], focus: str | None, links: bool) 
         facts.append(f"AutoV3 {short_id(node)}")
     if facts:
         lines.append(f'<FONT POINT-SIZE="9">{_html(" · ".join(facts))}</FONT>')
+    text = "<BR/>".join(lines)
+    if picture:  # the image above the text, scaled into a fixed square (a picture of any shape fits)
+        text = ('<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="0" CELLPADDING="1"><TR><TD FIXEDSIZE="TRUE" '
+                f'WIDTH="{PICTURE_POINTS}" HEIGHT="{PICTURE_POINTS}"><IMG SRC="{_html(picture)}" SCALE="TRUE"/>'
+                f"</TD></TR><TR><TD>{text}</TD></TR></TABLE>")
     style = ["rounded", "filled"] + (["dashed"] if is_placeholder(node) else [])
     dot = {
-        "label": "<" + "<BR/>".join(lines) + ">",
+        "label": "<" + text + ">",
         "shape": KIND_SHAPES.get(attrs.get("kind"), "box"),
         "style": ",".join(style),
         "fillcolor": "#FFFFFF" if is_placeholder(node) else fill,
@@ -369,10 +377,13 @@ def _legend(graph: nx.DiGraph) -> list[str]:
 
 
 def to_dot(graph: nx.DiGraph, focus: str | None = None, *, legend: bool = True,
-           element_ids: dict[str, str] | None = None, links: bool = True) -> str:
+           element_ids: dict[str, str] | None = None, links: bool = True,
+           pictures: dict[str, list[str]] | None = None) -> str:
     """Graphviz DOT, laid out top-down; node ids are the graph's ids. `legend` adds a box explaining
     colours and lines; `element_ids` (node -> id) names the SVG elements (edges: "<parent id>_<child
-    id>"), for a page that scripts them; `links=False` leaves out the nodes' hyperlinks."""
+    id>"), for a page that scripts them; `links=False` leaves out the nodes' hyperlinks; `pictures`
+    (node -> image files) puts a node's first image in its box (lineage/graph/previews.py)."""
+    pictures = pictures or {}
     order = _natural_key(graph)
     out = [
         "digraph lineage {",
@@ -387,7 +398,7 @@ def to_dot(graph: nx.DiGraph, focus: str | None = None, *, legend: bool = True,
     has_catalog = any(attrs.get("source") == "catalog" for _, attrs in graph.nodes(data=True))
 
     def node_line(node: str, indent: str) -> str:
-        attrs = _dot_node(node, graph.nodes[node], focus, links)
+        attrs = _dot_node(node, graph.nodes[node], focus, links, (pictures.get(node) or [None])[0])
         if element_ids:
             attrs["id"] = element_ids[node]
         return f"{indent}{_dot_string(node)} [{_dot_attrs(attrs)}];"
@@ -429,17 +440,34 @@ def to_dot(graph: nx.DiGraph, focus: str | None = None, *, legend: bool = True,
 
 
 def to_image(graph: nx.DiGraph, fmt: str, focus: str | None = None, **dot_options: Any) -> bytes:
-    """SVG, PNG or PDF laid out by Graphviz's `dot` program (`dot_options` go to `to_dot`)."""
+    """SVG, PNG or PDF laid out by Graphviz's `dot` program (`dot_options` go to `to_dot`). An SVG
+    carries its pictures inside (data URIs), so it still shows them when moved or sent."""
     import graphviz  # imported here: only image output needs it
 
     try:
-        return graphviz.Source(to_dot(graph, focus, **dot_options)).pipe(format=fmt)
+        image = graphviz.Source(to_dot(graph, focus, **dot_options)).pipe(format=fmt)
     except graphviz.ExecutableNotFound:
         raise LineageError("Graphviz's `dot` program is not installed (Debian/Ubuntu: apt-get install graphviz); "
                            "--format dot, mermaid and text work without it") from None
     except graphviz.CalledProcessError as e:
         first_lines = e.stderr.decode(errors="replace").strip().splitlines()[:3]
         raise LineageError(f"Graphviz's dot failed: {' / '.join(first_lines)}") from None
+    if fmt == "svg":
+        image = _embed_pictures(image, [p for paths in (dot_options.get("pictures") or {}).values() for p in paths[:1]])
+    return image
+
+
+def data_uri(path: str) -> str:
+    """A PNG file as a `data:` URI: a picture that does not depend on where the file is."""
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+
+
+def _embed_pictures(svg: bytes, paths: list[str]) -> bytes:
+    """Graphviz's SVG links each picture by its path; the picture's bytes go in its place."""
+    for path in paths:
+        svg = svg.replace(f'xlink:href="{_html(path)}"'.encode(), f'xlink:href="{data_uri(path)}"'.encode())
+    return svg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,16 +530,21 @@ RENDERERS: dict[str, Callable[[nx.DiGraph, str | None], str]] = {
 }
 
 
-def render(graph: nx.DiGraph, fmt: str, focus: str | None = None) -> str | bytes:
-    """The graph in `fmt` (one of FORMATS); png and pdf are bytes, the rest text."""
+PICTURE_FORMATS = ("svg", "html") + BINARY_FORMATS  # the formats that can show preview images
+
+
+def render(graph: nx.DiGraph, fmt: str, focus: str | None = None,
+           pictures: dict[str, list[str]] | None = None) -> str | bytes:
+    """The graph in `fmt` (one of FORMATS); png and pdf are bytes, the rest text. `pictures` (node ->
+    image files) are drawn in the PICTURE_FORMATS."""
     if fmt in RENDERERS:
         return RENDERERS[fmt](graph, focus)
     if fmt == "html":
         from lineage.graph.page import to_html  # the page builds on this module
 
-        return to_html(graph, focus)
+        return to_html(graph, focus, pictures=pictures)
     if fmt in ("svg",) + BINARY_FORMATS:
-        image = to_image(graph, fmt, focus)
+        image = to_image(graph, fmt, focus, pictures=pictures)
         return image.decode("utf-8") if fmt == "svg" else image
     raise LineageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 

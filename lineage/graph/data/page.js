@@ -316,6 +316,10 @@
     panelEl.replaceChildren();
     panelEl.append(el("button", { id: "close", title: "close", textContent: "×", onclick: () => select(null) }));
     panelEl.append(el("h2", { id: "panel-name", textContent: node.name }));
+    if (node.previews) {  // lmerge preview's images, embedded in the page (lmerge tree --previews)
+      panelEl.append(el("div", { id: "panel-previews" }, ...node.previews.map((src, i) =>
+        el("img", { src, alt: `preview ${i + 1} of ${node.name}` }))));
+    }
     const table = el("table", { id: "panel-facts" });
     for (const [caption, value] of node.facts) {
       table.append(el("tr", {}, el("th", { textContent: caption }), el("td", { textContent: value })));
