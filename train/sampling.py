@@ -157,58 +157,80 @@ def _check_request(sampler: str, scheduler: str, steps: int, batch: int, width: 
         raise LineageError(f"width and height must be positive multiples of 8, got {width}x{height}")
 
 
+class Sampler:
+    """An SDXL checkpoint loaded for sampling, with `adapters` (paths or (path, strength) pairs) added
+    in memory: call it for images. Loading a full-size file takes a minute or two on a CPU, so a caller
+    drawing several images (a preview grid) loads once. `model_hash`: the file's AutoV2 when the caller
+    knows it (else the file is hashed for the infotext)."""
+
+    def __init__(self, checkpoint: str | os.PathLike, *, adapters: Sequence = (), dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", model_hash: str | None = None):
+        from lineage.io.hashing import hash_file
+        from lineage.train.live_adapters import apply_in_memory
+        from lineage.train.loading import load_sdxl
+
+        self.path = os.fspath(checkpoint)
+        self.model = load_sdxl(self.path, dtype=dtype, device=device)  # names a missing part, or a file not SDXL
+        self.prediction = _prediction_type(self.path)
+        if adapters:
+            apply_in_memory(self.model, self.path, adapters)
+        self.model_hash = model_hash or hash_file(self.path).autov2
+
+    def __call__(self, prompt: str, *, negative: str = "", steps: int = 28, cfg: float = 7.0,
+                 seed: int | None = None, width: int = 1024, height: int = 1024, sampler: str = "euler",
+                 scheduler: str = "normal", batch: int = 1, progress: bool = True,
+                 on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+        """`batch` images of `prompt`, seeds seed, seed+1, …; `seed=None` picks one. `on_step(i, steps)` is
+        called after each denoising step (a caller's own progress). Each image's `info["parameters"]`
+        holds A1111's infotext (save it with `png_info(image)`)."""
+        _check_request(sampler, scheduler, steps, batch, width, height)
+        model = self.model
+        multiple = size_multiple(model.unet, model.vae)
+        if width % multiple or height % multiple:
+            raise LineageError(f"width and height must be multiples of {multiple} for this model "
+                               f"(its VAE and UNet downsample that much), got {width}x{height}")
+        with torch.no_grad():
+            context, pooled, negative_context, negative_pooled = encode_with_negatives(
+                model, [prompt] * batch, [negative] * batch)
+        conditioning = Conditioning(context, pooled, negative_context, negative_pooled)
+        first = random.randrange(MAX_SEED) if seed is None else seed
+        seeds = [first + i for i in range(batch)]
+
+        bar = tqdm(total=steps, desc=f"sampling {batch}×{width}x{height}", unit="step",
+                   disable=None if progress else True)
+
+        def stepped(i: int, n: int) -> None:
+            bar.update(1)
+            if on_step:
+                on_step(i, n)
+
+        started = time.monotonic()
+        with bar:
+            latents = denoise(model.unet, conditioning, seeds=seeds, width=width, height=height, steps=steps,
+                              cfg=cfg, sampler=sampler, scheduler=scheduler, prediction=self.prediction,
+                              latent_cells=latent_scale(model.vae), on_step=stepped)
+        seconds_per_step = (time.monotonic() - started) / steps
+        images = to_pil(decode(model.vae, latents))
+        for image, image_seed in zip(images, seeds):
+            image.info["parameters"] = parameters_text(
+                prompt=prompt, negative=negative, steps=steps, sampler=sampler, scheduler=scheduler, cfg=cfg,
+                seed=image_seed, width=width, height=height, model_hash=self.model_hash,
+                model_name=Path(self.path).stem)
+            image.info["seconds_per_step"] = seconds_per_step
+        return images
+
+
 def sample(checkpoint: str | os.PathLike, prompt: str, *, negative: str = "", adapters: Sequence = (),
            steps: int = 28, cfg: float = 7.0, seed: int | None = None, width: int = 1024, height: int = 1024,
            sampler: str = "euler", scheduler: str = "normal", batch: int = 1, dtype: torch.dtype = torch.float32,
            device: str | torch.device = "cpu", progress: bool = True,
            on_step: Callable[[int, int], None] | None = None, model_hash: str | None = None) -> list[Image.Image]:
-    """`batch` images of `prompt` from an SDXL single file, seeds seed, seed+1, …; `seed=None` picks one.
-    `adapters`: paths or (path, strength) pairs, applied in memory. `on_step(i, steps)` is called after each
-    denoising step (a caller's own progress); `model_hash`: the file's AutoV2 when the caller knows it (else
-    the file is hashed for the infotext). Each image's `info["parameters"]` holds A1111's infotext (save
-    it with `png_info(image)`)."""
-    from lineage.io.hashing import hash_file
-    from lineage.train.live_adapters import apply_in_memory
-    from lineage.train.loading import load_sdxl
-
-    _check_request(sampler, scheduler, steps, batch, width, height)
-    path = os.fspath(checkpoint)
-    model = load_sdxl(path, dtype=dtype, device=device)  # names a missing part, or a file that is not SDXL
-    multiple = size_multiple(model.unet, model.vae)
-    if width % multiple or height % multiple:
-        raise LineageError(f"width and height must be multiples of {multiple} for this model "
-                           f"(its VAE and UNet downsample that much), got {width}x{height}")
-    prediction = _prediction_type(path)
-    if adapters:
-        apply_in_memory(model, path, adapters)
-    with torch.no_grad():
-        context, pooled, negative_context, negative_pooled = encode_with_negatives(
-            model, [prompt] * batch, [negative] * batch)
-    conditioning = Conditioning(context, pooled, negative_context, negative_pooled)
-    first = random.randrange(MAX_SEED) if seed is None else seed
-    seeds = [first + i for i in range(batch)]
-
-    bar = tqdm(total=steps, desc=f"sampling {batch}×{width}x{height}", unit="step", disable=None if progress else True)
-
-    def stepped(i: int, n: int) -> None:
-        bar.update(1)
-        if on_step:
-            on_step(i, n)
-
-    started = time.monotonic()
-    with bar:
-        latents = denoise(model.unet, conditioning, seeds=seeds, width=width, height=height, steps=steps, cfg=cfg,
-                          sampler=sampler, scheduler=scheduler, prediction=prediction,
-                          latent_cells=latent_scale(model.vae), on_step=stepped)
-    seconds_per_step = (time.monotonic() - started) / steps
-    images = to_pil(decode(model.vae, latents))
-    model_hash = model_hash or hash_file(path).autov2
-    for image, image_seed in zip(images, seeds):
-        image.info["parameters"] = parameters_text(
-            prompt=prompt, negative=negative, steps=steps, sampler=sampler, scheduler=scheduler, cfg=cfg,
-            seed=image_seed, width=width, height=height, model_hash=model_hash, model_name=Path(path).stem)
-        image.info["seconds_per_step"] = seconds_per_step
-    return images
+    """`batch` images of `prompt` from an SDXL single file, seeds seed, seed+1, …; `seed=None` picks one:
+    `Sampler(checkpoint, ...)(prompt, ...)` for one call (see both for the arguments)."""
+    _check_request(sampler, scheduler, steps, batch, width, height)  # before a minute of loading
+    return Sampler(checkpoint, adapters=adapters, dtype=dtype, device=device, model_hash=model_hash)(
+        prompt, negative=negative, steps=steps, cfg=cfg, seed=seed, width=width, height=height, sampler=sampler,
+        scheduler=scheduler, batch=batch, progress=progress, on_step=on_step)
 
 
 def _prediction_type(path: str) -> str:

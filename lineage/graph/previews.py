@@ -6,8 +6,8 @@ so a renamed or moved file keeps its previews; `lmerge tree --previews` shows th
 model's box and all of them in the page's panel.
 
 - The grid is data (`PromptGrid`): a few short prompts, fixed seeds, size, steps, sampler and CFG; the
-  command's options replace any of them. Every image is one call of `lineage.sample` (train/sampling.py),
-  so a preview is what `lmerge sample` draws with the same settings, `parameters` text chunk included.
+  command's options replace any of them. The model is loaded once per node (`Sampler`, train/sampling.py)
+  and every image is one call of it, so a preview is what `lmerge sample` draws with the same settings, `parameters` text chunk included.
 - A node is drawn from the file the registry recorded for it (the most recently seen that still
   exists). An adapter node is drawn as its base model's file with the adapter applied in memory.
 - `previews.json` in the folder records what each image was drawn with. An image is drawn again only
@@ -232,7 +232,7 @@ class StepTimer:
     """Seconds per denoising step and the time a run of `images` images of `steps` steps has left.
 
     A step is timed between consecutive steps of an image: the first step's wall time also holds the
-    model's loading and the prompt's encoding, and the time after the last step the VAE's decoding;
+    prompt's encoding, and the time after the last step the VAE's decoding;
     both are measured per image and added to the estimate once an image has shown them."""
 
     def __init__(self, images: int, steps: int) -> None:
@@ -329,7 +329,7 @@ def make_previews(registry: Registry, source: PreviewSource, grid: PromptGrid, *
     """Draw the grid cells of `source` that need it (all with `force`) into its previews folder, each
     image written atomically and recorded in the folder's manifest as soon as it is there.
     `on_image(i, count)` is called before each image is drawn, `on_step()` after each step."""
-    from lineage.train.sampling import png_info, sample
+    from lineage.train.sampling import Sampler, png_info
 
     folder = previews_root(registry) / source.key
     cells = grid.cells()
@@ -343,17 +343,19 @@ def make_previews(registry: Registry, source: PreviewSource, grid: PromptGrid, *
         raise LineageError(f"cannot create the previews folder ({e.strerror})", folder) from None
     inputs = [source.checkpoint, source.adapter]
     drawn = []
+    # Loaded once for the grid (a full-size file takes a minute or two to load on a CPU).
+    sample = Sampler(source.checkpoint, adapters=[(source.adapter, 1.0)] if source.adapter else (),
+                     model_hash=source.checkpoint_autov2) if todo else None
     for n, i in enumerate(todo):
         cell = cells[i]
         if on_image:
             on_image(n, len(todo))
         if timer:
             timer.start_image()
-        image = sample(source.checkpoint, cell["prompt"], negative=cell["negative"],
-                       adapters=[(source.adapter, 1.0)] if source.adapter else (), steps=cell["steps"],
-                       cfg=cell["cfg"], seed=cell["seed"], width=cell["width"], height=cell["height"],
-                       sampler=cell["sampler"], scheduler=cell["scheduler"], progress=False,
-                       on_step=lambda *_: on_step() if on_step else None, model_hash=source.checkpoint_autov2)[0]
+        image = sample(cell["prompt"], negative=cell["negative"], steps=cell["steps"], cfg=cell["cfg"],
+                       seed=cell["seed"], width=cell["width"], height=cell["height"], sampler=cell["sampler"],
+                       scheduler=cell["scheduler"], progress=False,
+                       on_step=lambda *_: on_step() if on_step else None)[0]
         if timer:
             timer.image_done(image.info["seconds_per_step"])
         data = io.BytesIO()
