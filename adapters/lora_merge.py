@@ -17,7 +17,6 @@ factors. The output is recorded as a `merge` of the inputs, each edge weighted b
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
@@ -40,6 +39,7 @@ from .reader import AdapterFile, AdapterModule, open_adapter
 from .resize import (
     DTYPE_NAMES,
     LoraLayout,
+    LoraResult,
     ModuleResize,
     RankChoice,
     factor_roles,
@@ -60,32 +60,13 @@ if TYPE_CHECKING:
     from lineage.engine.executor import JobContext
 
 
-@dataclass
-class LoraMergeResult:
-    path: str
-    autov3: str
-    dialect: str
-    modules: list[ModuleResize]  # rank_in: the sum of the inputs' ranks
+@dataclass(kw_only=True)
+class LoraMergeResult(LoraResult):
+    """A lora-merge's result: each module's rank_in is the sum of the inputs' ranks, and alpha = rank (the
+    weights and scales are folded into the factors)."""
+
     input_autov3: list[str]
     exact: bool  # concatenated (no truncation)
-    clamped: int = 0
-    node: str | None = None
-    record_error: str | None = None
-    alpha_ratio: float = 1.0  # weights and scales are folded into the factors: alpha = rank
-    alphas_folded: bool = False
-
-    @property
-    def total_retained(self) -> float:
-        total = sum(m.norm2 for m in self.modules)
-        return sum(m.norm2 * m.retained for m in self.modules) / total if total > 0 else 1.0
-
-    @property
-    def total_error(self) -> float:
-        return math.sqrt(max(0.0, 1.0 - self.total_retained))
-
-    @property
-    def params(self) -> int:
-        return sum(m.params for m in self.modules)
 
 
 @dataclass(frozen=True)
@@ -211,8 +192,9 @@ def lora_merge(inputs: Sequence[AdapterSpec], output: str | os.PathLike, *, rank
             modules, jobs = _truncate(stacking, choice, dialect)
             input_autov3, opened, known = list(found.input_autov3), [], []
         summary = {"mode": "concatenate"} if exact else {"mode": "truncate", **choice.summary()}
-        result = LoraMergeResult(output, "", dialect, modules, [], exact,
-                                 0 if exact else sum(1 for m in modules if choice.asked() and m.rank < choice.asked()))
+        clamped = 0 if exact else sum(1 for m in modules if choice.asked() and m.rank < choice.asked())
+        result = LoraMergeResult(path=output, autov3="", dialect=dialect, modules=modules, input_autov3=[],
+                                 exact=exact, clamped=clamped)
         names = [Path(p).name for p in paths]
         conv = any(len(layout.down_tail) > 1 for layout in stacking.layouts.values())
 

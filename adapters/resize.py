@@ -135,16 +135,18 @@ class ModuleResize:
     norm2: float
 
 
-@dataclass
-class ResizeResult:
+@dataclass(kw_only=True)
+class LoraResult:
+    """What a resize or a lora-merge wrote: the LoRA's path, AutoV3 and dialect, each module's fate and the
+    totals over them; `clamped` counts the modules asked for more ranks than their change has."""
+
     path: str
     autov3: str
     dialect: str
     modules: list[ModuleResize]
-    source_autov3: str
-    alpha_ratio: float  # alpha / rank of every output module
-    alphas_folded: bool  # the input's ratios differed: each module's scale went into its factors
-    clamped: int  # modules asked for more ranks than their change has, kept at their own
+    clamped: int = 0
+    alpha_ratio: float = 1.0  # alpha / rank of every output module
+    alphas_folded: bool = False  # each module's scale went into its factors
     node: str | None = None
     record_error: str | None = None
 
@@ -156,11 +158,19 @@ class ResizeResult:
 
     @property
     def total_error(self) -> float:
+        """The relative error ‖ΔW − ΔW′‖ / ‖ΔW‖ over every module together."""
         return math.sqrt(max(0.0, 1.0 - self.total_retained))
 
     @property
     def params(self) -> int:
         return sum(m.params for m in self.modules)
+
+
+@dataclass(kw_only=True)
+class ResizeResult(LoraResult):
+    """A resize's result; `alphas_folded`: the input's alpha / rank ratios differed."""
+
+    source_autov3: str
 
 
 @dataclass(frozen=True)
@@ -380,8 +390,9 @@ def resize(adapter: str | os.PathLike, output: str | os.PathLike, *, rank: int |
     out_ratio = 1.0 if ratio is None else ratio
     jobs = [job for m in kept for job in write_jobs(dialect, m.name, layouts[m.name], *factors[m.name].split(m.rank),
                                                     out_ratio, _alpha_dtype(opened, opened.modules[m.name]))]
-    result = ResizeResult(output, "", dialect, modules, found.input_autov3[0], out_ratio, ratio is None,
-                          sum(1 for m in kept if asked is not None and m.rank < asked))
+    result = ResizeResult(path=output, autov3="", dialect=dialect, modules=modules,
+                          source_autov3=found.input_autov3[0], alpha_ratio=out_ratio, alphas_folded=ratio is None,
+                          clamped=sum(1 for m in kept if asked is not None and m.rank < asked))
     summary = {**choice.summary(), "total_retained": round(result.total_retained, 6),
                "total_relative_error": round(result.total_error, 6), "alpha_ratio": out_ratio,
                "alphas_folded": ratio is None}
