@@ -243,7 +243,8 @@ class ApplyResult:
 AdapterSpec = str | os.PathLike | tuple[str | os.PathLike, float] | AdapterInput
 
 
-def _inputs(adapters: Sequence[AdapterSpec]) -> list[AdapterInput]:
+def adapter_inputs(adapters: Sequence[AdapterSpec]) -> list[AdapterInput]:
+    """`adapters` as AdapterInputs: a path is taken at strength 1, a (path, strength) pair at its strength."""
     found = []
     for a in adapters:
         if isinstance(a, AdapterInput):
@@ -261,7 +262,7 @@ def plan(checkpoint: str | os.PathLike, adapters: Sequence[AdapterSpec]) -> Appl
 
     checkpoint = os.fspath(checkpoint)
     detection = _require_checkpoint(checkpoint)
-    return plan_apply(checkpoint, read_header(checkpoint)[0], _inputs(adapters), detection.prediction_type)
+    return plan_apply(checkpoint, read_header(checkpoint)[0], adapter_inputs(adapters), detection.prediction_type)
 
 
 def _require_checkpoint(path: str) -> Any:
@@ -282,7 +283,7 @@ def apply(checkpoint: str | os.PathLike, adapters: Sequence[AdapterSpec], output
     from lineage.graph.registry import known_autov3
 
     checkpoint, output = os.fspath(checkpoint), os.fspath(output)
-    inputs = _inputs(adapters)
+    inputs = adapter_inputs(adapters)
     if not inputs:
         raise LineageError("give at least one adapter to apply")
     file_destination(output, [checkpoint, *(a.path for a in inputs)])

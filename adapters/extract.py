@@ -260,7 +260,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
     file_destination(output, paths)
     if os.path.realpath(paths[0]) == os.path.realpath(paths[1]):
         raise LineageError("is given as both the base and the fine-tune: there is no difference to extract", paths[0])
-    budget = _budget(size, params, dtype)
+    budget = parameter_budget(size, params, dtype)
     w2_given = rank is not None or rank_mode != "fixed"  # LoKr: w2 factored only when asked
     fixed_rank = DEFAULT_RANK if rank is None else rank
     rules = _rules(type, fixed_rank, conv_rank, rank_mode, rank_param, max_rank, budget)
@@ -392,7 +392,7 @@ def _lokr_plan(modules: Sequence[Module], analysis: _Analysis, dtype: str) -> tu
     return results, jobs
 
 
-def _budget(size: int | str | None, params: int | None, dtype: str) -> int | None:
+def parameter_budget(size: int | str | None, params: int | None, dtype: str) -> int | None:
     """The parameter budget of a size or a parameter count (None: no global budget)."""
     if size is not None and params is not None:
         raise LineageError("give --size or --params, not both")

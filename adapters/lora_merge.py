@@ -31,8 +31,7 @@ from lineage.engine.jobs import Job, Source
 from lineage.errors import CheckpointError, LineageError
 from lineage.io.atomic import file_destination
 
-from .apply import AdapterSpec
-from .apply import _inputs as adapter_inputs
+from .apply import AdapterSpec, adapter_inputs
 from .decompose import Factors
 from .metadata import adapter_record
 from .reader import AdapterFile, AdapterModule, open_adapter

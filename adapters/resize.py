@@ -42,8 +42,8 @@ from lineage.io.atomic import file_destination
 from .convert import SELF_DESCRIBING
 from .decompose import Factors, RankRule, allocate
 from .dialects import DIALECTS
-from .extract import OUTPUT_DTYPES, _budget
-from .metadata import _number, adapter_metadata, adapter_record
+from .extract import OUTPUT_DTYPES, parameter_budget
+from .metadata import adapter_metadata, adapter_record, metadata_number
 from .reader import AdapterFile, AdapterModule, open_adapter
 from .writer import adapter_key, dialect_metadata
 
@@ -86,7 +86,7 @@ class RankChoice:
     def of(cls, *, rank: int | None, rank_mode: str, rank_param: float | None, max_rank: int | None,
            size: int | str | None, params: int | None, dtype: str, largest: int) -> RankChoice:
         """From the options of `resize` / `lora-merge`; `largest` is the most any module can keep."""
-        budget = _budget(size, params, dtype)
+        budget = parameter_budget(size, params, dtype)
         if budget is not None:
             if rank is not None or rank_param is not None:
                 raise LineageError("give a rank (--rank or --rank-mode) or a size (--size or --params), not both")
@@ -338,8 +338,8 @@ def _update_conv_args(metadata: dict[str, str], spatial: Sequence[tuple[int, flo
     except ValueError:
         return
     if isinstance(args, dict) and "conv_dim" in args and spatial:
-        args["conv_dim"] = _number(_one_or_dynamic([r for r, _ in spatial]))
-        args["conv_alpha"] = _number(_one_or_dynamic([a for _, a in spatial]))
+        args["conv_dim"] = metadata_number(_one_or_dynamic([r for r, _ in spatial]))
+        args["conv_alpha"] = metadata_number(_one_or_dynamic([a for _, a in spatial]))
         if "use_tucker" in args:
             args["use_tucker"] = "False"
         metadata["ss_network_args"] = json.dumps(args)
