@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 from lineage.errors import LineageError
 from lineage.io.atomic import file_destination
-from lineage.io.hashing import FileHashes
 from lineage.io.safetensors import DTYPES
 
 from .decompose import Factors, RankRule, allocate, low_rank, sum_squares
@@ -552,16 +551,9 @@ def _metadata(type: str, dim: float | str, paths: Sequence[str], input_autov3: S
 
 def _record(result: ExtractResult, paths: Sequence[str], summary: dict[str, Any], registry: Any) -> None:
     """Register the adapter with an edge from the base; a failure leaves the written file and says why."""
-    from lineage.graph.recording import record as record_file
-
-    def hashes(path: str, autov3: str) -> FileHashes:
-        return FileHashes(path, None, None, None, autov3, None)
+    from lineage.graph.recording import record_written
 
     params = {"method": "extract", "tuned": Path(paths[1]).name, "tuned_autov3": result.tuned_autov3, **summary}
-    try:
-        result.node = record_file(result.path, parents=[paths[0]], relation="adapter", params=params,
-                                  registry=registry, hashes=hashes(result.path, result.autov3),
-                                  parent_hashes=[hashes(paths[0], result.base_autov3)])
-    except (LineageError, OSError) as e:
-        result.record_error = str(e)
+    result.node, result.record_error = record_written(result.path, result.autov3, paths[:1], [result.base_autov3],
+                                                      "adapter", params, registry)
 

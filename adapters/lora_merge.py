@@ -36,17 +36,16 @@ from .decompose import Factors
 from .metadata import adapter_record
 from .reader import AdapterFile, AdapterModule, open_adapter
 from .resize import (
-    DTYPE_NAMES,
     LoraLayout,
     LoraResult,
     ModuleResize,
     RankChoice,
+    budget_dtype,
     factor_roles,
     fill_lora,
     lora_metadata,
     lora_outputs,
     product_factors,
-    record_derived,
     require_lora,
     scaled_factors,
     write_jobs,
@@ -162,6 +161,7 @@ def lora_merge(inputs: Sequence[AdapterSpec], output: str | os.PathLike, *, rank
     See the module docstring."""
     from lineage.engine.executor import run_jobs
     from lineage.engine.inputs import InputFile
+    from lineage.graph.recording import record_written
     from lineage.graph.registry import known_autov3
 
     given = adapter_inputs(inputs)
@@ -182,9 +182,8 @@ def lora_merge(inputs: Sequence[AdapterSpec], output: str | os.PathLike, *, rank
         if exact:
             modules, jobs, input_autov3 = _concatenate(stacking), None, None
         else:
-            dtypes = [layout.dtype for layout in stacking.layouts.values()]
             choice = RankChoice.of(rank=rank, rank_mode=rank_mode, rank_param=rank_param, max_rank=max_rank,
-                                   size=size, params=params, dtype=DTYPE_NAMES[max(set(dtypes), key=dtypes.count)],
+                                   size=size, params=params, dtype=budget_dtype(stacking.layouts.values()),
                                    largest=max(stacking.rank_in(n) for n in stacking.parts))
             found = run_jobs(opened, stacking.analyse_jobs(), None, known_autov3=known, workers=workers,
                              progress=progress, description="analyse")
@@ -216,7 +215,7 @@ def lora_merge(inputs: Sequence[AdapterSpec], output: str | os.PathLike, *, rank
         result.modules = [ModuleResize(m.name, m.rank_in, m.rank, m.params, 1.0, 0.0, stacking.norm2[m.name])
                           for m in result.modules]
     if record:
-        result.node, result.record_error = record_derived(
+        result.node, result.record_error = record_written(
             output, result.autov3, paths, result.input_autov3, "merge", {"method": "lora-merge", **summary},
             registry, weights=[a.strength for a in given])
     return result
@@ -231,10 +230,7 @@ def _concatenate(stacking: Stacking) -> list[ModuleResize]:
 
 def _truncate(stacking: Stacking, choice: RankChoice, dialect: str) -> tuple[list[ModuleResize], list[Job]]:
     factors = stacking.factors
-    ranks = choice.ranks(factors, {n: layout.cost for n, layout in stacking.layouts.items()})
-    modules = [ModuleResize(n, stacking.rank_in(n), ranks[n], ranks[n] * stacking.layouts[n].cost,
-                            1.0 - factors[n].residual2(ranks[n]) / factors[n].norm2 if factors[n].norm2 else 1.0,
-                            factors[n].relative_error(ranks[n]), factors[n].norm2) for n in stacking.parts]
+    modules = choice.truncate(factors, stacking.layouts, {n: stacking.rank_in(n) for n in stacking.parts})
     jobs = [job for m in modules if m.rank
             for job in write_jobs(dialect, m.name, stacking.layouts[m.name], *factors[m.name].split(m.rank), 1.0,
                                   stacking.layouts[m.name].dtype)]
