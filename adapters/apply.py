@@ -243,7 +243,8 @@ class ApplyResult:
 AdapterSpec = str | os.PathLike | tuple[str | os.PathLike, float] | AdapterInput
 
 
-def _inputs(adapters: Sequence[AdapterSpec]) -> list[AdapterInput]:
+def adapter_inputs(adapters: Sequence[AdapterSpec]) -> list[AdapterInput]:
+    """`adapters` as AdapterInputs: a path is taken at strength 1, a (path, strength) pair at its strength."""
     found = []
     for a in adapters:
         if isinstance(a, AdapterInput):
@@ -261,7 +262,7 @@ def plan(checkpoint: str | os.PathLike, adapters: Sequence[AdapterSpec]) -> Appl
 
     checkpoint = os.fspath(checkpoint)
     detection = _require_checkpoint(checkpoint)
-    return plan_apply(checkpoint, read_header(checkpoint)[0], _inputs(adapters), detection.prediction_type)
+    return plan_apply(checkpoint, read_header(checkpoint)[0], adapter_inputs(adapters), detection.prediction_type)
 
 
 def _require_checkpoint(path: str) -> Any:
@@ -282,7 +283,7 @@ def apply(checkpoint: str | os.PathLike, adapters: Sequence[AdapterSpec], output
     from lineage.graph.registry import known_autov3
 
     checkpoint, output = os.fspath(checkpoint), os.fspath(output)
-    inputs = _inputs(adapters)
+    inputs = adapter_inputs(adapters)
     if not inputs:
         raise LineageError("give at least one adapter to apply")
     file_destination(output, [checkpoint, *(a.path for a in inputs)])
@@ -300,26 +301,19 @@ def apply(checkpoint: str | os.PathLike, adapters: Sequence[AdapterSpec], output
                           workers=workers, progress=progress, description="apply")
     node, record_error = None, None
     if record:
-        try:
-            node = _record(apply_plan, output, result.input_autov3, result.output_autov3, registry)
-        except (LineageError, OSError) as e:
-            record_error = str(e)
+        node, record_error = _record(apply_plan, output, result.input_autov3, result.output_autov3, registry)
     return ApplyResult(output, result.output_autov3, apply_plan, node, record_error)
 
 
-def _record(plan: ApplyPlan, output: str, input_autov3: Sequence[str], output_autov3: str, registry: Any) -> str:
-    from lineage.graph.recording import record as record_file
-    from lineage.io.hashing import FileHashes
-
-    def hashes(path: str, autov3: str) -> FileHashes:
-        return FileHashes(path, None, None, None, autov3, None)
+def _record(plan: ApplyPlan, output: str, input_autov3: Sequence[str], output_autov3: str,
+            registry: Any) -> tuple[str | None, str | None]:
+    """Register the output with a `merge` edge from the checkpoint (weight 1) and each adapter (its strength)."""
+    from lineage.graph.recording import record_written
 
     parents = [plan.checkpoint, *(a.path for a in plan.adapters)]
     strengths = [a.strength for a in plan.adapters]
-    return record_file(output, parents=parents, relation="merge", weights=[1.0, *strengths],
-                       params={"method": "apply", "strengths": strengths}, registry=registry,
-                       hashes=hashes(output, output_autov3),
-                       parent_hashes=[hashes(p, h) for p, h in zip(parents, input_autov3)])
+    return record_written(output, output_autov3, parents, input_autov3, "merge",
+                          {"method": "apply", "strengths": strengths}, registry, weights=[1.0, *strengths])
 
 
 class _CallableModule(types.ModuleType):

@@ -3,12 +3,15 @@ join as they land). Each is a thin layer over a library function; nothing heavy 
 command runs."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from lineage.cli.output import echo_json
 from lineage.errors import LineageError
+
+if TYPE_CHECKING:
+    from lineage.adapters.resize import LoraResult
 
 LISTED = 10  # left-out pickle entries named in convert's message
 
@@ -225,11 +228,7 @@ def resize(adapter: str, output: str, rank: int | None, rank_mode: str, rank_par
                       size=size, params=param_budget, record=not no_record, registry=registry,
                       progress=not as_json)
     if as_json:
-        echo_json({"path": done.path, "autov3": done.autov3, "dialect": done.dialect, "params": done.params,
-                   "total_retained": done.total_retained, "total_relative_error": done.total_error,
-                   "alpha_ratio": done.alpha_ratio, "alphas_folded": done.alphas_folded, "clamped": done.clamped,
-                   "node": done.node, "record_error": done.record_error,
-                   "modules": [vars(m) for m in done.modules]})
+        echo_json(_lora_json(done, alpha_ratio=done.alpha_ratio, alphas_folded=done.alphas_folded))
         return
     click.echo(f"wrote {done.path} ({done.dialect}, {done.params:,} parameters, AutoV3 {done.autov3[:12]})")
     _echo_truncation(done)
@@ -269,10 +268,7 @@ def lora_merge(adapters: tuple[str, ...], output: str, rank: int | None, rank_mo
                      rank_param=rank_param, max_rank=max_rank, size=size, params=param_budget, dialect=dialect,
                      record=not no_record, registry=registry, progress=not as_json)
     if as_json:
-        echo_json({"path": done.path, "autov3": done.autov3, "dialect": done.dialect, "exact": done.exact,
-                   "params": done.params, "total_retained": done.total_retained,
-                   "total_relative_error": done.total_error, "clamped": done.clamped, "node": done.node,
-                   "record_error": done.record_error, "modules": [vars(m) for m in done.modules]})
+        echo_json(_lora_json(done, exact=done.exact))
         return
     click.echo(f"wrote {done.path} ({done.dialect}, {done.params:,} parameters, AutoV3 {done.autov3[:12]})")
     if done.exact:
@@ -284,7 +280,15 @@ def lora_merge(adapters: tuple[str, ...], output: str, rank: int | None, rank_mo
         click.echo(f"warning: not recorded in the registry: {done.record_error}", err=True)
 
 
-def _echo_truncation(done: Any) -> None:
+def _lora_json(done: LoraResult, **extra: Any) -> dict[str, Any]:
+    """The `--json` answer of a resize or a lora-merge: the file, its totals and every module, with `extra`."""
+    return {"path": done.path, "autov3": done.autov3, "dialect": done.dialect, **extra, "params": done.params,
+            "total_retained": done.total_retained, "total_relative_error": done.total_error,
+            "clamped": done.clamped, "node": done.node, "record_error": done.record_error,
+            "modules": [vars(m) for m in done.modules]}
+
+
+def _echo_truncation(done: LoraResult) -> None:
     """The table of a resize or a lora-merge to a rank: totals, the alpha rule, the worst modules."""
     kept = [m for m in done.modules if m.rank]
     click.echo(f"retained {done.total_retained:.4%} of ‖ΔW‖², total relative error {done.total_error:.4f}, "

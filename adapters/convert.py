@@ -163,24 +163,12 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, *, to: str, re
                           description="convert")
     node, record_error = None, None
     if record:
-        try:
-            node = _record(source, output, result.input_autov3[0], result.output_autov3, adapter.dialect, to, registry)
-        except (LineageError, OSError) as e:
-            record_error = str(e)
+        from lineage.graph.recording import record_written
+
+        params = {"method": "convert", "source_dialect": adapter.dialect, "dialect": to, "source": Path(source).name}
+        node, record_error = record_written(output, result.output_autov3, [source], result.input_autov3[:1],
+                                            "convert", params, registry)
     return ConvertResult(output, result.output_autov3, adapter.dialect, to, len(adapter.modules), node, record_error)
-
-
-def _record(source: str, output: str, source_autov3: str, output_autov3: str, source_dialect: str, to: str,
-            registry: Any) -> str:
-    from lineage.graph.recording import record as record_file
-    from lineage.io.hashing import FileHashes
-
-    def hashes(path: str, autov3: str) -> FileHashes:
-        return FileHashes(path, None, None, None, autov3, None)
-
-    params = {"method": "convert", "source_dialect": source_dialect, "dialect": to, "source": Path(source).name}
-    return record_file(output, parents=[source], relation="convert", params=params, registry=registry,
-                       hashes=hashes(output, output_autov3), parent_hashes=[hashes(source, source_autov3)])
 
 
 class _CallableModule(types.ModuleType):

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 from lineage.errors import LineageError
 from lineage.io.atomic import file_destination
-from lineage.io.hashing import FileHashes
 from lineage.io.safetensors import DTYPES
 
 from .decompose import Factors, RankRule, allocate, low_rank, sum_squares
@@ -260,7 +259,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
     file_destination(output, paths)
     if os.path.realpath(paths[0]) == os.path.realpath(paths[1]):
         raise LineageError("is given as both the base and the fine-tune: there is no difference to extract", paths[0])
-    budget = _budget(size, params, dtype)
+    budget = parameter_budget(size, params, dtype)
     w2_given = rank is not None or rank_mode != "fixed"  # LoKr: w2 factored only when asked
     fixed_rank = DEFAULT_RANK if rank is None else rank
     rules = _rules(type, fixed_rank, conv_rank, rank_mode, rank_param, max_rank, budget)
@@ -392,7 +391,7 @@ def _lokr_plan(modules: Sequence[Module], analysis: _Analysis, dtype: str) -> tu
     return results, jobs
 
 
-def _budget(size: int | str | None, params: int | None, dtype: str) -> int | None:
+def parameter_budget(size: int | str | None, params: int | None, dtype: str) -> int | None:
     """The parameter budget of a size or a parameter count (None: no global budget)."""
     if size is not None and params is not None:
         raise LineageError("give --size or --params, not both")
@@ -552,16 +551,9 @@ def _metadata(type: str, dim: float | str, paths: Sequence[str], input_autov3: S
 
 def _record(result: ExtractResult, paths: Sequence[str], summary: dict[str, Any], registry: Any) -> None:
     """Register the adapter with an edge from the base; a failure leaves the written file and says why."""
-    from lineage.graph.recording import record as record_file
-
-    def hashes(path: str, autov3: str) -> FileHashes:
-        return FileHashes(path, None, None, None, autov3, None)
+    from lineage.graph.recording import record_written
 
     params = {"method": "extract", "tuned": Path(paths[1]).name, "tuned_autov3": result.tuned_autov3, **summary}
-    try:
-        result.node = record_file(result.path, parents=[paths[0]], relation="adapter", params=params,
-                                  registry=registry, hashes=hashes(result.path, result.autov3),
-                                  parent_hashes=[hashes(paths[0], result.base_autov3)])
-    except (LineageError, OSError) as e:
-        result.record_error = str(e)
+    result.node, result.record_error = record_written(result.path, result.autov3, paths[:1], [result.base_autov3],
+                                                      "adapter", params, registry)
 

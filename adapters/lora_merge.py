@@ -17,7 +17,6 @@ factors. The output is recorded as a `merge` of the inputs, each edge weighted b
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
@@ -32,22 +31,21 @@ from lineage.engine.jobs import Job, Source
 from lineage.errors import CheckpointError, LineageError
 from lineage.io.atomic import file_destination
 
-from .apply import AdapterSpec
-from .apply import _inputs as adapter_inputs
+from .apply import AdapterSpec, adapter_inputs
 from .decompose import Factors
 from .metadata import adapter_record
 from .reader import AdapterFile, AdapterModule, open_adapter
 from .resize import (
-    DTYPE_NAMES,
     LoraLayout,
+    LoraResult,
     ModuleResize,
     RankChoice,
+    budget_dtype,
     factor_roles,
     fill_lora,
     lora_metadata,
     lora_outputs,
     product_factors,
-    record_derived,
     require_lora,
     scaled_factors,
     write_jobs,
@@ -60,32 +58,13 @@ if TYPE_CHECKING:
     from lineage.engine.executor import JobContext
 
 
-@dataclass
-class LoraMergeResult:
-    path: str
-    autov3: str
-    dialect: str
-    modules: list[ModuleResize]  # rank_in: the sum of the inputs' ranks
+@dataclass(kw_only=True)
+class LoraMergeResult(LoraResult):
+    """A lora-merge's result: each module's rank_in is the sum of the inputs' ranks, and alpha = rank (the
+    weights and scales are folded into the factors)."""
+
     input_autov3: list[str]
     exact: bool  # concatenated (no truncation)
-    clamped: int = 0
-    node: str | None = None
-    record_error: str | None = None
-    alpha_ratio: float = 1.0  # weights and scales are folded into the factors: alpha = rank
-    alphas_folded: bool = False
-
-    @property
-    def total_retained(self) -> float:
-        total = sum(m.norm2 for m in self.modules)
-        return sum(m.norm2 * m.retained for m in self.modules) / total if total > 0 else 1.0
-
-    @property
-    def total_error(self) -> float:
-        return math.sqrt(max(0.0, 1.0 - self.total_retained))
-
-    @property
-    def params(self) -> int:
-        return sum(m.params for m in self.modules)
 
 
 @dataclass(frozen=True)
@@ -182,6 +161,7 @@ def lora_merge(inputs: Sequence[AdapterSpec], output: str | os.PathLike, *, rank
     See the module docstring."""
     from lineage.engine.executor import run_jobs
     from lineage.engine.inputs import InputFile
+    from lineage.graph.recording import record_written
     from lineage.graph.registry import known_autov3
 
     given = adapter_inputs(inputs)
@@ -202,17 +182,17 @@ def lora_merge(inputs: Sequence[AdapterSpec], output: str | os.PathLike, *, rank
         if exact:
             modules, jobs, input_autov3 = _concatenate(stacking), None, None
         else:
-            dtypes = [layout.dtype for layout in stacking.layouts.values()]
             choice = RankChoice.of(rank=rank, rank_mode=rank_mode, rank_param=rank_param, max_rank=max_rank,
-                                   size=size, params=params, dtype=DTYPE_NAMES[max(set(dtypes), key=dtypes.count)],
+                                   size=size, params=params, dtype=budget_dtype(stacking.layouts.values()),
                                    largest=max(stacking.rank_in(n) for n in stacking.parts))
             found = run_jobs(opened, stacking.analyse_jobs(), None, known_autov3=known, workers=workers,
                              progress=progress, description="analyse")
             modules, jobs = _truncate(stacking, choice, dialect)
             input_autov3, opened, known = list(found.input_autov3), [], []
         summary = {"mode": "concatenate"} if exact else {"mode": "truncate", **choice.summary()}
-        result = LoraMergeResult(output, "", dialect, modules, [], exact,
-                                 0 if exact else sum(1 for m in modules if choice.asked() and m.rank < choice.asked()))
+        clamped = 0 if exact else sum(1 for m in modules if choice.asked() and m.rank < choice.asked())
+        result = LoraMergeResult(path=output, autov3="", dialect=dialect, modules=modules, input_autov3=[],
+                                 exact=exact, clamped=clamped)
         names = [Path(p).name for p in paths]
         conv = any(len(layout.down_tail) > 1 for layout in stacking.layouts.values())
 
@@ -235,7 +215,7 @@ def lora_merge(inputs: Sequence[AdapterSpec], output: str | os.PathLike, *, rank
         result.modules = [ModuleResize(m.name, m.rank_in, m.rank, m.params, 1.0, 0.0, stacking.norm2[m.name])
                           for m in result.modules]
     if record:
-        result.node, result.record_error = record_derived(
+        result.node, result.record_error = record_written(
             output, result.autov3, paths, result.input_autov3, "merge", {"method": "lora-merge", **summary},
             registry, weights=[a.strength for a in given])
     return result
@@ -250,10 +230,7 @@ def _concatenate(stacking: Stacking) -> list[ModuleResize]:
 
 def _truncate(stacking: Stacking, choice: RankChoice, dialect: str) -> tuple[list[ModuleResize], list[Job]]:
     factors = stacking.factors
-    ranks = choice.ranks(factors, {n: layout.cost for n, layout in stacking.layouts.items()})
-    modules = [ModuleResize(n, stacking.rank_in(n), ranks[n], ranks[n] * stacking.layouts[n].cost,
-                            1.0 - factors[n].residual2(ranks[n]) / factors[n].norm2 if factors[n].norm2 else 1.0,
-                            factors[n].relative_error(ranks[n]), factors[n].norm2) for n in stacking.parts]
+    modules = choice.truncate(factors, stacking.layouts, {n: stacking.rank_in(n) for n in stacking.parts})
     jobs = [job for m in modules if m.rank
             for job in write_jobs(dialect, m.name, stacking.layouts[m.name], *factors[m.name].split(m.rank), 1.0,
                                   stacking.layouts[m.name].dtype)]

@@ -55,7 +55,8 @@ def adapter_record(relation: str, inputs: Sequence[tuple[str, str | None]], **fi
             **fields, "library": f"lineage {__version__}"}
 
 
-def _number(value: float | int | str) -> str:
+def metadata_number(value: float | int | str) -> str:
+    """A number as metadata text, a whole float without its ".0" (kohya writes "16", not "16.0")."""
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
@@ -66,12 +67,12 @@ def adapter_metadata(*, algorithm: str, dim: int | str, alpha: float | str, base
     "Dynamic" when modules differ; `network_args` the algorithm's arguments (conv_dim, factor, ...);
     `output_autov3` is None until the file is written (the executor asks again at the end)."""
     module, architecture, algo = NETWORK_MODULES[algorithm]
-    args = {**({"algo": algo} if algo else {}), **{k: _number(v) for k, v in (network_args or {}).items()}}
+    args = {**({"algo": algo} if algo else {}), **{k: metadata_number(v) for k, v in (network_args or {}).items()}}
     metadata = {
         "ss_base_model_version": KOHYA_BASE_MODEL_VERSION,
         "ss_network_module": module,
-        "ss_network_dim": _number(dim),
-        "ss_network_alpha": _number(alpha),
+        "ss_network_dim": metadata_number(dim),
+        "ss_network_alpha": metadata_number(alpha),
         "ss_output_name": title,
         "ss_v2": "False",
         "ss_v_parameterization": str(prediction_type in ("v", "v+ztsnr", "edm-v")),

@@ -29,7 +29,7 @@ import os
 import sys
 import threading
 import types
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,8 +42,8 @@ from lineage.io.atomic import file_destination
 from .convert import SELF_DESCRIBING
 from .decompose import Factors, RankRule, allocate
 from .dialects import DIALECTS
-from .extract import OUTPUT_DTYPES, _budget
-from .metadata import _number, adapter_metadata, adapter_record
+from .extract import OUTPUT_DTYPES, parameter_budget
+from .metadata import adapter_metadata, adapter_record, metadata_number
 from .reader import AdapterFile, AdapterModule, open_adapter
 from .writer import adapter_key, dialect_metadata
 
@@ -86,7 +86,7 @@ class RankChoice:
     def of(cls, *, rank: int | None, rank_mode: str, rank_param: float | None, max_rank: int | None,
            size: int | str | None, params: int | None, dtype: str, largest: int) -> RankChoice:
         """From the options of `resize` / `lora-merge`; `largest` is the most any module can keep."""
-        budget = _budget(size, params, dtype)
+        budget = parameter_budget(size, params, dtype)
         if budget is not None:
             if rank is not None or rank_param is not None:
                 raise LineageError("give a rank (--rank or --rank-mode) or a size (--size or --params), not both")
@@ -107,6 +107,13 @@ class RankChoice:
             return allocate(dict(factors), dict(costs), self.budget)
         assert self.rule is not None
         return {name: self.rule.rank(f) for name, f in factors.items()}
+
+    def truncate(self, factors: Mapping[str, Factors], layouts: Mapping[str, LoraLayout],
+                 rank_in: Mapping[str, int]) -> list[ModuleResize]:
+        """Every module of `layouts` (in its order) cut to the rank this choice gives it."""
+        ranks = self.ranks(factors, {n: layout.cost for n, layout in layouts.items()})
+        return [ModuleResize.truncated(n, rank_in[n], ranks[n], layout.cost, factors[n])
+                for n, layout in layouts.items()]
 
     def asked(self) -> int | None:
         """The fixed rank asked for (what a module may not hold), else None."""
@@ -134,17 +141,25 @@ class ModuleResize:
     relative_error: float
     norm2: float
 
+    @classmethod
+    def truncated(cls, name: str, rank_in: int, rank: int, cost: int, factors: Factors) -> ModuleResize:
+        """The module whose change `factors` holds, cut to `rank` ranks of `cost` parameters each."""
+        retained = 1.0 - factors.residual2(rank) / factors.norm2 if factors.norm2 else 1.0
+        return cls(name, rank_in, rank, rank * cost, retained, factors.relative_error(rank), factors.norm2)
 
-@dataclass
-class ResizeResult:
+
+@dataclass(kw_only=True)
+class LoraResult:
+    """What a resize or a lora-merge wrote: the LoRA's path, AutoV3 and dialect, each module's fate and the
+    totals over them; `clamped` counts the modules asked for more ranks than their change has."""
+
     path: str
     autov3: str
     dialect: str
     modules: list[ModuleResize]
-    source_autov3: str
-    alpha_ratio: float  # alpha / rank of every output module
-    alphas_folded: bool  # the input's ratios differed: each module's scale went into its factors
-    clamped: int  # modules asked for more ranks than their change has, kept at their own
+    clamped: int = 0
+    alpha_ratio: float = 1.0  # alpha / rank of every output module
+    alphas_folded: bool = False  # each module's scale went into its factors
     node: str | None = None
     record_error: str | None = None
 
@@ -156,11 +171,19 @@ class ResizeResult:
 
     @property
     def total_error(self) -> float:
+        """The relative error ‖ΔW − ΔW′‖ / ‖ΔW‖ over every module together."""
         return math.sqrt(max(0.0, 1.0 - self.total_retained))
 
     @property
     def params(self) -> int:
         return sum(m.params for m in self.modules)
+
+
+@dataclass(kw_only=True)
+class ResizeResult(LoraResult):
+    """A resize's result; `alphas_folded`: the input's alpha / rank ratios differed."""
+
+    source_autov3: str
 
 
 @dataclass(frozen=True)
@@ -193,6 +216,12 @@ class LoraLayout:
         dtype = tensors[module.keys["lora_down"]].dtype
         return cls(s["lora_up"][0], (s["lora_down"][1], *kernel), s["lora_up"][2:],
                    dtype if dtype in DTYPE_NAMES else "F32")
+
+
+def budget_dtype(layouts: Iterable[LoraLayout]) -> str:
+    """The dtype a size budget is counted in: the one most of the modules' factors are stored in ("fp16")."""
+    dtypes = [layout.dtype for layout in layouts]
+    return DTYPE_NAMES[max(set(dtypes), key=dtypes.count)]
 
 
 def require_lora(adapter: AdapterFile, verb: str) -> None:
@@ -328,8 +357,8 @@ def _update_conv_args(metadata: dict[str, str], spatial: Sequence[tuple[int, flo
     except ValueError:
         return
     if isinstance(args, dict) and "conv_dim" in args and spatial:
-        args["conv_dim"] = _number(_one_or_dynamic([r for r, _ in spatial]))
-        args["conv_alpha"] = _number(_one_or_dynamic([a for _, a in spatial]))
+        args["conv_dim"] = metadata_number(_one_or_dynamic([r for r, _ in spatial]))
+        args["conv_alpha"] = metadata_number(_one_or_dynamic([a for _, a in spatial]))
         if "use_tucker" in args:
             args["use_tucker"] = "False"
         metadata["ss_network_args"] = json.dumps(args)
@@ -349,6 +378,7 @@ def resize(adapter: str | os.PathLike, output: str | os.PathLike, *, rank: int |
     budget for the file: `size` (bytes, or "50MB") or `params`. See the module docstring."""
     from lineage.engine.executor import run_jobs
     from lineage.engine.inputs import InputFile
+    from lineage.graph.recording import record_written
     from lineage.graph.registry import known_autov3
 
     source, output = os.fspath(adapter), os.fspath(output)
@@ -356,9 +386,8 @@ def resize(adapter: str | os.PathLike, output: str | os.PathLike, *, rank: int |
     opened = open_adapter(source)
     require_lora(opened, "resized")
     layouts = {n: LoraLayout.of(m, opened.tensors) for n, m in opened.modules.items()}
-    dtypes = [layout.dtype for layout in layouts.values()]
     choice = RankChoice.of(rank=rank, rank_mode=rank_mode, rank_param=rank_param, max_rank=max_rank, size=size,
-                           params=params, dtype=DTYPE_NAMES[max(set(dtypes), key=dtypes.count)],
+                           params=params, dtype=budget_dtype(layouts.values()),
                            largest=max(m.rank or 1 for m in opened.modules.values()))
     ratio = common_ratio([module_scale(m) for m in opened.modules.values()])
     analysis = FactorAnalysis(opened)
@@ -366,12 +395,8 @@ def resize(adapter: str | os.PathLike, output: str | os.PathLike, *, rank: int |
         found = run_jobs([input_file], analysis.jobs(), None, known_autov3=known_autov3([source], registry),
                          workers=workers, progress=progress, description="analyse")
     factors = analysis.factors
-    ranks = choice.ranks(factors, {n: layout.cost for n, layout in layouts.items()})
     asked = choice.asked()
-    modules = [ModuleResize(n, m.rank or 0, ranks[n], ranks[n] * layouts[n].cost,
-                            1.0 - factors[n].residual2(ranks[n]) / factors[n].norm2 if factors[n].norm2 else 1.0,
-                            factors[n].relative_error(ranks[n]), factors[n].norm2)
-               for n, m in opened.modules.items()]
+    modules = choice.truncate(factors, layouts, {n: m.rank or 0 for n, m in opened.modules.items()})
     kept = [m for m in modules if m.rank > 0]
     if not kept:
         raise CheckpointError("changes nothing (every module's up @ down is zero): there is nothing to resize",
@@ -380,8 +405,9 @@ def resize(adapter: str | os.PathLike, output: str | os.PathLike, *, rank: int |
     out_ratio = 1.0 if ratio is None else ratio
     jobs = [job for m in kept for job in write_jobs(dialect, m.name, layouts[m.name], *factors[m.name].split(m.rank),
                                                     out_ratio, _alpha_dtype(opened, opened.modules[m.name]))]
-    result = ResizeResult(output, "", dialect, modules, found.input_autov3[0], out_ratio, ratio is None,
-                          sum(1 for m in kept if asked is not None and m.rank < asked))
+    result = ResizeResult(path=output, autov3="", dialect=dialect, modules=modules,
+                          source_autov3=found.input_autov3[0], alpha_ratio=out_ratio, alphas_folded=ratio is None,
+                          clamped=sum(1 for m in kept if asked is not None and m.rank < asked))
     summary = {**choice.summary(), "total_retained": round(result.total_retained, 6),
                "total_relative_error": round(result.total_error, 6), "alpha_ratio": out_ratio,
                "alphas_folded": ratio is None}
@@ -400,7 +426,7 @@ def resize(adapter: str | os.PathLike, output: str | os.PathLike, *, rank: int |
     written = run_jobs([], jobs, output, metadata=metadata, workers=workers, progress=False, description="write")
     result.autov3 = written.output_autov3
     if record:
-        result.node, result.record_error = record_derived(output, result.autov3, [source], [result.source_autov3],
+        result.node, result.record_error = record_written(output, result.autov3, [source], [result.source_autov3],
                                                           "convert", {"method": "resize", **summary}, registry)
     return result
 
@@ -410,27 +436,6 @@ def _alpha_dtype(adapter: AdapterFile, module: AdapterModule) -> str:
     key = module.keys.get("alpha") or module.keys["lora_down"]
     dtype = adapter.tensors[key].dtype
     return dtype if dtype in DTYPE_NAMES else "F32"
-
-
-def record_derived(output: str, autov3: str, parents: Sequence[str], parent_autov3: Sequence[str], relation: str,
-                   params: Mapping[str, Any], registry: Any, weights: Sequence[float] | None = None
-                   ) -> tuple[str | None, str | None]:
-    """Register `output` with an edge from each parent: (node, None), or (None, why) when the registry
-    cannot be written (the output stays)."""
-    from lineage.graph.recording import record as record_file
-    from lineage.io.hashing import FileHashes
-
-    def hashes(path: str, value: str) -> FileHashes:
-        return FileHashes(path, None, None, None, value, None)
-
-    try:
-        node = record_file(output, parents=list(parents), relation=relation, weights=weights,
-                           params=json.loads(json.dumps(dict(params))), registry=registry,
-                           hashes=hashes(output, autov3),
-                           parent_hashes=[hashes(p, h) for p, h in zip(parents, parent_autov3)])
-    except (LineageError, OSError) as e:
-        return None, str(e)
-    return node, None
 
 
 class _CallableModule(types.ModuleType):

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or a float, as JSON and TOML give numbers; never a bool (which Python counts as an int)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -41,7 +42,7 @@ class Real:
     varies_per_key = True  # block weights and overrides may give it a value per key
 
     def problem(self, value: Any, model_count: int) -> str | None:
-        if not _is_number(value):
+        if not is_number(value):
             return f"must be a number, got {value!r}"
         if not math.isfinite(value):
             return f"must be a finite number, got {value!r}"
@@ -64,7 +65,7 @@ class Integer:
     varies_per_key = False
 
     def problem(self, value: Any, model_count: int) -> str | None:
-        if not _is_number(value) or not math.isfinite(value) or value != int(value):
+        if not is_number(value) or not math.isfinite(value) or value != int(value):
             return f"must be a whole number, got {value!r}"
         if self.low is not None and value < self.low:
             return f"must be at least {self.low}, got {value!r}"
@@ -100,7 +101,7 @@ class ModelWeights:
     def problem(self, value: Any, model_count: int) -> str | None:
         if value is None:
             return None
-        if isinstance(value, str) or not isinstance(value, Sequence) or not all(_is_number(w) for w in value):
+        if isinstance(value, str) or not isinstance(value, Sequence) or not all(is_number(w) for w in value):
             return f"must be a list of numbers, one per model, got {value!r}"
         if len(value) != model_count:
             return f"takes one number per model ({model_count}), got {len(value)}: {list(value)!r}"

@@ -50,6 +50,7 @@ from lineage.errors import LineageError
 from lineage.io.atomic import atomic_write
 from lineage.io.inputs import read_input
 
+from .parameters import is_number
 from .weights import KeyWeights
 
 if TYPE_CHECKING:
@@ -96,8 +97,8 @@ class Adapter(Input):
         return {**super().to_dict(), "strength": self.strength}
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _is_finite_number(value: Any) -> bool:
+    return is_number(value) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class Recipe:
         object.__setattr__(self, "adapters", tuple(self.adapters))
         for n, adapter in enumerate(self.adapters):
             _expect(isinstance(adapter, Adapter), f"adapters[{n}]", "an Adapter", adapter)
-            _expect(_is_number(adapter.strength), f"adapters[{n}].strength", "a finite number", adapter.strength)
+            _expect(_is_finite_number(adapter.strength), f"adapters[{n}].strength", "a finite number", adapter.strength)
         for name in ("method", "dtype", "mismatch"):
             _expect(isinstance(getattr(self, name), str), name, "a string", getattr(self, name))
         _expect(self.prediction_type is None or isinstance(self.prediction_type, str), "prediction_type",
@@ -304,7 +305,7 @@ def _check_input_entry(entry: Any, field_name: str, fields: Mapping[str, str] = 
         if key == "autov3":
             ok = isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
         elif key == "strength":
-            ok = _is_number(value)
+            ok = _is_finite_number(value)
         else:
             ok = isinstance(value, str)
         _expect(ok, f"{field_name}.{key}", kind, value)

@@ -32,6 +32,8 @@ from lineage.errors import LineageError
 from lineage.sdxl.blocks import BLOCK_NAMES, block_of
 from lineage.sdxl.layout import COMPONENT_PREFIXES, component_of
 
+from .parameters import is_number
+
 PRESETS: tuple[str, ...] = tuple(BLOCK_NAMES)
 DEFAULT_PRESET = "supermerger"
 
@@ -118,10 +120,6 @@ def _override_pattern(pattern: str) -> Any:
                            "patterns cannot use backreferences or lookaround") from None
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _table(value: Any, field_name: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise LineageError(f"recipe field `{field_name}` must be a table, got {value!r}")
@@ -132,7 +130,7 @@ def _numbers(value: Any, field_name: str) -> dict[str, float]:
     """A table of numbers (name -> value), each checked."""
     out = {}
     for name, number in _table(value, field_name).items():
-        if not _is_number(number):
+        if not is_number(number):
             raise LineageError(f"recipe field `{field_name}.{name}` must be a number, got {number!r}")
         out[str(name)] = float(number)
     return out
@@ -224,7 +222,7 @@ class KeyWeights:
                                    f"got {', '.join(map(str, override)) or 'nothing'}")
             if not isinstance(override["pattern"], str):
                 raise LineageError(f"recipe field `{where}.pattern` must be a string, got {override['pattern']!r}")
-            if not _is_number(override["value"]):
+            if not is_number(override["value"]):
                 raise LineageError(f"recipe field `{where}.value` must be a number, got {override['value']!r}")
             pairs.append((override["pattern"], float(override["value"])))
         block_values = _numbers(blocks, f"{field_name}.blocks")

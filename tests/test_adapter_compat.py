@@ -3,8 +3,9 @@ LyCORIS (its own loader, the real package), ComfyUI / Forge and A1111 (their key
 tests/loader_rules.py). diffusers' own checks are in test_adapter_compat_diffusers.py."""
 import pytest
 import torch
+from adapter_loading import lycoris_network
 from adapter_samples import modules_of, write_diff, write_loha, write_lokr, write_lora
-from loader_rules import a1111_unloaded, comfyui_key_map, comfyui_unloaded, kohya_lora_names, sdxl_torch_modules
+from loader_rules import a1111_unloaded, comfyui_key_map, comfyui_unloaded, kohya_lora_names
 
 from lineage.adapters.convert import convert
 from lineage.adapters.modules import sdxl_modules
@@ -80,18 +81,7 @@ def test_kohya_sd_scripts_loads_lora_and_locon(base, files, kind):
 @pytest.mark.parametrize("kind", ["lora", "locon", "locon-tucker", "lokr", "lokr-low-rank", "loha", "diff",
                                   "converted"])
 def test_lycoris_loads_every_key(base, files, kind):
-    from lycoris.kohya import create_network_from_weights
-
-    unet, text_encoders = sdxl_torch_modules(read_header(base)[0])
-    unet.to_empty(device="cpu")
-    for te in text_encoders:
-        te.to_empty(device="cpu")
-    with SafetensorsFile(files[kind]) as f:
-        weights = {k: f.read(k).float() for k in f.keys()}
-    network, _ = create_network_from_weights(1.0, None, None, text_encoders, unet, weights_sd=weights)
-    network.apply_to(text_encoders, unet, apply_text_encoder=True, apply_unet=True)  # as kohya's scripts do
-    loaded = network.load_state_dict(weights, strict=False)
-    assert not loaded.unexpected_keys and not loaded.missing_keys
+    network, weights = lycoris_network(base, files[kind])
     assert len(network.unet_loras) + len(network.text_encoder_loras) == len({k.split(".")[0] for k in weights})
 
 
@@ -128,15 +118,7 @@ def test_rules_catch_what_loaders_refuse(base, tmp_path):
 
 def test_lycoris_reconstructs_a_lora_delta(base, files):
     """LyCORIS' own module rebuilds alpha / r * up @ down for a module of our file."""
-    from lycoris.kohya import create_network_from_weights
-
-    unet, text_encoders = sdxl_torch_modules(read_header(base)[0])
-    unet.to_empty(device="cpu")
-    for te in text_encoders:
-        te.to_empty(device="cpu")
-    with SafetensorsFile(files["lora"]) as f:
-        weights = {k: f.read(k).float() for k in f.keys()}
-    network, _ = create_network_from_weights(1.0, None, None, text_encoders, unet, weights_sd=weights)
+    network, weights = lycoris_network(base, files["lora"])
     name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     module = next(m for m in network.unet_loras if m.lora_name == name)
     up, down, alpha = (weights[f"{name}.{r}"] for r in ("lora_up.weight", "lora_down.weight", "alpha"))

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from adapter_loading import module_difference
 from click.testing import CliRunner
 from loader_rules import a1111_unloaded, comfyui_key_map, comfyui_unloaded
 
@@ -27,14 +28,6 @@ def pair(tmp_path_factory):
     base = write_base(d / "base.safetensors", size="tiny")
     tuned = write_child(base, d / "tuned.safetensors", rank=4)
     return base, tuned
-
-
-def module_difference(base: str, tuned: str, module) -> torch.Tensor:
-    with SafetensorsFile(base) as b, SafetensorsFile(tuned) as t:
-        wb, wt = b.read(module.key).float(), t.read(module.key).float()
-    if module.rows:
-        wb, wt = wb[module.rows[0]:module.rows[1]], wt[module.rows[0]:module.rows[1]]
-    return (wt - wb).reshape(module.shape[0], -1)
 
 
 def adapter_delta(path: str, module) -> torch.Tensor:

@@ -9,33 +9,21 @@ import math
 
 import pytest
 import torch
+from adapter_loading import lycoris_network, module_difference
+from adapter_samples import modules_of
 from click.testing import CliRunner
-from loader_rules import sdxl_torch_modules
 
 from lineage.adapters.apply import apply
 from lineage.adapters.decompose import RankRule
 from lineage.adapters.delta import module_delta
 from lineage.adapters.extract import extract
 from lineage.adapters.kronecker import KroneckerShape, factorization, lokr_factors, nearest_kronecker, rearrange
-from lineage.adapters.modules import sdxl_modules
 from lineage.adapters.reader import open_adapter
 from lineage.cli import main as cli
 from lineage.errors import LineageError
 from lineage.graph.metadata import LINEAGE_RECORD_KEY
 from lineage.io.safetensors import SafetensorsFile, read_header, save_file
 from lineage.sdxl.synthetic import write_base, write_child
-
-
-def lokr_modules(path: str):
-    return sdxl_modules(read_header(path)[0], conv=True)
-
-
-def module_difference(base: str, tuned: str, module) -> torch.Tensor:
-    with SafetensorsFile(base) as b, SafetensorsFile(tuned) as t:
-        wb, wt = b.read(module.key).float(), t.read(module.key).float()
-    if module.rows:
-        wb, wt = wb[module.rows[0]:module.rows[1]], wt[module.rows[0]:module.rows[1]]
-    return (wt - wb).reshape(module.shape[0], -1)
 
 
 def stored_delta(path: str, module) -> torch.Tensor:
@@ -58,7 +46,7 @@ def family(tmp_path_factory):
     g = torch.Generator().manual_seed(3)
     with SafetensorsFile(base) as f:
         tensors = {k: f.read(k).float() for k in f.keys()}
-    for m in lokr_modules(base):
+    for m in modules_of(base, conv=True):
         split = KroneckerShape.of(m.shape)
         planted = torch.kron(torch.randn(*split.w1, generator=g), torch.randn(*split.w2, generator=g)) * 0.01
         rows = slice(*m.rows) if m.rows else slice(None)
@@ -139,11 +127,11 @@ def test_a_planted_kronecker_fine_tune_is_recovered_exactly(family, tmp_path):
     base, _, planted = family
     out = tmp_path / "planted-lokr.safetensors"
     done = extract(base, planted, out, type="lokr", dtype="fp32", record=False, progress=False)
-    assert len(done.modules) == len(lokr_modules(base)) and all(m.rank > 0 for m in done.modules)
+    assert len(done.modules) == len(modules_of(base, conv=True)) and all(m.rank > 0 for m in done.modules)
     # The reported error is ‖Δ‖² − σ₁² of fp32 singular values: exact to about √(fp32 ε) of ‖Δ‖.
     assert done.total_error < 1e-3
     assert max(m.relative_error for m in done.modules) < 2e-3
-    for m in lokr_modules(base)[::30]:  # what the file holds is the planted product to fp32 rounding
+    for m in modules_of(base, conv=True)[::30]:  # what the file holds is the planted product to fp32 rounding
         delta = module_difference(base, planted, m)
         assert float((stored_delta(str(out), m) - delta).norm() / delta.norm()) < 1e-4
 
@@ -152,24 +140,12 @@ def test_a_planted_kronecker_fine_tune_is_recovered_exactly(family, tmp_path):
 def test_lycoris_rebuilds_the_delta_we_report(family, tmp_path, rank):
     """LyCORIS' own modules, built from our file, give a delta whose distance to the true difference is
     the error we report, for linear layers and 1x1 and 3x3 convolutions (w2 holding the kernel)."""
-    from lycoris.kohya import create_network_from_weights
-
     base, tuned, _ = family
     out = tmp_path / "lokr.safetensors"
     done = extract(base, tuned, out, type="lokr", rank=rank, dtype="fp32", record=False, progress=False)
-    header = read_header(base)[0]
-    unet, text_encoders = sdxl_torch_modules(header)
-    unet.to_empty(device="cpu")
-    for te in text_encoders:
-        te.to_empty(device="cpu")
-    with SafetensorsFile(out) as f:
-        weights = {k: f.read(k).float() for k in f.keys()}
-    network, _ = create_network_from_weights(1.0, None, None, text_encoders, unet, weights_sd=weights)
-    network.apply_to(text_encoders, unet, apply_text_encoder=True, apply_unet=True)
-    loaded = network.load_state_dict(weights, strict=False)
-    assert not loaded.unexpected_keys and not loaded.missing_keys
+    network, weights = lycoris_network(base, str(out))
     lycoris = {m.lora_name: m for m in network.unet_loras + network.text_encoder_loras}
-    modules = lokr_modules(base)
+    modules = modules_of(base, conv=True)
     kinds = {"linear": [m for m in modules if len(m.shape) == 2][::80],
              "conv1x1": [m for m in modules if m.shape[2:] == (1, 1)][:3],
              "conv3x3": [m for m in modules if m.spatial][:3]}
@@ -202,7 +178,7 @@ def test_apply_of_the_extracted_lokr_gives_base_plus_delta(family, tmp_path):
     patched = tmp_path / "patched.safetensors"
     apply(base, [str(lokr)], patched, record=False, progress=False)
     with SafetensorsFile(patched) as p, SafetensorsFile(planted) as t, SafetensorsFile(base) as b:
-        for m in lokr_modules(base)[::50]:
+        for m in modules_of(base, conv=True)[::50]:
             got, want = p.read(m.key).float(), t.read(m.key).float()
             assert p.info(m.key).dtype == b.info(m.key).dtype
             scale = float(want.abs().max())
@@ -216,7 +192,7 @@ def test_a_given_factor_splits_every_module_at_it(family, tmp_path):
     base, tuned, _ = family
     square = extract(base, tuned, tmp_path / "square.safetensors", type="lokr", record=False, progress=False)
     two = extract(base, tuned, tmp_path / "two.safetensors", type="lokr", factor=2, record=False, progress=False)
-    modules = {m.name: m for m in lokr_modules(base)}
+    modules = {m.name: m for m in modules_of(base, conv=True)}
     for chosen, factor in ((square, -1), (two, 2)):
         for r in chosen.modules:
             shape = modules[r.name].shape
@@ -232,7 +208,7 @@ def test_the_lora_of_equal_size_is_the_optimal_lora_at_that_parameter_count(fami
     base, tuned, _ = family
     done = extract(base, tuned, tmp_path / "f2.safetensors", type="lokr", factor=2, exact=True, record=False,
                    progress=False)
-    modules = {m.name: m for m in lokr_modules(base)}
+    modules = {m.name: m for m in modules_of(base, conv=True)}
     checked = 0
     for r in done.modules[::40]:
         m = modules[r.name]

@@ -101,6 +101,8 @@ def test_cli_concatenates_and_truncates(family, tmp_path):
                                        "energy", "--rank-param", "0.8", "--json", "--no-record"])
     report = json.loads(as_json.stdout)
     assert report["exact"] is False and all(m["retained"] >= 0.8 - 1e-6 for m in report["modules"] if m["rank"])
+    assert set(report) == {"path", "autov3", "dialect", "exact", "params", "total_retained", "total_relative_error",
+                           "clamped", "node", "record_error", "modules"}
     table = CliRunner().invoke(cli, ["lora-merge", a, b, "-o", str(tmp_path / "t.safetensors"), "--rank", "2",
                                      "--no-record"])
     assert max(len(line) for line in table.stdout.splitlines()[1:]) <= 80

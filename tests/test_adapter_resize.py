@@ -175,6 +175,8 @@ def test_cli_table_fits_80_columns_and_json_lists_every_module(lora32, tmp_path)
     report = json.loads(as_json.stdout)
     assert len(report["modules"]) == 986 + 66 and 0 < report["total_retained"] <= 1
     assert {"name", "rank_in", "rank", "retained", "relative_error"} <= set(report["modules"][0])
+    assert set(report) == {"path", "autov3", "dialect", "params", "total_retained", "total_relative_error",
+                           "alpha_ratio", "alphas_folded", "clamped", "node", "record_error", "modules"}
 
 
 def test_bad_inputs_are_one_line_errors_naming_the_file_and_write_nothing(base, lora32, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_models_reference import diffusers_unet_config, load_exactly, relative_error, text_config
+from test_models_reference import SIZE_VALUES, diffusers_unet_config, load_exactly, relative_error, text_config
 from tokenizer_files import transformers_tokenizer, write_hf_tokenizer
 
 from lineage.errors import LineageError
@@ -30,7 +30,6 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 )
 
 TOLERANCE = 1e-5
-SIZE_VALUES = 6
 PROMPTS = ["a photo of a cat, highly detailed", "Ünïcödé café 日本語 🙂 2 boys, 1024x1024"]
 
 

@@ -1,12 +1,13 @@
 """Identity and editing (lineage/graph/editing.py, edit_commands.py): link, show, edit, merge-nodes, remove."""
 import json
 
+import networkx as nx
 import pytest
 import torch
 
 import lineage
 from lineage import LineageError, hash_file
-from lineage.graph.editing import link, merge_nodes, remove_node, set_attributes
+from lineage.graph.editing import ALIAS, alias_target, canonical, link, merge_nodes, remove_node, set_attributes
 from lineage.graph.recording import scan_file
 from lineage.graph.registry import Registry
 from lineage.io.safetensors import save_file
@@ -166,3 +167,23 @@ def test_add_refuses_parents_for_a_file_linked_to_a_catalog_model(tiny, lmerge):
     code, _, err = lmerge("add", path, "--parent", "pony-diffusion-v6-xl")
     assert code == 1 and "linked to the catalog model NoobAI-XL V-pred 1.0" in err and "--unlink" in err
     assert list(graph().predecessors("noobai-xl-vpred-1.0")) == ["noobai-xl-vpred-0.75"]
+
+
+def test_links_that_go_round_are_refused_in_the_graph_and_in_the_registry(tmp_path):
+    """alias_target (a graph) and canonical (the registry) follow `same_as` links the same way: a file
+    linked through another to a model lands on the model, and links in a circle are one error naming them."""
+    links = {"file1": "file2", "file2": "model"}
+    g = nx.DiGraph()
+    g.add_nodes_from([("file1", {ALIAS: "file2"}), ("file2", {ALIAS: "model"}), ("model", {})])
+    with Registry(tmp_path / "registry.sqlite") as reg:
+        with reg.batch() as b:
+            for node, target in links.items():
+                b.put_node(node, {ALIAS: target})
+            b.put_node("model", {})
+        assert canonical(reg, "file1") == alias_target(g, "file1") == "model"
+        with reg.batch() as b:
+            b.put_node("model", {ALIAS: "file1"})
+        g.nodes["model"][ALIAS] = "file1"
+        for follow in (lambda: canonical(reg, "file1"), lambda: alias_target(g, "file1")):
+            with pytest.raises(LineageError, match="the links file1 -> file2 -> model go round in a circle"):
+                follow()

@@ -10,7 +10,7 @@ from lineage import LineageError, hash_file
 from lineage.graph.catalog import catalog_graph
 from lineage.graph.interchange import from_graphml
 from lineage.graph.model import add_lineage_edge, neighbourhood
-from lineage.graph.render import edge_label, render, to_dot, to_mermaid, to_text
+from lineage.graph.render import edge_label, render, to_dot, to_image, to_mermaid, to_text
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
 
@@ -219,6 +219,19 @@ def test_legend_explains_only_what_the_picture_uses(merge_family):
     assert 'label=" merge"' in legend and 'label=" adapter"' in legend and 'label=" convert"' not in legend
     assert "an adapter (LoRA" in legend and "a file you have" not in legend
     assert "cluster_legend" not in to_dot(merge_family, legend=False)
+
+
+@needs_dot
+def test_legend_is_one_row_under_the_tree(merge_family):
+    """The legend lies in one row below the deepest model (not in a column beside the tree, which made the
+    picture as tall as the legend), and pulls no other model down to its row."""
+    plain = to_image(merge_family, "plain").decode()
+    y = {name.strip('"'): float(y) for name, y in re.findall(r'^node ("[^"]*"|\S+) \S+ (\S+) ', plain, re.M)}
+    legend = {y[n] for n in y if n.startswith("legend:")}
+    models = {n: y[n] for n in merge_family}
+    assert len(legend) == 1 and len(y) - len(models) > 4  # every entry, side by side (plain's y grows upwards)
+    assert max(legend) < min(models.values())
+    assert models["lora"] > models["m2"] and models["a"] > models["m2"]  # the shallow ones stay up
 
 
 def test_own_roots_stand_apart_from_the_catalog():

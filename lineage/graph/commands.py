@@ -26,15 +26,18 @@ COMPAT_ERROR_EXIT = 2  # `lmerge compat`: 0 fits (maybe with a warning), 1 incom
 _REGISTRY_HELP = "Registry file (default: $LINEAGE_HOME/registry.sqlite, else the user data directory)."
 
 
-def _registry_option(command: Callable[..., Any]) -> Callable[..., Any]:
+def registry_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--registry PATH` (as `registry_path`), which every graph command takes."""
     return click.option("--registry", "registry_path", type=click.Path(), default=None, help=_REGISTRY_HELP)(command)
 
 
-def _json_option(command: Callable[..., Any]) -> Callable[..., Any]:
+def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--json` (as `as_json`): the answer as one JSON object."""
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(command)
 
 
-def _label(graph: Any, node: str) -> str:
+def node_label(graph: Any, node: str) -> str:
+    """A node as messages name it: its display name with its id, or the id alone when it has no name."""
     name = display_name(graph, node)
     return node if name == node else f"{name} [{node}]"
 
@@ -50,8 +53,8 @@ def _label(graph: Any, node: str) -> str:
 @click.option("--name", help="Display name (default: ModelSpec title or the file name).")
 @click.option("--replace", is_flag=True, help="The --parent models replace the parents recorded before "
                                               "(default: they are added to them).")
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tuple[float, ...], name: str | None,
         replace: bool, as_json: bool, registry_path: str | None) -> None:
     """Record a checkpoint or adapter file in the registry. Each parent line says whether it was
@@ -66,7 +69,7 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
         before = reg.graph()
         known = reg.known_file(path) if parents and os.path.isfile(path) else None
         if known and is_catalog_node(model := reg.resolve(known[0])):
-            raise LineageError(f"is linked to the catalog model {_label(before, model)}, whose parents the catalog "
+            raise LineageError(f"is linked to the catalog model {node_label(before, model)}, whose parents the catalog "
                                "settles; `lmerge edit FILE --unlink` first if it is another model", path)
         if parents:
             node_id = record(path, parents=parents, relation=relation or ("merge" if len(parents) > 1 else "finetune"),
@@ -83,29 +86,29 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
         echo_json({"path": path, "node": node_id, "name": graph.nodes[node_id].get("name"),
                    "parents": [{"node": p, **graph.edges[p, node_id]} for p in sorted(graph.predecessors(node_id))]})
         return
-    click.echo(f"recorded {path} as {_label(graph, node_id)}")
+    click.echo(f"recorded {path} as {node_label(graph, node_id)}")
     for parent in sorted(graph.predecessors(node_id)):
         edge = graph.edges[parent, node_id]
         weight = f" {edge['weight']:.3g}" if edge.get("weight") is not None else ""
         status = "kept" if old.get(parent) == edge["relation"] else "added" if parent not in old else "changed"
-        click.echo(f"  parent {status}: {_label(graph, parent)} ({edge['relation']}{weight})")
+        click.echo(f"  parent {status}: {node_label(graph, parent)} ({edge['relation']}{weight})")
         if status == "changed":
-            click.echo(f"warning: {_label(graph, parent)} was recorded as a {old[parent]} parent; "
+            click.echo(f"warning: {node_label(graph, parent)} was recorded as a {old[parent]} parent; "
                        f"it is now {edge['relation']}", err=True)
     for parent in dropped:
-        click.echo(f"  parent replaced: {_label(before, parent)} (removed)")
+        click.echo(f"  parent replaced: {node_label(before, parent)} (removed)")
     earlier = [p for p in graph.predecessors(node_id) if p in old and parents and not replace]
     new = [p for p in graph.predecessors(node_id) if p not in old]
     if earlier and new:
-        click.echo(f"warning: {_label(graph, node_id)} keeps its earlier parent(s) "
-                   f"{', '.join(_label(graph, p) for p in sorted(earlier))} next to the new one(s); "
+        click.echo(f"warning: {node_label(graph, node_id)} keeps its earlier parent(s) "
+                   f"{', '.join(node_label(graph, p) for p in sorted(earlier))} next to the new one(s); "
                    "use --replace to replace them", err=True)
 
 
 @click.command()
 @click.argument("directory", type=click.Path())
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def scan(directory: str, as_json: bool, registry_path: str | None) -> None:
     """Record every .safetensors file under DIRECTORY, linking the parents their metadata names
     (our record, A1111, ModelSpec, sd-mecha, kohya). A new file whose hash or download name
@@ -136,9 +139,9 @@ def scan(directory: str, as_json: bool, registry_path: str | None) -> None:
         click.echo(f"recorded {len(result.recorded)} file(s); {result.edges} relation(s) from metadata")
         catalog = catalog_graph()
         for r in linked:
-            click.echo(f"linked {r.path}: it is {_label(catalog, r.node)} ({r.told}, {r.confidence:.0%})")
+            click.echo(f"linked {r.path}: it is {node_label(catalog, r.node)} ({r.told}, {r.confidence:.0%})")
         for path in dict.fromkeys(r.path for r in suggested):  # one line per file, its candidates best first
-            likes = [f"{_label(catalog, r.node)} ({r.confidence:.0%})" for r in suggested if r.path == path]
+            likes = [f"{node_label(catalog, r.node)} ({r.confidence:.0%})" for r in suggested if r.path == path]
             first = next(r for r in suggested if r.path == path)
             click.echo(f"{path} looks like {' or '.join(likes)}; "
                        f"run `lmerge link {shlex.quote(path)} {first.node}` to confirm")
@@ -159,7 +162,7 @@ def scan(directory: str, as_json: bool, registry_path: str | None) -> None:
 @click.option("--previews", "with_previews", is_flag=True,
               help="Show each model's images from `lmerge preview` in its box (svg, png, pdf; html also in its "
                    "panel). The images are embedded: the file can be moved.")
-@_registry_option
+@registry_option
 def tree(node: str | None, up: bool, down: bool, depth: int | None, fmt: str | None, output: str | None,
          with_previews: bool, registry_path: str | None) -> None:
     """Show the lineage tree: the whole family, or NODE's ancestors and descendants.
@@ -224,8 +227,8 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--cfg", type=float, help=f"Classifier-free guidance scale (default: {DEFAULT_GRID.cfg:g}).")
 @click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), help=f"Sampler (default: {DEFAULT_GRID.sampler}).")
 @click.option("--force", is_flag=True, help="Draw every image again, even those drawn with the same settings.")
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def preview(nodes: tuple[str, ...], prompts: tuple[str, ...], seeds: tuple[int, ...], negative: str | None,
             size: tuple[int, int] | None, steps: int | None, cfg: float | None, sampler: str | None, force: bool,
             as_json: bool, registry_path: str | None) -> None:
@@ -280,7 +283,7 @@ def preview(nodes: tuple[str, ...], prompts: tuple[str, ...], seeds: tuple[int, 
 @click.argument("adapter")
 @click.argument("checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_registry_option
+@registry_option
 def compat(adapter: str, checkpoint: str, as_json: bool, registry_path: str | None) -> None:
     """Does ADAPTER (a LoRA, LoKr, ...) fit CHECKPOINT? Answered from the lineage graph; files are
     recorded first. Exit code 0: compatible, likely compatible (a warning) or uncertain; 1: incompatible;
@@ -317,8 +320,8 @@ def hub() -> None:
               help="Look for cards in CARDS/<owner>/<name>/README.md before asking the hub.")
 @click.option("--depth", type=click.IntRange(min=1), default=32, show_default=True,
               help="Follow base_model at most this many cards up.")
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def hub_import(source: str, as_node: str | None, cards_dir: str | None, depth: int, as_json: bool,
                registry_path: str | None) -> None:
     """Read SOURCE's model card (a repo id or a card file) and its base_model chain into the registry."""
@@ -343,8 +346,8 @@ def hub_import(source: str, as_node: str | None, cards_dir: str | None, depth: i
 @click.argument("node")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Update (or create) this README.md instead of printing the front matter.")
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def hub_card(node: str, output: str | None, as_json: bool, registry_path: str | None) -> None:
     """Write the model card front matter (base_model, base_model_relation) of NODE from the graph."""
     from lineage.graph.hub import card_data, front_matter, write_card
@@ -375,8 +378,8 @@ def registry_group() -> None:
 
 
 @registry_group.command("info")
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def registry_info(as_json: bool, registry_path: str | None) -> None:
     """Where the registry is and what it holds."""
     from lineage.graph.registry import Registry
@@ -395,8 +398,8 @@ def registry_info(as_json: bool, registry_path: str | None) -> None:
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["json", "graphml"]),
               help="Default: from the file extension (.graphml), else json.")
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def registry_export(output: str, fmt: str | None, as_json: bool, registry_path: str | None) -> None:
     """Write the user's nodes and edges (not the built-in catalog) to OUTPUT."""
     from lineage.graph.interchange import to_graphml, to_json
@@ -416,8 +419,8 @@ def registry_export(output: str, fmt: str | None, as_json: bool, registry_path: 
 
 @registry_group.command("import")
 @click.argument("source", type=click.Path())
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def registry_import(source: str, as_json: bool, registry_path: str | None) -> None:
     """Add the nodes and edges of an export (JSON or GraphML); all of it, or nothing on any error."""
     from lineage.graph.interchange import read_graph_file
@@ -437,7 +440,7 @@ def registry_import(source: str, as_json: bool, registry_path: str | None) -> No
 @registry_group.command("check")
 @click.option("--repair", is_flag=True, help="Remove the damaged rows found (everything else stays).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_registry_option
+@registry_option
 def registry_check(repair: bool, as_json: bool, registry_path: str | None) -> None:
     """Find rows no command can use (bad JSON, a path or relation naming no model); --repair removes them.
 

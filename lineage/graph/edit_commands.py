@@ -11,29 +11,15 @@ import click
 
 from lineage.cli.output import echo_json
 from lineage.errors import LineageError
+from lineage.graph.commands import json_option, node_label, registry_option
 from lineage.graph.model import RELATIONS, display_name
-
-_REGISTRY_HELP = "Registry file (default: $LINEAGE_HOME/registry.sqlite, else the user data directory)."
-
-
-def _registry_option(command: Any) -> Any:
-    return click.option("--registry", "registry_path", type=click.Path(), default=None, help=_REGISTRY_HELP)(command)
-
-
-def _json_option(command: Any) -> Any:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(command)
-
-
-def label(graph: Any, node: str) -> str:
-    name = display_name(graph, node)
-    return node if name == node else f"{name} [{node}]"
 
 
 @click.command()
 @click.argument("path", type=click.Path())
 @click.argument("node")
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def link(path: str, node: str, as_json: bool, registry_path: str | None) -> None:
     """The file PATH IS the model NODE (e.g. a catalog entry: noobai-xl-vpred-1.0): its hashes and
     paths attach to NODE, and what is made from the file is made from NODE. Kinds, architectures
@@ -47,7 +33,7 @@ def link(path: str, node: str, as_json: bool, registry_path: str | None) -> None
     if as_json:
         echo_json({"path": path, "node": target, "name": display_name(graph, target)})
         return
-    click.echo(f"linked {path}: it is {label(graph, target)}")
+    click.echo(f"linked {path}: it is {node_label(graph, target)}")
 
 
 def _related(edge: dict[str, Any]) -> str:
@@ -73,8 +59,8 @@ def show_text(facts: dict[str, Any]) -> str:
 
 @click.command()
 @click.argument("node")
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def show(node: str, as_json: bool, registry_path: str | None) -> None:
     """Everything known about NODE: names, hashes, files and paths, parents (relation, weight,
     method), children, licence, prediction type, URLs and notes.
@@ -106,8 +92,8 @@ def show(node: str, as_json: bool, registry_path: str | None) -> None:
               help="Relation of the new --parent edges (default: merge for several, else finetune).")
 @click.option("--weight", "weights", type=float, multiple=True, help="Weight of each --parent, in order.")
 @click.option("--unlink", is_flag=True, help="NODE (a linked file) is its own model again: undoes link/merge-nodes.")
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def edit(node: str, rename: str | None, repo: str | None, civitai_url: str | None, license_: str | None,
          notes: str | None, removed: tuple[str, ...], parents: tuple[str, ...], relation: str | None,
          weights: tuple[float, ...], unlink: bool, as_json: bool, registry_path: str | None) -> None:
@@ -160,8 +146,8 @@ def edit(node: str, rename: str | None, repo: str | None, civitai_url: str | Non
 @click.command("merge-nodes")
 @click.argument("keep")
 @click.argument("duplicate")
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def merge_nodes(keep: str, duplicate: str, as_json: bool, registry_path: str | None) -> None:
     """DUPLICATE is the same model as KEEP: from now on its names, hashes, files and children are
     KEEP's (undo: `lmerge edit DUPLICATE --unlink`). Not a weight merge: that is `lmerge merge`."""
@@ -175,13 +161,13 @@ def merge_nodes(keep: str, duplicate: str, as_json: bool, registry_path: str | N
     if as_json:
         echo_json({"merged": gone, "into": kept, "name": display_name(graph, kept)})
         return
-    click.echo(f"merged {gone} into {label(graph, kept)}")
+    click.echo(f"merged {gone} into {node_label(graph, kept)}")
 
 
 @click.command()
 @click.argument("node")
-@_json_option
-@_registry_option
+@json_option
+@registry_option
 def remove(node: str, as_json: bool, registry_path: str | None) -> None:
     """Remove one of your own nodes from the registry, with its edges and the files linked to it
     (the files on disk are not touched). Catalog nodes cannot be removed."""

@@ -43,8 +43,14 @@ EDITABLE = {"name": "name", "repo": "repo", "civitai_url": "civitai_url", "licen
 
 def alias_target(graph: nx.DiGraph, node: str) -> str:
     """The model `node` is (following `same_as` links), or `node` itself."""
+    return _follow_links(node, lambda n: graph.nodes[n].get(ALIAS) if n in graph else None, graph.__contains__)
+
+
+def _follow_links(node: str, link_of: Callable[[str], str | None], exists: Callable[[str], bool]) -> str:
+    """Where the `same_as` links from `node` lead (`link_of`: a node's link, `exists`: is that a node):
+    the last node, or an error naming the links when they go round in a circle."""
     seen = [node]
-    while (target := graph.nodes[node].get(ALIAS) if node in graph else None) and target in graph:
+    while (target := link_of(node)) and exists(target):
         if target in seen or len(seen) > MAX_ALIAS_CHAIN:
             raise LineageError(f"the links {' -> '.join(seen)} go round in a circle; "
                                "remove one with `lmerge edit NODE --unlink`")
@@ -83,14 +89,7 @@ def fold_aliases(graph: nx.DiGraph) -> nx.DiGraph:
 
 def canonical(reg: Registry, node_id: str) -> str:
     """The model a node id stands for: itself, or the model it is linked to."""
-    seen = [node_id]
-    while (target := reg.node(node_id).get(ALIAS)) and reg.has_node(target):
-        if target in seen or len(seen) > MAX_ALIAS_CHAIN:
-            raise LineageError(f"the links {' -> '.join(seen)} go round in a circle; "
-                               "remove one with `lmerge edit NODE --unlink`")
-        seen.append(target)
-        node_id = target
-    return node_id
+    return _follow_links(node_id, lambda n: reg.node(n).get(ALIAS), reg.has_node)
 
 
 # What two things must share to be one model, each fact compared by its family of values (a LoRA and

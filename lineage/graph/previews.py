@@ -6,8 +6,9 @@ so a renamed or moved file keeps its previews; `lmerge tree --previews` shows th
 model's box and all of them in the page's panel.
 
 - The grid is data (`PromptGrid`): a few short prompts, fixed seeds, size, steps, sampler and CFG; the
-  command's options replace any of them. The model is loaded once per node (`Sampler`, train/sampling.py)
-  and every image is one call of it, so a preview is what `lmerge sample` draws with the same settings, `parameters` text chunk included.
+  command's options replace any of them. The model is loaded once per node (`Sampler`,
+  train/sampling.py) and every image is one call of it, so a preview is what `lmerge sample` draws
+  with the same settings, `parameters` text chunk included.
 - A node is drawn from the file the registry recorded for it (the most recently seen that still
   exists). An adapter node is drawn as its base model's file with the adapter applied in memory.
 - `previews.json` in the folder records what each image was drawn with. An image is drawn again only

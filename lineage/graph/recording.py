@@ -15,6 +15,7 @@ A parent named only by a hash or a name becomes a placeholder node until its fil
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -370,6 +371,24 @@ def record(path: str | os.PathLike, *, parents: Sequence[str | os.PathLike] = ()
                 b.put_edge(parent_id, node_id, relation, weight=None if weights is None else float(weights[i]),
                            params=params or None, source="user")
         return node_id
+
+
+def record_written(output: str, autov3: str, parents: Sequence[str], parent_autov3: Sequence[str], relation: str,
+                   params: dict[str, Any], registry: str | os.PathLike | Registry | None,
+                   weights: Sequence[float] | None = None) -> tuple[str | None, str | None]:
+    """Register the file `output` a command just wrote, with an edge from each parent, by the AutoV3s the
+    write computed (nothing is hashed again): (node, None), or (None, why) when the registry cannot be
+    written (the written file stays; the command says so instead of failing)."""
+    def hashes(path: str, value: str) -> FileHashes:
+        return FileHashes(path, None, None, None, value, None)
+
+    try:
+        node = record(output, parents=list(parents), relation=relation, weights=weights,
+                      params=json.loads(json.dumps(params)), registry=registry, hashes=hashes(output, autov3),
+                      parent_hashes=[hashes(p, h) for p, h in zip(parents, parent_autov3)])
+    except (LineageError, OSError) as e:
+        return None, str(e)
+    return node, None
 
 
 def _resolve_ref(b: Batch, graph: nx.DiGraph, ref: ParentRef, files: dict[str, FileFacts]) -> str:

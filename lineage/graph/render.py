@@ -370,10 +370,27 @@ def _legend(graph: nx.DiGraph) -> list[str]:
         style = {**ASSUMED_STYLE["dot"], "label": " assumed", "tooltip": ASSUMED_MEANING}
         out.append(f"    {_dot_string(a)} -> {_dot_string(b)} [{_dot_attrs(style)}];")
         entries.append((a, b))
-    # One column: each entry above the next.
+    # One row under the tree, not a column beside it, so that the picture keeps the tree's own shape: every
+    # entry in one rank, in this order, each edge sample drawn across; the row hangs from the deepest models.
+    row = list(dict.fromkeys(end for entry in entries for end in entry))
+    out.append("    { rank=same; " + " ".join(f"{_dot_string(n)};" for n in row) + " }")
     out += [f"    {_dot_string(a[1])} -> {_dot_string(b[0])} [style=invis];" for a, b in zip(entries, entries[1:])]
     out.append("  }")
+    out += [f"  {_dot_string(node)} -> {_dot_string(row[0])} [style=invis];" for node in _deepest(graph)]
     return out
+
+
+def _deepest(graph: nx.DiGraph) -> list[str]:
+    """The models the most generations below a root: the bottom rank of the tree (every childless model,
+    should the graph hold a cycle). Only they point at the legend, so that no other model is pulled down."""
+    try:
+        order = list(nx.topological_sort(graph))
+    except nx.NetworkXUnfeasible:
+        return [node for node in graph if graph.out_degree(node) == 0]
+    depth: dict[str, int] = {}
+    for node in order:
+        depth[node] = max((depth[parent] + 1 for parent in graph.predecessors(node)), default=0)
+    return [node for node in order if depth[node] == max(depth.values())]
 
 
 def to_dot(graph: nx.DiGraph, focus: str | None = None, *, legend: bool = True,

@@ -144,10 +144,12 @@ def _write_through(found: Destination, data: bytes) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def new_file_mode() -> int:
+    """The mode a file created now gets by default: 0o666 less the process's umask (read without changing it
+    for good: os.umask only reads it by setting it)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def _replace(found: Destination, data: bytes) -> None:
@@ -161,7 +163,7 @@ def _replace(found: Destination, data: bytes) -> None:
         if fd is None:
             fd, name = create_hidden(target)
         # The temporary is private; give it the old file's mode, or the one a plain open() would.
-        os.fchmod(fd, os.stat(target).st_mode & 0o7777 if os.path.exists(target) else 0o666 & ~_umask())
+        os.fchmod(fd, os.stat(target).st_mode & 0o7777 if os.path.exists(target) else new_file_mode())
         _write_all(fd, data, found.path)
         os.fsync(fd)
         if name is None:

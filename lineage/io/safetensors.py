@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from lineage.errors import CheckpointError, LineageError, brief
 from lineage.io import strict_json
-from lineage.io.atomic import file_destination
+from lineage.io.atomic import file_destination, new_file_mode
 from lineage.io.direct_write import BlockWriter, write_all
 from lineage.io.inputs import open_input
 from lineage.io.temporary import GuardedName, create_hidden, link_anonymous, open_anonymous
@@ -276,14 +276,6 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
 # Writing
 
 
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor as stored in safetensors (C order, native little-endian), without a copy
     when the tensor is already a contiguous CPU tensor."""
@@ -338,7 +330,7 @@ class SafetensorsWriter:
             self._fd, self._name = create_hidden(self.path)
         self._blocks: BlockWriter | None = None
         try:
-            os.fchmod(self._fd, 0o666 & ~_umask())  # created private; give the file the user's usual mode
+            os.fchmod(self._fd, new_file_mode())  # created private; give the file the user's usual mode
             reopen = self._name.path if self._name is not None else f"/proc/self/fd/{self._fd}"
             self._blocks = BlockWriter(self._fd, self.path, reopen, self.size,
                                        hash_from=self.data_start if hash_data else None)
