@@ -1,16 +1,11 @@
-"""Fused CPU loops (numba) for the two passes an exact TIES spends its time in (docs/merging.md,
-"CPU loops").
+"""TIES' arithmetic on the CPU as one compiled loop (numba) (docs/merging.md, "CPU loops").
 
 TIES on the CPU in torch takes some twenty passes over each chunk (subtract, trim, check, elect,
-compare, accumulate, divide) and its exact thresholds a dozen more; on a full-size SDXL merge the
-arithmetic, not the disk, set the pace. These loops do each job in one pass over fp32 chunks that stay
-in cache:
-
-- `ties_into`: trim each delta at its threshold (non-finite deltas dropped), elect the sign by
-  weighted mass, write base + alpha · the disjoint mean — the same rules as `methods.ties`' torch
-  code, which stays the reference (tests compare the two) and the path for other devices;
-- `scan_bracket`: one bracket's counts and the magnitudes inside it, the step of ranking.py's exact
-  selection that visits every entry.
+compare, accumulate, divide); on a full-size SDXL merge that arithmetic, not the disk, set the pace.
+`ties` does it in a few passes over fp32 chunks that stay in cache: trim each delta at its threshold
+(non-finite deltas dropped), elect the sign by weighted mass, write base + alpha · the disjoint mean —
+the same rules as `methods.ties`' torch code, which stays the reference (tests compare the two) and
+the path for other devices.
 
 This module imports numba and numpy, so its users import it where they need it, not at the top
 (half a second that commands which never merge should not pay). The loops are compiled on first use
@@ -29,7 +24,6 @@ import torch
 
 SMALLEST_FLOAT = np.float32(2.0 ** -149)  # as methods.SMALLEST_FLOAT: dividing by it keeps an empty sum 0
 LARGEST_FLOAT = np.float32(3.4028234663852886e38)  # float32's largest finite value
-NON_FINITE = np.float32(-1.0)  # as ranking.NON_FINITE: a NaN or ±Inf magnitude ranks below every finite one
 
 _jit = numba.njit(nogil=True, cache=True)
 
@@ -64,27 +58,6 @@ def _ties(base: Any, models: Any, thresholds: Any, weights: Any, alpha: Any, out
         out[i] = base[i] + alpha * (total[i] / max(weight[i], SMALLEST_FLOAT))
 
 
-@_jit
-def _scan_bracket(base: Any, model: Any, lo: Any, hi: Any, count_ends: bool, inside: Any) -> Any:
-    above = at_hi = at_lo = found = 0
-    for i in range(base.size):
-        magnitude = abs(model[i] - base[i])
-        if not magnitude <= LARGEST_FLOAT:  # NaN or ±Inf
-            magnitude = NON_FINITE
-        if magnitude > hi:
-            above += 1
-        elif count_ends and magnitude == hi:
-            at_hi += 1
-        elif count_ends and lo == hi:
-            continue
-        elif magnitude > lo:
-            inside[found] = magnitude
-            found += 1
-        elif magnitude == lo:
-            at_lo += 1
-    return above, at_hi, at_lo, found
-
-
 def ties(base: torch.Tensor, models: Sequence[torch.Tensor], thresholds: Sequence[float],
          weights: Sequence[float], alpha: float) -> torch.Tensor:
     """TIES of fp32 CPU tensors of one shape with the given magnitude thresholds (methods.ties' rules),
@@ -96,10 +69,3 @@ def ties(base: torch.Tensor, models: Sequence[torch.Tensor], thresholds: Sequenc
           np.float32(alpha), out.view(-1).numpy(), *scratch)
     return out
 
-
-def scan_bracket(base: np.ndarray, model: np.ndarray, lo: float, hi: float, count_ends: bool,
-                 inside: np.ndarray) -> tuple[int, int, int, int]:
-    """For |model − base| (fp32 arrays; non-finite magnitudes as NON_FINITE): how many are above `hi`,
-    equal to `hi` (counted only with `count_ends`), equal to `lo`, and how many lie inside, those being
-    written to the front of `inside` — the rules of ranking._Bracket."""
-    return _scan_bracket(base, model, np.float32(lo), np.float32(hi), count_ends, inside)

@@ -12,7 +12,7 @@ Exact selection (the default) on a tensor larger than the sample:
    answer unless the sample is off by more than BRACKET_SIGMAS standard deviations of a binomial
    count (on 13M entries, a bracket around the 20% rank holds ~1% of them);
 2. one pass over the whole tensor counts the entries above hi and collects those inside the
-   bracket (a small share), in a compiled loop (merge/cpu_loops.py);
+   bracket (a small share);
 3. a selection among the collected entries finishes. When the answer lies outside the bracket (the
    counts say so, never a guess), the pass is repeated with a bracket FALLBACK_WIDENING times wider
    and then, if needed, with every entry: the result is always the exact order statistic.
@@ -105,8 +105,13 @@ class _Scratch:
 
     def __init__(self) -> None:
         self.base = torch.empty(CHUNK, dtype=torch.float32)
-        self.model = torch.empty(CHUNK, dtype=torch.float32)
-        self.inside = np.empty(CHUNK, dtype=np.float32)
+        self.magnitudes = torch.empty(CHUNK, dtype=torch.float32)
+        self.masks = [np.empty(CHUNK, dtype=bool) for _ in range(3)]
+
+
+def _count(out: np.ndarray, compare: Callable[..., np.ndarray], magnitudes: np.ndarray, value: float) -> int:
+    """How many `magnitudes` compare true with `value`; the mask is left in `out`."""
+    return int(np.count_nonzero(compare(magnitudes, value, out=out)))
 
 
 @dataclass
@@ -126,16 +131,26 @@ class _Bracket:
     at_lo: int = 0  # entries seen equal to lo (when lo < hi)
     inside: list[np.ndarray] = field(default_factory=list)  # entries seen in (lo, hi), or (lo, hi]
 
-    def scan(self, base: np.ndarray, model: np.ndarray, scratch: _Scratch) -> None:
-        """Count and collect the magnitudes |model − base| of one chunk (fp32 arrays)."""
-        from . import cpu_loops  # imports numba: only when an exact selection runs
-
-        above, at_hi, at_lo, found = cpu_loops.scan_bracket(base, model, self.lo, self.hi, self.count_ends,
-                                                            scratch.inside)
-        self.above += above
-        self.at_hi += at_hi
-        self.at_lo += at_lo
-        self.inside.append(scratch.inside[:found].copy())
+    def scan(self, magnitudes: np.ndarray, scratch: _Scratch) -> None:
+        above, second, third = (m[:magnitudes.size] for m in scratch.masks)
+        self.above += _count(above, np.greater, magnitudes, self.hi)
+        if not self.count_ends:
+            np.greater_equal(magnitudes, self.lo, out=second)
+            np.greater(second, above, out=second)  # in [lo, hi]: at least lo and not above hi
+            # A small share. (Gathering by index beats a boolean mask on a sparse one: the mask's
+            # scattered hits cost a branch miss each.)
+            in_bracket = magnitudes[np.flatnonzero(second)]
+            at_lo = in_bracket == self.lo
+            self.at_lo += int(np.count_nonzero(at_lo))
+            self.inside.append(in_bracket[~at_lo])
+            return
+        self.at_hi += _count(second, np.greater_equal, magnitudes, self.hi) - int(np.count_nonzero(above))
+        if self.lo == self.hi:
+            return
+        self.at_lo += _count(above, np.greater_equal, magnitudes, self.lo)
+        self.at_lo -= _count(third, np.greater, magnitudes, self.lo)
+        np.greater(third, second, out=third)  # in (lo, hi): above lo and below hi
+        self.inside.append(magnitudes[np.flatnonzero(third)])
 
     def answer(self) -> float | None:
         """The order statistic, or None when the counts show that it lies outside the bracket."""
@@ -173,7 +188,7 @@ def _bracket(sample: np.ndarray, numel: int, count: int, sigmas: float) -> _Brac
 
 
 def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], brackets: Sequence[Sequence[_Bracket]]) -> None:
-    """One pass over the inputs, chunk by chunk (converted to fp32), feeding each model's brackets."""
+    """One pass over the inputs, chunk by chunk, feeding each model's magnitudes to its brackets."""
     scratch = _Scratch()
     numel = base.numel()
     for start in range(0, numel, CHUNK):
@@ -182,10 +197,9 @@ def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], brackets: Sequence
         b.copy_(base[start:start + count])
         for model, model_brackets in zip(models, brackets):
             if model_brackets:
-                m = scratch.model[:count]
-                m.copy_(model[start:start + count])
+                magnitudes = _magnitudes(b, model[start:start + count], scratch.magnitudes[:count]).numpy()
                 for bracket in model_brackets:
-                    bracket.scan(b.numpy(), m.numpy(), scratch)
+                    bracket.scan(magnitudes, scratch)
 
 
 def kth_largest_magnitudes(base: torch.Tensor, models: Sequence[torch.Tensor],
