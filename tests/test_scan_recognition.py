@@ -23,6 +23,19 @@ def test_a_download_named_like_a_catalog_model_is_that_model(lmerge, tiny, tmp_p
     assert path in model["paths"] and hash_file(path).sha256 in [f.get("sha256") for f in model["files"]]
 
 
+def test_add_without_parents_recognises_a_download_as_scan_does(lmerge, tiny):
+    path = tiny("noobaiXLNAIXL_vPred10Version.safetensors", 1)
+    code, out, _ = lmerge("add", path)
+    assert code == 0
+    assert f"recorded {path} as NoobAI-XL V-pred 1.0 [noobai-xl-vpred-1.0]" in out, out
+    assert f"linked {path}: it is NoobAI-XL V-pred 1.0 [noobai-xl-vpred-1.0] (by its file name, 100%)" in out
+    similar = tiny("kohakuXL_beta.safetensors", 2)
+    code, out, _ = lmerge("add", similar, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["linked"] == [] and report["suggested"][0]["node"] == "kohaku-xl-beta5"
+    assert report["node"] == hash_file(similar).autov3
+
+
 def test_a_name_that_only_resembles_catalog_models_is_suggested_not_linked(lmerge, tiny, tmp_path):
     path = tiny("kohakuXL_beta.safetensors", 1)  # beta5 (75 %), delta and epsilon (67 %): too close to tell
     code, out, _ = lmerge("scan", tmp_path)

@@ -58,13 +58,17 @@ def node_label(graph: Any, node: str) -> str:
 def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tuple[float, ...], name: str | None,
         replace: bool, as_json: bool, registry_path: str | None) -> None:
     """Record a checkpoint or adapter file in the registry. Each parent line says whether it was
-    added, kept or replaced; a relation that contradicts the recorded one is a warning."""
+    added, kept or replaced; a relation that contradicts the recorded one is a warning. Without
+    --parent, a new file whose hash or download name surely names a catalog model is that model, as
+    with `lmerge scan`."""
     from lineage.graph.editing import drop_other_parents
-    from lineage.graph.recording import record, scan_file
+    from lineage.graph.recording import record
+    from lineage.graph.recording import scan as scan_directory
     from lineage.graph.registry import Registry
 
     if replace and not parents:
         raise LineageError("--replace goes with --parent")
+    recognised: list = []
     with Registry(registry_path) as reg:
         before = reg.graph()
         known = reg.known_file(path) if parents and os.path.isfile(path) else None
@@ -78,15 +82,20 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
             dropped = drop_other_parents(node_id, [reg.resolve(p) for p in parents], reg) if replace else []
         elif weights or relation or name:
             raise LineageError("--relation, --weight and --name go with --parent (metadata brings its own)")
-        else:
-            node_id, dropped = reg.resolve(scan_file(path, reg)), []
+        else:  # as `lmerge scan FILE`: a download named like a catalog model is that model
+            found = scan_directory(path, reg)
+            if found.failed:
+                raise LineageError(found.failed[0][1], path)
+            node_id, dropped, recognised = reg.resolve(found.recorded[0][1]), [], found.recognised
         graph = reg.graph()
     old = {p: before.edges[p, node_id]["relation"] for p in before.predecessors(node_id)} if node_id in before else {}
     if as_json:
         echo_json({"path": path, "node": node_id, "name": graph.nodes[node_id].get("name"),
-                   "parents": [{"node": p, **graph.edges[p, node_id]} for p in sorted(graph.predecessors(node_id))]})
+                   "parents": [{"node": p, **graph.edges[p, node_id]} for p in sorted(graph.predecessors(node_id))],
+                   **_recognised_json(recognised)})
         return
     click.echo(f"recorded {path} as {node_label(graph, node_id)}")
+    _echo_recognised(recognised)
     for parent in sorted(graph.predecessors(node_id)):
         edge = graph.edges[parent, node_id]
         weight = f" {edge['weight']:.3g}" if edge.get("weight") is not None else ""
@@ -114,11 +123,9 @@ def scan(directory: str, as_json: bool, registry_path: str | None) -> None:
     (our record, A1111, ModelSpec, sd-mecha, kohya). A new file whose hash or download name
     (`noobaiXLNAIXL_vPred10Version.safetensors`) surely names a catalog model is linked to it, as
     `lmerge link` does; a name that only resembles one is suggested. Running it again changes nothing."""
-    import shlex
 
     from tqdm import tqdm
 
-    from lineage.graph.catalog import catalog_graph
     from lineage.graph.recording import scan as scan_directory
 
     # A bar of files read (on a terminal), with each file's name above it.
@@ -128,27 +135,44 @@ def scan(directory: str, as_json: bool, registry_path: str | None) -> None:
             bar.update(1)
 
         result = scan_directory(directory, registry_path, on_file=reading)
-    linked = [r for r in result.recognised if r.linked]
-    suggested = [r for r in result.recognised if not r.linked]
     if as_json:
-        recognised = {kind: [{"path": r.path, "node": r.node, "confidence": r.confidence, "how": r.how}
-                             for r in found] for kind, found in (("linked", linked), ("suggested", suggested))}
         echo_json({"recorded": [{"path": p, "node": n} for p, n in result.recorded], "relations": result.edges,
-                   **recognised, "failed": [{"path": p, "problem": why} for p, why in result.failed]})
+                   **_recognised_json(result.recognised),
+                   "failed": [{"path": p, "problem": why} for p, why in result.failed]})
     else:
         click.echo(f"recorded {len(result.recorded)} file(s); {result.edges} relation(s) from metadata")
-        catalog = catalog_graph()
-        for r in linked:
-            click.echo(f"linked {r.path}: it is {node_label(catalog, r.node)} ({r.told}, {r.confidence:.0%})")
-        for path in dict.fromkeys(r.path for r in suggested):  # one line per file, its candidates best first
-            likes = [f"{node_label(catalog, r.node)} ({r.confidence:.0%})" for r in suggested if r.path == path]
-            first = next(r for r in suggested if r.path == path)
-            click.echo(f"{path} looks like {' or '.join(likes)}; "
-                       f"run `lmerge link {shlex.quote(path)} {first.node}` to confirm")
+        _echo_recognised(result.recognised)
     for path, problem in result.failed:
         click.echo(f"error: {problem}" if path in problem else f"error: {path}: {problem}", err=True)
     if result.failed:
         sys.exit(1)
+
+
+def _recognised_json(recognised: list) -> dict[str, list[dict[str, Any]]]:
+    """The files scan took as catalog models (`linked`) and those it only suggests, for --json."""
+    return {kind: [{"path": r.path, "node": r.node, "confidence": r.confidence, "how": r.how}
+                   for r in recognised if r.linked == linked]
+            for kind, linked in (("linked", True), ("suggested", False))}
+
+
+def _echo_recognised(recognised: list) -> None:
+    """A line per file taken as a catalog model, and one per file that only resembles some."""
+    import shlex
+
+    from lineage.graph.catalog import catalog_graph
+
+    if not recognised:
+        return
+    catalog = catalog_graph()
+    suggested = [r for r in recognised if not r.linked]
+    for r in recognised:
+        if r.linked:
+            click.echo(f"linked {r.path}: it is {node_label(catalog, r.node)} ({r.told}, {r.confidence:.0%})")
+    for path in dict.fromkeys(r.path for r in suggested):  # one line per file, its candidates best first
+        likes = [f"{node_label(catalog, r.node)} ({r.confidence:.0%})" for r in suggested if r.path == path]
+        first = next(r for r in suggested if r.path == path)
+        click.echo(f"{path} looks like {' or '.join(likes)}; "
+                   f"run `lmerge link {shlex.quote(path)} {first.node}` to confirm")
 
 
 @click.command()
