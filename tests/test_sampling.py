@@ -2,6 +2,8 @@
 with the same prompt embeddings handed to both (no tokenizer involved)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from adapter_samples import modules_of, write_lora
@@ -10,6 +12,7 @@ from PIL import Image
 import lineage
 import lineage.adapters
 from lineage.errors import LineageError
+from lineage.io.hashing import hash_file
 from lineage.io.safetensors import SafetensorsFile, save_file
 from lineage.sdxl.synthetic import write_base
 from lineage.train.live_adapters import apply_in_memory
@@ -137,7 +140,8 @@ def test_adapters_in_memory_equal_the_baked_checkpoint(tiny_file, tmp_path):
 def parse_parameters(text: str) -> dict[str, str]:
     """Read A1111's infotext back the way its PNG-info tab does: prompt lines, `Negative prompt:`, `Key: value, …`."""
     *lines, last = text.split("\n")
-    found = dict(pair.split(": ", 1) for pair in last.split(", "))
+    # `Key: value` pairs split at commas, except inside a quoted value (`Lora hashes: "a: 1, b: 2"`).
+    found = dict(re.findall(r'\s*([^:,]+): ("[^"]*"|[^,]*)', last))
     negative = [line for line in lines if line.startswith("Negative prompt: ")]
     found["prompt"] = "\n".join(line for line in lines if not line.startswith("Negative prompt: "))
     found["negative"] = negative[0].removeprefix("Negative prompt: ") if negative else ""
@@ -158,6 +162,10 @@ def test_parameters_text_parses_back(tmp_path):
     plain = parameters_text(prompt="p", negative="", steps=4, sampler="dpmpp_2m", scheduler="normal", cfg=5.5,
                             seed=0, width=64, height=64, model_hash="a" * 10, model_name="m")
     assert "Negative prompt" not in plain and parse_parameters(plain)["CFG scale"] == "5.5"
+    named = parameters_text(prompt="p", negative="", steps=4, sampler="euler", scheduler="normal", cfg=7, seed=0,
+                            width=64, height=64, model_hash="a" * 10, model_name="mix: v2, final",
+                            lora_hashes={"style, v1": "0123456789ab", "detail": "ba9876543210"})
+    assert named.endswith('Model: mix v2 final, Lora hashes: "style v1: 0123456789ab, detail: ba9876543210"')
 
 
 @pytest.mark.parametrize("components,message", [
@@ -185,8 +193,6 @@ def test_bad_requests_are_one_line_errors(lmerge, tiny_file, tmp_path):
 
 
 def test_lmerge_sample_writes_pngs_with_parameters(lmerge, tiny_file, tmp_path):
-    from lineage.io.hashing import hash_file
-
     code, out, err = lmerge("sample", tiny_file, "a red cube", "--negative", "blurry", "-o", tmp_path / "cube.png",
                             "--steps", 3, "--width", 64, "--height", 32, "--seed", 5, "--batch", 2,
                             "--sampler", "euler_a", "--scheduler", "karras")
@@ -216,7 +222,10 @@ def test_sample_with_adapter_equals_the_baked_checkpoint(tiny_file, tmp_path):
     baked = lineage.adapters.apply(tiny_file, [(lora, 0.8)], tmp_path / "baked.safetensors", record=False,
                                    progress=False).path
     settings = dict(steps=2, width=32, height=32, seed=9, cfg=5.0, progress=False)
-    live = torch.tensor(list(lineage.sample(tiny_file, "a cube", adapters=[(lora, 0.8)], **settings)[0].getdata()))
+    live_image = lineage.sample(tiny_file, "a cube", adapters=[(lora, 0.8)], **settings)[0]
+    # A1111's Lora extension lists the adapter by name and short AutoV3, which Civitai reads.
+    assert parse_parameters(live_image.info["parameters"])["Lora hashes"] == f'"lora: {hash_file(lora).autov3[:12]}"'
+    live = torch.tensor(list(live_image.getdata()))
     reference = torch.tensor(list(lineage.sample(baked, "a cube", **settings)[0].getdata()))
     plain = torch.tensor(list(lineage.sample(tiny_file, "a cube", **settings)[0].getdata()))
     assert (live - reference).abs().max() <= 1  # 8-bit rounding at most

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,15 +126,26 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
+def _infotext_name(name: str) -> str:
+    """A name as A1111 writes it in infotext: without the commas and colons that separate its fields."""
+    return name.replace(",", "").replace(":", "")
+
+
 def parameters_text(*, prompt: str, negative: str, steps: int, sampler: str, scheduler: str, cfg: float, seed: int,
-                    width: int, height: int, model_hash: str, model_name: str) -> str:
-    """A1111's infotext: the prompt, `Negative prompt: …` when there is one, then `Key: value` pairs."""
+                    width: int, height: int, model_hash: str, model_name: str,
+                    lora_hashes: Mapping[str, str] | None = None) -> str:
+    """A1111's infotext: the prompt, `Negative prompt: …` when there is one, then `Key: value` pairs in the
+    order A1111's `create_infotext` writes them; adapters as its Lora extension lists them
+    (`Lora hashes: "name: AutoV3 prefix, …"`), which Civitai reads to link the resources."""
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
     pairs = {"Steps": steps, "Sampler": SAMPLERS[sampler].label, "Schedule type": SCHEDULERS[scheduler],
              "CFG scale": f"{cfg:g}", "Seed": seed, "Size": f"{width}x{height}", "Model hash": model_hash,
-             "Model": model_name}
+             "Model": _infotext_name(model_name)}
+    if lora_hashes:
+        listed = ", ".join(f"{_infotext_name(name)}: {value}" for name, value in lora_hashes.items())
+        pairs["Lora hashes"] = f'"{listed}"'
     lines.append(", ".join(f"{key}: {value}" for key, value in pairs.items()))
     return "\n".join(lines)
 
@@ -165,6 +176,7 @@ class Sampler:
 
     def __init__(self, checkpoint: str | os.PathLike, *, adapters: Sequence = (), dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", model_hash: str | None = None):
+        from lineage.adapters.apply import adapter_inputs
         from lineage.io.hashing import hash_file
         from lineage.train.live_adapters import apply_in_memory
         from lineage.train.loading import load_sdxl
@@ -175,6 +187,8 @@ class Sampler:
         if adapters:
             apply_in_memory(self.model, self.path, adapters)
         self.model_hash = model_hash or hash_file(self.path).autov2
+        # As A1111's Lora extension names them: the file's stem and its AutoV3's first 12 digits.
+        self.lora_hashes = {Path(a.path).stem: hash_file(a.path).autov3[:12] for a in adapter_inputs(adapters)}
 
     def __call__(self, prompt: str, *, negative: str = "", steps: int = 28, cfg: float = 7.0,
                  seed: int | None = None, width: int = 1024, height: int = 1024, sampler: str = "euler",
@@ -215,7 +229,7 @@ class Sampler:
             image.info["parameters"] = parameters_text(
                 prompt=prompt, negative=negative, steps=steps, sampler=sampler, scheduler=scheduler, cfg=cfg,
                 seed=image_seed, width=width, height=height, model_hash=self.model_hash,
-                model_name=Path(self.path).stem)
+                model_name=Path(self.path).stem, lora_hashes=self.lora_hashes)
             image.info["seconds_per_step"] = seconds_per_step
         return images
 
