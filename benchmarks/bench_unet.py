@@ -133,6 +133,9 @@ def worker(args: argparse.Namespace) -> None:
     loaded = resident_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak (VmHWM) to the current RSS
         f.write("5")
+    if args.device == "cuda":  # the same "above the loaded model" on the GPU
+        torch.cuda.reset_peak_memory_stats()
+        loaded_on_gpu = torch.cuda.memory_allocated()
     out = step()
     if args.output:
         torch.save(out.cpu(), args.output)
@@ -143,7 +146,7 @@ def worker(args: argparse.Namespace) -> None:
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
+    peak = ((torch.cuda.max_memory_allocated() - loaded_on_gpu) / 2**20 if args.device == "cuda"
             else (resident_kib("VmHWM") - loaded) / 1024)
     print(json.dumps({"seconds": statistics.median(times), "peak_mib": peak,
                       "parameters": sum(p.numel() for p in model.parameters())}))
