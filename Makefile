@@ -9,7 +9,7 @@ BENCH  ?= /tmp/lineage-bench
 # bring several GB of CUDA libraries and Triton. Its dependencies come from PyPI with the package.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-fast lint demo bench-hash bench-registry bench-merge bench-kernels bench-apply bench-extract clean
+.PHONY: setup test test-fast lint demo bench-hash bench-registry bench-merge bench-kernels bench-apply bench-extract bench-unet clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,12 @@ SIZE ?= full
 bench-extract: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/bench_extract.py --size $(SIZE)
+
+# Our SDXL UNet beside diffusers' UNet2DConditionModel (test extra): a mid-size training step, then the full-size
+# forward (~11 GB of RAM per model); about 35 minutes on 2 busy cores. PART=mid|full for one of them.
+PART ?= both
+bench-unet: setup
+	$(PY) benchmarks/bench_unet.py --part $(PART)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,7 +12,7 @@ Part `full`: the full-size SDXL UNet (2.57G parameters, fp32) forward at a 64x64
 no_grad: seconds per step, as a sampler would run it. Weights are seeded normal values (the speed does
 not depend on them), built on the meta device and filled in place.
 
-Every measurement runs in its own subprocess, alternating ours and diffusers round by round; the table
+Every measurement runs in its own subprocess, ours and diffusers alternately (in the order ABBA...); the table
 gives medians over the rounds of the median step time and of the peak resident memory above the loaded
 model (the kernel's high-water mark, reset once the model is in memory: activations, gradients and
 allocator slack).
@@ -133,6 +133,9 @@ def worker(args: argparse.Namespace) -> None:
     loaded = resident_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak (VmHWM) to the current RSS
         f.write("5")
+    if args.device == "cuda":  # the same "above the loaded model" on the GPU
+        torch.cuda.reset_peak_memory_stats()
+        loaded_on_gpu = torch.cuda.memory_allocated()
     out = step()
     if args.output:
         torch.save(out.cpu(), args.output)
@@ -143,7 +146,7 @@ def worker(args: argparse.Namespace) -> None:
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
+    peak = ((torch.cuda.max_memory_allocated() - loaded_on_gpu) / 2**20 if args.device == "cuda"
             else (resident_kib("VmHWM") - loaded) / 1024)
     print(json.dumps({"seconds": statistics.median(times), "peak_mib": peak,
                       "parameters": sum(p.numel() for p in model.parameters())}))
@@ -170,7 +173,8 @@ def benchmark(part: str, args: argparse.Namespace, scratch: str) -> None:
         outputs = {impl: os.path.join(scratch, f"{impl}.pt") for impl in IMPLEMENTATIONS}
     results: dict[str, list[dict]] = {impl: [] for impl in IMPLEMENTATIONS}
     for round_ in range(args.rounds):
-        for impl in IMPLEMENTATIONS:
+        # ABBA order: a machine growing busier or quieter during the run favours neither implementation
+        for impl in IMPLEMENTATIONS if round_ % 2 == 0 else reversed(IMPLEMENTATIONS):
             output = outputs[impl] if outputs and round_ == 0 else None
             results[impl].append(measure(impl, part, args, weights, output))
     side = LATENT[part]
