@@ -25,7 +25,15 @@ import torch
 SMALLEST_FLOAT = np.float32(2.0 ** -149)  # as methods.SMALLEST_FLOAT: dividing by it keeps an empty sum 0
 LARGEST_FLOAT = np.float32(3.4028234663852886e38)  # float32's largest finite value
 
-_jit = numba.njit(nogil=True, cache=True)
+
+
+def _jit(function: Any) -> Any:
+    """Compiled without the GIL, cached on disk where numba finds a writable place (beside this file or
+    in the user's cache); where it finds none, compiled anew in each process rather than failing."""
+    try:
+        return numba.njit(nogil=True, cache=True)(function)
+    except RuntimeError:  # numba: "cannot cache function …: no locator available"
+        return numba.njit(nogil=True)(function)
 
 
 @_jit
