@@ -65,6 +65,7 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
     from lineage.graph.recording import record
     from lineage.graph.recording import scan as scan_directory
     from lineage.graph.registry import Registry
+    from lineage.io.inputs import check_input
 
     if replace and not parents:
         raise LineageError("--replace goes with --parent")
@@ -83,6 +84,7 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
         elif weights or relation or name:
             raise LineageError("--relation, --weight and --name go with --parent (metadata brings its own)")
         else:  # as `lmerge scan FILE`: a download named like a catalog model is that model
+            check_input(path)  # a folder is refused, not scanned
             found = scan_directory(path, reg)
             if found.failed:
                 raise LineageError(found.failed[0][1], path)
