@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,7 +43,7 @@ from .modules import modules_by_name
 from .reader import AdapterFile, AdapterModule, open_adapter
 
 if TYPE_CHECKING:
-    from lineage.engine.executor import JobContext, SourceReader
+    from lineage.engine.executor import JobContext
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 2)
 # Roles whose tensors a job reads (alpha is read once, by the reader).
@@ -163,13 +163,8 @@ class ApplyJobs:
                 jobs.append(Job((Source(0, key),), output, _copy))
                 continue
             sources = (Source(0, key), *patch_sources(patches, first_input=1))
-            jobs.append(Job(sources, output, partial(self._patch, patches)))
+            jobs.append(Job(sources, output, partial(patch_key, patches, [a.path for a in self.plan.adapters])))
         return jobs
-
-    def _patch(self, patches: list[Patch], ctx: JobContext) -> None:
-        weight = ctx.sources[0].fp32()
-        add_patches_(weight, patches, ctx.sources[1:], [a.path for a in self.plan.adapters])
-        ctx.outputs[0].copy_(weight)
 
 
 def patch_sources(patches: Sequence[Patch], first_input: int) -> list[Source]:
@@ -178,22 +173,31 @@ def patch_sources(patches: Sequence[Patch], first_input: int) -> list[Source]:
     return [Source(first_input + p.adapter, p.module.keys[role]) for p in patches for role in p.roles]
 
 
-def add_patches_(weight: Any, patches: Sequence[Patch], readers: Sequence[SourceReader],
+def patch_key(patches: Sequence[Patch], adapter_paths: Sequence[str], ctx: JobContext) -> None:
+    """The job of a key that adapters patch and nothing else changes: its tensor (the job's first source) in
+    fp32 on the run's device, the patches added (their factors: the other sources, `patch_sources`), then
+    stored in the key's dtype. `lmerge apply` and the keys a merge copies use it."""
+    weight = ctx.to_device(ctx.sources[0].fp32())
+    add_patches_(weight, patches, ((r.info.name, r.fp32()) for r in ctx.sources[1:]), adapter_paths)
+    ctx.outputs[0].copy_(weight)
+
+
+def add_patches_(weight: Any, patches: Sequence[Patch], factors: Iterable[tuple[str, Any]],
                  adapter_paths: Sequence[str]) -> None:
-    """Add every patch of one key to its fp32 `weight` (in place, on the weight's device), in order, each
-    patch's factors read from `readers` (the job's sources of `patch_sources`). A factor holding NaN or
-    Inf fails with the adapter (`adapter_paths[patch.adapter]`) named."""
+    """Add every patch of one key to its fp32 `weight` (in place, on the weight's device), in order. `factors`
+    yields (tensor name, tensor) for each patch's roles in turn (a job's readers of `patch_sources`, or an
+    adapter file read directly); each is taken in fp32 on the weight's device. A factor holding NaN or Inf
+    fails with the adapter (`adapter_paths[patch.adapter]`) named."""
     import torch
 
-    found = iter(readers)
+    found = iter(factors)
     for patch in patches:
         tensors = {}
         for role in patch.roles:
-            reader = next(found)
-            value = reader.fp32()
+            name, value = next(found)
             if not bool(torch.isfinite(value).all()):
-                raise CheckpointError(f"tensor {reader.info.name!r} holds NaN or Inf", adapter_paths[patch.adapter])
-            tensors[role] = value.to(weight.device)
+                raise CheckpointError(f"tensor {name!r} holds NaN or Inf", adapter_paths[patch.adapter])
+            tensors[role] = value.to(weight.device, torch.float32)
         add_patch_(weight, patch, tensors)
 
 

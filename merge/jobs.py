@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lineage.adapters.apply import add_patches_, patch_sources
+from lineage.adapters.apply import add_patches_, patch_key, patch_sources
 from lineage.engine.executor import JobContext
 from lineage.engine.jobs import Job, Output, Source
 from lineage.engine.seeding import key_seed
@@ -71,7 +71,8 @@ class MergeJobs:
             sources = tuple(Source(i, step.key) for i in range(self.models))
             return Job(sources + adapters, output, partial(self._merge, step))
         if step.patches:
-            return Job((Source(step.source, step.key), *adapters), output, partial(self._patched_copy, step))
+            return Job((Source(step.source, step.key), *adapters), output,
+                       partial(patch_key, step.patches, self.adapter_paths))
         if step.action in ("copy", "pass"):
             return Job((Source(step.source, step.key),), output, self._copy)
         return Job((), output, _nothing)  # marker: an empty tensor
@@ -109,14 +110,9 @@ class MergeJobs:
                             self._note_nonfinite(index, step.key)
                 result[start:start + block.shape[1]].copy_(self.method.fn(*block, **params))
         if step.patches:
-            add_patches_(result.view(step.shape), step.patches, ctx.sources[self.models:], self.adapter_paths)
+            factors = ((r.info.name, r.fp32()) for r in ctx.sources[self.models:])
+            add_patches_(result.view(step.shape), step.patches, factors, self.adapter_paths)
             out.copy_(result)
-
-    def _patched_copy(self, step: Step, ctx: JobContext) -> None:
-        """A copied key an adapter patches: the first model's tensor in fp32, patched, then stored."""
-        weight = ctx.to_device(ctx.sources[0].fp32())
-        add_patches_(weight, step.patches, ctx.sources[1:], self.adapter_paths)
-        ctx.outputs[0].copy_(weight)
 
     @staticmethod
     def _copy(ctx: JobContext) -> None:

@@ -13,8 +13,7 @@ from contextlib import ExitStack
 
 import torch
 
-from lineage.adapters.apply import Patch, add_patch_, plan
-from lineage.errors import CheckpointError
+from lineage.adapters.apply import add_patches_, plan
 from lineage.io.safetensors import SafetensorsFile
 from lineage.train.sdxl import SDXL
 
@@ -23,27 +22,19 @@ def apply_in_memory(model: SDXL, checkpoint: str | os.PathLike, adapters: Sequen
     """Add every adapter (path, or (path, strength)) to `model`, loaded from `checkpoint`; returns the number
     of parameters changed. Keys of parts the model left out are skipped."""
     applied = plan(checkpoint, adapters)
+    paths = [a.path for a in applied.adapters]
     parameters = model.state_dict(keep_vars=True)
     with ExitStack() as stack, torch.no_grad():
-        files = [stack.enter_context(SafetensorsFile(a.path)) for a in applied.adapters]
+        files = [stack.enter_context(SafetensorsFile(path)) for path in paths]
         changed = 0
         for key, patches in applied.patches.items():
             target = parameters.get(key)
             if target is None:
                 continue
             weight = target.detach().float()
-            for patch in patches:
-                _add_patch(weight, patch, files[patch.adapter])
+            factors = ((p.module.keys[role], files[p.adapter].read(p.module.keys[role]))
+                       for p in patches for role in p.roles)
+            add_patches_(weight, patches, factors, paths)
             target.copy_(weight)
             changed += 1
     return changed
-
-
-def _add_patch(weight: torch.Tensor, patch: Patch, adapter: SafetensorsFile) -> None:
-    tensors = {}
-    for role in patch.roles:
-        value = adapter.read(patch.module.keys[role]).to(weight.device, torch.float32)
-        if not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"tensor {patch.module.keys[role]!r} holds NaN or Inf", adapter.path)
-        tensors[role] = value
-    add_patch_(weight, patch, tensors)
