@@ -22,13 +22,14 @@ import math
 import os
 import sys
 import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lineage.engine.finite import all_finite
 from lineage.engine.jobs import Job, Output, Source
 from lineage.errors import CheckpointError, LineageError
 from lineage.graph.metadata import LINEAGE_RECORD_KEY, modelspec_metadata
@@ -176,10 +177,29 @@ def patch_sources(patches: Sequence[Patch], first_input: int) -> list[Source]:
 def patch_key(patches: Sequence[Patch], adapter_paths: Sequence[str], ctx: JobContext) -> None:
     """The job of a key that adapters patch and nothing else changes: its tensor (the job's first source) in
     fp32 on the run's device, the patches added (their factors: the other sources, `patch_sources`), then
-    stored in the key's dtype. `lmerge apply` and the keys a merge copies use it."""
-    weight = ctx.to_device(ctx.sources[0].fp32())
-    add_patches_(weight, patches, ((r.info.name, r.fp32()) for r in ctx.sources[1:]), adapter_paths)
-    ctx.outputs[0].copy_(weight)
+    stored in the key's dtype. `lmerge apply` and the keys a merge copies use it. On the CPU, when every
+    patch is a product or a dense matrix, the weight goes through a block of rows at a time (`row_blocks`):
+    converted, patched and stored while the block is still in the CPU's cache, instead of three passes over
+    a whole fp32 copy in memory; the sums are those `add_patches_` makes, block for block."""
+    tensors = patch_tensors(patches, ((r.info.name, r.fp32()) for r in ctx.sources[1:]), adapter_paths,
+                            ctx.device)
+    deltas = row_deltas(patches, tensors) if ctx.device.type == "cpu" else None
+    source, output = ctx.sources[0], ctx.outputs[0]
+    if deltas is None:
+        weight = ctx.to_device(source.fp32())
+        for patch, factors in zip(patches, tensors):
+            add_patch_(weight, patch, factors)
+        output.copy_(weight)
+        return
+    import torch
+
+    stored = output.view(output.shape[0], -1)
+    block = torch.empty(max(BLOCK_ELEMENTS, stored.shape[1]))
+    for start, stop in row_blocks(stored.shape):
+        rows = block[:(stop - start) * stored.shape[1]].view(stop - start, stored.shape[1])
+        source.fp32_into(start * stored.shape[1], rows.view(-1))
+        add_rows_(rows, start, patches, deltas)
+        stored[start:stop].copy_(rows)
 
 
 def add_patches_(weight: Any, patches: Sequence[Patch], factors: Iterable[tuple[str, Any]],
@@ -188,17 +208,34 @@ def add_patches_(weight: Any, patches: Sequence[Patch], factors: Iterable[tuple[
     yields (tensor name, tensor) for each patch's roles in turn (a job's readers of `patch_sources`, or an
     adapter file read directly); each is taken in fp32 on the weight's device. A factor holding NaN or Inf
     fails with the adapter (`adapter_paths[patch.adapter]`) named."""
+    tensors = patch_tensors(patches, factors, adapter_paths, weight.device)
+    deltas = row_deltas(patches, tensors) if weight.device.type == "cpu" else None
+    if deltas is None:
+        for patch, found in zip(patches, tensors):
+            add_patch_(weight, patch, found)
+        return
+    matrix = weight.view(weight.shape[0], -1)
+    for start, stop in row_blocks(matrix.shape):
+        add_rows_(matrix[start:stop], start, patches, deltas)
+
+
+def patch_tensors(patches: Sequence[Patch], factors: Iterable[tuple[str, Any]], adapter_paths: Sequence[str],
+                  device: Any) -> list[dict[str, Any]]:
+    """Each patch's factors by role, fp32 on `device`, from `factors` ((tensor name, tensor) for each
+    patch's roles in turn); a factor holding NaN or Inf fails with its adapter named."""
     import torch
 
     found = iter(factors)
+    tensors = []
     for patch in patches:
-        tensors = {}
+        by_role = {}
         for role in patch.roles:
             name, value = next(found)
-            if not bool(torch.isfinite(value).all()):
+            if not all_finite(value):
                 raise CheckpointError(f"tensor {name!r} holds NaN or Inf", adapter_paths[patch.adapter])
-            tensors[role] = value.to(weight.device, torch.float32)
-        add_patch_(weight, patch, tensors)
+            by_role[role] = value.to(device, torch.float32)
+        tensors.append(by_role)
+    return tensors
 
 
 def add_patch_(weight: Any, patch: Patch, tensors: dict[str, Any]) -> None:
@@ -212,6 +249,46 @@ def add_patch_(weight: Any, patch: Patch, tensors: dict[str, Any]) -> None:
         return
     target = weight.view(weight.shape[0], -1)[rows].view(patch.shape)
     add_delta_(target, patch.module.algorithm, tensors, patch.module.alpha, patch.strength)
+
+
+# A block of a weight's rows worked on at once (`row_blocks`): 1 MiB of fp32, which stays in the CPU's cache
+# while it is converted, patched and stored.
+BLOCK_ELEMENTS = 1 << 18
+
+
+def row_blocks(shape: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    """[start, stop) row ranges of a (rows, columns) matrix, each at most BLOCK_ELEMENTS (at least one row)."""
+    rows, columns = shape
+    step = max(1, BLOCK_ELEMENTS // max(1, columns))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def row_deltas(patches: Sequence[Patch], tensors: Sequence[dict[str, Any]]) -> list[Any] | None:
+    """Each patch's delta (adapters/delta.py) when all of them can be added a block of rows at a time —
+    products and dense matrices on a weight, no DoRA (its norms need every row) — else None."""
+    from .delta import SLICEABLE, rebuild, require_fits
+
+    if any(p.bias or "dora_scale" in t for p, t in zip(patches, tensors)):
+        return None
+    deltas = [rebuild(p.module.algorithm, t, p.module.alpha) for p, t in zip(patches, tensors)]
+    if any(d.kind not in SLICEABLE for d in deltas):
+        return None
+    for patch, delta in zip(patches, deltas):
+        require_fits(delta, patch.module.algorithm, patch.shape)
+    return deltas
+
+
+def add_rows_(rows: Any, start: int, patches: Sequence[Patch], deltas: Sequence[Any]) -> None:
+    """Add to `rows`, the fp32 rows [start, start + len(rows)) of a weight matrix, each patch's part of them."""
+    from .delta import add_to_matrix_
+
+    stop = start + rows.shape[0]
+    for patch, delta in zip(patches, deltas):
+        first, last = patch.rows or (0, stop)
+        low, high = max(first, start), min(last, stop)
+        if low < high:
+            add_to_matrix_(rows[low - start:high - start], delta.rows(low - first, high - first), patch.strength)
 
 
 def _copy(ctx: JobContext) -> None:

@@ -45,12 +45,25 @@ class Delta:
             return first.shape[0] * rest[0].shape[0], first.shape[1] * rest[0].shape[1]
         return first.shape[0], first.shape[1]
 
+    def rows(self, start: int, stop: int) -> Delta:
+        """The delta's rows [start, stop): a product's `up` rows or a dense matrix's rows. A Kronecker
+        product's rows are not sliced (see `SLICEABLE`)."""
+        if self.kind not in SLICEABLE:
+            raise LineageError(f"a {self.kind} delta is not sliced by rows")
+        first, *rest = self.factors
+        return Delta(self.kind, (first[start:stop], *rest), self.scale)
+
     def matrix(self) -> torch.Tensor:
         """The delta as one (out, in · kh · kw) fp32 matrix, scale included."""
         first, *rest = self.factors
         combined = {"product": lambda: first @ rest[0], "kron": lambda: torch.kron(first, rest[0]),
                     "dense": lambda: first}[self.kind]()
         return combined * self.scale
+
+
+# Kinds whose rows are a slice of one factor: what `Delta.rows` can cut (adapters/apply.py works row block
+# by row block on them).
+SLICEABLE = frozenset({"product", "dense"})
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -131,9 +144,7 @@ def module_delta(algorithm: str, tensors: Tensors, alpha: float | None, shape: t
     """The module's delta in fp32 and in the weight's `shape` (strength 1; DoRA's magnitude, which
     depends on the weight, is `add_delta_`'s)."""
     delta = rebuild(algorithm, tensors, alpha)
-    if delta.shape != (shape[0], math.prod(shape[1:])):
-        raise LineageError(f"the {algorithm} factors rebuild a {delta.shape[0]}x{delta.shape[1]} weight, "
-                           f"not {'x'.join(map(str, shape))}")
+    require_fits(delta, algorithm, shape)
     return delta.matrix().reshape(shape)
 
 
@@ -175,15 +186,20 @@ def _dora_(weight: torch.Tensor, delta: Delta, dora_scale: torch.Tensor, strengt
     weight.add_(merged.sub_(weight), alpha=strength)
 
 
+def require_fits(delta: Delta, algorithm: str, shape: tuple[int, ...]) -> None:
+    """Fail unless `delta` rebuilds a weight of `shape` (as a matrix: out x in · kh · kw)."""
+    if delta.shape != (shape[0], math.prod(shape[1:])):
+        raise LineageError(f"the {algorithm} factors rebuild a {delta.shape[0]}x{delta.shape[1]} weight, "
+                           f"not {'x'.join(map(str, shape))}")
+
+
 def add_delta_(weight: torch.Tensor, algorithm: str, tensors: Tensors, alpha: float | None,
                strength: float) -> None:
     """weight (fp32, the module's shape) += strength · the module's delta, in place; with `dora_scale`
     among the tensors, DoRA's re-normalised weight at that strength instead."""
     delta = rebuild(algorithm, tensors, alpha)
+    require_fits(delta, algorithm, weight.shape)
     matrix = weight.view(weight.shape[0], -1)
-    if tuple(matrix.shape) != delta.shape:
-        raise LineageError(f"the {algorithm} factors rebuild a {delta.shape[0]}x{delta.shape[1]} weight, "
-                           f"not {'x'.join(map(str, weight.shape))}")
     if "dora_scale" in tensors:
         _dora_(matrix, delta, tensors["dora_scale"], strength)
     else:

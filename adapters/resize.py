@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lineage.engine.finite import all_finite
 from lineage.engine.jobs import Job, Output, Source
 from lineage.errors import CheckpointError, LineageError
 from lineage.graph.metadata import LINEAGE_RECORD_KEY
@@ -250,14 +251,13 @@ def scaled_factors(readers: Sequence[Any], roles: Sequence[str], module: Adapter
                    path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(strength · scale · up, down) of `module` from the job's `readers` of its `roles`, 2-D fp32, a
     Tucker core folded into down (adapters/delta.py); a NaN or Inf names the file `path`."""
-    import torch
 
     from .delta import rebuild
 
     tensors = {}
     for role, reader in zip(roles, readers):
         value = reader.fp32()
-        if not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             raise CheckpointError(f"tensor {reader.info.name!r} holds NaN or Inf", path)
         tensors[role] = value
     delta = rebuild("lora", tensors, module.alpha)

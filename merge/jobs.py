@@ -29,17 +29,12 @@ import torch
 
 from lineage.adapters.apply import add_patches_, patch_key, patch_sources
 from lineage.engine.executor import JobContext
+from lineage.engine.finite import all_finite
 from lineage.engine.jobs import Job, Output, Source
 from lineage.engine.seeding import key_seed
 from lineage.errors import LineageError
 
 from .planner import MergePlan, Step, is_elementwise
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    # One reduction instead of a full boolean mask: the sum of finite values is finite (fp16/bf16
-    # inputs cannot overflow fp32), and when it is not, the exact test settles an fp32 overflow.
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 class MergeJobs:
@@ -96,7 +91,7 @@ class MergeJobs:
         if not self.elementwise:
             inputs = [ctx.to_device(reader.fp32()) for reader in models]
             for index, x in enumerate(inputs):
-                if not _all_finite(x):
+                if not all_finite(x):
                     self._note_nonfinite(index, step.key)
             result.copy_(self.method.fn(*inputs, **params).reshape(-1))
         else:
@@ -104,9 +99,9 @@ class MergeJobs:
                 params["statistics"] = self.method.statistics([reader.stored() for reader in models], params)
             for start, host_block in ctx.fp32_chunks(models):
                 block = ctx.to_device(host_block)
-                if not _all_finite(block):
+                if not all_finite(block):
                     for index, row in enumerate(block):
-                        if not _all_finite(row):
+                        if not all_finite(row):
                             self._note_nonfinite(index, step.key)
                 result[start:start + block.shape[1]].copy_(self.method.fn(*block, **params))
         if step.patches:

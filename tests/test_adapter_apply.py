@@ -32,8 +32,8 @@ def load(path: str) -> dict[str, torch.Tensor]:
         return {k: f.read(k) for k in f.keys()}
 
 
-def module_tensors(adapter: str, name: str) -> dict[str, torch.Tensor]:
-    found = load(adapter)
+def module_tensors(found: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The tensors of module `name` among an adapter's tensors `found`, by role."""
     return {k[len(name) + 1:].removesuffix(".weight"): v for k, v in found.items() if k.startswith(name + ".")}
 
 
@@ -42,12 +42,12 @@ def expected_output(base: str, adapters: list[tuple[str, float]], formula) -> di
     weights = {k: v.float() for k, v in load(base).items()}
     inventory = {m.name: m for m in modules_of(base, conv=True)}
     for adapter, strength in adapters:
-        names = {k.split(".")[0] for k in read_header(adapter)[0]}
-        for name in names:
+        found = load(adapter)
+        for name in {k.split(".")[0] for k in found}:
             m = inventory[name]
             full = weights[m.key]
             rows = slice(*m.rows) if m.rows else slice(None)
-            full[rows] = formula(full[rows].reshape(m.shape), module_tensors(adapter, name), strength).reshape(
+            full[rows] = formula(full[rows].reshape(m.shape), module_tensors(found, name), strength).reshape(
                 full[rows].shape)
     return weights
 
@@ -86,6 +86,27 @@ def test_several_algorithms_at_strengths_equal_comfyui(base, tmp_path):
     loha = write_loha(tmp_path / "loha.safetensors", text[::3] + unet[1::5])
     diff = write_diff(tmp_path / "diff.safetensors", unet[::7])
     adapters = [(lora, 0.7), (lokr, -0.5), (loha, 0.3), (diff, 1.5)]
+    result = lineage.adapters.apply(base, adapters, tmp_path / "out.safetensors", progress=False)
+    assert_equal_to_fp16_rounding(load(result.path), expected_output(base, adapters, comfy_patch))
+
+
+@pytest.mark.parametrize("block", [1, 37, 4096])
+def test_row_blocks_of_any_size_give_the_same_weights(base, tmp_path, monkeypatch, block):
+    """apply works a block of rows at a time (on the CPU, for products and dense deltas): blocks of one
+    row, blocks that straddle OpenCLIP-G's q/k/v thirds and the default all give kohya's and ComfyUI's
+    weights; a LoKr on the same key (not sliced by rows) takes the whole-weight path beside them."""
+    import lineage.adapters.apply as apply_module
+
+    monkeypatch.setattr(apply_module, "BLOCK_ELEMENTS", block)
+    assert list(apply_module.row_blocks((5, 2))) == ([(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)] if block == 1
+                                                     else [(0, 5)] if block == 4096 else [(0, 5)])
+    if block == 37:
+        assert list(apply_module.row_blocks((10, 8))) == [(0, 4), (4, 8), (8, 10)]
+    modules = modules_of(base, conv=True)
+    lora = write_lora(tmp_path / "lora.safetensors", modules, rank=4, alpha=2.0)
+    loha = write_loha(tmp_path / "loha.safetensors", modules[1::3])
+    lokr = write_lokr(tmp_path / "lokr.safetensors", [m for m in modules if m.component == "unet"][::4])
+    adapters = [(lora, 0.8), (loha, -0.6), (lokr, 0.5)]
     result = lineage.adapters.apply(base, adapters, tmp_path / "out.safetensors", progress=False)
     assert_equal_to_fp16_rounding(load(result.path), expected_output(base, adapters, comfy_patch))
 
