@@ -116,6 +116,10 @@ def test_the_catalog_names_are_display_names(nodes):
     ("NoobAI-XL-Vpred-v1.0.safetensors", "noobai-xl-vpred-1.0"),
     ("Illustrious-XL-v2.0.safetensors", "illustrious-xl-v2.0"),
     ("v2-1_768-ema-pruned.ckpt", "sd-2.1-768"),
+    ("illustriousXL11_v11.safetensors", "illustrious-xl-v1.1"),  # Civitai's names of the Illustrious releases
+    ("illustriousXLV20_v20Stable.safetensors", "illustrious-xl-v2.0"),
+    ("autismmixSDXL_autismmixPony.safetensors", "autismmix-sdxl"),
+    ("tPonynai3_v65.safetensors", "t-ponynai3"),
 ])
 def test_circulating_file_names_are_exact_matches(name, node):
     found = resolve(catalog_graph(), name)
@@ -135,6 +139,8 @@ def test_published_hashes_find_their_models():
     assert resolve(g, "ff827fc345").node == "noobai-xl-eps-1.0"  # LFS SHA256 of NoobAI-XL-v1.0.safetensors
     assert resolve(g, "e41b3cdbfa68").node == "noobai-xl-vpred-0.9r"
     assert resolve(g, "3e15ba0038").node == "illustrious-xl-v0.1"
+    assert resolve(g, "c2a1a3eaa13d").node == "illustrious-xl-v2.0"  # the official file = Civitai's v2.0 Stable
+    assert resolve(g, "536863e9f0").node == "illustrious-xl-v1.1"
 
 
 def test_sources_are_the_hubs_themselves_and_repo_facts_cite_their_own_repo(nodes):
