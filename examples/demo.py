@@ -8,8 +8,9 @@ the family tree.
 Every checkpoint is generated (real SDXL key names at reduced widths, the "tiny" size); only the
 names and metadata look like real downloads. Writes into OUTPUT_DIR: `downloads/` (the files as
 downloaded), `mine/` (what we make of them), `registry.sqlite` (a registry of its own, never the
-user's, started anew on each run so that a re-run shows that run's nodes only), `family.{svg,png,mmd}`, `catalog.{svg,png}` and `tree.html`, the whole family as a page to
-explore in a browser (the images and the page need Graphviz's `dot`).
+user's, started anew on each run so that a re-run shows that run's nodes only),
+`family.{svg,png,mmd}`, `catalog.{svg,png}` and `tree.html`, the whole family as a page to explore
+in a browser (the images and the page need Graphviz's `dot`).
 """
 import sys
 from pathlib import Path
