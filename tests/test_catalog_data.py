@@ -380,3 +380,18 @@ def test_family_models_added_from_their_own_pages(graph, nodes):
     assert nodes["illustrious-xl-v0.1-guided"]["prediction_type"] == "epsilon"
     for fix in ("noobai-0.9r-cyberfix", "noobai-0.75s-cyberfix"):
         assert nodes[fix]["prediction_type"] == "v" and nodes[fix]["maker"] == "Panchovix"
+
+
+def test_the_noobai_lines_cite_the_model_trees_of_their_cards(graph):
+    # Hugging Face draws each Laxhar repo's declared base_model; pages showing those trees back the seeds' chain
+    trees = {"https://huggingface.co/John6666/solmeleon-noobai-xl-eps-v11-noobaixlepsv11-sdxl",
+             "https://huggingface.co/John6666/noobmod-v2-sdxl",
+             "https://huggingface.co/John6666/noobaixlvpred-mmmmix-v25-sdxl"}
+    chain = ["noobai-xl-eps-0.5", "noobai-xl-eps-0.6", "noobai-xl-eps-0.75", "noobai-xl-eps-0.77", "noobai-xl-eps-1.0",
+             "noobai-xl-vpred-0.5", "noobai-xl-vpred-0.6", "noobai-xl-vpred-0.65", "noobai-xl-vpred-0.75",
+             "noobai-xl-vpred-1.0"]
+    for a, b in [*zip(chain, chain[1:]), ("noobai-xl-eps-1.0", "noobai-xl-eps-1.1"),
+                 ("noobai-xl-vpred-0.6", "noobai-xl-vpred-0.65s")]:
+        assert trees & set(graph.edges[a, b]["sources"]), (a, b)
+    assert any("Laxhar/noobai-XL-Vpred-0.9r/commit/" in s
+               for s in graph.edges["noobai-xl-vpred-0.75", "noobai-xl-vpred-0.9r"]["sources"])
