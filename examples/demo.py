@@ -8,8 +8,9 @@ the family tree.
 Every checkpoint is generated (real SDXL key names at reduced widths, the "tiny" size); only the
 names and metadata look like real downloads. Writes into OUTPUT_DIR: `downloads/` (the files as
 downloaded), `mine/` (what we make of them), `registry.sqlite` (a registry of its own, never the
-user's), `family.{svg,png,mmd}`, `catalog.{svg,png}` and `tree.html`, the whole family as a page to
-explore in a browser (the images and the page need Graphviz's `dot`).
+user's, started anew on each run so that a re-run shows that run's nodes only),
+`family.{svg,png,mmd}`, `catalog.{svg,png}` and `tree.html`, the whole family as a page to explore
+in a browser (the images and the page need Graphviz's `dot`).
 """
 import sys
 from pathlib import Path
@@ -40,6 +41,14 @@ def rewrite(path: Path, metadata: dict[str, str]) -> None:
         tensors = {k: f.read(k) for k in f.keys()}
     path.unlink()
     save_file(tensors, path, metadata=metadata)
+
+
+def new_registry(path: Path) -> Registry:
+    """An empty registry at `path`: an earlier run's file goes, with SQLite's write-ahead log and index
+    beside it (a log left by a killed run would otherwise be replayed into the new file)."""
+    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    return Registry(path)
 
 
 def make_downloads(downloads: Path) -> dict[str, Path]:
@@ -75,7 +84,7 @@ def main(out: Path) -> None:
     illustrious, noob_eps, a1111_mix, style_lora = (files[k] for k in ("illustrious", "noob_eps", "a1111_mix",
                                                                        "style_lora"))
     mine.mkdir(exist_ok=True)
-    registry = Registry(out / "registry.sqlite")
+    registry = new_registry(out / "registry.sqlite")
 
     # -- 1. The downloads, recognised: by file name (checkpoints), by what their metadata names (merge, LoRA)
     heading("the downloads, recognised")

@@ -8,10 +8,11 @@ from urllib.parse import urlparse
 
 import pytest
 
-from lineage.graph.catalog import catalog_graph, catalog_node_for_repo
+from lineage.errors import LineageError
+from lineage.graph import catalog
+from lineage.graph.catalog import SEED_SOURCES, catalog_graph, catalog_node_for_repo, is_source, source_problems
 from lineage.graph.naming import display_names, resolve
 
-SEEDS = {"000", "001", "002", "003", "004", "handbook"}
 # the hubs themselves, Civitai's archive and GitHub; never a mirror or proxy of them
 SOURCE_HOSTS = {"huggingface.co", "civitai.com", "civitaiarchive.com", "github.com"}
 HEX = {"sha256": 64, "autov2": 10, "autov3": 64, "autov1": 8, "crc32": 8}
@@ -21,10 +22,6 @@ HEX = {"sha256": 64, "autov2": 10, "autov3": 64, "autov1": 8, "crc32": 8}
 def nodes():
     text = (resources.files("lineage.graph") / "data" / "catalog.json").read_text(encoding="utf-8")
     return json.loads(text)["nodes"]
-
-
-def is_source(value):
-    return value in SEEDS or re.fullmatch(r"https://[\w.-]+(/\S*)?", value) is not None
 
 
 def facts(nodes):
@@ -116,6 +113,10 @@ def test_the_catalog_names_are_display_names(nodes):
     ("NoobAI-XL-Vpred-v1.0.safetensors", "noobai-xl-vpred-1.0"),
     ("Illustrious-XL-v2.0.safetensors", "illustrious-xl-v2.0"),
     ("v2-1_768-ema-pruned.ckpt", "sd-2.1-768"),
+    ("illustriousXL11_v11.safetensors", "illustrious-xl-v1.1"),  # Civitai's names of the Illustrious releases
+    ("illustriousXLV20_v20Stable.safetensors", "illustrious-xl-v2.0"),
+    ("autismmixSDXL_autismmixPony.safetensors", "autismmix-sdxl"),
+    ("tPonynai3_v65.safetensors", "t-ponynai3"),
 ])
 def test_circulating_file_names_are_exact_matches(name, node):
     found = resolve(catalog_graph(), name)
@@ -135,11 +136,15 @@ def test_published_hashes_find_their_models():
     assert resolve(g, "ff827fc345").node == "noobai-xl-eps-1.0"  # LFS SHA256 of NoobAI-XL-v1.0.safetensors
     assert resolve(g, "e41b3cdbfa68").node == "noobai-xl-vpred-0.9r"
     assert resolve(g, "3e15ba0038").node == "illustrious-xl-v0.1"
+    assert resolve(g, "c2a1a3eaa13d").node == "illustrious-xl-v2.0"  # the official file = Civitai's v2.0 Stable
+    assert resolve(g, "536863e9f0").node == "illustrious-xl-v1.1"
+    assert resolve(g, "e3d12d0f76d6").node == "illustrious-xl-v0.1-guided"
+    assert resolve(g, "2c0205c93e63").node == "noobai-0.9r-cyberfix"
 
 
 def test_sources_are_the_hubs_themselves_and_repo_facts_cite_their_own_repo(nodes):
     for node_id, key, fact in facts(nodes):
-        if fact["source"] in SEEDS:
+        if fact["source"] in SEED_SOURCES:
             continue
         url = urlparse(fact["source"])
         assert url.netloc in SOURCE_HOSTS, (node_id, fact)
@@ -177,3 +182,46 @@ def test_the_hubs_generic_names_do_not_make_near_names_ambiguous():
     g = catalog_graph()
     assert resolve(g, "noobai vpred 1").node == "noobai-xl-vpred-1.0"
     assert resolve(g, "noobai vpred 0.75").node == "noobai-xl-vpred-0.75"
+    # the fixes others made on a version do not take its plain name
+    assert resolve(g, "noobai vpred 0.9r").node == "noobai-xl-vpred-0.9r"
+    assert resolve(g, "noobai vpred 0.75s").node == "noobai-xl-vpred-0.75s"
+
+
+def test_node_and_edge_sources_are_seeds_or_pages_of_the_hubs(nodes):
+    edges = catalog.catalog_document()["edges"]
+    urls = [s for item in nodes + edges for s in item["sources"] if s not in SEED_SOURCES]
+    assert urls, "some node or edge is sourced by a public page, not only by the seeds"
+    assert all(urlparse(u).netloc in SOURCE_HOSTS for u in urls), urls
+
+
+@pytest.mark.parametrize("source, ok", [
+    ("004", True), ("handbook", True), ("https://huggingface.co/OnomaAIResearch/Illustrious-XL-v2.0", True),
+    ("005", False), ("http://civitai.com/models/1", False), ("huggingface.co/a/b", False), ("", False),
+    ("https://civitai.com/models/1 and more", False), (4, False), (None, False),
+])
+def test_a_source_is_a_seed_id_or_an_https_url(source, ok):
+    assert is_source(source) is ok
+
+
+def test_the_loader_refuses_a_catalog_with_a_source_that_is_neither(monkeypatch):
+    node = {"id": "m", "name": "M", "sources": ["https://huggingface.co/a/m"],
+            "files": [{"name": "m.safetensors", "source": "a forum post"}]}
+    edge = {"parent": "m", "child": "m2", "relation": "finetune", "sources": []}
+    document = {"schema": 1, "nodes": [node], "edges": [edge]}
+    assert source_problems(document) == ["edge 'm' -> 'm2' lists no sources",
+                                         "node 'm' has a files fact with source 'a forum post'"]
+
+    class Shipped:  # the package's data file, replaced by `document`
+        def __truediv__(self, name):
+            return self
+
+        def read_text(self, encoding):
+            return json.dumps(document)
+
+    monkeypatch.setattr(catalog.resources, "files", lambda package: Shipped())
+    catalog.catalog_document.cache_clear()
+    try:
+        with pytest.raises(LineageError, match=r"lists no sources .*seed id or an https URL\), and 1 more"):
+            catalog.catalog_document()
+    finally:
+        catalog.catalog_document.cache_clear()

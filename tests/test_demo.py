@@ -4,6 +4,8 @@ import importlib.util
 from pathlib import Path
 
 from lineage import hash_file
+from lineage.graph.catalog import catalog_graph
+from lineage.graph.recording import record
 from lineage.graph.registry import Registry
 
 DEMO = Path(__file__).parent.parent / "examples" / "demo.py"
@@ -36,3 +38,17 @@ def test_the_demo_downloads_land_on_the_catalog_nodes(tmp_path, lmerge):
         ("illustrious-xl-v0.1", "adapter")]
     assert graph.nodes[lora]["kind"] == "lora" and graph.nodes[lora]["architecture"] == "sdxl"
 
+
+
+def test_each_demo_run_starts_its_registry_anew(tmp_path, tiny):
+    path = tmp_path / "registry.sqlite"
+    with Registry(path) as earlier_run:
+        earlier = record(tiny("earlier.safetensors", seed=0), registry=earlier_run)
+        assert earlier in earlier_run.graph()
+    (tmp_path / "registry.sqlite-wal").write_bytes(b"a log a killed run left")
+    registry = _demo().new_registry(path)
+    try:
+        graph = registry.graph()
+        assert earlier not in graph and set(graph) == set(catalog_graph())
+    finally:
+        registry.close()

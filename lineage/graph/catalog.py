@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from importlib import resources
 from typing import Any
 
@@ -16,6 +17,33 @@ import networkx as nx
 from lineage.errors import LineageError
 
 CATALOG_SCHEMA = 1
+# The seeds of docs/catalog.md's source table; any other source is the https URL of the page a fact was read on.
+SEED_SOURCES = frozenset({"000", "001", "002", "003", "004", "handbook"})
+_URL = re.compile(r"https://[\w.-]+(/\S*)?")
+IDENTITY_KEYS = ("huggingface", "civitai", "files")  # the node keys whose entries each carry their own `source`
+
+
+def is_source(value: object) -> bool:
+    """Whether `value` can stand as a catalog source: a seed id or an https URL."""
+    return isinstance(value, str) and (value in SEED_SOURCES or _URL.fullmatch(value) is not None)
+
+
+def source_problems(document: dict[str, Any]) -> list[str]:
+    """Every node, edge and identity fact whose sources are missing or not sources (see `is_source`)."""
+    problems = []
+    items = [(f"node {n.get('id')!r}", n) for n in document["nodes"]]
+    items += [(f"edge {e.get('parent')!r} -> {e.get('child')!r}", e) for e in document["edges"]]
+    for what, item in items:
+        sources = item.get("sources")
+        if not isinstance(sources, list) or not sources:
+            problems.append(f"{what} lists no sources")
+        else:
+            problems += [f"{what} has source {s!r}" for s in sources if not is_source(s)]
+    for node in document["nodes"]:
+        for key in IDENTITY_KEYS:
+            problems += [f"node {node.get('id')!r} has a {key} fact with source {fact.get('source')!r}"
+                         for fact in node.get(key, ()) if not is_source(fact.get("source"))]
+    return problems
 
 
 @functools.cache
@@ -26,6 +54,10 @@ def catalog_document() -> dict[str, Any]:
     if document.get("schema") != CATALOG_SCHEMA:
         raise LineageError(f"built-in catalog has schema {document.get('schema')!r}, expected {CATALOG_SCHEMA}",
                            str(source))
+    problems = source_problems(document)
+    if problems:  # a source is a seed id or an https URL: anything else is a broken build of the package
+        raise LineageError(f"built-in catalog: {problems[0]} (a source is a seed id or an https URL)"
+                           + (f", and {len(problems) - 1} more" if len(problems) > 1 else ""), str(source))
     return document
 
 
