@@ -14,7 +14,11 @@ module, so extraction uses K = 1; `nearest_kronecker` computes any K for the ana
 
 w2 may further be stored as a low-rank pair w2_a @ w2_b. With w1 fixed, the truncation error of w2 is
 orthogonal to the Kronecker residual (R − u·uᵀ·R has no part along u = vec(w1)/‖w1‖), so
-‖Δ − w1 ⊗ w2ᵣ‖² = ‖Δ − w1 ⊗ w2‖² + ‖w1‖²·‖w2 − w2ᵣ‖²: the reported error is exact.
+‖Δ − w1 ⊗ w2ᵣ‖² = ‖Δ − w1 ⊗ w2‖² + ‖w1‖²·‖w2 − w2ᵣ‖²: the reported error is exact. The same holds
+for any other approximation of w2 (a Tucker core, `tucker_w2`), and for a truncated w1 once w2 is
+fitted again to it (`with_low_rank_w1`). It also makes a size budget one global allocation
+(`allocate_ranks`): each rank of w2 removes ‖w1‖²·σᵢ(w2)² and costs b + d·kh·kw parameters.
+How a fit is stored — whole or pairs, which LyCORIS accepts at which rank — is `KroneckerFit.layout`.
 """
 from __future__ import annotations
 

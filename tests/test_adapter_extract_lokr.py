@@ -324,6 +324,10 @@ def test_a_size_budget_fits_the_file_and_beats_a_uniform_rank(family, tmp_path):
         assert len({m.w2_rank for m in budgeted.modules}) > 2  # one global allocation, not one rank for all
     record = json.loads(read_header(budgeted_path)[1][LINEAGE_RECORD_KEY])
     assert record["budget_params"] == size // 2
+    cli_run = CliRunner().invoke(cli, ["extract", base, tuned, "-o", str(tmp_path / "cli.safetensors"), "--type",
+                                       "lokr", "--size", f"{size}B", "--json", "--no-record"])
+    assert cli_run.exit_code == 0, cli_run.output
+    assert json.loads(cli_run.output)["params"] == budgeted.params
     # Every module's error is the one its stored tensors make, and loaders rebuild those tensors.
     chosen = [m for m in modules if budgeted.modules[modules.index(m)].w2_rank][::25]
     reported = {m.name: m for m in budgeted.modules}
@@ -411,6 +415,8 @@ def test_decompose_both_factors_w1_where_lycoris_takes_it(family, tmp_path):
     """--decompose-both: w1 as lokr_w1_a (a, r) @ lokr_w1_b (r, c) beside a w2 pair of the same rank wherever
     that is smaller than w1, w2 fitted again to the truncated w1; the reported error is the written
     tensors' error, LyCORIS' own loader (every key) and apply rebuild the same delta."""
+    from loader_rules import comfyui_key_map, comfyui_unloaded
+
     base, tuned, _ = family
     rank = 1  # (at the tiny size most w1 are 4x4: LyCORIS takes a pair below rank 2)
     out = tmp_path / "both.safetensors"
@@ -433,5 +439,6 @@ def test_decompose_both_factors_w1_where_lycoris_takes_it(family, tmp_path):
         error = float((delta - stored_delta(str(out), m)).double().norm() / delta.double().norm())
         assert error == pytest.approx(r.relative_error, rel=1e-4)
     chosen = [modules[r.name] for r in both[::10]]
+    assert comfyui_unloaded(list(header), comfyui_key_map(read_header(base)[0], {})) == set()
     assert_lycoris_rebuilds(base, str(out), chosen)
     assert_apply_adds_the_stored_delta(base, str(out), tmp_path, chosen)
