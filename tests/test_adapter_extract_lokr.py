@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from adapter_loading import lycoris_network, module_difference
+from adapter_references import comfy_patch
 from adapter_samples import modules_of
 from click.testing import CliRunner
 
@@ -276,19 +277,28 @@ def test_bad_lokr_options_are_one_line_errors(family, tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def comfy_delta(path: str, module) -> torch.Tensor:
+    """The module's delta as ComfyUI's LoKr rules (tests/adapter_references.py) rebuild it from the file."""
+    entry = open_adapter(path).modules[module.name]
+    with SafetensorsFile(path) as f:
+        tensors = {role: f.read(key) for role, key in entry.keys.items()}
+    return comfy_patch(torch.zeros(module.shape), tensors, 1.0).reshape(module.shape[0], -1)
+
+
 def tensor_bytes(path) -> int:
     """Bytes of every tensor of a safetensors file (alphas included), the header left out."""
     return sum(info.nbytes for info in read_header(path)[0].values())
 
 
 def assert_lycoris_rebuilds(base: str, path: str, modules) -> None:
-    """LyCORIS' own loader (create_network_from_weights, every key loaded) rebuilds for `modules` the delta
-    our reader and apply rebuild."""
+    """LyCORIS' own loader (create_network_from_weights, every key loaded) and ComfyUI's rules rebuild for
+    `modules` the delta our reader and apply rebuild."""
     network, _ = lycoris_network(base, path)
     lycoris = {m.lora_name: m for m in network.unet_loras + network.text_encoder_loras}
     for m in modules:
         diff = lycoris[m.name].get_diff_weight()[0].detach().reshape(m.shape[0], -1).float()
         torch.testing.assert_close(diff, stored_delta(path, m), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(comfy_delta(path, m), stored_delta(path, m), rtol=1e-4, atol=1e-6)
 
 
 def assert_apply_adds_the_stored_delta(base: str, path: str, tmp_path, modules) -> None:
@@ -398,6 +408,7 @@ def test_tucker_w2_is_lycoris_layout_and_its_error_is_the_written_one(family, tm
             w1 = f.read(f"{m.name}.lokr_w1")
             rebuilt = torch.kron(w1[:, :, None, None], rebuild_tucker(t2, w2a, w2b)).reshape(m.shape[0], -1)
             torch.testing.assert_close(rebuilt, ours, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(comfy_delta(str(out), m), ours, rtol=1e-4, atol=1e-6)
             conv = torch.nn.Conv2d(m.shape[1], m.shape[0], m.shape[2:], bias=False)
             module = LokrModule(m.name, conv, lora_dim=rank, alpha=rank, use_tucker=True)
             state = {role: f.read(f"{m.name}.{role}") for role in ("lokr_w1", "lokr_t2", "lokr_w2_a", "lokr_w2_b")}
