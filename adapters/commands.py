@@ -86,7 +86,7 @@ WORST_SHOWN = 8  # modules listed in extract's table, the largest errors first
               show_default=True, help="lora: kohya's default modules; locon: plus the convolutions; lokr: the "
                                       "same modules as nearest Kronecker products; diff: the exact difference.")
 @click.option("--rank", type=click.IntRange(min=1), help="Rank of every module [32]; for lokr the rank of w2's "
-                                                         "factors (without it, w2 is stored full).")
+                                                         "factors (without it or a budget, w2 is stored full).")
 @click.option("--conv-rank", type=click.IntRange(min=1), help="Rank of 3x3 convolutions (locon; default --rank).")
 @click.option("--rank-mode", type=click.Choice(["fixed", "ratio", "threshold", "energy", "quantile"]),
               default="fixed", show_default=True, help="How each module's rank is chosen (with --rank-param).")
@@ -98,7 +98,11 @@ WORST_SHOWN = 8  # modules listed in extract's table, the largest errors first
 @click.option("--factor", type=int, help="lokr: split each dimension at this factor (it must divide them all); "
                                         "-1 (default): most square.")
 @click.option("--kron-rank", type=int, default=1, show_default=True,
-              help="lokr: Kronecker products per module; LyCORIS files hold 1, the only value written.")
+              help="lokr: Kronecker products per module; LoKr files hold 1, the only value written.")
+@click.option("--tucker", is_flag=True, help="lokr: a 3x3 convolution's factored w2 as a Tucker core lokr_t2 "
+                                             "(LyCORIS' use_tucker).")
+@click.option("--decompose-both", is_flag=True, help="lokr: w1 too as a pair of w2's rank where that is smaller "
+                                                     "(LyCORIS' decompose_both).")
 @click.option("--components", default="unet,clip_l,clip_g", show_default=True,
               help="Which parts to extract, comma-separated.")
 @click.option("--exact", is_flag=True, help="Full SVDs instead of the randomized range finder (slower).")
@@ -109,8 +113,8 @@ WORST_SHOWN = 8  # modules listed in extract's table, the largest errors first
 @click.option("--json", "as_json", is_flag=True, help="Print the result (every module) as JSON.")
 def extract(base: str, tuned: str, output: str, kind: str, rank: int | None, conv_rank: int | None, rank_mode: str,
             rank_param: float | None, max_rank: int | None, size: str | None, param_budget: int | None,
-            factor: int | None, kron_rank: int, components: str, exact: bool, dtype: str, device: str | None,
-            registry: str | None, no_record: bool, as_json: bool) -> None:
+            factor: int | None, kron_rank: int, tucker: bool, decompose_both: bool, components: str, exact: bool,
+            dtype: str, device: str | None, registry: str | None, no_record: bool, as_json: bool) -> None:
     """Extract TUNED − BASE (two SDXL checkpoints) as an adapter: each module's difference by truncated
     SVD (lokr: its nearest Kronecker product, and beside its error the error of a LoRA of equal size),
     streamed module by module, errors reported per module and in total."""
@@ -118,7 +122,8 @@ def extract(base: str, tuned: str, output: str, kind: str, rank: int | None, con
 
     done = run_extract(base, tuned, output, type=kind, rank=rank, conv_rank=conv_rank, rank_mode=rank_mode,
                        rank_param=rank_param, size=size, params=param_budget, max_rank=max_rank, factor=factor,
-                       kron_rank=kron_rank, components=[c.strip() for c in components.split(",") if c.strip()],
+                       kron_rank=kron_rank, tucker=tucker, decompose_both=decompose_both,
+                       components=[c.strip() for c in components.split(",") if c.strip()],
                        exact=exact, dtype=dtype, record=not no_record, registry=registry, progress=not as_json,
                        device=device)
     if as_json:

@@ -57,6 +57,12 @@ class Factors:
     norm2: float
     spectrum: torch.Tensor | None = None
 
+    @classmethod
+    def of_values(cls, singular: torch.Tensor, norm2: float) -> Factors:
+        """Singular values and ‖Δ‖² without vectors: each rank's error, and what `allocate` needs, without
+        the memory of the factors."""
+        return cls(torch.zeros(0, singular.numel()), singular, torch.zeros(singular.numel(), 0), norm2)
+
     @property
     def rank(self) -> int:
         return int(self.singular.numel())

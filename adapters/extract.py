@@ -35,7 +35,15 @@ from lineage.io.atomic import file_destination
 from lineage.io.safetensors import DTYPES
 
 from .decompose import Factors, RankRule, allocate, low_rank, sum_squares
-from .kronecker import KroneckerShape, LokrFactors, lokr_factors
+from .kronecker import (
+    KroneckerFit,
+    KroneckerShape,
+    LokrFactors,
+    allocate_ranks,
+    kronecker_fit,
+    w1_factorable,
+    with_low_rank_w1,
+)
 from .metadata import BaseModel, adapter_metadata, adapter_record
 from .modules import ADAPTED_COMPONENTS, Module, sdxl_modules
 from .writer import adapter_key, lora_shapes
@@ -69,6 +77,8 @@ class ModuleResult:
     w1_shape: tuple[int, ...] | None = None
     w2_shape: tuple[int, ...] | None = None
     w2_rank: int | None = None  # None: w2 stored full
+    w1_rank: int | None = None  # None: w1 stored full
+    tucker: bool = False  # w2 stored as a Tucker core lokr_t2 and its mode matrices
     lora_rank: int | None = None
     lora_error: float | None = None
 
@@ -154,28 +164,37 @@ def _lora_decomposer(max_ranks: dict[str, int], exact: bool, keep_as: torch.dtyp
 
 @dataclass
 class _LokrModule:
-    """A module's LoKr, and what a LoRA of as many parameters would keep of the same difference."""
+    """A module's nearest Kronecker product; its layout when a rank rule chose it during the analysis
+    (None: a size budget chooses it afterwards, for all modules at once); and the singular values of
+    its difference up to the largest rank a LoRA of the LoKr's size could have (None: not even rank 1)."""
 
-    factors: LokrFactors
-    lora_rank: int
-    lora_error: float
+    fit: KroneckerFit | None  # kept only for a budget
+    stored: LokrFactors | None
+    lora: Factors | None
 
 
-def _lokr_decomposer(splits: dict[str, KroneckerShape], rule: RankRule | None, exact: bool
-                     ) -> Callable[[torch.Tensor, Module], _LokrModule]:
-    """A module's nearest Kronecker product at its split (w2 factored by `rule`, or full when None),
-    and the error of the best LoRA of at most as many parameters."""
+def _lokr_decomposer(splits: dict[str, KroneckerShape], rule: RankRule | None, budgeted: bool, exact: bool,
+                     tucker: bool, decompose_both: bool) -> Callable[[torch.Tensor, Module], _LokrModule]:
+    """A module's nearest Kronecker product at its split, with w2's SVD up to `rule`'s largest rank (no
+    rule: w2 whole); its layout at the rank `rule` chooses, unless `budgeted`; and its difference's
+    singular values for the LoRA of equal size."""
     def decompose(delta: torch.Tensor, module: Module) -> _LokrModule:
-        found = lokr_factors(delta, splits[module.name], rule, exact=exact)
-        # The LoRA of equal size: as many ranks as the LoKr's parameters pay for (0: not even rank 1).
-        lora_rank = min(found.params // _cost(module), *delta.shape)
-        if found.norm2 == 0:
-            lora_error = 0.0
-        elif lora_rank == 0:
-            lora_error = 1.0
-        else:
-            lora_error = low_rank(delta, lora_rank, exact=exact).relative_error(lora_rank)
-        return _LokrModule(found.cpu(), lora_rank, lora_error)
+        split = splits[module.name]
+        fit = kronecker_fit(delta, split, 0 if rule is None else rule.max_rank, exact=exact)
+        stored = None
+        if not budgeted:
+            rank = None if rule is None or fit.w2_svd is None else rule.rank(fit.w2_svd)
+            if decompose_both and rank and w1_factorable(split, rank):
+                fit = with_low_rank_w1(delta, fit, rank)
+            stored = fit.layout(rank, tucker=tucker)
+        # The most parameters this module's LoKr may hold: its layout's, or (budget) its whole w1 and w2.
+        largest = stored.params if stored is not None else split.params
+        lora_rank = min(largest // _cost(module), *delta.shape)
+        lora = None
+        if lora_rank > 0 and fit.norm2 > 0:
+            found = low_rank(delta, lora_rank, exact=exact)
+            lora = Factors.of_values(found.singular.cpu(), found.norm2)
+        return _LokrModule(fit.cpu() if budgeted else None, None if stored is None else stored.cpu(), lora)
     return decompose
 
 
@@ -226,7 +245,8 @@ def parse_size(text: str) -> int:
 def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike, *, type: str = "lora",
             rank: int | None = None, conv_rank: int | None = None, rank_mode: str = "fixed",
             rank_param: float | None = None, size: int | str | None = None, params: int | None = None,
-            max_rank: int | None = None, factor: int | None = None, kron_rank: int = 1,
+            max_rank: int | None = None, factor: int | None = None, kron_rank: int = 1, tucker: bool = False,
+            decompose_both: bool = False,
             components: Sequence[str] = ADAPTED_COMPONENTS, exact: bool = False, dtype: str = "fp16",
             record: bool = True, registry: Any = None, workers: int = 2, progress: bool = True,
             device: str | None = None) -> ExtractResult:
@@ -237,10 +257,13 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
     product kron(w1, w2)) or "diff" (the exact difference of every module). Ranks: `rank` (default
     DEFAULT_RANK) for every module (`rank_mode` "fixed"), or a rule (`rank_mode` ratio / threshold /
     energy / quantile with `rank_param`, at most `max_rank`), or one budget for the whole file: `size`
-    (bytes, or "200MB") or `params` (parameters). For "lokr" the rank or rule applies to w2's
-    factorisation (w2 full when neither is given, or when factoring does not save parameters);
-    `factor` -1 (default) splits every dimension most-square, else at that factor, which must divide
-    it; `kron_rank` the Kronecker rank (LyCORIS' format holds 1). `exact`: full SVDs instead of the
+    (bytes, or "200MB") or `params` (parameters). For "lokr" the rank, rule or budget applies to w2's
+    factorisation (w2 full when none is given, or when factoring does not save parameters; a budget
+    counts every tensor, w1 and alpha included); `factor` -1 (default) splits every dimension
+    most-square, else at that factor, which must divide it; `kron_rank` the Kronecker rank (LyCORIS'
+    format holds 1); `tucker` stores a 3x3 convolution's factored w2 as a Tucker core `lokr_t2` with
+    its two mode matrices; `decompose_both` stores w1 too as a pair of w2's rank where that is smaller
+    (LyCORIS' option of that name). `exact`: full SVDs instead of the
     randomized range finder. `dtype`: fp16, bf16 or fp32 tensors. The output is recorded as an
     `adapter` node whose parent is `base`."""
     from lineage.engine.device import compute_device
@@ -253,14 +276,15 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
         raise LineageError(f"unknown adapter type {type!r}; choose one of {', '.join(TYPES)}")
     if dtype not in OUTPUT_DTYPES:
         raise LineageError(f"unknown dtype {dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}")
-    _check_lokr_options(type, factor, kron_rank, size, params)
+    w2_given = rank is not None or rank_mode != "fixed"  # LoKr: w2 factored only when asked
+    _check_lokr_options(type, factor, kron_rank, size is not None or params is not None, w2_given, tucker,
+                        decompose_both)
     paths = [os.fspath(base), os.fspath(tuned)]
     output = os.fspath(output)
     file_destination(output, paths)
     if os.path.realpath(paths[0]) == os.path.realpath(paths[1]):
         raise LineageError("is given as both the base and the fine-tune: there is no difference to extract", paths[0])
     budget = parameter_budget(size, params, dtype)
-    w2_given = rank is not None or rank_mode != "fixed"  # LoKr: w2 factored only when asked
     fixed_rank = DEFAULT_RANK if rank is None else rank
     rules = _rules(type, fixed_rank, conv_rank, rank_mode, rank_param, max_rank, budget)
     prediction = [require_sdxl(path) for path in paths][0].prediction_type
@@ -277,7 +301,9 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
                                  compute_on, prediction)
         if type == "lokr":
             decompose: Callable[[torch.Tensor, Module], Any] = _lokr_decomposer(
-                _splits(modules, -1 if factor is None else factor), rules[False] if w2_given else None, exact)
+                _splits(modules, -1 if factor is None else factor),
+                rules[False] if w2_given or budget is not None else None, budget is not None, exact, tucker,
+                decompose_both)
         else:
             decompose = _lora_decomposer({m.name: rules[m.spatial].max_rank for m in modules}, exact,
                                          DTYPES[OUTPUT_DTYPES[dtype]])
@@ -285,17 +311,17 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
         found = run_jobs(inputs, analysis.jobs(), None, known_autov3=known, workers=workers, progress=progress,
                          description="analyse", device=compute_on)
     if type == "lokr":
-        results, jobs = _lokr_plan(modules, analysis, OUTPUT_DTYPES[dtype])
+        results, jobs = _lokr_plan(modules, analysis, budget, tucker, OUTPUT_DTYPES[dtype])
     else:
         results, jobs = _lora_plan(modules, analysis, rules, budget, OUTPUT_DTYPES[dtype])
     if not jobs:
         raise LineageError("has the same weights as the base in every module: there is nothing to extract", paths[1])
     input_autov3 = list(found.input_autov3)
     summary = _summary(type, fixed_rank if w2_given else None, conv_rank, rank_mode, rank_param, budget, exact,
-                       results, factor)
+                       results, factor, tucker, decompose_both)
     common = {r.alpha for r in results if r.rank > 0}
     dim: float | str = common.pop() if len(common) == 1 else "Dynamic"
-    args = _network_args(type, fixed_rank, conv_rank, factor, results)
+    args = _network_args(type, fixed_rank, conv_rank, factor, results, tucker, decompose_both)
 
     def metadata(_: list[str | None], output_autov3: str | None) -> dict[str, str]:
         return _metadata(type, dim, paths, input_autov3, output, output_autov3, summary, results, args, prediction)
@@ -308,25 +334,31 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
     return result
 
 
-def _check_lokr_options(type: str, factor: int | None, kron_rank: int, size: int | str | None,
-                        params: int | None) -> None:
-    """--factor and --kron-rank belong to LoKr; a LoKr has no size budget (its w2 ranks follow a rule)."""
+def _check_lokr_options(type: str, factor: int | None, kron_rank: int, budgeted: bool, w2_given: bool,
+                        tucker: bool, decompose_both: bool) -> None:
+    """--factor, --kron-rank, --tucker and --decompose-both belong to LoKr; the last two shape a factored
+    w2, so they need a rank or rank mode (a budget chooses only w2's rank: w1 and the layout are fixed)."""
     if type != "lokr":
-        if factor is not None:
-            raise LineageError(f"--factor applies to --type lokr only, not {type}")
-        if kron_rank != 1:
-            raise LineageError(f"--kron-rank applies to --type lokr only, not {type}")
+        for given, option in ((factor is not None, "--factor"), (kron_rank != 1, "--kron-rank"),
+                              (tucker, "--tucker"), (decompose_both, "--decompose-both")):
+            if given:
+                raise LineageError(f"{option} applies to --type lokr only, not {type}")
         return
     if kron_rank < 1:
         raise LineageError(f"--kron-rank must be at least 1, got {kron_rank}")
     if kron_rank > 1:
-        raise LineageError(f"--kron-rank {kron_rank}: a LyCORIS LoKr file holds one Kronecker product per module, "
-                           "which loaders rebuild as kron(w1, w2); only --kron-rank 1 can be written")
+        raise LineageError(f"--kron-rank {kron_rank}: a LoKr file holds one Kronecker product kron(w1, w2) per "
+                           "module (LyCORIS, ComfyUI, A1111 and kohya rebuild exactly that), so it cannot carry "
+                           "a sum of several; only --kron-rank 1 can be written")
     if factor is not None and factor != -1 and factor < 1:
         raise LineageError(f"--factor must be -1 (most square) or a positive divisor, got {factor}")
-    if size is not None or params is not None:
-        raise LineageError("--size and --params apply to lora and locon; for lokr give --rank or --rank-mode "
-                           "(w2's rank)")
+    for given, option in ((tucker, "--tucker"), (decompose_both, "--decompose-both")):
+        if given and budgeted:
+            raise LineageError(f"{option} goes with --rank or --rank-mode, not with --size or --params (a budget "
+                               "chooses w2's rank with w1 whole and w2 a plain pair)")
+        if given and not w2_given:
+            raise LineageError(f"{option} shapes a factored w2: give --rank or --rank-mode (without them w2 is "
+                               "stored whole)")
 
 
 def _splits(modules: Sequence[Module], factor: int) -> dict[str, KroneckerShape]:
@@ -363,31 +395,33 @@ def _lora_plan(modules: Sequence[Module], analysis: _Analysis, rules: dict[bool,
     return results, jobs
 
 
-def _lokr_plan(modules: Sequence[Module], analysis: _Analysis, dtype: str) -> tuple[list[ModuleResult], list[Job]]:
-    """Every changed module's LoKr tensors in LyCORIS' layout: lokr_w1 (a, c); lokr_w2 (b, d[, kh, kw])
-    or lokr_w2_a (b, r) and lokr_w2_b (r, d·kh·kw) with alpha = r (a scale of 1; with both factors
-    full, loaders take the scale as 1 whatever alpha is, and alpha 1 is written)."""
+def _lokr_plan(modules: Sequence[Module], analysis: _Analysis, budget: int | None, tucker: bool, dtype: str
+               ) -> tuple[list[ModuleResult], list[Job]]:
+    """Every changed module's LoKr tensors in LyCORIS' layout (adapters/kronecker.py, `LokrFactors`), at
+    the ranks a rule chose during the analysis or, with a `budget`, at the ranks allocated now for all
+    modules at once. alpha = the pairs' rank, a scale of 1 (with both factors whole loaders take the
+    scale as 1 whatever alpha is, and alpha 1 is written)."""
     found: dict[str, _LokrModule] = analysis.found
+    if budget is not None:
+        ranks = allocate_ranks({m.name: found[m.name].fit for m in modules}, budget)
+        stored = {m.name: found[m.name].fit.layout(ranks[m.name], tucker=tucker) for m in modules}
+    else:
+        stored = {m.name: found[m.name].stored for m in modules}
     results, jobs = [], []
     for m in modules:
-        lokr = found[m.name]
-        f = lokr.factors
+        f = stored[m.name]
         changed = f.norm2 > 0
-        w2_shape = tuple(f.w2.shape)
-        rank = (f.w2_rank or min(w2_shape)) if changed else 0
-        alpha = float(f.w2_rank or 1)
-        results.append(ModuleResult(m.name, m.component, rank, f.params if changed else 0, f.relative_error, f.norm2,
+        alpha = float(f.rank or 1)
+        lora_rank = min(f.params // _cost(m), m.shape[0], _flat_width(m))
+        lora = found[m.name].lora
+        lora_error = 0.0 if not changed else 1.0 if lora_rank == 0 or lora is None else lora.relative_error(lora_rank)
+        results.append(ModuleResult(m.name, m.component, (f.rank or min(f.split.w2)) if changed else 0,
+                                    f.params if changed else 0, f.relative_error, f.norm2,
                                     analysis.base_norm2[m.name], alpha=alpha if changed else 0.0,
-                                    w1_shape=tuple(f.w1.shape), w2_shape=w2_shape, w2_rank=f.w2_rank,
-                                    lora_rank=lokr.lora_rank, lora_error=lokr.lora_error))
-        if not changed:
-            continue
-        tensors = {"lokr_w1": f.w1}
-        if f.w2_factors is None:
-            tensors["lokr_w2"] = f.w2.reshape(f.w2.shape[0], m.shape[1] // f.w1.shape[1], *m.shape[2:])
-        else:
-            tensors["lokr_w2_a"], tensors["lokr_w2_b"] = f.w2_factors.split(f.w2_rank)
-        jobs += _write_jobs(m, tensors, alpha, dtype)
+                                    w1_shape=f.split.w1, w2_shape=f.split.w2, w2_rank=f.rank, w1_rank=f.w1_rank,
+                                    tucker="lokr_t2" in f.tensors, lora_rank=lora_rank, lora_error=lora_error))
+        if changed:
+            jobs += _write_jobs(m, f.tensors, alpha, dtype)
     return results, jobs
 
 
@@ -494,7 +528,8 @@ def _components(results: Sequence[ModuleResult]) -> dict[str, dict[str, float]]:
 
 
 def _summary(type: str, rank: int | None, conv_rank: int | None, mode: str, param: float | None,
-             budget: int | None, exact: bool, results: Sequence[ModuleResult], factor: int | None) -> dict[str, Any]:
+             budget: int | None, exact: bool, results: Sequence[ModuleResult], factor: int | None,
+             tucker: bool = False, decompose_both: bool = False) -> dict[str, Any]:
     """What the record keeps of the run: the rank rule, the SVD path and the total error (for a LoKr
     also its factor, Kronecker rank, and the total error of LoRAs of equal size). `rank` None: a LoKr's
     w2 is stored full."""
@@ -511,7 +546,8 @@ def _summary(type: str, rank: int | None, conv_rank: int | None, mode: str, para
         rule = {"w2": "full"}
     else:
         rule = {"rank": rank, **({"conv_rank": conv_rank} if conv_rank and type != "lokr" else {})}
-    lokr = {"factor": -1 if factor is None else factor, "kron_rank": 1} if type == "lokr" else {}
+    lokr = ({"factor": -1 if factor is None else factor, "kron_rank": 1, "tucker": tucker,
+             "decompose_both": decompose_both} if type == "lokr" else {})
     summary = {"type": type, **lokr, **rule, "svd": "exact" if exact else "randomized",
                "total_relative_error": total((r.norm2, r.relative_error) for r in results)}
     if type == "lokr":
@@ -520,14 +556,17 @@ def _summary(type: str, rank: int | None, conv_rank: int | None, mode: str, para
 
 
 def _network_args(type: str, rank: int, conv_rank: int | None, factor: int | None,
-                  results: Sequence[ModuleResult]) -> dict[str, Any] | None:
+                  results: Sequence[ModuleResult], tucker: bool = False,
+                  decompose_both: bool = False) -> dict[str, Any] | None:
     """kohya's ss_network_args besides `algo` (adapters/metadata.py adds it): LoCon's conv rank, LoKr's
-    factor (and full_matrix when no module's w2 is factored, as LyCORIS writes it)."""
+    factor (and full_matrix when no module's w2 is factored, use_tucker and decompose_both when asked,
+    as LyCORIS writes them)."""
     if type == "locon":
         return {"conv_dim": conv_rank or rank, "conv_alpha": conv_rank or rank}
     if type == "lokr":
         full = all(r.w2_rank is None for r in results)
-        return {"factor": -1 if factor is None else factor, **({"full_matrix": True} if full else {})}
+        return {"factor": -1 if factor is None else factor, **({"full_matrix": True} if full else {}),
+                **({"use_tucker": True} if tucker else {}), **({"decompose_both": True} if decompose_both else {})}
     return None
 
 

@@ -22,7 +22,8 @@ def kohya_merge(weight: torch.Tensor, t: dict[str, torch.Tensor], ratio: float) 
 
 def comfy_patch(weight: torch.Tensor, t: dict[str, torch.Tensor], strength: float) -> torch.Tensor:
     """ComfyUI's patch of one module (lora, lokr, loha, diff; no DoRA) in fp32: alpha / rank, 1 without
-    alpha; LoKr's rank is the low-rank factor's (the second's when both are), 1 when both are full."""
+    alpha; LoKr's rank is the low-rank factor's (the second's when both are), 1 when both are full; a Tucker
+    w2 rebuilt from lokr_t2 by ComfyUI's einsum."""
     t = {k: v.float() for k, v in t.items()}
     alpha = float(t["alpha"]) if "alpha" in t else None
     if "diff" in t:
@@ -40,7 +41,12 @@ def comfy_patch(weight: torch.Tensor, t: dict[str, torch.Tensor], strength: floa
     if w1 is None:
         dim, w1 = t["lokr_w1_b"].shape[0], t["lokr_w1_a"] @ t["lokr_w1_b"]
     w2 = t.get("lokr_w2")
-    if w2 is None:
+    if w2 is None and "lokr_t2" in t:  # Tucker: t2 (r, r, kh, kw), w2_a (r, b), w2_b (r, d)
+        # ComfyUI's einsum; its result is not contiguous, which torch.kron refuses under the torch of
+        # these tests (2.13); A1111 and LyCORIS call .contiguous() before the product, as done here.
+        dim = t["lokr_w2_b"].shape[0]
+        w2 = torch.einsum("ijkl,jr,ip->prkl", t["lokr_t2"], t["lokr_w2_b"], t["lokr_w2_a"]).contiguous()
+    elif w2 is None:
         dim, w2 = t["lokr_w2_b"].shape[0], t["lokr_w2_a"] @ t["lokr_w2_b"]
     if w2.dim() == 4:
         w1 = w1.unsqueeze(2).unsqueeze(2)

@@ -10,14 +10,14 @@ import math
 import pytest
 import torch
 from adapter_loading import lycoris_network, module_difference
+from adapter_references import comfy_patch
 from adapter_samples import modules_of
 from click.testing import CliRunner
 
 from lineage.adapters.apply import apply
-from lineage.adapters.decompose import RankRule
 from lineage.adapters.delta import module_delta
 from lineage.adapters.extract import extract
-from lineage.adapters.kronecker import KroneckerShape, factorization, lokr_factors, nearest_kronecker, rearrange
+from lineage.adapters.kronecker import KroneckerShape, factorization, kronecker_fit, nearest_kronecker, rearrange
 from lineage.adapters.reader import open_adapter
 from lineage.cli import main as cli
 from lineage.errors import LineageError
@@ -111,16 +111,17 @@ def test_a_low_rank_w2_error_is_exact_and_falls_with_rank():
     split = KroneckerShape(a=4, b=16, c=4, d=12, kernel=1)
     delta = torch.randn(64, 48, generator=g)
     errors = []
+    fit = kronecker_fit(delta, split, 12, exact=True)
     for rank in (1, 2, 4):
-        found = lokr_factors(delta, split, RankRule("fixed", rank, rank), exact=True)
-        assert found.w2_rank == rank and found.params == 16 + rank * (16 + 12)
-        up, down = found.w2_factors.split(rank)
-        measured = float((delta - torch.kron(found.w1, up @ down)).double().square().sum())
+        found = fit.layout(rank)
+        assert found.rank == rank and found.params == 16 + rank * (16 + 12)
+        t = found.tensors
+        measured = float((delta - torch.kron(t["lokr_w1"], t["lokr_w2_a"] @ t["lokr_w2_b"])).double().square().sum())
         assert found.residual2 == pytest.approx(measured, rel=1e-4)
         errors.append(found.residual2)
     assert errors[0] > errors[1] > errors[2]
-    full = lokr_factors(delta, split, RankRule("fixed", 12, 12), exact=True)  # no saving: w2 stays full
-    assert full.w2_rank is None and full.params == 16 + 16 * 12
+    full = fit.layout(12)  # no saving: w2 stays full
+    assert full.rank is None and full.params == 16 + 16 * 12 and set(full.tensors) == {"lokr_w1", "lokr_w2"}
 
 
 def test_a_planted_kronecker_fine_tune_is_recovered_exactly(family, tmp_path):
@@ -257,10 +258,14 @@ def test_the_cli_reports_lokr_beside_lora_and_records_it(family, tmp_path, monke
     (["--type", "lokr", "--factor", "7"], "--factor 7 does not divide"),
     (["--type", "lokr", "--factor", "0"], "--factor must be -1"),
     (["--type", "lokr", "--kron-rank", "0"], "--kron-rank must be at least 1"),
-    (["--type", "lokr", "--kron-rank", "2"], "one Kronecker product per module"),
+    (["--type", "lokr", "--kron-rank", "2"], "holds one Kronecker product kron(w1, w2) per module"),
+    (["--type", "lokr", "--tucker"], "--tucker shapes a factored w2: give --rank or --rank-mode"),
+    (["--type", "lokr", "--decompose-both", "--size", "1MB"], "--decompose-both goes with --rank or --rank-mode"),
+    (["--type", "lokr", "--tucker", "--rank", "2", "--params", "9000"], "--tucker goes with --rank or --rank-mode"),
+    (["--type", "locon", "--tucker"], "--tucker applies to --type lokr only"),
+    (["--type", "lokr", "--params", "10"], "does not hold the smallest LoKr of the changed modules"),
     (["--type", "lora", "--factor", "2"], "--factor applies to --type lokr only"),
     (["--type", "locon", "--kron-rank", "2"], "--kron-rank applies to --type lokr only"),
-    (["--type", "lokr", "--size", "1MB"], "--size and --params apply to lora and locon"),
 ])
 def test_bad_lokr_options_are_one_line_errors(family, tmp_path, args, message):
     base, tuned, _ = family
@@ -270,3 +275,181 @@ def test_bad_lokr_options_are_one_line_errors(family, tmp_path, args, message):
     assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def comfy_delta(path: str, module) -> torch.Tensor:
+    """The module's delta as ComfyUI's LoKr rules (tests/adapter_references.py) rebuild it from the file."""
+    entry = open_adapter(path).modules[module.name]
+    with SafetensorsFile(path) as f:
+        tensors = {role: f.read(key) for role, key in entry.keys.items()}
+    return comfy_patch(torch.zeros(module.shape), tensors, 1.0).reshape(module.shape[0], -1)
+
+
+def tensor_bytes(path) -> int:
+    """Bytes of every tensor of a safetensors file (alphas included), the header left out."""
+    return sum(info.nbytes for info in read_header(path)[0].values())
+
+
+def assert_lycoris_rebuilds(base: str, path: str, modules) -> None:
+    """LyCORIS' own loader (create_network_from_weights, every key loaded) and ComfyUI's rules rebuild for
+    `modules` the delta our reader and apply rebuild."""
+    network, _ = lycoris_network(base, path)
+    lycoris = {m.lora_name: m for m in network.unet_loras + network.text_encoder_loras}
+    for m in modules:
+        diff = lycoris[m.name].get_diff_weight()[0].detach().reshape(m.shape[0], -1).float()
+        torch.testing.assert_close(diff, stored_delta(path, m), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(comfy_delta(path, m), stored_delta(path, m), rtol=1e-4, atol=1e-6)
+
+
+def assert_apply_adds_the_stored_delta(base: str, path: str, tmp_path, modules) -> None:
+    """`lmerge apply` of the file gives base + the delta rebuilt from the file's tensors, to the rounding of
+    the checkpoint's dtype."""
+    patched = tmp_path / "patched.safetensors"
+    apply(base, [path], patched, record=False, progress=False)
+    with SafetensorsFile(patched) as p, SafetensorsFile(base) as b:
+        for m in modules:
+            rows = slice(*m.rows) if m.rows else slice(None)
+            weight = b.read(m.key).float()[rows].reshape(m.shape[0], -1)
+            want = weight + stored_delta(path, m)
+            got = p.read(m.key).float()[rows].reshape(m.shape[0], -1)
+            torch.testing.assert_close(got, want, rtol=0, atol=float(want.abs().max()) * 2 ** -10)
+            assert not torch.equal(got, weight)
+    patched.unlink()
+
+
+def test_a_size_budget_fits_the_file_and_beats_a_uniform_rank(family, tmp_path):
+    """--size for a LoKr: the written file's tensors (w1s and alphas included) fit the budget, the ranks
+    differ between modules, and the total error is at most that of a uniform-rank LoKr of the same size;
+    LyCORIS, our reader and apply rebuild the same delta."""
+    base, tuned, _ = family
+    modules = modules_of(base, conv=True)
+    for rank in (2, 3):  # (the generated tiny model's w2 are small: LyCORIS takes a w2 pair up to rank 3)
+        uniform_path = tmp_path / f"uniform{rank}.safetensors"
+        uniform = extract(base, tuned, uniform_path, type="lokr", rank=rank, record=False, progress=False)
+        size = tensor_bytes(uniform_path)
+        budgeted_path = tmp_path / f"budget{rank}.safetensors"
+        budgeted = extract(base, tuned, budgeted_path, type="lokr", size=f"{size}B", record=False, progress=False)
+        assert tensor_bytes(budgeted_path) <= size
+        assert budgeted.total_error <= uniform.total_error * (1 + 1e-6), rank
+        assert len({m.w2_rank for m in budgeted.modules}) > 2  # one global allocation, not one rank for all
+    record = json.loads(read_header(budgeted_path)[1][LINEAGE_RECORD_KEY])
+    assert record["budget_params"] == size // 2
+    cli_run = CliRunner().invoke(cli, ["extract", base, tuned, "-o", str(tmp_path / "cli.safetensors"), "--type",
+                                       "lokr", "--size", f"{size}B", "--json", "--no-record"])
+    assert cli_run.exit_code == 0, cli_run.output
+    assert json.loads(cli_run.output)["params"] == budgeted.params
+    # Every module's error is the one its stored tensors make, and loaders rebuild those tensors.
+    chosen = [m for m in modules if budgeted.modules[modules.index(m)].w2_rank][::25]
+    reported = {m.name: m for m in budgeted.modules}
+    for m in chosen:
+        delta = module_difference(base, tuned, m)
+        error = float((delta - stored_delta(str(budgeted_path), m)).norm() / delta.norm())
+        assert error == pytest.approx(reported[m.name].relative_error, rel=2e-3, abs=1e-4)  # fp16 tensors
+    assert_lycoris_rebuilds(base, str(budgeted_path), chosen)
+    assert_apply_adds_the_stored_delta(base, str(budgeted_path), tmp_path, chosen)
+
+
+def test_a_parameter_budget_counts_every_tensor_and_turns_w2_whole_when_it_can(family, tmp_path):
+    base, tuned, _ = family
+    whole = extract(base, tuned, tmp_path / "whole.safetensors", type="lokr", record=False, progress=False)
+    n_tensors = len(read_header(tmp_path / "whole.safetensors")[0])
+    # Exactly the whole LoKr's tensors: every module's w2 whole, the same error.
+    exact_fit = whole.params + len(whole.modules)  # + one alpha per module
+    done = extract(base, tuned, tmp_path / "b.safetensors", type="lokr", params=exact_fit, dtype="fp32",
+                   record=False, progress=False)
+    assert all(m.w2_rank is None for m in done.modules) and done.params == whole.params
+    assert done.total_error == pytest.approx(whole.total_error, rel=1e-6)
+    assert len(read_header(tmp_path / "b.safetensors")[0]) == n_tensors
+    # One parameter less: some module's w2 becomes a pair, and the file holds at most that many values.
+    tighter = extract(base, tuned, tmp_path / "c.safetensors", type="lokr", params=exact_fit - 1, dtype="fp32",
+                      record=False, progress=False)
+    assert any(m.w2_rank for m in tighter.modules)
+    assert tensor_bytes(tmp_path / "c.safetensors") <= (exact_fit - 1) * 4
+    assert tighter.total_error >= whole.total_error
+
+
+def test_tucker_w2_is_lycoris_layout_and_its_error_is_the_written_one(family, tmp_path):
+    """--tucker: every 3x3 convolution whose w2 is factored holds lokr_t2 (r, r, kh, kw), lokr_w2_a (r, b)
+    and lokr_w2_b (r, d); the error reported is ‖Δ − rebuilt‖/‖Δ‖ of the written tensors; LyCORIS' own
+    Tucker rebuild and its module (built with use_tucker) give our delta; ComfyUI's and A1111's key
+    rules load every key; apply adds the delta."""
+    from loader_rules import a1111_unloaded, comfyui_key_map, comfyui_unloaded
+    from lycoris.functional.general import rebuild_tucker
+    from lycoris.modules.lokr import LokrModule
+
+    base, tuned, _ = family
+    out = tmp_path / "tucker.safetensors"
+    rank = 1  # (at the tiny size most 3x3 convolutions' w2 take a pair at rank 1 only)
+    done = extract(base, tuned, out, type="lokr", rank=rank, tucker=True, dtype="fp32", record=False,
+                   progress=False)
+    plain = extract(base, tuned, tmp_path / "plain.safetensors", type="lokr", rank=rank, dtype="fp32",
+                    record=False, progress=False)
+    reported = {m.name: m for m in done.modules}
+    untouched = {m.name: m for m in plain.modules}
+    header, metadata = read_header(out)
+    assert json.loads(metadata["ss_network_args"])["use_tucker"] == "True"
+    convs = [m for m in modules_of(base, conv=True) if m.spatial]
+    tucker = [m for m in convs if f"{m.name}.lokr_t2" in header]
+    assert tucker and all(reported[m.name].tucker for m in tucker)
+    assert not any(reported[m.name].tucker for m in modules_of(base, conv=True) if not m.spatial)
+    with SafetensorsFile(out) as f:
+        for m in tucker:
+            split = KroneckerShape.of(m.shape)
+            t2, w2a, w2b = (f.read(f"{m.name}.{role}") for role in ("lokr_t2", "lokr_w2_a", "lokr_w2_b"))
+            assert t2.shape == (rank, rank, *m.shape[2:]) and w2a.shape == (rank, split.b)
+            assert w2b.shape == (rank, split.d) and float(f.read(f"{m.name}.alpha")) == rank
+            delta = module_difference(base, tuned, m)
+            ours = stored_delta(str(out), m)
+            error = float((delta - ours).double().norm() / delta.double().norm())
+            assert error == pytest.approx(reported[m.name].relative_error, rel=1e-4)
+            assert reported[m.name].relative_error >= untouched[m.name].relative_error * (1 - 1e-5)
+            assert reported[m.name].params < untouched[m.name].params
+            # LyCORIS: its Tucker rebuild of w2, and its module built with use_tucker from our tensors.
+            w1 = f.read(f"{m.name}.lokr_w1")
+            rebuilt = torch.kron(w1[:, :, None, None], rebuild_tucker(t2, w2a, w2b)).reshape(m.shape[0], -1)
+            torch.testing.assert_close(rebuilt, ours, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(comfy_delta(str(out), m), ours, rtol=1e-4, atol=1e-6)
+            conv = torch.nn.Conv2d(m.shape[1], m.shape[0], m.shape[2:], bias=False)
+            module = LokrModule(m.name, conv, lora_dim=rank, alpha=rank, use_tucker=True)
+            state = {role: f.read(f"{m.name}.{role}") for role in ("lokr_w1", "lokr_t2", "lokr_w2_a", "lokr_w2_b")}
+            loaded = module.load_state_dict({**state, "alpha": f.read(f"{m.name}.alpha")}, strict=False)
+            assert not loaded.unexpected_keys and set(loaded.missing_keys) <= {"org_weight"}
+            torch.testing.assert_close(module.get_diff_weight()[0].detach().reshape(m.shape[0], -1), ours,
+                                       rtol=1e-4, atol=1e-6)
+    keys = list(header)
+    assert comfyui_unloaded(keys, comfyui_key_map(read_header(base)[0], {})) == set()
+    assert a1111_unloaded(keys, read_header(base)[0]) == set()
+    assert_apply_adds_the_stored_delta(base, str(out), tmp_path, tucker[:3])
+
+
+def test_decompose_both_factors_w1_where_lycoris_takes_it(family, tmp_path):
+    """--decompose-both: w1 as lokr_w1_a (a, r) @ lokr_w1_b (r, c) beside a w2 pair of the same rank wherever
+    that is smaller than w1, w2 fitted again to the truncated w1; the reported error is the written
+    tensors' error, LyCORIS' own loader (every key) and apply rebuild the same delta."""
+    from loader_rules import comfyui_key_map, comfyui_unloaded
+
+    base, tuned, _ = family
+    rank = 1  # (at the tiny size most w1 are 4x4: LyCORIS takes a pair below rank 2)
+    out = tmp_path / "both.safetensors"
+    done = extract(base, tuned, out, type="lokr", rank=rank, decompose_both=True, dtype="fp32", record=False,
+                   progress=False)
+    header = read_header(out)[0]
+    assert json.loads(read_header(out)[1]["ss_network_args"])["decompose_both"] == "True"
+    modules = {m.name: m for m in modules_of(base, conv=True)}
+    both = [r for r in done.modules if r.w1_rank]
+    assert both and all(r.w1_rank == r.w2_rank == rank for r in both)
+    for r in done.modules:
+        a, c = r.w1_shape
+        assert (f"{r.name}.lokr_w1_a" in header) == (r.w1_rank is not None)
+        if r.w1_rank:
+            assert header[f"{r.name}.lokr_w1_a"].shape == (a, rank) and header[f"{r.name}.lokr_w1_b"].shape == (rank, c)
+            assert rank * (a + c) < a * c and f"{r.name}.lokr_w2_a" in header
+    for r in both[::10]:
+        m = modules[r.name]
+        delta = module_difference(base, tuned, m)
+        error = float((delta - stored_delta(str(out), m)).double().norm() / delta.double().norm())
+        assert error == pytest.approx(r.relative_error, rel=1e-4)
+    chosen = [modules[r.name] for r in both[::10]]
+    assert comfyui_unloaded(list(header), comfyui_key_map(read_header(base)[0], {})) == set()
+    assert_lycoris_rebuilds(base, str(out), chosen)
+    assert_apply_adds_the_stored_delta(base, str(out), tmp_path, chosen)
