@@ -325,13 +325,22 @@ AdapterSpec = str | os.PathLike | tuple[str | os.PathLike, float] | AdapterInput
 
 
 def adapter_inputs(adapters: Sequence[AdapterSpec]) -> list[AdapterInput]:
-    """`adapters` as AdapterInputs: a path is taken at strength 1, a (path, strength) pair at its strength."""
+    """`adapters` as AdapterInputs: a path is taken at strength 1, a (path, strength) pair at its strength
+    (a finite number, else a one-line error). `lmerge apply`, `lora-merge`, sampling and a merge's
+    adapters all take their adapters through here."""
+    from lineage.merge.parameters import is_number
+
     found = []
     for a in adapters:
         if isinstance(a, AdapterInput):
             found.append(a)
         elif isinstance(a, tuple):
-            found.append(AdapterInput(os.fspath(a[0]), float(a[1])))
+            if len(a) != 2:
+                raise LineageError(f"an adapter is a path or a (path, strength) pair, got {a!r}")
+            path, strength = os.fspath(a[0]), a[1]
+            if not (is_number(strength) and math.isfinite(strength)):
+                raise LineageError(f"{path}: the strength must be a finite number, got {strength!r}")
+            found.append(AdapterInput(path, float(strength)))
         else:
             found.append(AdapterInput(os.fspath(a)))
     return found

@@ -50,14 +50,14 @@ AdapterSpec = str | os.PathLike | tuple[str | os.PathLike, float] | Adapter
 
 
 def adapter_of(spec: AdapterSpec) -> Adapter:
-    """An adapter of a recipe from a path (strength 1), a (path, strength) pair or an Adapter."""
+    """An adapter of a recipe from a path (strength 1), a (path, strength) pair or an Adapter; the path and
+    pair are read as `lmerge apply` reads them (adapters/apply.py: `adapter_inputs`)."""
+    from lineage.adapters.apply import adapter_inputs
+
     if isinstance(spec, Adapter):
         return spec
-    if isinstance(spec, tuple):
-        if len(spec) != 2:
-            raise LineageError(f"an adapter is a path or a (path, strength) pair, got {spec!r}")
-        return Adapter(os.fspath(spec[0]), strength=spec[1])
-    return Adapter(os.fspath(spec))
+    (found,) = adapter_inputs([spec])
+    return Adapter(found.path, strength=found.strength)
 
 
 def build_recipe(inputs: Sequence[str | os.PathLike], *, method: str = "weighted_sum", alpha: float | None = None,

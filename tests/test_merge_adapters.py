@@ -164,7 +164,23 @@ def test_api_adapters_are_paths_pairs_or_adapters():
     assert [(a.path, a.strength) for a in recipe.adapters] == [("x.safetensors", 1.0), ("y.safetensors", 0.25),
                                                                ("z", 2)]
     with pytest.raises(LineageError, match="adapters\\[0\\].strength"):
-        build_recipe(["a", "b"], adapters=[("x.safetensors", "strong")])
+        build_recipe(["a", "b"], adapters=[Adapter("x.safetensors", strength="strong")])
+
+
+@pytest.mark.parametrize("spec, message", [
+    (("x.safetensors", "0.5"), "x.safetensors: the strength must be a finite number, got '0.5'"),
+    (("x.safetensors", float("nan")), "x.safetensors: the strength must be a finite number, got nan"),
+    (("x.safetensors", True), "x.safetensors: the strength must be a finite number, got True"),
+    (("x.safetensors", 0.5, 1), "an adapter is a path or a \\(path, strength\\) pair"),
+])
+def test_a_merge_apply_and_sampling_read_adapter_pairs_alike(spec, message):
+    """One reading of a (path, strength) pair for a merge's adapters and for apply, lora-merge and sampling."""
+    from lineage.adapters.apply import adapter_inputs
+
+    with pytest.raises(LineageError, match=message):
+        build_recipe(["a", "b"], adapters=[spec])
+    with pytest.raises(LineageError, match=message):
+        adapter_inputs([spec])
 
 
 # ---- the command line, the record, reproduce -----------------------------------------------------------
