@@ -1,7 +1,7 @@
 """`lmerge extract` of a rank-64 LoRA beside kohya's algorithm and sd-mecha, on generated SDXL checkpoints.
 
     python benchmarks/bench_extract.py [--size full|small|tiny] [--dir /tmp/lineage-extract-bench] [--rank 64]
-                                       [--planted-rank 16] [--types lora[,lokr]] [--per-shape 1]
+                                       [--planted-rank 16] [--types lora[,lokr]] [--lokr-factor F] [--per-shape 1]
                                        [--skip-mecha] [--keep]
 
 Generates in --dir, if missing, a base checkpoint and a fine-tune of it (lineage/sdxl/synthetic.py: every
@@ -11,7 +11,9 @@ Then, each as a subprocess under /usr/bin/time -v (wall time, peak RSS), over ko
 (722 UNet + 72 CLIP-L + 192 OpenCLIP-G modules at full size):
 - our extraction (`lineage.adapters.extract`) of a rank-R LoRA, randomized and `exact=True`; the exact
   path's truncated SVDs are the optimal rank-R error every other error is compared with;
-- each further type of --types (e.g. lokr) at the LoRA's parameter count (`params=`);
+- each further type of --types (e.g. lokr) at the LoRA's parameter count (`params=`); a LoKr with the
+  most-square split holds every module's whole Kronecker product in a few million parameters, far below
+  a rank-64 LoRA's, so `--lokr-factor` (e.g. 4: w1 4x4, w2 the rest) gives it room to spend the budget;
 - kohya's algorithm (sd-scripts' networks/extract_lora_from_models.py, reimplemented here from its
   behaviour): per module the fp32 difference, `torch.linalg.svd` with full_matrices=True, up = U·S and
   down = Vh cut to rank R, both clamped at the 0.99 quantile of their joined values. A full run takes
@@ -154,6 +156,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--planted-rank", type=int, default=16, help="rank of the planted delta of each weight")
     ap.add_argument("--types", default="lora", help="comma-separated adapter types, lora first (e.g. lora,lokr)")
+    ap.add_argument("--lokr-factor", type=int, default=-1,
+                    help="lokr: split each dimension at this factor (-1: the most square split)")
     ap.add_argument("--per-shape", type=int, default=1, help="kohya's algorithm: modules timed per distinct shape")
     ap.add_argument("--skip-exact", action="store_true",
                     help="no exact-SVD run (~30 min at full size on 2 busy cores): the optimum is then kohya's "
@@ -201,7 +205,8 @@ def run(args: argparse.Namespace) -> None:
     optimal = (None if args.skip_exact else
                measure("lineage, exact SVD (the optimum)", ours(type="lora", rank=args.rank, exact=True)))
     for kind in types[1:]:
-        measure(f"lineage {kind}, same parameter count", ours(type=kind, params=lora["params"]))
+        options = {"factor": args.lokr_factor} if kind == "lokr" and args.lokr_factor != -1 else {}
+        measure(f"lineage {kind}, same parameter count", ours(type=kind, params=lora["params"], **options))
     sample, counts = kohya_sample(modules, args.per_shape)
     kohya = measure("kohya's algorithm, sampled", [sys.executable, "-c", KOHYA, base, tuned, str(args.rank),
                                                    json.dumps([(m.name, m.key, m.rows) for m in sample])])
