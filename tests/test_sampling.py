@@ -240,7 +240,7 @@ def pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(numpy.array(image)).float()
 
 
-def test_bf16_and_fp16_run_the_models_in_that_dtype_and_draw_close_to_fp32(tiny_file):
+def test_bf16_and_fp16_run_the_models_in_that_dtype_and_draw_close_to_fp32(tiny_file, caplog):
     """The weights load in the dtype (no fp32 copy kept), the VAE stays fp32 under fp16, and the image is close
     to fp32's. cfg 1: guidance multiplies the rounding of cond − uncond by the scale, and the tiny model's random
     weights make that difference as small as the rounding (the UNet's outputs themselves differ by 0.8% in bf16,
@@ -250,7 +250,9 @@ def test_bf16_and_fp16_run_the_models_in_that_dtype_and_draw_close_to_fp32(tiny_
     # (dtype, the VAE's dtype, largest and mean pixel difference allowed in 0..255; measured 5 / 0.5 and 1 / 0.04)
     for name, dtype, vae_dtype, largest, mean in [("bf16", torch.bfloat16, torch.bfloat16, 16, 2.0),
                                                    ("fp16", torch.float16, torch.float32, 4, 0.5)]:
+        caplog.clear()
         drawn = Sampler(tiny_file, dtype=name)
+        assert ("fp16 on a CPU is very slow" in caplog.text) == (name == "fp16")  # hundreds of times slower
         parts = {part: {p.dtype for p in drawn.model.part(part).parameters()} for part in drawn.model.config.parts}
         assert parts == {"unet": {dtype}, "clip_l": {dtype}, "clip_g": {dtype}, "vae": {vae_dtype}}, name
         difference = (pixels(drawn("a cat", **settings)[0]) - reference).abs()

@@ -19,6 +19,7 @@ stays fp32 (VAE_DTYPE).
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -37,6 +38,8 @@ from lineage.train.samplers import SAMPLERS, Model
 from lineage.train.schedules import make_schedule
 from lineage.train.unet import UNet
 from lineage.train.vae import VAE
+
+log = logging.getLogger(__name__)
 
 SCHEDULERS = {"normal": "Normal", "karras": "Karras"}  # ours -> A1111's "Schedule type"
 MAX_SEED = 2 ** 32 - 1  # A1111's seed range
@@ -225,7 +228,11 @@ class Sampler:
 
         self.path = os.fspath(checkpoint)
         self.dtype = model_dtype(dtype)
-        self.model = load_sdxl(self.path, dtype=self.dtype, device=compute_device(str(device)),
+        on = compute_device(str(device))
+        if self.dtype == torch.float16 and on.type == "cpu":
+            log.warning("warning: fp16 on a CPU is very slow (CPUs without fp16 arithmetic convert operation by "
+                        "operation: hundreds of times slower); bf16 halves the memory as well (--dtype bf16)")
+        self.model = load_sdxl(self.path, dtype=self.dtype, device=on,
                                part_dtypes={"vae": VAE_DTYPE.get(self.dtype, self.dtype)})  # names a missing part
         self.prediction = _prediction_type(self.path)
         if adapters:
