@@ -77,6 +77,18 @@ def test_caller_chooses_the_dtype(tiny_file, dtype):
     assert not model.training
 
 
+def test_a_part_can_have_its_own_dtype(tiny_file):
+    model = load_sdxl(tiny_file, dtype=torch.float16, part_dtypes={"vae": torch.float32})
+    dtypes = {part: {p.dtype for p in model.part(part).parameters()} for part in model.config.parts}
+    assert dtypes == {"unet": {torch.float16}, "clip_l": {torch.float16}, "clip_g": {torch.float16},
+                      "vae": {torch.float32}}
+    with SafetensorsFile(tiny_file) as f:
+        stored = f.read("first_stage_model.decoder.conv_out.weight")
+    assert torch.equal(model.vae.decoder.conv_out.weight, stored.float())
+    with pytest.raises(LineageError, match="is not one of float32"):
+        load_sdxl(tiny_file, part_dtypes={"vae": torch.float64})
+
+
 def test_same_dtype_tensors_are_read_straight_into_the_parameters(tmp_path, monkeypatch):
     path = write_base(tmp_path / "f32.safetensors", size="tiny", dtype="F32", components=("unet",))
 

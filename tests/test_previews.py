@@ -13,7 +13,7 @@ import pytest
 from adapter_samples import modules_of, write_lora
 from PIL import Image
 from test_page import data_of
-from test_sampling import parse_parameters
+from test_sampling import files_hashed, parse_parameters
 
 import lineage
 from lineage.graph import previews
@@ -103,6 +103,28 @@ def test_an_adapter_is_drawn_on_its_base(lmerge, base, side, isolated_registry, 
     plain = lineage.sample(base, "a red cube", seed=5, steps=2, width=side, height=side, progress=False)[0]
     drawn = Image.open(folder / "0.png").tobytes()
     assert drawn == with_adapter.tobytes() and drawn != plain.tobytes()
+
+
+def test_a_dtype_change_redraws_and_known_hashes_are_not_computed_again(lmerge, base, side, isolated_registry,
+                                                                       tmp_path, monkeypatch):
+    """The dtype is part of what an image was drawn with. The registry's hashes of the base and the adapter
+    reach the infotext without a hashing pass over either file."""
+    lora = write_lora(tmp_path / "style.safetensors", modules_of(base, conv=True), rank=4, alpha=2.0)
+    assert lmerge("add", lora, "--parent", base, "--relation", "adapter")[0] == 0
+    hashed = files_hashed(monkeypatch)
+    first = draw(lmerge, side, lora, "--prompt", "a red cube")["previews"][0]
+    assert hashed == [] and len(first["written"]) == 1
+    read = parse_parameters(Image.open(first["written"][0]).text["parameters"])
+    assert read["Model hash"] == hash_file(base).autov2
+    assert read["Lora hashes"] == f'"style: {hash_file(lora).autov3[:12]}"'
+    assert draw(lmerge, side, lora, "--prompt", "a red cube", "--dtype", "fp32")["previews"][0]["written"] == []
+    in_bf16 = draw(lmerge, side, lora, "--prompt", "a red cube", "--dtype", "bf16")["previews"][0]
+    assert in_bf16["written"] == first["files"]
+    folder = folder_of(isolated_registry, str(lora))
+    assert [c["dtype"] for c in json.loads((folder / "previews.json").read_text())["cells"]] == ["bf16"]
+    assert draw(lmerge, side, lora, "--prompt", "a red cube", "--dtype", "bf16")["previews"][0]["written"] == []
+    code, _, err = lmerge("preview", lora, "--device", "cuda:7")
+    assert code == 1 and err.startswith("error: --device cuda:7: ") and len(err.strip().splitlines()) == 1
 
 
 def test_bad_nodes_are_one_line_errors(lmerge, base, tmp_path, isolated_registry):

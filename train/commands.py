@@ -11,6 +11,12 @@ from lineage.cli.output import echo_json
 
 SAMPLER_CHOICES = ("euler", "euler_a", "dpmpp_2m")  # train/samplers.py SAMPLERS (kept here so --help stays light)
 SCHEDULER_CHOICES = ("normal", "karras")
+DTYPE_CHOICES = ("fp32", "bf16", "fp16")  # train/sampling.py DTYPES
+DTYPE_HELP = ("What the UNet and text encoders run in. fp32 is the default on a CPU; bf16 halves their memory, and "
+              "is faster only where the CPU computes in bf16 (AVX512-BF16, AMX). fp16 is for GPUs (on most CPUs "
+              "it is very slow); the VAE stays fp32 then, as SDXL's VAE overflows fp16. The sampler's own math "
+              "(noise, sigmas, latents, guidance) is fp32 in any case.")
+DEVICE_HELP = "Run the models on cpu (default), cuda or cuda:N."
 
 
 def output_paths(output: str, count: int) -> list[Path]:
@@ -37,10 +43,14 @@ def output_paths(output: str, count: int) -> list[Path]:
 @click.option("--sampler", default="euler", show_default=True, type=click.Choice(SAMPLER_CHOICES))
 @click.option("--scheduler", default="normal", show_default=True, type=click.Choice(SCHEDULER_CHOICES))
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Images, one seed each.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(DTYPE_CHOICES), help=DTYPE_HELP)
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+@click.option("--registry", type=click.Path(), help="The lineage registry whose recorded hashes spare hashing the "
+                                                    "files for the infotext (default $LINEAGE_HOME).")
 @click.option("--json", "as_json", is_flag=True, help="Print the written files and their parameters as JSON.")
 def sample(checkpoint: str, prompt: str, negative: str, adapters: tuple[str, ...], output: str, steps: int,
            cfg: float, seed: int | None, width: int, height: int, sampler: str, scheduler: str, batch: int,
-           as_json: bool) -> None:
+           dtype: str, device: str, registry: str | None, as_json: bool) -> None:
     """Draw PROMPT with the SDXL single file CHECKPOINT into PNGs that carry A1111-style `parameters` text
     (prompt, steps, sampler, CFG, seed, size, model hash). On a CPU a full-size step takes many seconds:
     the progress bar shows the time per step and how long is left."""
@@ -52,7 +62,8 @@ def sample(checkpoint: str, prompt: str, negative: str, adapters: tuple[str, ...
     specs = [AdapterInput.parse(text) for text in adapters]
     images = sample_images(checkpoint, prompt, negative=negative, adapters=[(a.path, a.strength) for a in specs],
                            steps=steps, cfg=cfg, seed=seed, width=width, height=height, sampler=sampler,
-                           scheduler=scheduler, batch=batch, progress=not as_json)
+                           scheduler=scheduler, batch=batch, dtype=dtype, device=device, registry=registry,
+                           progress=not as_json)
     written = []
     for image, path in zip(images, output_paths(output, len(images))):
         data = io.BytesIO()

@@ -1,14 +1,16 @@
 """Loading an SDXL single file into the plain-PyTorch models (docs/models.md).
 
-The modules are first built on the `meta` device (no memory), given empty storage in the caller's dtype,
-then filled tensor by tensor straight from the file: a tensor already stored in that dtype is read
-into the parameter's own memory, any other is read, converted and dropped. At no time does a second
+The modules are first built on the `meta` device (no memory), given empty storage in the caller's dtype
+(per part if asked: a sampler keeps the VAE in fp32 when the rest runs in fp16), then filled tensor by tensor
+straight from the file: a tensor already stored in that dtype is read into the parameter's own memory, any
+other is read, converted and dropped. At no time does a second
 copy of the checkpoint exist in RAM.
 """
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -36,12 +38,15 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def load_sdxl(path: str | os.PathLike, *, parts: tuple[str, ...] = tuple(MODELS), dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> SDXL:
-    """Load the given parts ("unet", "clip_l", "clip_g", "vae") of an SDXL single file, in `dtype` on `device`.
-    The model comes back in eval mode; call .train() to fine-tune it."""
-    if dtype not in FLOAT_DTYPES:
-        raise LineageError(f"dtype {dtype} is not one of float32, bfloat16, float16")
-    unknown = [p for p in parts if p not in MODELS]
+              device: str | torch.device = "cpu", part_dtypes: Mapping[str, torch.dtype] | None = None) -> SDXL:
+    """Load the given parts ("unet", "clip_l", "clip_g", "vae") of an SDXL single file, in `dtype` on `device`;
+    `part_dtypes` gives some parts another dtype (e.g. {"vae": torch.float32}). The model comes back in eval
+    mode; call .train() to fine-tune it."""
+    dtypes = {part: dtype for part in parts} | dict(part_dtypes or {})
+    bad = [d for d in dtypes.values() if d not in FLOAT_DTYPES]
+    if bad:
+        raise LineageError(f"dtype {bad[0]} is not one of float32, bfloat16, float16")
+    unknown = [p for p in dtypes if p not in MODELS]
     if unknown or not parts:
         raise LineageError(f"unknown parts {unknown}; choose from {', '.join(MODELS)}")
     with SafetensorsFile(path) as f:
@@ -58,7 +63,9 @@ def load_sdxl(path: str | os.PathLike, *, parts: tuple[str, ...] = tuple(MODELS)
             raise CheckpointError(str(e), f.path) from None
         with torch.device("meta"):
             model = SDXL(config)
-        model = model.to(dtype).to_empty(device=device)
+        for part in parts:
+            model.part(part).to(dtypes[part])
+        model = model.to_empty(device=device)
         _fill(model, f, parts)
     return model.eval()
 

@@ -12,15 +12,21 @@
    same image on any device; the sampler (train/samplers.py) walks the schedule (train/schedules.py), the
    UNet run on [negative, positive] in one batch and the two predictions mixed by classifier-free guidance.
 4. The VAE decodes latent / 0.13025 into the image; each PIL image carries A1111-style `parameters` text.
+
+Only the models run in the caller's dtype (fp32, bf16 or fp16): the noise, the sigmas, the latents the sampler
+steps and the guidance mix stay fp32, each UNet output converted back before it is used. Under fp16 the VAE
+stays fp32 (VAE_DTYPE).
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -33,8 +39,14 @@ from lineage.train.schedules import make_schedule
 from lineage.train.unet import UNet
 from lineage.train.vae import VAE
 
+log = logging.getLogger(__name__)
+
 SCHEDULERS = {"normal": "Normal", "karras": "Karras"}  # ours -> A1111's "Schedule type"
 MAX_SEED = 2 ** 32 - 1  # A1111's seed range
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # by the names the CLI takes
+# The VAE's dtype where it differs from the models': SDXL's VAE overflows fp16's range in its decoder (NaN,
+# black images: A1111 needs --no-half-vae, ComfyUI upcasts it), so it stays fp32. bf16 has fp32's range.
+VAE_DTYPE = {torch.float16: torch.float32}
 
 
 @dataclass(frozen=True)
@@ -168,27 +180,68 @@ def _check_request(sampler: str, scheduler: str, steps: int, batch: int, width: 
         raise LineageError(f"width and height must be positive multiples of 8, got {width}x{height}")
 
 
+def model_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype a model runs in, from a torch dtype or one of DTYPES' names."""
+    chosen = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if chosen not in DTYPES.values():
+        raise LineageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return chosen
+
+
+def infotext_hashes(checkpoint: str, adapters: Sequence[str], *, model_hash: str | None = None,
+                    adapter_autov3: Mapping[str, str] | None = None, registry: Any = None) -> tuple[str, list[str]]:
+    """The checkpoint's AutoV2 (A1111's `Model hash`) and each adapter's AutoV3, for the infotext: those the
+    caller knows, else those the lineage registry recorded for the unchanged file (same path, size and mtime:
+    `registry` as lineage.graph.registry.known_hashes takes it), else read from the file (a full-size
+    checkpoint is a minute of hashing)."""
+    from lineage.graph.registry import known_hashes
+    from lineage.io.hashing import hash_file
+
+    paths = [checkpoint, *adapters]
+    kinds = ["autov2"] + ["autov3"] * len(adapters)
+    found = [model_hash, *((adapter_autov3 or {}).get(a) for a in adapters)]
+    if None in found:
+        known = known_hashes(paths, registry)
+        found = [value or hashes.get(kind) for value, hashes, kind in zip(found, known, kinds)]
+    values = [value or getattr(hash_file(path), kind) for value, path, kind in zip(found, paths, kinds)]
+    return values[0], values[1:]
+
+
 class Sampler:
     """An SDXL checkpoint loaded for sampling, with `adapters` (paths or (path, strength) pairs) added
     in memory: call it for images. Loading a full-size file takes a minute or two on a CPU, so a caller
-    drawing several images (a preview grid) loads once. `model_hash`: the file's AutoV2 when the caller
-    knows it (else the file is hashed for the infotext)."""
+    drawing several images (a preview grid) loads once.
 
-    def __init__(self, checkpoint: str | os.PathLike, *, adapters: Sequence = (), dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", model_hash: str | None = None):
+    `dtype` (torch dtype or "fp32" | "bf16" | "fp16") is what the UNet and text encoders run in: bf16 halves
+    their memory; under fp16 the VAE stays fp32 (VAE_DTYPE). `device`: "cpu", "cuda" or "cuda:N".
+    `model_hash` (the checkpoint's AutoV2) and `adapter_hashes` (adapter path -> AutoV3) are hashes the
+    caller knows; the others are looked up in `registry` or hashed (`infotext_hashes`)."""
+
+    def __init__(self, checkpoint: str | os.PathLike, *, adapters: Sequence = (),
+                 dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+                 model_hash: str | None = None, adapter_hashes: Mapping[str, str] | None = None,
+                 registry: Any = None):
         from lineage.adapters.apply import adapter_inputs
-        from lineage.io.hashing import hash_file
+        from lineage.engine.device import compute_device
         from lineage.train.live_adapters import apply_in_memory
         from lineage.train.loading import load_sdxl
 
         self.path = os.fspath(checkpoint)
-        self.model = load_sdxl(self.path, dtype=dtype, device=device)  # names a missing part, or a file not SDXL
+        self.dtype = model_dtype(dtype)
+        on = compute_device(str(device))
+        if self.dtype == torch.float16 and on.type == "cpu":
+            log.warning("warning: fp16 on a CPU is very slow (CPUs without fp16 arithmetic convert operation by "
+                        "operation: hundreds of times slower); bf16 halves the memory as well (--dtype bf16)")
+        self.model = load_sdxl(self.path, dtype=self.dtype, device=on,
+                               part_dtypes={"vae": VAE_DTYPE.get(self.dtype, self.dtype)})  # names a missing part
         self.prediction = _prediction_type(self.path)
         if adapters:
             apply_in_memory(self.model, self.path, adapters)
-        self.model_hash = model_hash or hash_file(self.path).autov2
+        adapter_paths = [os.fspath(a.path) for a in adapter_inputs(adapters)]
+        self.model_hash, adapter_autov3 = infotext_hashes(self.path, adapter_paths, model_hash=model_hash,
+                                                          adapter_autov3=adapter_hashes, registry=registry)
         # As A1111's Lora extension names them: the file's stem and its AutoV3's first 12 digits.
-        self.lora_hashes = {Path(a.path).stem: hash_file(a.path).autov3[:12] for a in adapter_inputs(adapters)}
+        self.lora_hashes = {Path(path).stem: autov3[:12] for path, autov3 in zip(adapter_paths, adapter_autov3)}
 
     def __call__(self, prompt: str, *, negative: str = "", steps: int = 28, cfg: float = 7.0,
                  seed: int | None = None, width: int = 1024, height: int = 1024, sampler: str = "euler",
@@ -236,13 +289,15 @@ class Sampler:
 
 def sample(checkpoint: str | os.PathLike, prompt: str, *, negative: str = "", adapters: Sequence = (),
            steps: int = 28, cfg: float = 7.0, seed: int | None = None, width: int = 1024, height: int = 1024,
-           sampler: str = "euler", scheduler: str = "normal", batch: int = 1, dtype: torch.dtype = torch.float32,
+           sampler: str = "euler", scheduler: str = "normal", batch: int = 1, dtype: torch.dtype | str = torch.float32,
            device: str | torch.device = "cpu", progress: bool = True,
-           on_step: Callable[[int, int], None] | None = None, model_hash: str | None = None) -> list[Image.Image]:
+           on_step: Callable[[int, int], None] | None = None, model_hash: str | None = None,
+           adapter_hashes: Mapping[str, str] | None = None, registry: Any = None) -> list[Image.Image]:
     """`batch` images of `prompt` from an SDXL single file, seeds seed, seed+1, …; `seed=None` picks one:
     `Sampler(checkpoint, ...)(prompt, ...)` for one call (see both for the arguments)."""
     _check_request(sampler, scheduler, steps, batch, width, height)  # before a minute of loading
-    return Sampler(checkpoint, adapters=adapters, dtype=dtype, device=device, model_hash=model_hash)(
+    return Sampler(checkpoint, adapters=adapters, dtype=dtype, device=device, model_hash=model_hash,
+                   adapter_hashes=adapter_hashes, registry=registry)(
         prompt, negative=negative, steps=steps, cfg=cfg, seed=seed, width=width, height=height, sampler=sampler,
         scheduler=scheduler, batch=batch, progress=progress, on_step=on_step)
 

@@ -20,7 +20,7 @@ from lineage.graph.catalog import is_catalog_node
 from lineage.graph.model import RELATIONS, display_name, neighbourhood
 from lineage.graph.previews import DEFAULT_GRID
 from lineage.graph.render import FORMATS
-from lineage.train.commands import SAMPLER_CHOICES
+from lineage.train.commands import DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, SAMPLER_CHOICES
 
 COMPAT_ERROR_EXIT = 2  # `lmerge compat`: 0 fits (maybe with a warning), 1 incompatible, 2 the question was wrong
 _REGISTRY_HELP = "Registry file (default: $LINEAGE_HOME/registry.sqlite, else the user data directory)."
@@ -252,12 +252,15 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--steps", type=click.IntRange(min=1), help=f"Sampling steps (default: {DEFAULT_GRID.steps}).")
 @click.option("--cfg", type=float, help=f"Classifier-free guidance scale (default: {DEFAULT_GRID.cfg:g}).")
 @click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), help=f"Sampler (default: {DEFAULT_GRID.sampler}).")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES),
+              help=f"{DTYPE_HELP} Images drawn in another dtype are drawn again (default: {DEFAULT_GRID.dtype}).")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--force", is_flag=True, help="Draw every image again, even those drawn with the same settings.")
 @json_option
 @registry_option
 def preview(nodes: tuple[str, ...], prompts: tuple[str, ...], seeds: tuple[int, ...], negative: str | None,
-            size: tuple[int, int] | None, steps: int | None, cfg: float | None, sampler: str | None, force: bool,
-            as_json: bool, registry_path: str | None) -> None:
+            size: tuple[int, int] | None, steps: int | None, cfg: float | None, sampler: str | None,
+            dtype: str | None, device: str, force: bool, as_json: bool, registry_path: str | None) -> None:
     """Draw a fixed grid of prompts with each of NODES and keep the images beside the registry (by the
     file's AutoV3), for `lmerge tree --previews`. An adapter is drawn on its base model.
 
@@ -265,11 +268,14 @@ def preview(nodes: tuple[str, ...], prompts: tuple[str, ...], seeds: tuple[int, 
     minute or more: the progress bar says how long is left, and the time per step is printed at the end."""
     from tqdm import tqdm
 
+    from lineage.engine.device import compute_device
     from lineage.graph.previews import StepTimer, grid_with, make_previews, planned, preview_source
     from lineage.graph.registry import Registry
 
+    compute_device(device)  # a device that is not here is said before any work
+
     width, height = size or (None, None)
-    grid = grid_with(width, height, steps, prompts, seeds, negative=negative, cfg=cfg, sampler=sampler)
+    grid = grid_with(width, height, steps, prompts, seeds, negative=negative, cfg=cfg, sampler=sampler, dtype=dtype)
     with Registry(registry_path) as reg:
         sources = list({s.key: s for s in (preview_source(reg, spec) for spec in nodes)}.values())
         work = {s.key: planned(reg, s, grid, force) for s in sources}  # every name is checked before drawing
@@ -288,7 +294,7 @@ def preview(nodes: tuple[str, ...], prompts: tuple[str, ...], seeds: tuple[int, 
                     bar.set_description(f"{name}: image {i + 1}/{count}")
 
                 results.append(make_previews(reg, source, grid, force=force, on_image=drawing, on_step=stepped,
-                                             timer=timer))
+                                             timer=timer, device=device))
     rate = timer.seconds_per_step
     if as_json:
         echo_json({"previews": [{"node": r.source.node, "name": r.source.name, "folder": str(r.folder),

@@ -5,15 +5,15 @@ registry, in a folder named by the file's AutoV3 (`<registry dir>/previews/<Auto
 so a renamed or moved file keeps its previews; `lmerge tree --previews` shows the first image in the
 model's box and all of them in the page's panel.
 
-- The grid is data (`PromptGrid`): a few short prompts, fixed seeds, size, steps, sampler and CFG; the
-  command's options replace any of them. The model is loaded once per node (`Sampler`,
+- The grid is data (`PromptGrid`): a few short prompts, fixed seeds, size, steps, sampler, CFG and the
+  dtype the model runs in; the command's options replace any of them. The model is loaded once per node (`Sampler`,
   train/sampling.py) and every image is one call of it, so a preview is what `lmerge sample` draws
   with the same settings, `parameters` text chunk included.
 - A node is drawn from the file the registry recorded for it (the most recently seen that still
   exists). An adapter node is drawn as its base model's file with the adapter applied in memory.
 - `previews.json` in the folder records what each image was drawn with. An image is drawn again only
-  when its settings or the files it was drawn from changed (their AutoV2: metadata can change the
-  prediction type), or with `--force`.
+  when its settings (the dtype included: bf16 draws a slightly different image) or the files it was
+  drawn from changed (their AutoV2: metadata can change the prediction type), or with `--force`.
 - On a CPU a full-size step takes minutes (docs/tree.md has the figures); the caller's `on_step` sees
   each step, and `StepTimer` turns the steps into seconds per step and the time left.
 """
@@ -67,6 +67,7 @@ class PromptGrid:
     cfg: float = 7.0
     sampler: str = "euler"
     scheduler: str = "normal"
+    dtype: str = "fp32"  # what the UNet and text encoders run in (train/sampling.py DTYPES)
 
     def cells(self) -> list[dict[str, Any]]:
         """One entry per image, in order: its prompt and seed with the grid's settings."""
@@ -177,6 +178,7 @@ class PreviewSource:
     checkpoint: str
     checkpoint_autov2: str | None
     adapter: str | None = None
+    adapter_autov3: str | None = None  # known from the registry: the infotext's `Lora hashes` need no hashing
     base: str | None = None  # the adapter's base node
 
     def drawn_with(self) -> dict[str, Any]:
@@ -221,7 +223,8 @@ def preview_source(registry: Registry, spec: str) -> PreviewSource:
         except LineageError as e:
             problems.append(str(e))
             continue
-        return PreviewSource(node, name, adapter_facts.node_id, path, facts.hashes.autov2, adapter, base)
+        return PreviewSource(node, name, adapter_facts.node_id, path, facts.hashes.autov2, adapter,
+                             adapter_facts.hashes.autov3, base)
     raise LineageError(f"the adapter {name} is drawn with its base model, and {'; '.join(problems)}")
 
 
@@ -326,9 +329,9 @@ def planned(registry: Registry, source: PreviewSource, grid: PromptGrid, force: 
 
 def make_previews(registry: Registry, source: PreviewSource, grid: PromptGrid, *, force: bool = False,
                   on_image: Callable[[int, int], None] | None = None, on_step: Callable[[], None] | None = None,
-                  timer: StepTimer | None = None) -> Previews:
-    """Draw the grid cells of `source` that need it (all with `force`) into its previews folder, each
-    image written atomically and recorded in the folder's manifest as soon as it is there.
+                  timer: StepTimer | None = None, device: str = "cpu") -> Previews:
+    """Draw the grid cells of `source` that need it (all with `force`) into its previews folder on `device`,
+    each image written atomically and recorded in the folder's manifest as soon as it is there.
     `on_image(i, count)` is called before each image is drawn, `on_step()` after each step."""
     from lineage.train.sampling import Sampler, png_info
 
@@ -346,7 +349,9 @@ def make_previews(registry: Registry, source: PreviewSource, grid: PromptGrid, *
     drawn = []
     # Loaded once for the grid (a full-size file takes a minute or two to load on a CPU).
     sample = Sampler(source.checkpoint, adapters=[(source.adapter, 1.0)] if source.adapter else (),
-                     model_hash=source.checkpoint_autov2) if todo else None
+                     dtype=grid.dtype, device=device, model_hash=source.checkpoint_autov2,
+                     adapter_hashes={source.adapter: source.adapter_autov3} if source.adapter else None,
+                     ) if todo else None
     for n, i in enumerate(todo):
         cell = cells[i]
         if on_image:
