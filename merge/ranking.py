@@ -7,15 +7,20 @@ are flat tensors as stored (memory-mapped fp16 views, say): they are converted t
 time through reused buffers, so no full fp32 copy of a large tensor is made.
 
 Exact selection (the default) on a tensor larger than the sample:
-1. a spread sample (`bracket_sample_size(n)` entries: larger samples give narrower brackets but
-   cost more to rank) gives, for each wanted rank, a bracket [lo, hi] of magnitudes that holds the
-   answer unless the sample is off by more than BRACKET_SIGMAS standard deviations of a binomial
-   count (on 13M entries, a bracket around the 20% rank holds ~1% of them);
-2. one pass over the whole tensor counts the entries above hi and collects those inside the
-   bracket (a small share);
-3. a selection among the collected entries finishes. When the answer lies outside the bracket (the
-   counts say so, never a guess), the pass is repeated with a bracket FALLBACK_WIDENING times wider
-   and then, if needed, with every entry: the result is always the exact order statistic.
+1. a spread sample (`bracket_sample_size(n)` entries) gives, for each wanted rank, a bracket
+   [lo, hi] of magnitudes that holds the answer unless the sample is off by more than
+   BRACKET_SIGMAS standard deviations of a binomial count (on 13M entries, a bracket around the 20%
+   rank holds ~1% of them);
+2. one pass over the whole tensor (merge/cpu_loops.py: count_magnitudes, compiled) counts the
+   entries above hi and makes a histogram of the float32 bit patterns of those inside the bracket.
+   For floats >= 0 the patterns, read as integers, are in the order of the values, so with one bin
+   per pattern the histogram holds every distinct value in the bracket with its count: walking it
+   down from the top finds the answer exactly, with no entry collected and nothing sorted. A bracket
+   holding more than MAX_BINS patterns gets bins of 2, 4, … patterns, and a second pass over the
+   bin that holds the answer finishes;
+3. when the counts show that the answer lies outside the bracket (never a guess), the pass is
+   repeated with a bracket FALLBACK_WIDENING times wider and then, if needed, with every entry: the
+   result is always the exact order statistic.
 A tensor of at most SAMPLE_SIZE entries is ranked directly. `sampled=True` instead takes the order
 statistic of a SAMPLE_SIZE-entry sample itself (the ranks scaled to its size): faster, but the kept
 share is ~0.2% off the requested one, and ~0.4% of TIES' kept entries differ from exact ones.
@@ -42,13 +47,15 @@ CHUNK = 1 << 18  # entries converted to fp32 at a time in the exact pass (1 MiB 
 BRACKET_SIGMAS = 5.0  # half-width of a bracket, in standard deviations of the sample's rank count
 FALLBACK_WIDENING = 4.0  # a missed bracket is retried this many times wider, then over every entry
 NON_FINITE = -1.0  # what a NaN or ±Inf magnitude is ranked as: below every finite magnitude
+MAX_BINS = 1 << 18  # of a bracket's histogram (2 MiB of counts); fp16/bf16 differences fall one value to a bin
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def bracket_sample_size(numel: int) -> int:
-    """Sample entries for the brackets of an exact selection over `numel` entries. Ranking the sample
-    costs ~10 ns per sample entry, and each entry inside a bracket ~15 ns (collected, then
-    selected); the bracket's share of the entries shrinks as 1/sqrt(sample), so the total is
-    lowest near (3·numel)^(2/3) entries: ~115,000 for 13M."""
+    """Sample entries for the brackets of an exact selection over `numel` entries: ~115,000 for 13M.
+    Ranking the sample costs ~10 ns per sample entry. The bracket's share of the entries shrinks as
+    1/sqrt(sample); a narrow one keeps the pass's walk over blocks with a hit short and the
+    histogram within MAX_BINS bins of one float32 value each (so one pass finds the answer)."""
     size = int((3 * numel) ** (2 / 3)) // RUN * RUN
     return max(MIN_BRACKET_SAMPLE, min(SAMPLE_SIZE, size))
 
@@ -100,78 +107,53 @@ def _largest_at(values: np.ndarray, count: int) -> float:
     return 0.0 if count > values.size or answer < 0 else answer
 
 
-class _Scratch:
-    """Buffers one pass reuses for every chunk (fresh ones would be page-faulted in each time)."""
-
-    def __init__(self) -> None:
-        self.base = torch.empty(CHUNK, dtype=torch.float32)
-        self.magnitudes = torch.empty(CHUNK, dtype=torch.float32)
-        self.masks = [np.empty(CHUNK, dtype=bool) for _ in range(3)]
-
-
-def _count(out: np.ndarray, compare: Callable[..., np.ndarray], magnitudes: np.ndarray, value: float) -> int:
-    """How many `magnitudes` compare true with `value`; the mask is left in `out`."""
-    return int(np.count_nonzero(compare(magnitudes, value, out=out)))
-
-
 @dataclass
-class _Bracket:
-    """The search for one order statistic, the `count`-th largest, within magnitudes [lo, hi].
-    Entries in the bracket are collected, except those equal to lo, which are only counted. When
-    the sample shows that the ends are shared by more entries than lie between them (`count_ends`:
-    stored bf16 or fp16 weights give differences of few distinct values), entries equal to hi are
-    counted too, and only those strictly inside are collected."""
+class _Search:
+    """The search for the `count`-th largest magnitude among those whose float32 bit patterns lie in
+    [low, high], counted in bins of 2**shift patterns (at most MAX_BINS bins)."""
 
     count: int
-    lo: float
-    hi: float
-    count_ends: bool = False
-    above: int = 0  # entries seen that are larger than hi
-    at_hi: int = 0  # entries seen equal to hi, when counted (else they are in `inside`)
-    at_lo: int = 0  # entries seen equal to lo (when lo < hi)
-    inside: list[np.ndarray] = field(default_factory=list)  # entries seen in (lo, hi), or (lo, hi]
+    low: int
+    high: int
+    shift: int = field(init=False)
+    above: int = 0  # magnitudes seen whose pattern is larger than high
+    counts: np.ndarray | None = None  # magnitudes seen per bin, from low up
+    lowest: np.ndarray | None = None  # the lowest and highest pattern seen in each bin
+    highest: np.ndarray | None = None
 
-    def scan(self, magnitudes: np.ndarray, scratch: _Scratch) -> None:
-        above, second, third = (m[:magnitudes.size] for m in scratch.masks)
-        self.above += _count(above, np.greater, magnitudes, self.hi)
-        if not self.count_ends:
-            np.greater_equal(magnitudes, self.lo, out=second)
-            np.greater(second, above, out=second)  # in [lo, hi]: at least lo and not above hi
-            # A small share. (Gathering by index beats a boolean mask on a sparse one: the mask's
-            # scattered hits cost a branch miss each.)
-            in_bracket = magnitudes[np.flatnonzero(second)]
-            at_lo = in_bracket == self.lo
-            self.at_lo += int(np.count_nonzero(at_lo))
-            self.inside.append(in_bracket[~at_lo])
-            return
-        self.at_hi += _count(second, np.greater_equal, magnitudes, self.hi) - int(np.count_nonzero(above))
-        if self.lo == self.hi:
-            return
-        self.at_lo += _count(above, np.greater_equal, magnitudes, self.lo)
-        self.at_lo -= _count(third, np.greater, magnitudes, self.lo)
-        np.greater(third, second, out=third)  # in (lo, hi): above lo and below hi
-        self.inside.append(magnitudes[np.flatnonzero(third)])
+    def __post_init__(self) -> None:
+        self.shift = max(0, (self.high - self.low).bit_length() - MAX_BINS.bit_length() + 1)
 
-    def answer(self) -> float | None:
-        """The order statistic, or None when the counts show that it lies outside the bracket."""
-        place = self.count - self.above  # its place from the top among the entries in [lo, hi]
+    @property
+    def bins(self) -> int:
+        return ((self.high - self.low) >> self.shift) + 1
+
+    def outcome(self) -> float | _Search | None:
+        """After a pass: the order statistic; or, when the bin that holds it holds other values too,
+        the search within that bin; or None when the counts show it lies outside [low, high]."""
+        assert self.counts is not None and self.lowest is not None and self.highest is not None
+        place = self.count - self.above  # its place from the top among the magnitudes in the bracket
+        from_top = np.cumsum(self.counts[::-1])
         if place <= 0:
-            return None  # above hi
-        if place <= self.at_hi:
-            return self.hi
-        place -= self.at_hi
-        inside = np.concatenate(self.inside) if self.inside else np.empty(0, np.float32)
-        if place <= inside.size:
-            return _kth_largest(inside, place)
-        if place <= inside.size + self.at_lo:
-            return self.lo
-        return 0.0 if self.lo <= 0 else None  # below lo; or fewer finite entries than `count`
+            return None  # above high
+        if place > from_top[-1]:
+            return 0.0 if self.low == 0 else None  # fewer than `count` finite magnitudes; or below low
+        b = self.bins - 1 - int(np.searchsorted(from_top, place))
+        if self.lowest[b] == self.highest[b]:  # one value in the bin (always so for bins of one pattern)
+            return float(np.int32(self.highest[b]).view(np.float32))
+        return _Search(self.count, int(self.lowest[b]), int(self.highest[b]))
 
 
-def _bracket(sample: np.ndarray, numel: int, count: int, sigmas: float) -> _Bracket:
-    """A bracket around the count-th largest of `numel` entries, from a sample of their magnitudes."""
+def _pattern(magnitude: float) -> int:
+    """The float32 bit pattern of a magnitude >= 0, as an integer (+inf: the largest finite one's)."""
+    return int(np.float32(min(magnitude, FLOAT32_MAX)).view(np.int32))
+
+
+def _search(sample: np.ndarray, numel: int, count: int, sigmas: float) -> _Search:
+    """A search for the count-th largest of `numel` magnitudes within a bracket around the sample's
+    corresponding order statistic, `sigmas` binomial standard deviations wide (inf: every entry)."""
     if math.isinf(sigmas):
-        return _Bracket(count, 0.0, math.inf)
+        return _Search(count, 0, _pattern(math.inf))
     size = sample.size
     share = count / numel
     expected = share * size  # the answer's place from the top of the sample
@@ -182,24 +164,41 @@ def _bracket(sample: np.ndarray, numel: int, count: int, sigmas: float) -> _Brac
     ordered = np.partition(sample, indices) if indices else sample
     hi = max(0.0, float(ordered[size - upper_place])) if upper_place >= 1 else math.inf
     lo = max(0.0, float(ordered[size - lower_place])) if lower_place <= size else 0.0
-    at_ends = int(np.count_nonzero(sample == lo)) + (int(np.count_nonzero(sample == hi)) if hi > lo else 0)
-    between = int(np.count_nonzero((sample > lo) & (sample < hi)))
-    return _Bracket(count, lo, hi, count_ends=at_ends > between)
+    return _Search(count, _pattern(lo), _pattern(hi))
 
 
-def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], brackets: Sequence[Sequence[_Bracket]]) -> None:
-    """One pass over the inputs, chunk by chunk, feeding each model's magnitudes to its brackets."""
-    scratch = _Scratch()
+def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], searches: Sequence[Sequence[_Search]]) -> None:
+    """One pass over the inputs, chunk by chunk, counting each model's magnitudes for its searches."""
+    from . import cpu_loops  # imports numba: only when an exact selection runs
+
+    counted = [(model, *_counters(model_searches)) for model, model_searches in zip(models, searches) if model_searches]
+    # fp32 buffers for the base, a model and the magnitudes, reused by every chunk (fresh ones would
+    # be page-faulted in each time).
+    b, m, magnitudes = (np.empty(CHUNK, dtype=np.float32) for _ in range(3))
     numel = base.numel()
     for start in range(0, numel, CHUNK):
         count = min(CHUNK, numel - start)
-        b = scratch.base[:count]
-        b.copy_(base[start:start + count])
-        for model, model_brackets in zip(models, brackets):
-            if model_brackets:
-                magnitudes = _magnitudes(b, model[start:start + count], scratch.magnitudes[:count]).numpy()
-                for bracket in model_brackets:
-                    bracket.scan(magnitudes, scratch)
+        torch.from_numpy(b[:count]).copy_(base[start:start + count])
+        for model, *counters in counted:
+            torch.from_numpy(m[:count]).copy_(model[start:start + count])
+            cpu_loops.count_magnitudes(b[:count], m[:count], *counters, magnitudes[:count])
+    for model_searches, (_, _, _, _, above, counts, lowest, highest) in zip([s for s in searches if s], counted):
+        for k, search in enumerate(model_searches):
+            bins = slice(0, search.bins)
+            search.above = int(above[k])
+            search.counts, search.lowest, search.highest = counts[k, bins], lowest[k, bins], highest[k, bins]
+
+
+def _counters(searches: Sequence[_Search]) -> tuple[np.ndarray, ...]:
+    """What count_magnitudes takes for these searches: their brackets' ends and bin shifts, and
+    zeroed counts above them and per bin, with each bin's lowest and highest pattern yet unseen."""
+    lows, highs, shifts = (np.array([getattr(s, name) for s in searches], dtype=np.int64)
+                           for name in ("low", "high", "shift"))
+    above = np.zeros(len(searches), dtype=np.int64)
+    shape = (len(searches), max(s.bins for s in searches))
+    counts = np.zeros(shape, dtype=np.int64)
+    lowest, highest = np.full(shape, np.iinfo(np.int32).max, dtype=np.int32), np.full(shape, -1, dtype=np.int32)
+    return lows, highs, shifts, above, counts, lowest, highest
 
 
 def kth_largest_magnitudes(base: torch.Tensor, models: Sequence[torch.Tensor],
@@ -224,13 +223,18 @@ def kth_largest_magnitudes(base: torch.Tensor, models: Sequence[torch.Tensor],
     samples = [_magnitudes(base_sample, sample_entries(m, size)).numpy() for m in models]
     results: list[list[float | None]] = [[math.inf if c == 0 else None for c in counts] for _ in models]
     for sigmas in (BRACKET_SIGMAS, BRACKET_SIGMAS * FALLBACK_WIDENING, math.inf):
-        pending = [[(j, _bracket(sample, numel, c, sigmas)) for j, c in enumerate(counts) if row[j] is None]
+        pending = [[(j, _search(sample, numel, c, sigmas)) for j, c in enumerate(counts) if row[j] is None]
                    for sample, row in zip(samples, results)]
-        if not any(pending):
-            break
-        _scan(base, models, [[b for _, b in row] for row in pending])
-        for row, model_pending in zip(results, pending):
-            for j, bracket in model_pending:
-                row[j] = bracket.answer()
+        while any(pending):  # a search over bins wider than a pattern goes on in the bin that holds the answer
+            _scan(base, models, [[s for _, s in row] for row in pending])
+            narrower: list[list[tuple[int, _Search]]] = [[] for _ in models]
+            for row, model_pending, refined in zip(results, pending, narrower):
+                for j, search in model_pending:
+                    outcome = search.outcome()
+                    if isinstance(outcome, _Search):
+                        refined.append((j, outcome))
+                    else:
+                        row[j] = outcome  # None: missed, for the next, wider bracket
+            pending = narrower
     assert all(v is not None for row in results for v in row)  # the bracket over every entry cannot miss
     return [[float(v) for v in row] for row in results]  # type: ignore[arg-type]
