@@ -16,8 +16,10 @@ Exact selection (the default) on a tensor larger than the sample:
    For floats >= 0 the patterns, read as integers, are in the order of the values, so with one bin
    per pattern the histogram holds every distinct value in the bracket with its count: walking it
    down from the top finds the answer exactly, with no entry collected and nothing sorted. A bracket
-   holding more than MAX_BINS patterns gets bins of 2, 4, … patterns, and a second pass over the
-   bin that holds the answer finishes;
+   holding more than MAX_BINS patterns gets bins of 2, 4, … patterns; each bin also keeps the lowest
+   and highest pattern seen, so a bin holding one value (the rule for differences of fp16 or bf16
+   weights, whose values are far apart as patterns) still gives the answer, and only a bin holding
+   several takes a second pass;
 3. when the counts show that the answer lies outside the bracket (never a guess), the pass is
    repeated with a bracket FALLBACK_WIDENING times wider and then, if needed, with every entry: the
    result is always the exact order statistic.
