@@ -7,7 +7,8 @@ functions import it as
     from lineage.lazy import torch
 
 and get a stand-in module: the first attribute looked up on it (`torch.empty`, `torch.float16`, ...)
-imports the real torch, and every lookup is forwarded to it. Nothing else changes for the code using it.
+imports the real torch, and each name looked up is taken from it (and kept on the stand-in). Nothing
+else changes for the code using it.
 A table of torch objects at module level (safetensors dtype names -> torch dtypes) is a `LazyDict`,
 built the first time it is read.
 
@@ -31,7 +32,9 @@ class LazyModule(types.ModuleType):
     """A stand-in for the module `name`, which is imported when an attribute is first looked up."""
 
     def __getattr__(self, attribute: str) -> Any:  # called only for names the stand-in itself lacks
-        return getattr(importlib.import_module(self.__name__), attribute)
+        value = getattr(importlib.import_module(self.__name__), attribute)
+        setattr(self, attribute, value)  # so later lookups (hot loops make many) find it without this call
+        return value
 
     def __dir__(self) -> list[str]:
         return dir(importlib.import_module(self.__name__))

@@ -114,9 +114,12 @@ def _count_inside(bits: Any, start: int, end: int, k: int, low: Any, width: Any,
         pattern = bits[i]
         if np.uint32(pattern - low) <= width:
             b = (pattern - low) >> shift
+            if counts[k, b] == 0:
+                lowest[k, b] = highest[k, b] = pattern
+            else:
+                lowest[k, b] = min(lowest[k, b], pattern)
+                highest[k, b] = max(highest[k, b], pattern)
             counts[k, b] += 1
-            lowest[k, b] = min(lowest[k, b], pattern)
-            highest[k, b] = max(highest[k, b], pattern)
 
 
 def count_magnitudes(base: np.ndarray, model: np.ndarray, lows: np.ndarray, highs: np.ndarray, shifts: np.ndarray,
@@ -126,6 +129,6 @@ def count_magnitudes(base: np.ndarray, model: np.ndarray, lows: np.ndarray, high
     magnitudes |model − base| (flat fp32 arrays of one size; NaN and ±Inf magnitudes count as below
     everything) whose pattern is larger than highs[k], and for those inside the bracket, in bin
     b = (pattern − lows[k]) >> shifts[k], count them in counts[k, b] and keep the lowest and highest
-    pattern seen in lowest[k, b] and highest[k, b]. `magnitudes` is a scratch array of the inputs'
-    size."""
+    pattern seen in lowest[k, b] and highest[k, b] (set by the bin's first one: their values where
+    counts[k, b] is 0 do not matter). `magnitudes` is a scratch array of the inputs' size."""
     _count_magnitudes(base, model, lows, highs, shifts, above, counts, lowest, highest, magnitudes)

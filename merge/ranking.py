@@ -135,12 +135,13 @@ class _Search:
         the search within that bin; or None when the counts show it lies outside [low, high]."""
         assert self.counts is not None and self.lowest is not None and self.highest is not None
         place = self.count - self.above  # its place from the top among the magnitudes in the bracket
-        from_top = np.cumsum(self.counts[::-1])
+        filled = np.flatnonzero(self.counts)[::-1]  # the bins anything fell in, from the top
+        from_top = np.cumsum(self.counts[filled])
         if place <= 0:
             return None  # above high
-        if place > from_top[-1]:
+        if place > (from_top[-1] if filled.size else 0):
             return 0.0 if self.low == 0 else None  # fewer than `count` finite magnitudes; or below low
-        b = self.bins - 1 - int(np.searchsorted(from_top, place))
+        b = filled[np.searchsorted(from_top, place)]
         if self.lowest[b] == self.highest[b]:  # one value in the bin (always so for bins of one pattern)
             return float(np.int32(self.highest[b]).view(np.float32))
         return _Search(self.count, int(self.lowest[b]), int(self.highest[b]))
@@ -193,13 +194,14 @@ def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], searches: Sequence
 
 def _counters(searches: Sequence[_Search]) -> tuple[np.ndarray, ...]:
     """What count_magnitudes takes for these searches: their brackets' ends and bin shifts, and
-    zeroed counts above them and per bin, with each bin's lowest and highest pattern yet unseen."""
+    zeroed counts above them and per bin, and each bin's lowest and highest pattern. (Zeroed arrays
+    cost only the pages that a bin falls in.)"""
     lows, highs, shifts = (np.array([getattr(s, name) for s in searches], dtype=np.int64)
                            for name in ("low", "high", "shift"))
     above = np.zeros(len(searches), dtype=np.int64)
     shape = (len(searches), max(s.bins for s in searches))
     counts = np.zeros(shape, dtype=np.int64)
-    lowest, highest = np.full(shape, np.iinfo(np.int32).max, dtype=np.int32), np.full(shape, -1, dtype=np.int32)
+    lowest, highest = np.zeros(shape, dtype=np.int32), np.zeros(shape, dtype=np.int32)
     return lows, highs, shifts, above, counts, lowest, highest
 
 
