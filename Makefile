@@ -27,18 +27,21 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # The whole suite, the tests marked slow (sd-mecha comparisons, larger files) included: what CI runs.
-# ruff first (every rule in pyproject.toml's [tool.ruff], line length 120 included), then the suite.
+# ruff first (every rule in pyproject.toml's [tool.ruff], line length 120 included), mypy on the
+# public API ([tool.mypy]), then the suite.
 test: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 # The suite without the tests marked slow, for quick runs while working.
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
-# ruff with the rules in pyproject.toml ([tool.ruff]).
+# ruff with the rules in pyproject.toml ([tool.ruff]), and mypy on the public API ([tool.mypy]).
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 demo: setup
 	$(PY) examples/demo.py

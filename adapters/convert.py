@@ -84,7 +84,7 @@ def _alpha_dtype(adapter: AdapterFile, module: AdapterModule) -> str:
         record = {}
     recorded = record.get(ALPHA_DTYPE_FIELD) if isinstance(record, dict) else None
     first = next(iter(module.keys.values()))
-    return recorded if recorded in DTYPES else adapter.tensors[first].dtype
+    return recorded if isinstance(recorded, str) and recorded in DTYPES else adapter.tensors[first].dtype
 
 
 def _copy(ctx: JobContext) -> None:
@@ -131,7 +131,8 @@ def conversion_metadata(adapter: AdapterFile, to: str, source_autov3: str | None
     entries, our record (a conversion of the source) and the output's hashes."""
     metadata = {k: v for k, v in adapter.metadata.items() if k not in SELF_DESCRIBING}
     lora = {n: m for n, m in adapter.modules.items() if m.algorithm == "lora"}
-    metadata.update(dialect_metadata(to, {n: m.rank for n, m in lora.items()}, {n: m.alpha for n, m in lora.items()}))
+    ranks = {n: m.rank for n, m in lora.items() if m.rank is not None}  # (a LoRA module always has one)
+    metadata.update(dialect_metadata(to, ranks, {n: m.alpha for n, m in lora.items()}))
     alpha_dtypes = {_alpha_dtype(adapter, m) for m in lora.values()}
     record = adapter_record("convert", [(os.path.basename(adapter.path), source_autov3)],
                             source_dialect=adapter.dialect, dialect=to,

@@ -172,8 +172,9 @@ def _record(output: str, recipe: Recipe, output_autov3: str, input_sha256: list[
         return FileHashes(path, sha256, None, sha256[:10] if sha256 else None, autov3, None)
 
     weights = edge_weights(recipe)
+    known = [w for w in weights if w is not None]
     return record_file(output, parents=[f.path for f in recipe.files], relation="merge",
-                       weights=None if None in weights else weights,
+                       weights=known if len(known) == len(weights) else None,
                        params={"method": recipe.method, "recipe": record_of(recipe)}, registry=registry,
                        hashes=hashes(output, output_autov3),
                        parent_hashes=[hashes(f.path, f.autov3, sha) for f, sha in zip(recipe.files, input_sha256)])

@@ -156,3 +156,18 @@ def test_cli_adapter_without_to_says_what_to_give(base, tmp_path, lmerge):
     code, out, err = lmerge("convert", src, tmp_path / "x.safetensors")
     assert code == 1 and "is a safetensors file already" in err and "--to kohya or --to peft" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_recorded_alpha_dtype_that_is_not_text_is_ignored(base, tmp_path):
+    """Our record in a PEFT file says which dtype the kohya alpha tensors had; metadata is anyone's
+    to write, so a value that is not a dtype's name (here a list) is ignored, not a traceback."""
+    peft = lineage.adapters.convert(write_lora(tmp_path / "k.safetensors", modules_of(base)[:3]),
+                                    tmp_path / "p.safetensors", to="peft")
+    with SafetensorsFile(peft.path) as f:
+        tensors, metadata = {k: f.read(k) for k in f.keys()}, dict(f.metadata)
+    record = json.loads(metadata["lineage.record"])
+    record["alpha_dtype"] = ["F16"]
+    save_file(tensors, tmp_path / "odd.safetensors", {**metadata, "lineage.record": json.dumps(record)})
+    out = lineage.adapters.convert(tmp_path / "odd.safetensors", tmp_path / "back.safetensors", to="kohya")
+    factor_dtypes = {dtype for k, (dtype, _) in tensors_of(out.path).items() if not k.endswith(".alpha")}
+    assert {dtype for k, (dtype, _) in tensors_of(out.path).items() if k.endswith(".alpha")} == factor_dtypes

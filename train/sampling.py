@@ -183,7 +183,7 @@ def _check_request(sampler: str, scheduler: str, steps: int, batch: int, width: 
 def model_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """The torch dtype a model runs in, from a torch dtype or one of DTYPES' names."""
     chosen = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if chosen not in DTYPES.values():
+    if chosen is None or chosen not in DTYPES.values():
         raise LineageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return chosen
 

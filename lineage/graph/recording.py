@@ -56,7 +56,7 @@ KOHYA_PARAMS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_n
 
 # A1111 merge modes: interp_method -> (relation, weight of each parent given the multiplier M).
 # Weighted sum: A*(1-M) + B*M.  Add difference: A + (B-C)*M.  No interpolation copies A (e.g. to bake a VAE).
-A1111_METHODS: dict[str, tuple[str, Callable[[float], list[float]]]] = {
+A1111_METHODS: dict[str, tuple[str, Callable[[float], list[float]] | None]] = {
     "Weighted sum": ("merge", lambda m: [1 - m, m]),
     "Add difference": ("merge", lambda m: [1.0, m, -m]),
     "No interpolation": ("convert", lambda m: [1.0]),
@@ -205,7 +205,7 @@ def _from_own_record(record: Any, kind: str) -> list[Origin]:
     if not isinstance(record, dict) or not isinstance(record.get("inputs"), list):
         return []
     parents = []
-    adapters = record.get("adapters") if isinstance(record.get("adapters"), list) else []
+    adapters = record["adapters"] if isinstance(record.get("adapters"), list) else []
     for item in [*record["inputs"], *adapters]:  # a merge's adapters are parents too, weighted by strength
         if not isinstance(item, dict):
             continue
@@ -232,7 +232,8 @@ def _a1111_hash_kind(recipe: Any) -> str:
 def _a1111_origin(recipe: dict[str, Any], models: dict[str, Any], child: ParentRef | None) -> Origin | None:
     parents = []
     for key in ("primary_model_hash", "secondary_model_hash", "tertiary_model_hash"):
-        entry = models.get(recipe.get(key)) if isinstance(recipe.get(key), str) else None
+        value = recipe.get(key)
+        entry = models.get(value) if isinstance(value, str) else None
         ref = _hash_ref(recipe.get(key), entry.get("name") if isinstance(entry, dict) else None,
                         _a1111_hash_kind(recipe))
         if ref:
@@ -240,9 +241,9 @@ def _a1111_origin(recipe: dict[str, Any], models: dict[str, Any], child: ParentR
     if not parents:
         return None
     method = recipe.get("interp_method") or recipe.get("merge_method") or recipe.get("merge_mode")
-    relation, weights_of = A1111_METHODS.get(method, ("merge", None))
+    relation, weights_of = A1111_METHODS.get(method, ("merge", None)) if isinstance(method, str) else ("merge", None)
     multiplier = recipe.get("multiplier", recipe.get("alpha"))
-    weights = weights_of(float(multiplier)) if weights_of and isinstance(multiplier, (int, float)) else None
+    weights = weights_of(float(multiplier)) if weights_of is not None and isinstance(multiplier, (int, float)) else None
     return Origin(relation, parents, _weights(weights, len(parents)), {"method": method, "recipe": recipe},
                   "a1111", child)
 

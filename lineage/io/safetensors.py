@@ -18,6 +18,7 @@ import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from lineage.errors import CheckpointError, LineageError, brief
 from lineage.io import strict_json
@@ -238,7 +239,7 @@ class SafetensorsFile:
 
     def read_into(self, info: TensorInfo, buffer: torch.Tensor) -> None:
         """Fill the first `info.nbytes` bytes of a contiguous uint8 tensor with the tensor's bytes."""
-        view = memoryview(buffer.numpy()).cast("B")[: info.nbytes]
+        view = buffer.numpy().data.cast("B")[: info.nbytes]
         done = 0
         while done < info.nbytes:
             n = os.preadv(self._fd, [view[done:]], info.begin + done)
@@ -280,7 +281,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor as stored in safetensors (C order, native little-endian), without a copy
     when the tensor is already a contiguous CPU tensor."""
     t = tensor.detach().to("cpu").contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
 
 
 class SafetensorsWriter:
@@ -440,7 +441,7 @@ class SafetensorsWriter:
             self.abort()
 
 
-def _check_metadata(metadata: Mapping[object, object], path: str) -> None:
+def _check_metadata(metadata: Mapping[Any, Any], path: str) -> None:
     for k, v in metadata.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise LineageError(f"metadata must map strings to strings, got {k!r}: {type(v).__name__}", path)
