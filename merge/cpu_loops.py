@@ -90,6 +90,27 @@ def ties_bracketed(base: np.ndarray, models: tuple[np.ndarray, ...], lows: np.nd
     _ties_bracketed(base, models, lows, highs, weights, np.float32(alpha), out, inside, above)
 
 
+@_jit
+def _count_noted(base: Any, models: Any, noted: Any, lows: Any, highs: Any, shifts: Any, counts: Any, lowest: Any,
+                 highest: Any, magnitudes: Any) -> None:
+    for j in range(len(models)):
+        model = models[j]
+        for t in range(noted.size):
+            magnitude = abs(model[noted[t]] - base[noted[t]])
+            magnitudes[t] = magnitude if magnitude <= LARGEST_FLOAT else NON_FINITE
+        bits = magnitudes[:noted.size].view(np.int32)
+        _count_inside(bits, 0, noted.size, j, lows[j], np.uint32(highs[j] - lows[j]), shifts[j], counts, lowest,
+                      highest)
+
+
+def count_noted(base: np.ndarray, models: tuple[np.ndarray, ...], noted: np.ndarray, lows: np.ndarray,
+                highs: np.ndarray, shifts: np.ndarray, counts: np.ndarray, lowest: np.ndarray, highest: np.ndarray,
+                magnitudes: np.ndarray) -> None:
+    """count_magnitudes' histograms, one bracket per model (bracket j for model j), over the entries
+    at the indices `noted` only; `magnitudes` is a scratch array at least as long as `noted`."""
+    _count_noted(base, models, noted, lows, highs, shifts, counts, lowest, highest, magnitudes)
+
+
 def ties(base: torch.Tensor, models: Sequence[torch.Tensor], thresholds: Sequence[float],
          weights: Sequence[float], alpha: float) -> torch.Tensor:
     """TIES of fp32 CPU tensors of one shape with the given magnitude thresholds (methods.ties' rules),

@@ -143,7 +143,7 @@ class _Search:
             return 0.0 if self.low == 0 else None  # fewer than `count` finite magnitudes; or below low
         b = filled[np.searchsorted(from_top, place)]
         if self.lowest[b] == self.highest[b]:  # one value in the bin (always so for bins of one pattern)
-            return _pattern_value(self.highest[b])
+            return pattern_value(self.highest[b])
         return _Search(self.count, int(self.lowest[b]), int(self.highest[b]))
 
 
@@ -152,7 +152,7 @@ def _pattern(magnitude: float) -> int:
     return int(np.float32(min(magnitude, FLOAT32_MAX)).view(np.int32))
 
 
-def _pattern_value(pattern: int) -> float:
+def pattern_value(pattern: int) -> float:
     """The magnitude whose float32 bit pattern is `pattern`."""
     return float(np.int32(pattern).view(np.float32))
 
@@ -164,10 +164,17 @@ def magnitude_samples(base: torch.Tensor, models: Sequence[torch.Tensor]) -> lis
     return [_magnitudes(base_sample, sample_entries(m, size)).numpy() for m in models]
 
 
-def bracket(sample: np.ndarray, numel: int, count: int, sigmas: float = BRACKET_SIGMAS) -> tuple[float, float]:
-    """Magnitudes [lo, hi] around the count-th largest of `numel` magnitudes, from their sample: the
-    sample's order statistics `sigmas` binomial standard deviations above and below its rank (step 1
-    of the module doc; hi is +inf, lo 0.0, where the sample has nothing beyond)."""
+def bracketed_search(sample: np.ndarray, numel: int, count: int) -> _Search:
+    """The search for the count-th largest of `numel` magnitudes, in the bracket that their sample
+    gives (step 1 of the module doc); its `outcome()` once counted."""
+    return _search(sample, numel, count, BRACKET_SIGMAS)
+
+
+def _search(sample: np.ndarray, numel: int, count: int, sigmas: float) -> _Search:
+    """A search for the count-th largest of `numel` magnitudes within a bracket around the sample's
+    corresponding order statistic, `sigmas` binomial standard deviations wide (inf: every entry)."""
+    if math.isinf(sigmas):
+        return _Search(count, 0, _pattern(math.inf))
     size = sample.size
     share = count / numel
     expected = share * size  # the answer's place from the top of the sample
@@ -178,13 +185,6 @@ def bracket(sample: np.ndarray, numel: int, count: int, sigmas: float = BRACKET_
     ordered = np.partition(sample, indices) if indices else sample
     hi = max(0.0, float(ordered[size - upper_place])) if upper_place >= 1 else math.inf
     lo = max(0.0, float(ordered[size - lower_place])) if lower_place <= size else 0.0
-    return lo, hi
-
-
-def _search(sample: np.ndarray, numel: int, count: int, sigmas: float) -> _Search:
-    """A search for the count-th largest of `numel` magnitudes within the sample's bracket, `sigmas`
-    wide (inf: every entry)."""
-    lo, hi = (0.0, math.inf) if math.isinf(sigmas) else bracket(sample, numel, count, sigmas)
     return _Search(count, _pattern(lo), _pattern(hi))
 
 
@@ -192,7 +192,7 @@ def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], searches: Sequence
     """One pass over the inputs, chunk by chunk, counting each model's magnitudes for its searches."""
     from . import cpu_loops  # imports numba: only when an exact selection runs
 
-    counted = [(model, *_counters(model_searches)) for model, model_searches in zip(models, searches) if model_searches]
+    counted = [(model, *counters(model_searches)) for model, model_searches in zip(models, searches) if model_searches]
     # fp32 buffers for the base, a model and the magnitudes, reused by every chunk (fresh ones would
     # be page-faulted in each time).
     b, m, magnitudes = (np.empty(CHUNK, dtype=np.float32) for _ in range(3))
@@ -204,11 +204,11 @@ def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], searches: Sequence
             torch.from_numpy(m[:count]).copy_(model[start:start + count])
             cpu_loops.count_magnitudes(b[:count], m[:count], *model_counters, magnitudes[:count])
     for model_searches, (_, *model_counters) in zip([s for s in searches if s], counted):
-        _record(model_searches, model_counters)
+        record(model_searches, model_counters)
 
 
-def _record(searches: Sequence[_Search], counters: Sequence[np.ndarray]) -> None:
-    """Hand each search what a pass counted for it in `counters` (as `_counters` made them)."""
+def record(searches: Sequence[_Search], counters: Sequence[np.ndarray]) -> None:
+    """Hand each search what a pass counted for it in `counters` (as `counters` made them)."""
     _, _, _, above, counts, lowest, highest = counters
     for k, search in enumerate(searches):
         bins = slice(0, search.bins)
@@ -216,7 +216,7 @@ def _record(searches: Sequence[_Search], counters: Sequence[np.ndarray]) -> None
         search.counts, search.lowest, search.highest = counts[k, bins], lowest[k, bins], highest[k, bins]
 
 
-def _counters(searches: Sequence[_Search]) -> tuple[np.ndarray, ...]:
+def counters(searches: Sequence[_Search]) -> tuple[np.ndarray, ...]:
     """What count_magnitudes takes for these searches: their brackets' ends and bin shifts, and
     zeroed counts above them and per bin, and each bin's lowest and highest pattern. (Zeroed arrays
     cost only the pages that a bin falls in.)"""

@@ -436,7 +436,8 @@ def test_ties_finds_its_thresholds_while_merging_and_merges_again_when_a_bracket
     assert torch.equal(_tensors(out.path)[0][LARGE_KEY], expected)
 
     calls.clear()
-    monkeypatch.setattr(ranking, "bracket", lambda *args: (1e30, 2e30))  # far above every answer
+    monkeypatch.setattr(ranking, "bracketed_search",  # a bracket far above every answer
+                        lambda sample, numel, count: ranking._Search(count, *map(ranking._pattern, (1e30, 2e30))))
     out = merge(paths, tmp_path / "again.safetensors", method="ties", params=params, record=False)
     assert [done for entries, done in calls if entries > SAMPLE_SIZE] == [False]
     assert torch.equal(_tensors(out.path)[0][LARGE_KEY], expected)
