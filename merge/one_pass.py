@@ -54,7 +54,7 @@ def ties(stored: Sequence[torch.Tensor], blocks: Iterable[tuple[int, torch.Tenso
         rows = [row.numpy() for row in block]
         b, ms = rows[0], tuple(rows[1:])
         cpu_loops.ties_bracketed(b, ms, lows, highs, w, alpha, merged[:size], inside[:size], above)
-        here = np.flatnonzero(inside[:size].view(np.bool_))  # (nonzero is far faster on bools than on bytes)
+        here = np.flatnonzero(inside[:size])
         cpu_loops.count_noted(b, ms, here, lows_bits, highs_bits, shifts, counts, lowest, highest, magnitudes)
         out[start:start + size].copy_(torch.from_numpy(merged[:size]))
         noted.append(here + start)
