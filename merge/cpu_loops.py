@@ -65,52 +65,6 @@ def _ties(base: Any, models: Any, thresholds: Any, weights: Any, alpha: Any, out
         out[i] = base[i] + alpha * (total / max(weight, SMALLEST_FLOAT))
 
 
-@_jit
-def _ties_bracketed(base: Any, models: Any, lows: Any, highs: Any, weights: Any, alpha: Any, out: Any,
-                    inside: Any, above: Any) -> None:
-    # Entries inside a bracket are merged as if the threshold were its top (they are merged again later).
-    inside[:] = 0
-    for j in range(len(models)):
-        model, low, high = models[j], lows[j], highs[j]
-        larger = 0
-        for i in range(base.size):
-            magnitude = abs(model[i] - base[i])
-            inside[i] |= (magnitude >= low) & (magnitude <= high)
-            larger += np.int32((magnitude > high) & (magnitude <= LARGEST_FLOAT))
-        above[j] += larger
-    _ties(base, models, highs, weights, alpha, out)
-
-
-def ties_bracketed(base: np.ndarray, models: tuple[np.ndarray, ...], lows: np.ndarray, highs: np.ndarray,
-                   weights: np.ndarray, alpha: float, out: np.ndarray, inside: np.ndarray, above: np.ndarray) -> None:
-    """TIES of flat fp32 arrays into `out`, where each model's threshold is known only to lie in
-    [lows[j], highs[j]] (fp32 arrays): entries whose |τ_j| lies outside every model's bracket get
-    their exact result; `inside` (uint8, the inputs' size) is set to 1 where some |τ_j| lies inside
-    model j's bracket, and above[j] (int64) grows by the finite |τ_j| above it."""
-    _ties_bracketed(base, models, lows, highs, weights, np.float32(alpha), out, inside, above)
-
-
-@_jit
-def _count_noted(base: Any, models: Any, noted: Any, lows: Any, highs: Any, shifts: Any, counts: Any, lowest: Any,
-                 highest: Any, magnitudes: Any) -> None:
-    for j in range(len(models)):
-        model = models[j]
-        for t in range(noted.size):
-            magnitude = abs(model[noted[t]] - base[noted[t]])
-            magnitudes[t] = magnitude if magnitude <= LARGEST_FLOAT else NON_FINITE
-        bits = magnitudes[:noted.size].view(np.int32)
-        _count_inside(bits, 0, noted.size, j, lows[j], np.uint32(highs[j] - lows[j]), shifts[j], counts, lowest,
-                      highest)
-
-
-def count_noted(base: np.ndarray, models: tuple[np.ndarray, ...], noted: np.ndarray, lows: np.ndarray,
-                highs: np.ndarray, shifts: np.ndarray, counts: np.ndarray, lowest: np.ndarray, highest: np.ndarray,
-                magnitudes: np.ndarray) -> None:
-    """count_magnitudes' histograms, one bracket per model (bracket j for model j), over the entries
-    at the indices `noted` only; `magnitudes` is a scratch array at least as long as `noted`."""
-    _count_noted(base, models, noted, lows, highs, shifts, counts, lowest, highest, magnitudes)
-
-
 def ties(base: torch.Tensor, models: Sequence[torch.Tensor], thresholds: Sequence[float],
          weights: Sequence[float], alpha: float) -> torch.Tensor:
     """TIES of fp32 CPU tensors of one shape with the given magnitude thresholds (methods.ties' rules),

@@ -5,9 +5,8 @@ One job per step, producing that step's key:
   runs chunk by chunk through the worker's reused fp32 buffers, so its working set stays in cache; a
   method with per-tensor statistics (TIES' thresholds) first gets them from every input's whole
   tensor as stored, `method.statistics([flat input 0, flat input 1, ...], params)`, then runs on
-  chunks the same way; on the CPU a method with a `one_pass` (TIES) is offered both at once first,
-  and the statistics path runs only where it declines. Other methods get whole fp32 tensors.
-  Merged inputs are checked for NaN/Inf, one reduction per chunk over all of them;
+  chunks the same way. Other methods get whole fp32 tensors. Merged inputs are checked for NaN/Inf,
+  one reduction per chunk over all of them;
 - `copy` and `pass` read the key from one input: byte for byte when the dtype stays, else converted
   chunk by chunk;
 - `marker` reads nothing: its output is empty.
@@ -22,7 +21,7 @@ computed on the host from the stored tensors, and copies never leave the host.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -95,34 +94,20 @@ class MergeJobs:
                 if not all_finite(x):
                     self._note_nonfinite(index, step.key)
             result.copy_(self.method.fn(*inputs, **params).reshape(-1))
-        elif not self._in_one_pass(step, ctx, result, params):
+        else:
             if self.method.statistics is not None:
                 params["statistics"] = self.method.statistics([reader.stored() for reader in models], params)
-            for start, block in self._blocks(ctx, step):
+            for start, host_block in ctx.fp32_chunks(models):
+                block = ctx.to_device(host_block)
+                if not all_finite(block):
+                    for index, row in enumerate(block):
+                        if not all_finite(row):
+                            self._note_nonfinite(index, step.key)
                 result[start:start + block.shape[1]].copy_(self.method.fn(*block, **params))
         if step.patches:
             factors = ((r.info.name, r.fp32()) for r in ctx.sources[self.models:])
             add_patches_(result.view(step.shape), step.patches, factors, self.adapter_paths)
             out.copy_(result)
-
-    def _in_one_pass(self, step: Step, ctx: JobContext, result: torch.Tensor, params: dict[str, Any]) -> bool:
-        """Whether the method's `one_pass` merged the step (it has one, the run is on the CPU, the step
-        has no patches, and it did not decline)."""
-        if self.method.one_pass is None or ctx.device.type != "cpu" or step.patches:
-            return False
-        stored = [reader.stored() for reader in ctx.sources[:self.models]]
-        return self.method.one_pass(stored, self._blocks(ctx, step), result, params)
-
-    def _blocks(self, ctx: JobContext, step: Step) -> Iterator[tuple[int, torch.Tensor]]:
-        """The merged inputs' fp32 pieces on the run's device, (start, block) with block[i] input i's
-        piece from `start`, each checked for NaN and Inf (one reduction over all of them)."""
-        for start, host_block in ctx.fp32_chunks(ctx.sources[:self.models]):
-            block = ctx.to_device(host_block)
-            if not all_finite(block):
-                for index, row in enumerate(block):
-                    if not all_finite(row):
-                        self._note_nonfinite(index, step.key)
-            yield start, block
 
     @staticmethod
     def _copy(ctx: JobContext) -> None:

@@ -12,10 +12,9 @@ decorator (as mergekit's `easy_define`):
   recipe's seed and the key, so the same recipe reproduces bit for bit;
 - a keyword parameter `statistics` receives the output of the decorator's `statistics` function
   (below).
-The decorator adds only what a signature cannot say: `elementwise`, a `statistics` function (and
-a `one_pass` that finds them while merging), a `constraint` between parameters, a larger
-`min_models` for `*models`, and `peers`, how the method differs from sd-mecha's and mergekit's
-(`lmerge methods` prints it).
+The decorator adds only what a signature cannot say: `elementwise`, a `statistics` function, a
+`constraint` between parameters, a larger `min_models` for `*models`, and `peers`, how the method
+differs from sd-mecha's and mergekit's (`lmerge methods` prints it).
 
 Every parameter value of a recipe (per-key values included) is checked against these types before
 any work, so `lmerge merge --dry-run` catches `density=1.5`. The function the decorator returns
@@ -31,12 +30,7 @@ Contract of a method function:
   each input's WHOLE flat tensor as stored (memory-mapped, e.g. fp16: it converts pieces to fp32
   itself and makes no full fp32 copy of a large tensor). The method takes them as its keyword
   `statistics` (None: it computes them itself), so the engine computes them once per tensor and
-  then runs the method on pieces;
-- `one_pass(stored, blocks, out, params)`, where a method has one, does on the CPU what statistics
-  then pieces do, in one pass over the inputs: `stored` are the inputs' whole flat tensors as
-  stored, `blocks` yields (start, block) with block[i] the fp32 piece of input i from `start`, and
-  the result goes into the flat tensor `out`. It returns False where it cannot (the engine then
-  takes the statistics path, which writes every entry of `out` anew).
+  then runs the method on pieces.
 
 Shared parameter names:
 - `alpha`: for two-model methods the weight of the second model B (A1111's convention); for methods
@@ -71,7 +65,7 @@ import inspect
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,9 +91,6 @@ kernels = LazyModule("lineage.merge.kernels")  # imports Triton (~0.1 s): only w
 np = LazyModule("numpy")
 
 ENGINE_SUPPLIED = ("seed", "statistics")  # keyword parameters the engine fills in, not the user
-# one_pass(stored inputs, fp32 blocks, flat output, params) -> whether it merged (module doc)
-OnePass = Callable[[Sequence["torch.Tensor"], Iterable[tuple[int, "torch.Tensor"]], "torch.Tensor", Mapping[str, Any]],
-                   bool]
 
 
 def _section(doc: str | None, heading: str) -> str:
@@ -136,8 +127,6 @@ class MergeMethod:
     elementwise: bool = False  # each output entry depends only on the same entry of the inputs (and the statistics)
     # Per-tensor scalars from the inputs' whole flat tensors, passed to fn as `statistics` (module doc).
     statistics: Callable[[Sequence[torch.Tensor], Mapping[str, Any]], Any] | None = None
-    # Statistics and pieces in one pass over the inputs, on the CPU (module doc).
-    one_pass: OnePass | None = None
     # A rule between parameters: what is wrong with a complete set of values, or None.
     constraint: Callable[[Mapping[str, Any]], str | None] | None = None
     peers: str = ""  # where the method differs from sd-mecha's / mergekit's
@@ -204,7 +193,7 @@ METHODS: dict[str, MergeMethod] = {}
 
 
 def _declare(name: str, fn: Callable[..., torch.Tensor], elementwise: bool,
-             statistics: Callable[[Sequence[torch.Tensor], Mapping[str, Any]], Any] | None, one_pass: OnePass | None,
+             statistics: Callable[[Sequence[torch.Tensor], Mapping[str, Any]], Any] | None,
              constraint: Callable[[Mapping[str, Any]], str | None] | None, min_models: int | None,
              peers: str) -> MergeMethod:
     """A MergeMethod from the function's signature (module doc). Mistakes in a declaration are
@@ -253,18 +242,15 @@ def _declare(name: str, fn: Callable[..., torch.Tensor], elementwise: bool,
         params[p.name] = Param(p.name, declared, p.default)
     if ("statistics" in signature.parameters) != (statistics is not None):
         raise wrong("a `statistics` function and a `statistics` keyword parameter go together")
-    if one_pass is not None and statistics is None:
-        raise wrong("`one_pass` finds a method's statistics while merging: it needs a `statistics` function")
     return MergeMethod(name, fn, needs_base=bool(positional) and positional[0].name == "base",
                        min_models=least if any_number else len(positional),
                        max_models=None if any_number else len(positional), random="seed" in signature.parameters,
-                       params=params, elementwise=elementwise, statistics=statistics, one_pass=one_pass,
-                       constraint=constraint, peers=peers)
+                       params=params, elementwise=elementwise, statistics=statistics, constraint=constraint,
+                       peers=peers)
 
 
 def merge_method(name: str, *, elementwise: bool = False,
                  statistics: Callable[[Sequence[torch.Tensor], Mapping[str, Any]], Any] | None = None,
-                 one_pass: OnePass | None = None,
                  constraint: Callable[[Mapping[str, Any]], str | None] | None = None,
                  min_models: int | None = None, peers: str = "",
                  ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
@@ -272,7 +258,7 @@ def merge_method(name: str, *, elementwise: bool = False,
     `fn` wrapped to check the model count and the parameters of a direct call."""
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        method = _declare(name, fn, elementwise, statistics, one_pass, constraint, min_models, peers)
+        method = _declare(name, fn, elementwise, statistics, constraint, min_models, peers)
         METHODS[name] = method
 
         @functools.wraps(fn)
@@ -589,18 +575,7 @@ def _ties_thresholds(inputs: Sequence[torch.Tensor], params: Mapping[str, Any]) 
     return [thresholds[0] for thresholds in found]
 
 
-def _ties_one_pass(stored: Sequence[torch.Tensor], blocks: Iterable[tuple[int, torch.Tensor]], out: torch.Tensor,
-                   params: Mapping[str, Any]) -> bool:
-    """TIES with its exact thresholds found while it merges (merge/one_pass.py)."""
-    if params["threshold"] != "exact" or not use_cpu_loops():  # (no tensors: are the loops switched on at all)
-        return False
-    from . import one_pass  # imports numba: only when a TIES merge runs
-
-    return one_pass.ties(stored, blocks, out, _kept_count(params["density"], stored[0].numel()),
-                         _weights(params["weights"], len(stored) - 1), params["alpha"])
-
-
-@merge_method("ties", elementwise=True, statistics=_ties_thresholds, one_pass=_ties_one_pass,
+@merge_method("ties", elementwise=True, statistics=_ties_thresholds,
               peers="Count rule: we keep round(density·n) entries of each τ (at least one, plus any tied with the "
                     "smallest kept); sd-mecha's k keeps n − int((1 − k)·n) + 1 (one more), mergekit int(density·n). "
                     "Signs: we elect sign(Σ wᵢτᵢ) by mass as the paper does; sd-mecha by default by count of "

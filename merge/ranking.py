@@ -143,31 +143,13 @@ class _Search:
             return 0.0 if self.low == 0 else None  # fewer than `count` finite magnitudes; or below low
         b = filled[np.searchsorted(from_top, place)]
         if self.lowest[b] == self.highest[b]:  # one value in the bin (always so for bins of one pattern)
-            return pattern_value(self.highest[b])
+            return float(np.int32(self.highest[b]).view(np.float32))
         return _Search(self.count, int(self.lowest[b]), int(self.highest[b]))
 
 
 def _pattern(magnitude: float) -> int:
     """The float32 bit pattern of a magnitude >= 0, as an integer (+inf: the largest finite one's)."""
     return int(np.float32(min(magnitude, FLOAT32_MAX)).view(np.int32))
-
-
-def pattern_value(pattern: int) -> float:
-    """The magnitude whose float32 bit pattern is `pattern`."""
-    return float(np.int32(pattern).view(np.float32))
-
-
-def magnitude_samples(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[np.ndarray]:
-    """Each model's |model − base| at the same `bracket_sample_size` spread entries, in fp32."""
-    size = bracket_sample_size(base.numel())
-    base_sample = sample_entries(base, size).float()
-    return [_magnitudes(base_sample, sample_entries(m, size)).numpy() for m in models]
-
-
-def bracketed_search(sample: np.ndarray, numel: int, count: int) -> _Search:
-    """The search for the count-th largest of `numel` magnitudes, in the bracket that their sample
-    gives (step 1 of the module doc); its `outcome()` once counted."""
-    return _search(sample, numel, count, BRACKET_SIGMAS)
 
 
 def _search(sample: np.ndarray, numel: int, count: int, sigmas: float) -> _Search:
@@ -192,7 +174,7 @@ def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], searches: Sequence
     """One pass over the inputs, chunk by chunk, counting each model's magnitudes for its searches."""
     from . import cpu_loops  # imports numba: only when an exact selection runs
 
-    counted = [(model, *counters(model_searches)) for model, model_searches in zip(models, searches) if model_searches]
+    counted = [(model, *_counters(model_searches)) for model, model_searches in zip(models, searches) if model_searches]
     # fp32 buffers for the base, a model and the magnitudes, reused by every chunk (fresh ones would
     # be page-faulted in each time).
     b, m, magnitudes = (np.empty(CHUNK, dtype=np.float32) for _ in range(3))
@@ -200,23 +182,17 @@ def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], searches: Sequence
     for start in range(0, numel, CHUNK):
         count = min(CHUNK, numel - start)
         torch.from_numpy(b[:count]).copy_(base[start:start + count])
-        for model, *model_counters in counted:
+        for model, *counters in counted:
             torch.from_numpy(m[:count]).copy_(model[start:start + count])
-            cpu_loops.count_magnitudes(b[:count], m[:count], *model_counters, magnitudes[:count])
-    for model_searches, (_, *model_counters) in zip([s for s in searches if s], counted):
-        record(model_searches, model_counters)
+            cpu_loops.count_magnitudes(b[:count], m[:count], *counters, magnitudes[:count])
+    for model_searches, (_, _, _, _, above, counts, lowest, highest) in zip([s for s in searches if s], counted):
+        for k, search in enumerate(model_searches):
+            bins = slice(0, search.bins)
+            search.above = int(above[k])
+            search.counts, search.lowest, search.highest = counts[k, bins], lowest[k, bins], highest[k, bins]
 
 
-def record(searches: Sequence[_Search], counters: Sequence[np.ndarray]) -> None:
-    """Hand each search what a pass counted for it in `counters` (as `counters` made them)."""
-    _, _, _, above, counts, lowest, highest = counters
-    for k, search in enumerate(searches):
-        bins = slice(0, search.bins)
-        search.above = int(above[k])
-        search.counts, search.lowest, search.highest = counts[k, bins], lowest[k, bins], highest[k, bins]
-
-
-def counters(searches: Sequence[_Search]) -> tuple[np.ndarray, ...]:
+def _counters(searches: Sequence[_Search]) -> tuple[np.ndarray, ...]:
     """What count_magnitudes takes for these searches: their brackets' ends and bin shifts, and
     zeroed counts above them and per bin, and each bin's lowest and highest pattern. (Zeroed arrays
     cost only the pages that a bin falls in.)"""
@@ -246,7 +222,9 @@ def kth_largest_magnitudes(base: torch.Tensor, models: Sequence[torch.Tensor],
         return results
 
     counts = list(counts_for(numel))
-    samples = magnitude_samples(base, models)
+    size = bracket_sample_size(numel)
+    base_sample = sample_entries(base, size).float()
+    samples = [_magnitudes(base_sample, sample_entries(m, size)).numpy() for m in models]
     results: list[list[float | None]] = [[math.inf if c == 0 else None for c in counts] for _ in models]
     for sigmas in (BRACKET_SIGMAS, BRACKET_SIGMAS * FALLBACK_WIDENING, math.inf):
         pending = [[(j, _search(sample, numel, c, sigmas)) for j, c in enumerate(counts) if row[j] is None]

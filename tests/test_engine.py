@@ -406,43 +406,6 @@ def test_chunked_methods_with_statistics_equal_the_whole_tensor_method(trio_with
     assert compared == len(merged) - 2
 
 
-@pytest.mark.parametrize("non_finite", [False, True])
-def test_ties_finds_its_thresholds_while_merging_and_merges_again_when_a_bracket_misses(
-        trio_with_a_large_tensor, tmp_path, monkeypatch, non_finite):
-    """On the CPU, TIES ranks and merges a large tensor in one pass (merge/one_pass.py): the result
-    is the method's on whole tensors, bit for bit, also with NaN and Inf in a model. When the counts
-    show that a bracket missed, the one pass declines and the statistics path merges the tensor
-    again, to the same result."""
-    from lineage.merge import one_pass, ranking
-
-    paths = [trio_with_a_large_tensor[n] for n in ("base", "x", "y")]
-    if non_finite:
-        tensors, metadata = _tensors(paths[1])
-        tensors[LARGE_KEY].view(-1)[::97] = float("nan")
-        tensors[LARGE_KEY].view(-1)[5::89] = float("inf")
-        paths[1] = str(tmp_path / "x-non-finite.safetensors")
-        save_file(tensors, paths[1], metadata)
-    params = {"density": 0.3, "weights": [1.0, 2.0]}
-    expected = get_method("ties").fn(*(_tensors(p)[0][LARGE_KEY].float() for p in paths), **params).half()
-    assert torch.isfinite(expected).all()  # the non-finite deltas are dropped
-    calls = []  # (entries, merged in one pass)
-    real = one_pass.ties
-    monkeypatch.setattr(one_pass, "ties", lambda stored, *a: calls.append((stored[0].numel(), real(stored, *a)))
-                        or calls[-1][1])
-
-    out = merge(paths, tmp_path / "one.safetensors", method="ties", params=params, record=False)
-    assert {done for entries, done in calls if entries <= SAMPLE_SIZE} == {False}  # those are ranked whole
-    assert [done for entries, done in calls if entries > SAMPLE_SIZE] == [True]
-    assert torch.equal(_tensors(out.path)[0][LARGE_KEY], expected)
-
-    calls.clear()
-    monkeypatch.setattr(ranking, "bracketed_search",  # a bracket far below every answer
-                        lambda sample, numel, count: ranking._Search(count, 0, 1))
-    out = merge(paths, tmp_path / "again.safetensors", method="ties", params=params, record=False)
-    assert [done for entries, done in calls if entries > SAMPLE_SIZE] == [False]
-    assert torch.equal(_tensors(out.path)[0][LARGE_KEY], expected)
-
-
 def test_a_merge_whose_recording_fails_still_succeeds_and_says_how_to_record_it(lmerge, trio, tmp_path, monkeypatch,
                                                                                 isolated_registry):
     from lineage.graph.registry import Registry
