@@ -4,8 +4,11 @@ generated tiny checkpoint through diffusers' own single-file converters (no hub 
 passed explicitly). fp32, max relative error (max |ours - ref| / max |ref|) at most 1e-5."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lineage.io.safetensors import SafetensorsFile
 from lineage.sdxl.synthetic import write_base
@@ -104,12 +107,18 @@ def prompts(vocab_size: int, pad: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def test_unet_equals_diffusers(ours, checkpoint):
+def reference_unet(ours, checkpoint) -> torch.nn.Module:
+    """diffusers' UNet2DConditionModel holding the tiny checkpoint's UNet weights."""
+    config = diffusers_unet_config(ours.unet.config, ours.clip_g.config.projection_dim)
+    reference = diffusers.UNet2DConditionModel(**config)
+    load_exactly(reference, convert_ldm_unet_checkpoint(checkpoint, dict(reference.config)))
+    return reference
+
+
+def unet_calls(ours, reference: torch.nn.Module):
+    """One forward of ours and of the reference on the same inputs (batch of two), as two closures."""
     config = ours.unet.config
     pooled_width = ours.clip_g.config.projection_dim
-    reference = diffusers.UNet2DConditionModel(**diffusers_unet_config(config, pooled_width))
-    load_exactly(reference, convert_ldm_unet_checkpoint(checkpoint, dict(reference.config)))
-    reference.eval()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, config.in_channels, 16, 16, generator=g)
     t = torch.tensor([999.0, 17.0])
@@ -118,11 +127,56 @@ def test_unet_equals_diffusers(ours, checkpoint):
     size_values = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [832, 1216, 64, 0, 896, 1152]])
     embed_width = (config.adm_in_channels - pooled_width) // SIZE_VALUES
     y = torch.cat([pooled, timestep_embedding(size_values.flatten(), embed_width).reshape(2, -1)], dim=1)
+    added = {"text_embeds": pooled, "time_ids": size_values}
+    return (lambda: ours.unet(x, t, context, y),
+            lambda: reference(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample)
+
+
+def test_unet_equals_diffusers(ours, checkpoint):
+    reference = reference_unet(ours, checkpoint).eval()
+    run_ours, run_reference = unet_calls(ours, reference)
     with torch.no_grad():
-        got = ours.unet(x, t, context, y)
-        want = reference(x, t, encoder_hidden_states=context,
-                         added_cond_kwargs={"text_embeds": pooled, "time_ids": size_values}).sample
-    assert relative_error(got, want) <= TOLERANCE
+        assert relative_error(run_ours(), run_reference()) <= TOLERANCE
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the aten operators a computation dispatches (autograd's backward ones included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def training_step_operators(model: torch.nn.Module, run) -> Counter[str]:
+    model.train()
+    with OperatorCount() as count:
+        run().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return count.calls
+
+
+# The operators that do the arithmetic of a UNet step, and those that only move memory
+HEAVY = ("convolution", "convolution_backward", "mm", "addmm", "bmm", "native_group_norm",
+         "native_group_norm_backward", "native_layer_norm", "native_layer_norm_backward",
+         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
+COPIES = ("clone", "copy_", "cat", "contiguous", "_to_copy")
+
+
+def test_unet_training_step_does_the_same_work_as_diffusers(ours, checkpoint):
+    """Our step's time is held against diffusers' (benchmarks/bench_unet.py): it must run the same heavy
+    operators the same number of times and copy memory no more often (no stray `.contiguous()` or layout
+    conversion). On the benchmark's mid-size config the traces differ only by diffusers' extra copies and
+    divisions by its output scale factors."""
+    reference = reference_unet(ours, checkpoint)
+    run_ours, run_reference = unet_calls(ours, reference)
+    got, want = training_step_operators(ours.unet, run_ours), training_step_operators(reference, run_reference)
+    assert {op: got[op] for op in HEAVY} == {op: want[op] for op in HEAVY}
+    assert got["convolution"] > 0 and got["mm"] > 0
+    assert all(got[op] <= want[op] for op in COPIES), {op: (got[op], want[op]) for op in COPIES}
 
 
 def test_clip_l_equals_transformers(ours, checkpoint):
