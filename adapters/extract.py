@@ -131,7 +131,7 @@ def _module_difference(ctx: JobContext, module: Module) -> tuple[torch.Tensor, f
 class _Analysis:
     """Run 1: each job reads one module's difference and keeps what `decompose` makes of it (LoRA
     factors, or a LoKr) in `found`, with ‖W_base‖² in `base_norm2`. With `exact`, each job gives the
-    memory its full SVD freed back to the kernel (`release_freed_memory`): its workspace, hundreds of
+    memory its full SVD freed back to the kernel (`release_freed_memory`): its workspace, up to a few hundred
     MB and shaped by each module, would otherwise stay in the heap in holes no later module's fits,
     and the exact run's peak RSS grew with the modules analysed (4,975 MB at full size)."""
 
