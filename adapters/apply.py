@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lineage.engine.finite import all_finite
 from lineage.engine.jobs import Job, Output, Source
@@ -177,29 +177,10 @@ def patch_sources(patches: Sequence[Patch], first_input: int) -> list[Source]:
 def patch_key(patches: Sequence[Patch], adapter_paths: Sequence[str], ctx: JobContext) -> None:
     """The job of a key that adapters patch and nothing else changes: its tensor (the job's first source) in
     fp32 on the run's device, the patches added (their factors: the other sources, `patch_sources`), then
-    stored in the key's dtype. `lmerge apply` and the keys a merge copies use it. On the CPU, when every
-    patch is a product or a dense matrix, the weight goes through a block of rows at a time (`row_blocks`):
-    converted, patched and stored while the block is still in the CPU's cache, instead of three passes over
-    a whole fp32 copy in memory; the sums are those `add_patches_` makes, block for block."""
+    stored in the key's dtype (the job's output). `lmerge apply` and the keys a merge copies use it."""
     tensors = patch_tensors(patches, ((r.info.name, r.fp32()) for r in ctx.sources[1:]), adapter_paths,
                             ctx.device)
-    deltas = row_deltas(patches, tensors) if ctx.device.type == "cpu" else None
-    source, output = ctx.sources[0], ctx.outputs[0]
-    if deltas is None:
-        weight = ctx.to_device(source.fp32())
-        for patch, factors in zip(patches, tensors):
-            add_patch_(weight, patch, factors)
-        output.copy_(weight)
-        return
-    import torch
-
-    stored = output.view(output.shape[0], -1)
-    block = torch.empty(max(BLOCK_ELEMENTS, stored.shape[1]))
-    for start, stop in row_blocks(stored.shape):
-        rows = block[:(stop - start) * stored.shape[1]].view(stop - start, stored.shape[1])
-        source.fp32_into(start * stored.shape[1], rows.view(-1))
-        add_rows_(rows, start, patches, deltas)
-        stored[start:stop].copy_(rows)
+    _patch_weight(_JobWeight(ctx), patches, tensors)
 
 
 def add_patches_(weight: Any, patches: Sequence[Patch], factors: Iterable[tuple[str, Any]],
@@ -209,14 +190,7 @@ def add_patches_(weight: Any, patches: Sequence[Patch], factors: Iterable[tuple[
     adapter file read directly); each is taken in fp32 on the weight's device. A factor holding NaN or Inf
     fails with the adapter (`adapter_paths[patch.adapter]`) named."""
     tensors = patch_tensors(patches, factors, adapter_paths, weight.device)
-    deltas = row_deltas(patches, tensors) if weight.device.type == "cpu" else None
-    if deltas is None:
-        for patch, found in zip(patches, tensors):
-            add_patch_(weight, patch, found)
-        return
-    matrix = weight.view(weight.shape[0], -1)
-    for start, stop in row_blocks(matrix.shape):
-        add_rows_(matrix[start:stop], start, patches, deltas)
+    _patch_weight(_WeightInMemory(weight), patches, tensors)
 
 
 def patch_tensors(patches: Sequence[Patch], factors: Iterable[tuple[str, Any]], adapter_paths: Sequence[str],
@@ -238,9 +212,124 @@ def patch_tensors(patches: Sequence[Patch], factors: Iterable[tuple[str, Any]], 
     return tensors
 
 
-def add_patch_(weight: Any, patch: Patch, tensors: dict[str, Any]) -> None:
-    """Add one patch, its factors read as fp32 `tensors` by role, to the fp32 `weight` (in place):
-    to its rows of a fused weight (OpenCLIP-G's q/k/v), or to the bias for a `diff_b`."""
+class WeightRows(Protocol):
+    """Where the fp32 rows of a key that patches change come from and go to (`_patch_weight`): a job's
+    reader and output (`_JobWeight`), or a weight in memory (`_WeightInMemory`)."""
+
+    device: Any
+    shape: tuple[int, int]  # the weight as a matrix: (rows, columns · kh · kw)
+
+    def whole(self) -> Any:
+        """The whole weight in fp32, in its own shape, on `device`."""
+
+    def store_whole(self, weight: Any) -> None:
+        """Keep `whole()`, patched."""
+
+    def rows(self, start: int, stop: int) -> Any:
+        """The matrix's rows [start, stop) in fp32 (on the CPU)."""
+
+    def store_rows(self, start: int, rows: Any) -> None:
+        """Keep `rows(start, …)`, patched."""
+
+
+class _JobWeight:
+    """The rows of a job's key: read from its first source (converted to fp32), stored into its output
+    (the key's dtype). A block of rows is read into one reused fp32 buffer."""
+
+    def __init__(self, ctx: JobContext):
+        self.ctx, self.source, self.output = ctx, ctx.sources[0], ctx.outputs[0]
+        self.device = ctx.device
+        self.stored = self.output.view(self.output.shape[0], -1)
+        self.shape = tuple(self.stored.shape)
+        self._block: Any = None
+
+    def whole(self) -> Any:
+        return self.ctx.to_device(self.source.fp32())
+
+    def store_whole(self, weight: Any) -> None:
+        self.output.copy_(weight)
+
+    def rows(self, start: int, stop: int) -> Any:
+        import torch
+
+        columns = self.shape[1]
+        if self._block is None:
+            self._block = torch.empty(max(BLOCK_ELEMENTS, columns))
+        rows = self._block[:(stop - start) * columns].view(stop - start, columns)
+        self.source.fp32_into(start * columns, rows.view(-1))
+        return rows
+
+    def store_rows(self, start: int, rows: Any) -> None:
+        self.stored[start:start + rows.shape[0]].copy_(rows)
+
+
+class _WeightInMemory:
+    """The rows of an fp32 weight in memory, patched in place: nothing to read or store."""
+
+    def __init__(self, weight: Any):
+        self.weight, self.device = weight, weight.device
+        self.matrix = weight.view(weight.shape[0], -1)
+        self.shape = tuple(self.matrix.shape)
+
+    def whole(self) -> Any:
+        return self.weight
+
+    def store_whole(self, weight: Any) -> None:
+        pass  # `whole` is the weight itself
+
+    def rows(self, start: int, stop: int) -> Any:
+        return self.matrix[start:stop]
+
+    def store_rows(self, start: int, rows: Any) -> None:
+        pass  # `rows` is a view of the weight
+
+
+def _patch_weight(weight: WeightRows, patches: Sequence[Patch],
+                  tensors: Sequence[dict[str, Any]]) -> None:
+    """Add `patches` (their factors by role: `tensors`) to `weight`, wherever its rows come from and go to.
+    Each patch's delta is rebuilt once (adapters/delta.py). On the CPU, when every delta is a product or a
+    dense matrix (`rows_apart`), the weight goes through a block of rows at a time (`row_blocks`): read,
+    patched and stored while the block is still in the CPU's cache, instead of three passes over a whole
+    fp32 copy in memory; each block gets the sums the whole weight would, to fp32 rounding."""
+    deltas = patch_deltas(patches, tensors)
+    if weight.device.type == "cpu" and rows_apart(patches, tensors, deltas):
+        for start, stop in row_blocks(weight.shape):
+            rows = weight.rows(start, stop)
+            add_rows_(rows, start, patches, deltas)
+            weight.store_rows(start, rows)
+        return
+    whole = weight.whole()
+    for patch, delta, found in zip(patches, deltas, tensors):
+        add_patch_(whole, patch, delta, found)
+    weight.store_whole(whole)
+
+
+def patch_deltas(patches: Sequence[Patch], tensors: Sequence[dict[str, Any]]) -> list[Any]:
+    """Each patch's delta (adapters/delta.py), checked against the weight it patches; None for a bias."""
+    from .delta import rebuild, require_fits
+
+    deltas = []
+    for patch, found in zip(patches, tensors):
+        delta = None
+        if not patch.bias:
+            delta = rebuild(patch.module.algorithm, found, patch.module.alpha)
+            require_fits(delta, patch.module.algorithm, patch.shape)
+        deltas.append(delta)
+    return deltas
+
+
+def rows_apart(patches: Sequence[Patch], tensors: Sequence[dict[str, Any]], deltas: Sequence[Any]) -> bool:
+    """Whether every patch can be added a block of rows at a time: products and dense matrices on a
+    weight, no DoRA (its norms need every row)."""
+    from .delta import SLICEABLE
+
+    return not any(p.bias or "dora_scale" in t or d.kind not in SLICEABLE for p, t, d in zip(patches, tensors, deltas))
+
+
+def add_patch_(weight: Any, patch: Patch, delta: Any, tensors: dict[str, Any]) -> None:
+    """Add one patch to the fp32 `weight` (in place): its rebuilt `delta` to its rows of a fused weight
+    (OpenCLIP-G's q/k/v) with DoRA's `dora_scale` when `tensors` (its factors by role) hold one, or its
+    `diff_b` to the bias (`delta` None)."""
     from .delta import add_delta_  # imports torch: not at module import
 
     rows = slice(*patch.rows) if patch.rows else slice(None)
@@ -248,7 +337,7 @@ def add_patch_(weight: Any, patch: Patch, tensors: dict[str, Any]) -> None:
         weight[rows].add_(tensors["diff_b"], alpha=patch.strength)
         return
     target = weight.view(weight.shape[0], -1)[rows].view(patch.shape)
-    add_delta_(target, patch.module.algorithm, tensors, patch.module.alpha, patch.strength)
+    add_delta_(target, delta, patch.strength, tensors.get("dora_scale"))
 
 
 # A block of a weight's rows worked on at once (`row_blocks`): 1 MiB of fp32, which stays in the CPU's cache
@@ -262,21 +351,6 @@ def row_blocks(shape: tuple[int, int]) -> Iterator[tuple[int, int]]:
     step = max(1, BLOCK_ELEMENTS // max(1, columns))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
-
-
-def row_deltas(patches: Sequence[Patch], tensors: Sequence[dict[str, Any]]) -> list[Any] | None:
-    """Each patch's delta (adapters/delta.py) when all of them can be added a block of rows at a time —
-    products and dense matrices on a weight, no DoRA (its norms need every row) — else None."""
-    from .delta import SLICEABLE, rebuild, require_fits
-
-    if any(p.bias or "dora_scale" in t for p, t in zip(patches, tensors)):
-        return None
-    deltas = [rebuild(p.module.algorithm, t, p.module.alpha) for p, t in zip(patches, tensors)]
-    if any(d.kind not in SLICEABLE for d in deltas):
-        return None
-    for patch, delta in zip(patches, deltas):
-        require_fits(delta, patch.module.algorithm, patch.shape)
-    return deltas
 
 
 def add_rows_(rows: Any, start: int, patches: Sequence[Patch], deltas: Sequence[Any]) -> None:

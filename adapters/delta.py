@@ -10,9 +10,9 @@ as a 2-D matrix of the weight's rows (out) by its columns (in · kh · kw):
 The scale follows what ComfyUI and kohya compute: alpha / rank, or 1 when the file has no alpha; for
 LoKr alpha / rank only when a factor is low-rank (the rank of the second factor when both are), and 1
 when both factors are full; a full diff ignores alpha. `module_delta` gives the delta as one fp32
-tensor of the weight's shape; `add_delta_` adds it to a weight in place at a strength, through
-adapters/kernels.py (no Kronecker product or up @ down is materialised beside the weight), and applies
-DoRA's magnitude (`dora_scale`) when the module has one.
+tensor of the weight's shape; `add_delta_` adds a rebuilt delta to a weight in place at a strength,
+through adapters/kernels.py (no Kronecker product or up @ down is materialised beside the weight), and
+applies DoRA's magnitude (`dora_scale`) when the module has one.
 """
 from __future__ import annotations
 
@@ -193,15 +193,12 @@ def require_fits(delta: Delta, algorithm: str, shape: tuple[int, ...]) -> None:
                            f"not {'x'.join(map(str, shape))}")
 
 
-def add_delta_(weight: torch.Tensor, algorithm: str, tensors: Tensors, alpha: float | None,
-               strength: float) -> None:
-    """weight (fp32, the module's shape) += strength · the module's delta, in place; with `dora_scale`
-    among the tensors, DoRA's re-normalised weight at that strength instead."""
-    delta = rebuild(algorithm, tensors, alpha)
-    require_fits(delta, algorithm, weight.shape)
+def add_delta_(weight: torch.Tensor, delta: Delta, strength: float, dora_scale: torch.Tensor | None = None) -> None:
+    """weight (fp32, the module's shape) += strength · `delta` (`rebuild`'s), in place; with a `dora_scale`,
+    DoRA's re-normalised weight at that strength instead."""
+    require_fits(delta, delta.kind, weight.shape)
     matrix = weight.view(weight.shape[0], -1)
-    if "dora_scale" in tensors:
-        _dora_(matrix, delta, tensors["dora_scale"], strength)
+    if dora_scale is not None:
+        _dora_(matrix, delta, dora_scale, strength)
     else:
         add_to_matrix_(matrix, delta, strength)
-

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -109,6 +110,44 @@ def test_row_blocks_of_any_size_give_the_same_weights(base, tmp_path, monkeypatc
     adapters = [(lora, 0.8), (loha, -0.6), (lokr, 0.5)]
     result = lineage.adapters.apply(base, adapters, tmp_path / "out.safetensors", progress=False)
     assert_equal_to_fp16_rounding(load(result.path), expected_output(base, adapters, comfy_patch))
+
+
+def test_each_patch_is_rebuilt_once_per_key(base, tmp_path, monkeypatch):
+    """Keys with a LoRA and a LoKr (not sliced by rows, so the whole weight is patched) and keys with the
+    LoRA alone (a block of rows at a time) rebuild each patch's delta from its factors once: in `lmerge
+    apply`'s jobs, and when a weight in memory is patched (sampling with adapters, a merge's patched keys)."""
+    from lineage.adapters import delta as delta_module
+    from lineage.adapters.apply import add_patches_, plan
+
+    calls: Counter[str] = Counter()
+
+    def counted(algorithm, rebuild):
+        def spy(tensors, alpha):
+            calls[algorithm] += 1
+            return rebuild(tensors, alpha)
+        return spy
+
+    for algorithm, rebuild in list(delta_module.REBUILD.items()):
+        monkeypatch.setitem(delta_module.REBUILD, algorithm, counted(algorithm, rebuild))
+    unet = [m for m in modules_of(base) if m.component == "unet"][:6]
+    lora = write_lora(tmp_path / "lora.safetensors", unet, rank=4, alpha=2.0)
+    lokr = write_lokr(tmp_path / "lokr.safetensors", unet[::2], low_rank_w2=2)
+    adapters = [(lora, 0.8), (lokr, 0.5)]
+    out = load(lineage.adapters.apply(base, adapters, tmp_path / "out.safetensors", record=False,
+                                      progress=False).path)
+    assert calls == {"lora": 6, "lokr": 3}
+
+    calls.clear()
+    applied, original = plan(base, adapters), load(base)
+    paths = [a.path for a in applied.adapters]
+    with SafetensorsFile(lora) as lora_file, SafetensorsFile(lokr) as lokr_file:
+        files = [lora_file, lokr_file]
+        for key, patches in applied.patches.items():
+            weight = original[key].float()
+            add_patches_(weight, patches, ((p.module.keys[r], files[p.adapter].read(p.module.keys[r]))
+                                           for p in patches for r in p.roles), paths)
+            torch.testing.assert_close(weight.to(out[key].dtype), out[key])  # the same sums, in the key's dtype
+    assert calls == {"lora": 6, "lokr": 3}
 
 
 def test_lokr_with_full_factors_ignores_alpha(base, tmp_path):

@@ -130,7 +130,7 @@ def test_factors_that_do_not_fit_the_weight_are_refused() -> None:
     with pytest.raises(LineageError, match="rebuild a 8x6 weight, not 8x7"):
         module_delta("lora", {"lora_up": rand(8, 2), "lora_down": rand(2, 6)}, 2.0, (8, 7))
     with pytest.raises(LineageError, match="rebuild a 8x6 weight"):
-        add_delta_(torch.zeros(8, 7), "lora", {"lora_up": rand(8, 2), "lora_down": rand(2, 6)}, 2.0, 1.0)
+        add_delta_(torch.zeros(8, 7), rebuild("lora", {"lora_up": rand(8, 2), "lora_down": rand(2, 6)}, 2.0), 1.0)
     with pytest.raises(LineageError, match="needs a lora_up tensor"):
         rebuild("lora", {"lora_down": rand(2, 6)}, None)
     with pytest.raises(LineageError, match="unknown adapter algorithm"):
@@ -152,7 +152,7 @@ def test_add_delta_equals_weight_plus_strength_times_delta(algorithm: str, case:
                    "diff": {"diff": rand(64, 48)}}[algorithm]
     weight = rand(*shape, seed=9)
     expected = weight + 0.6 * module_delta(algorithm, tensors, 2.0, shape)
-    add_delta_(weight, algorithm, tensors, 2.0, 0.6)
+    add_delta_(weight, rebuild(algorithm, tensors, 2.0), 0.6)
     close(weight, expected)
 
 
@@ -170,7 +170,7 @@ def test_dora_per_input_channel_matches_comfyui_and_lycoris(shape: tuple[int, ..
     expected = comfy_dora(weight, diff, dora_scale, strength)
     close(lycoris.apply_dora_scale(weight, diff, dora_scale, strength), expected)
     patched = weight.clone()
-    add_delta_(patched, "lora", tensors, 2.0, strength)
+    add_delta_(patched, rebuild("lora", tensors, 2.0), strength, dora_scale)
     close(patched, expected)
     assert not torch.allclose(patched, weight + strength * diff, atol=1e-3)  # DoRA really rescaled
 
@@ -182,7 +182,7 @@ def test_dora_per_output_row_matches_lycoris_wd_on_out() -> None:
     merged = weight + module_delta("lora", tensors, 2.0, (64, 48))
     expected = lycoris.weight_decompose(merged, dora_scale, 1, wd_on_out=True, backend="torch")
     patched = weight.clone()
-    add_delta_(patched, "lora", tensors, 2.0, 1.0)
+    add_delta_(patched, rebuild("lora", tensors, 2.0), 1.0, dora_scale)
     torch.testing.assert_close(patched, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(patched.norm(dim=1), dora_scale.reshape(-1), rtol=1e-5, atol=1e-5)
 
@@ -190,4 +190,4 @@ def test_dora_per_output_row_matches_lycoris_wd_on_out() -> None:
 def test_dora_scale_of_the_wrong_size_is_refused() -> None:
     tensors = {"lora_up": rand(8, 2), "lora_down": rand(2, 6), "dora_scale": rand(1, 5)}
     with pytest.raises(LineageError, match="dora_scale"):
-        add_delta_(torch.zeros(8, 6), "lora", tensors, 2.0, 1.0)
+        add_delta_(torch.zeros(8, 6), rebuild("lora", tensors, 2.0), 1.0, tensors["dora_scale"])

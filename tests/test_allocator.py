@@ -40,13 +40,24 @@ def allocate_touch_free(count):
         libc.free(block)
     return {"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, "mapped": mapped}
 
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
 with allocator.keep_freed_memory():
     allocate_touch_free(1)  # the heap grows once
     inside = allocate_touch_free(20)
     kept_free = libc.mallinfo2().fordblks
+    block, pin = libc.malloc(BLOCK), libc.malloc(64)  # the small block keeps the heap from shrinking
+    ctypes.memset(block, 1, BLOCK)
+    libc.free(block)
+    held = resident()
+    allocator.release_freed_memory()
+    released = held - resident()
+    libc.free(pin)
 after = allocate_touch_free(20)
 print(json.dumps({"block": BLOCK, "inside": inside, "kept_free": kept_free, "after": after,
-                  "heap_after": libc.mallinfo2().arena}))
+                  "heap_after": libc.mallinfo2().arena, "released": released}))
 """
 
 needs_glibc = pytest.mark.skipif(allocator._LIBC is None or not hasattr(allocator._LIBC, "mallinfo2"),
@@ -72,6 +83,11 @@ def test_afterwards_glibc_defaults_are_back_and_the_kept_memory_is_returned(prob
     assert probe["after"]["mapped"] == 20  # above the default 128 KiB threshold: every block is mapped afresh
     assert probe["after"]["faults"] >= 20  # and faulted in again (4 KiB pages: 1,024 faults per block)
     assert probe["heap_after"] < probe["block"]  # malloc_trim gave the kept block back to the kernel
+
+
+@needs_glibc
+def test_release_returns_freed_memory_while_active(probe):
+    assert probe["released"] >= probe["block"] // 2  # a freed block behind a live one leaves the process
 
 
 def test_nesting_keeps_the_setting_until_the_outermost_exit():

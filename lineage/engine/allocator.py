@@ -63,3 +63,11 @@ def keep_freed_memory() -> Iterator[None]:
                 _LIBC.mallopt(M_MMAP_THRESHOLD, DEFAULT_THRESHOLD)
                 _LIBC.mallopt(M_TRIM_THRESHOLD, DEFAULT_THRESHOLD)
                 _LIBC.malloc_trim(0)
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed so far back to the kernel now (`malloc_trim`), even while `keep_freed_memory`
+    is active: for jobs whose temporaries are few, large and of every size (an exact SVD's workspace), which
+    the heap would otherwise keep for the rest of the run, in holes too scattered to serve the next job."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
