@@ -160,7 +160,7 @@ def main() -> None:
                     help="lokr: split each dimension at this factor (-1: the most square split)")
     ap.add_argument("--per-shape", type=int, default=1, help="kohya's algorithm: modules timed per distinct shape")
     ap.add_argument("--skip-exact", action="store_true",
-                    help="no exact-SVD run (~30 min at full size on 2 busy cores): the optimum is then kohya's "
+                    help="no exact-SVD run (6-10 min at full size on 2 cores): the optimum is then kohya's "
                          "SVDs of the sampled modules, and errors are compared on those")
     ap.add_argument("--skip-mecha", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the generated inputs for another run")
