@@ -25,9 +25,11 @@ import numba
 import numpy as np
 import torch
 
+from . import ranking
+
 SMALLEST_FLOAT = np.float32(2.0 ** -149)  # as methods.SMALLEST_FLOAT: dividing by it keeps an empty sum 0
-LARGEST_FLOAT = np.float32(3.4028234663852886e38)  # float32's largest finite value
-NON_FINITE = np.float32(-1.0)  # as ranking.NON_FINITE: a NaN or ±Inf magnitude ranks below every finite one
+LARGEST_FLOAT = np.float32(ranking.FLOAT32_MAX)
+NON_FINITE = np.float32(ranking.NON_FINITE)  # a NaN or ±Inf magnitude ranks below every finite one
 
 
 def _jit(function: Any) -> Any:
@@ -80,8 +82,14 @@ BLOCK = 64  # entries whose bracket test is one vectorised loop; only blocks wit
 
 
 @_jit
-def _count_magnitudes(base: Any, model: Any, lows: Any, highs: Any, shifts: Any, above: Any, counts: Any,
-                      lowest: Any, highest: Any, magnitudes: Any) -> None:
+def count_magnitudes(base: Any, model: Any, lows: Any, highs: Any, shifts: Any, above: Any, counts: Any,
+                     lowest: Any, highest: Any, magnitudes: Any) -> None:
+    """For each bracket k, of float32 bit patterns [lows[k], highs[k]]: add to above[k] the number of
+    magnitudes |model − base| (flat fp32 arrays of one size; NaN and ±Inf magnitudes count as below
+    everything) whose pattern is larger than highs[k], and for those inside the bracket, in bin
+    b = (pattern − lows[k]) >> shifts[k], count them in counts[k, b] and keep the lowest and highest
+    pattern seen in lowest[k, b] and highest[k, b] (set by the bin's first one: their values where
+    counts[k, b] is 0 do not matter). `magnitudes` is a scratch array of the inputs' size."""
     # The magnitudes first, then their bit patterns: for floats >= 0 the order of the patterns as
     # integers is the order of the values, and NON_FINITE's is negative. Each loop but the last
     # vectorises; the last visits only the blocks that hold a pattern inside the bracket (some 1%
@@ -121,14 +129,3 @@ def _count_inside(bits: Any, start: int, end: int, k: int, low: Any, width: Any,
                 highest[k, b] = max(highest[k, b], pattern)
             counts[k, b] += 1
 
-
-def count_magnitudes(base: np.ndarray, model: np.ndarray, lows: np.ndarray, highs: np.ndarray, shifts: np.ndarray,
-                     above: np.ndarray, counts: np.ndarray, lowest: np.ndarray, highest: np.ndarray,
-                     magnitudes: np.ndarray) -> None:
-    """For each bracket k, of float32 bit patterns [lows[k], highs[k]]: add to above[k] the number of
-    magnitudes |model − base| (flat fp32 arrays of one size; NaN and ±Inf magnitudes count as below
-    everything) whose pattern is larger than highs[k], and for those inside the bracket, in bin
-    b = (pattern − lows[k]) >> shifts[k], count them in counts[k, b] and keep the lowest and highest
-    pattern seen in lowest[k, b] and highest[k, b] (set by the bin's first one: their values where
-    counts[k, b] is 0 do not matter). `magnitudes` is a scratch array of the inputs' size."""
-    _count_magnitudes(base, model, lows, highs, shifts, above, counts, lowest, highest, magnitudes)

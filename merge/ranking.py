@@ -50,7 +50,7 @@ BRACKET_SIGMAS = 5.0  # half-width of a bracket, in standard deviations of the s
 FALLBACK_WIDENING = 4.0  # a missed bracket is retried this many times wider, then over every entry
 NON_FINITE = -1.0  # what a NaN or ±Inf magnitude is ranked as: below every finite magnitude
 MAX_BINS = 1 << 18  # of a bracket's histogram (2 MiB of counts); fp16/bf16 differences fall one value to a bin
-FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MAX = 3.4028234663852886e38  # float32's largest finite value
 
 
 def bracket_sample_size(numel: int) -> int:
@@ -135,10 +135,10 @@ class _Search:
         the search within that bin; or None when the counts show it lies outside [low, high]."""
         assert self.counts is not None and self.lowest is not None and self.highest is not None
         place = self.count - self.above  # its place from the top among the magnitudes in the bracket
-        filled = np.flatnonzero(self.counts)[::-1]  # the bins anything fell in, from the top
-        from_top = np.cumsum(self.counts[filled])
         if place <= 0:
             return None  # above high
+        filled = np.flatnonzero(self.counts)[::-1]  # the bins anything fell in, from the top
+        from_top = np.cumsum(self.counts[filled])
         if place > (from_top[-1] if filled.size else 0):
             return 0.0 if self.low == 0 else None  # fewer than `count` finite magnitudes; or below low
         b = filled[np.searchsorted(from_top, place)]
