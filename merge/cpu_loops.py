@@ -24,6 +24,9 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
 
 from . import ranking
 
@@ -41,91 +44,230 @@ def _jit(function: Any) -> Any:
         return numba.njit(nogil=True)(function)
 
 
-@_jit
+# ---------------------------------------------------------------------------------------------
+# Tensors as stored. The loops read (and write) float16, bfloat16 and float32 tensors as they are, so
+# that no fp32 copy of them is made: numpy has no bfloat16, so a tensor is handed to the loops as an
+# array of its bits, and the array's integer type says how to read them: uint16 holds float16 bits,
+# int16 bfloat16 bits (`stored_bits`). `_float32` reads an entry, `_stored` rounds a value back
+# (to nearest, ties to even, as torch's conversions do).
+
+
+STORED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PIECE = 1024  # entries a loop takes at a time: its fp32 scratch arrays stay in the first-level cache
+
+
+def stored_bits(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor, flat, as the array the compiled loops read and write: its float16 or
+    bfloat16 bits (see above) or float32 values, sharing its memory; a tensor of another dtype is
+    converted to a float32 copy (to read only)."""
+    flat = tensor.reshape(-1)
+    if flat.dtype == torch.float16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy()
+    return flat.to(torch.float32).numpy()
+
+
+@intrinsic
+def _float16_bits_to_float32(typingctx: Any, bits: Any) -> Any:
+    """LLVM's own half-to-float conversion: exact, and one instruction for a vector of them (F16C)."""
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _float32_to_float16_bits(typingctx: Any, value: Any) -> Any:
+    """LLVM's float-to-half conversion (rounding to nearest even; a vector at a time with F16C)."""
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _int32_bits_to_float32(typingctx: Any, bits: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _float32_to_int32_bits(typingctx: Any, value: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _trailing_zeros(typingctx: Any, word: Any) -> Any:
+    """The number of zero bits below the lowest set bit of a nonzero uint64 (one instruction)."""
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i64, i1 = ir.IntType(64), ir.IntType(1)
+        cttz = builder.module.declare_intrinsic("llvm.cttz", [i64], ir.FunctionType(i64, [i64, i1]))
+        return builder.call(cttz, [args[0], ir.Constant(i1, 0)])
+    return types.uint64(types.uint64), codegen
+
+
+def _float32(stored: Any) -> Any:
+    """An entry of a `stored_bits` array as float32 (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(_float32)
+def _float32_of(stored):  # no annotations: numba takes them for other argument names
+    if stored == types.uint16:
+        return lambda stored: _float16_bits_to_float32(stored)
+    if stored == types.int16:  # bfloat16 is the upper half of a float32
+        return lambda stored: _int32_bits_to_float32(np.int32(np.int32(stored) << 16))
+    if stored == types.float32:
+        return lambda stored: stored
+    return None
+
+
+def _stored(value: Any, like: Any) -> Any:
+    """A float32 value as an entry of a `stored_bits` array whose entries are like `like` (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(_stored)
+def _stored_as(value, like):  # no annotations: numba takes them for other argument names
+    if like == types.uint16:
+        return lambda value, like: _float32_to_float16_bits(value)
+    if like == types.int16:
+        return lambda value, like: _bfloat16_bits(value)
+    if like == types.float32:
+        return lambda value, like: value
+    return None
+
+
+@numba.njit(inline="always")
+def _bfloat16_bits(value: Any) -> Any:
+    """The upper half of the float32 rounded to nearest even, as torch's CPU conversion of a tensor does
+    (which makes every NaN 0xFFFF)."""
+    bits = np.uint32(_float32_to_int32_bits(value))
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.int16(-1) if value != value else np.int16(np.uint16(rounded))
+
+
+# ---------------------------------------------------------------------------------------------
+# TIES
+
+
+@numba.njit(inline="always")
 def _trimmed(delta: Any, threshold: Any) -> Any:
     """delta if it is finite and its magnitude reaches the threshold, else 0."""
-    keep = abs(delta) >= threshold and abs(delta) <= LARGEST_FLOAT
+    keep = (abs(delta) >= threshold) & (abs(delta) <= LARGEST_FLOAT)
     return delta if keep else np.float32(0.0)
 
 
 @_jit
-def _ties(base: Any, models: Any, thresholds: Any, weights: Any, alpha: Any, out: Any) -> None:
-    # One pass: each entry's deltas are trimmed, elected and averaged while in registers. The loops
-    # over the models have the tuple's length, known when compiling, so they unroll and the loop over
-    # the entries vectorises. Sums run in the models' order, as in the torch code.
-    for i in range(base.size):
-        elected = np.float32(0.0)
+def _ties(base: Any, models: Any, thresholds: Any, weights: Any, alpha: Any, out: Any, nonfinite: Any) -> None:
+    # A piece of PIECE entries at a time, in fp32 scratch arrays that stay in the first-level cache:
+    # each loop below runs over the piece's entries from index 0 without a branch, so it vectorises.
+    # Sums run in the models' order, as in the torch code. nonfinite[j] is set to 1 when input j (the
+    # base first) holds a NaN or ±Inf.
+    scratch = np.empty((4, PIECE), dtype=np.float32)
+    x, elected, total, weight = scratch[0], scratch[1], scratch[2], scratch[3]
+    for start in range(0, base.size, PIECE):
+        n = min(PIECE, base.size - start)
+        piece_base, piece_out = base[start:start + n], out[start:start + n]
+        bad = False
+        for i in range(n):
+            x[i] = _float32(piece_base[i])
+            bad |= not (abs(x[i]) <= LARGEST_FLOAT)
+            elected[i] = total[i] = weight[i] = 0.0
+        nonfinite[0] |= bad
         for j in range(len(models)):
-            elected += weights[j] * _trimmed(models[j][i] - base[i], thresholds[j])
-        total = np.float32(0.0)
-        weight = np.float32(0.0)
+            piece_model, w, t = models[j][start:start + n], weights[j], thresholds[j]
+            bad = False
+            for i in range(n):
+                value = _float32(piece_model[i])
+                bad |= not (abs(value) <= LARGEST_FLOAT)
+                elected[i] += w * _trimmed(value - x[i], t)
+            nonfinite[j + 1] |= bad
         for j in range(len(models)):
-            delta = _trimmed(models[j][i] - base[i], thresholds[j])
-            agrees = delta * elected > 0
-            total += weights[j] * delta if agrees else np.float32(0.0)
-            weight += weights[j] if agrees else np.float32(0.0)
-        out[i] = base[i] + alpha * (total / max(weight, SMALLEST_FLOAT))
+            piece_model, w, t = models[j][start:start + n], weights[j], thresholds[j]
+            for i in range(n):
+                delta = _trimmed(_float32(piece_model[i]) - x[i], t)
+                agrees = delta * elected[i] > 0
+                total[i] += w * delta if agrees else np.float32(0.0)
+                weight[i] += w if agrees else np.float32(0.0)
+        for i in range(n):
+            piece_out[i] = _stored(x[i] + alpha * (total[i] / max(weight[i], SMALLEST_FLOAT)), piece_out[0])
+
+
+def ties_into(out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor], thresholds: Sequence[float],
+              weights: Sequence[float], alpha: float) -> list[int]:
+    """TIES (methods.ties' rules, with the given magnitude thresholds) of contiguous CPU tensors of one
+    size, each float16, bfloat16 or float32, read as stored, into `out` (one of those dtypes too).
+    Returns the positions of the inputs (0 the base) that hold a NaN or ±Inf."""
+    nonfinite = np.zeros(1 + len(models), dtype=np.bool_)
+    _ties(stored_bits(base), tuple(stored_bits(m) for m in models), np.asarray(thresholds, dtype=np.float32),
+          np.asarray(weights, dtype=np.float32), np.float32(alpha), stored_bits(out), nonfinite)
+    return np.flatnonzero(nonfinite).tolist()
 
 
 def ties(base: torch.Tensor, models: Sequence[torch.Tensor], thresholds: Sequence[float],
          weights: Sequence[float], alpha: float) -> torch.Tensor:
-    """TIES of fp32 CPU tensors of one shape with the given magnitude thresholds (methods.ties' rules),
-    as a new fp32 tensor."""
-    flat = [t.reshape(-1).numpy() for t in (base, *models)]
+    """TIES of fp32 CPU tensors of one shape with the given magnitude thresholds, as a new fp32 tensor."""
     out = torch.empty(base.shape, dtype=torch.float32)
-    _ties(flat[0], tuple(flat[1:]), np.asarray(thresholds, dtype=np.float32), np.asarray(weights, dtype=np.float32),
-          np.float32(alpha), out.view(-1).numpy())
+    ties_into(out, base.contiguous(), [m.contiguous() for m in models], thresholds, weights, alpha)
     return out
 
 
-BLOCK = 64  # entries whose bracket test is one vectorised loop; only blocks with a hit are walked one by one
+# ---------------------------------------------------------------------------------------------
+# The exact thresholds' pass
+
+
+WORD = 8  # entries per 8-byte word of the inside-the-bracket mask: only words holding a hit are walked
 
 
 @_jit
 def count_magnitudes(base: Any, model: Any, lows: Any, highs: Any, shifts: Any, above: Any, counts: Any,
-                     lowest: Any, highest: Any, magnitudes: Any) -> None:
+                     lowest: Any, highest: Any) -> None:
     """For each bracket k, of float32 bit patterns [lows[k], highs[k]]: add to above[k] the number of
-    magnitudes |model − base| (flat fp32 arrays of one size; NaN and ±Inf magnitudes count as below
-    everything) whose pattern is larger than highs[k], and for those inside the bracket, in bin
+    magnitudes |model − base| (flat `stored_bits` arrays of one size; NaN and ±Inf magnitudes count as
+    below everything) whose pattern is larger than highs[k], and for those inside the bracket, in bin
     b = (pattern − lows[k]) >> shifts[k], count them in counts[k, b] and keep the lowest and highest
     pattern seen in lowest[k, b] and highest[k, b] (set by the bin's first one: their values where
-    counts[k, b] is 0 do not matter). `magnitudes` is a scratch array of the inputs' size."""
-    # The magnitudes first, then their bit patterns: for floats >= 0 the order of the patterns as
-    # integers is the order of the values, and NON_FINITE's is negative. Each loop but the last
-    # vectorises; the last visits only the blocks that hold a pattern inside the bracket (some 1%
-    # of the patterns, so about half the blocks), where a branch per entry is well predicted.
-    for i in range(base.size):
-        magnitude = abs(model[i] - base[i])
-        magnitudes[i] = magnitude if magnitude <= LARGEST_FLOAT else NON_FINITE
+    counts[k, b] is 0 do not matter)."""
+    # A piece at a time: the magnitudes first, then their bit patterns: for floats >= 0 the order of
+    # the patterns as integers is the order of the values, and NON_FINITE's is negative. The first
+    # two loops run over every entry without a branch, so they vectorise; the last takes the entries
+    # inside the bracket (about 1%) straight from the words of the byte mask, without a test per entry.
+    magnitudes = np.empty(PIECE, dtype=np.float32)
     bits = magnitudes.view(np.int32)
-    whole_blocks = bits.size - bits.size % BLOCK
-    for k in range(lows.size):
-        low, high = np.int32(lows[k]), np.int32(highs[k])
-        width = np.uint32(high - low)  # inside: 0 <= pattern − low <= width, one unsigned comparison
-        larger = 0
-        for i in range(bits.size):
-            larger += np.int32(bits[i] > high)
-        above[k] += larger
-        for start in range(0, whole_blocks, BLOCK):
-            hits = np.int32(0)
-            for i in range(BLOCK):  # a fixed length: unrolled and vectorised
-                hits += np.int32(np.uint32(bits[start + i] - low) <= width)
-            if hits:
-                _count_inside(bits, start, start + BLOCK, k, lows[k], width, shifts[k], counts, lowest, highest)
-        _count_inside(bits, whole_blocks, bits.size, k, lows[k], width, shifts[k], counts, lowest, highest)
+    inside = np.zeros(PIECE, dtype=np.uint8)
+    words = inside.view(np.uint64)
+    for start in range(0, base.size, PIECE):
+        n = min(PIECE, base.size - start)
+        piece_base, piece_model = base[start:start + n], model[start:start + n]  # indices from 0 vectorise
+        for i in range(n):
+            magnitude = abs(_float32(piece_model[i]) - _float32(piece_base[i]))
+            magnitudes[i] = magnitude if magnitude <= LARGEST_FLOAT else NON_FINITE
+        for k in range(lows.size):
+            low, high = np.uint32(lows[k]), np.int32(highs[k])
+            width = np.uint32(highs[k] - lows[k])  # inside: 0 <= pattern − low <= width, one unsigned comparison
+            larger = np.int32(0)
+            for i in range(n):
+                larger += np.int32(bits[i] > high)
+                inside[i] = np.uint8(np.uint32(np.uint32(bits[i]) - low) <= width)
+            inside[n:] = 0
+            above[k] += larger
+            for w in range(-(-n // WORD)):
+                word = words[w]
+                while word:  # once per entry inside: each is a byte 1, the lowest bit of its byte
+                    i = w * WORD + np.int64(_trailing_zeros(word) >> np.uint64(3))
+                    word &= word - np.uint64(1)
+                    _count(bits[i], k, lows[k], shifts[k], counts, lowest, highest)
 
 
 @_jit
-def _count_inside(bits: Any, start: int, end: int, k: int, low: Any, width: Any, shift: Any, counts: Any,
-                  lowest: Any, highest: Any) -> None:
-    for i in range(start, end):
-        pattern = bits[i]
-        if np.uint32(pattern - low) <= width:
-            b = (pattern - low) >> shift
-            if counts[k, b] == 0:
-                lowest[k, b] = highest[k, b] = pattern
-            else:
-                lowest[k, b] = min(lowest[k, b], pattern)
-                highest[k, b] = max(highest[k, b], pattern)
-            counts[k, b] += 1
-
+def _count(pattern: Any, k: int, low: Any, shift: Any, counts: Any, lowest: Any, highest: Any) -> None:
+    b = (pattern - low) >> shift
+    if counts[k, b] == 0:
+        lowest[k, b] = highest[k, b] = pattern
+    else:
+        lowest[k, b] = min(lowest[k, b], pattern)
+        highest[k, b] = max(highest[k, b], pattern)
+    counts[k, b] += 1

@@ -5,8 +5,10 @@ One job per step, producing that step's key:
   runs chunk by chunk through the worker's reused fp32 buffers, so its working set stays in cache; a
   method with per-tensor statistics (TIES' thresholds) first gets them from every input's whole
   tensor as stored, `method.statistics([flat input 0, flat input 1, ...], params)`, then runs on
-  chunks the same way. Other methods get whole fp32 tensors. Merged inputs are checked for NaN/Inf,
-  one reduction per chunk over all of them;
+  chunks the same way or, on the CPU, when the method has a `stored_loop` (TIES) that takes the
+  dtypes, in that one compiled pass from the stored tensors into the output. Other methods get whole
+  fp32 tensors. Merged inputs are checked for NaN/Inf, one reduction per chunk over all of them (the
+  stored loop checks as it reads);
 - `copy` and `pass` read the key from one input: byte for byte when the dtype stays, else converted
   chunk by chunk;
 - `marker` reads nothing: its output is empty.
@@ -23,18 +25,21 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lineage.adapters.apply import add_patches_, patch_key, patch_sources
-from lineage.engine.executor import JobContext
+from lineage.engine.executor import JobContext, SourceReader
 from lineage.engine.finite import all_finite
 from lineage.engine.jobs import Job, Output, Source
 from lineage.engine.seeding import key_seed
 from lineage.errors import LineageError
 
 from .planner import MergePlan, Step, is_elementwise
+
+if TYPE_CHECKING:
+    from .methods import StoredLoop
 
 
 class MergeJobs:
@@ -97,17 +102,31 @@ class MergeJobs:
         else:
             if self.method.statistics is not None:
                 params["statistics"] = self.method.statistics([reader.stored() for reader in models], params)
-            for start, host_block in ctx.fp32_chunks(models):
-                block = ctx.to_device(host_block)
-                if not all_finite(block):
-                    for index, row in enumerate(block):
-                        if not all_finite(row):
-                            self._note_nonfinite(index, step.key)
-                result[start:start + block.shape[1]].copy_(self.method.fn(*block, **params))
+            stored_loop = self._stored_loop(models, result)
+            if stored_loop is not None:
+                nonfinite = stored_loop(result, [reader.stored() for reader in models], params)
+            else:
+                nonfinite = []
+                for start, host_block in ctx.fp32_chunks(models):
+                    block = ctx.to_device(host_block)
+                    if not all_finite(block):
+                        nonfinite += [index for index, row in enumerate(block) if not all_finite(row)]
+                    result[start:start + block.shape[1]].copy_(self.method.fn(*block, **params))
+            for index in sorted(set(nonfinite)):
+                self._note_nonfinite(index, step.key)
         if step.patches:
             factors = ((r.info.name, r.fp32()) for r in ctx.sources[self.models:])
             add_patches_(result.view(step.shape), step.patches, factors, self.adapter_paths)
             out.copy_(result)
+
+    def _stored_loop(self, models: Sequence[SourceReader], result: torch.Tensor) -> StoredLoop | None:
+        """The method's compiled loop over the stored inputs, where it has one that takes these dtypes."""
+        if self.method.stored_loop is None or not result.is_cpu:
+            return None
+        from . import cpu_loops  # imports numba: only when a method with a stored loop runs
+
+        dtypes = (result.dtype, *(reader.dtype for reader in models))
+        return self.method.stored_loop if all(d in cpu_loops.STORED_DTYPES for d in dtypes) else None
 
     @staticmethod
     def _copy(ctx: JobContext) -> None:

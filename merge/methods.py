@@ -13,8 +13,8 @@ decorator (as mergekit's `easy_define`):
 - a keyword parameter `statistics` receives the output of the decorator's `statistics` function
   (below).
 The decorator adds only what a signature cannot say: `elementwise`, a `statistics` function, a
-`constraint` between parameters, a larger `min_models` for `*models`, and `peers`, how the method
-differs from sd-mecha's and mergekit's (`lmerge methods` prints it).
+`stored_loop`, a `constraint` between parameters, a larger `min_models` for `*models`, and `peers`,
+how the method differs from sd-mecha's and mergekit's (`lmerge methods` prints it).
 
 Every parameter value of a recipe (per-key values included) is checked against these types before
 any work, so `lmerge merge --dry-run` catches `density=1.5`. The function the decorator returns
@@ -30,7 +30,13 @@ Contract of a method function:
   each input's WHOLE flat tensor as stored (memory-mapped, e.g. fp16: it converts pieces to fp32
   itself and makes no full fp32 copy of a large tensor). The method takes them as its keyword
   `statistics` (None: it computes them itself), so the engine computes them once per tensor and
-  then runs the method on pieces.
+  then runs the method on pieces;
+- `stored_loop(out, inputs, params)` (optional, with `statistics`) computes the same output as the
+  method in one compiled pass over the inputs as stored, writing `out` in its own dtype (float16,
+  bfloat16 or float32 each; merge/cpu_loops.py), and returns the positions of the inputs holding a
+  NaN or ±Inf. The engine uses it on the CPU for those dtypes, where converting every input to fp32
+  and the result back, and looking for non-finite values, would cost more than the method's own
+  arithmetic; the method function stays the reference that tests hold it to.
 
 Shared parameter names:
 - `alpha`: for two-model methods the weight of the second model B (A1111's convention); for methods
@@ -115,6 +121,11 @@ class Param:
     default: Any
 
 
+if typing.TYPE_CHECKING:  # (an alias evaluated at import would import torch, which declarations do without)
+    # (out, inputs as stored, params with the statistics) -> positions of the inputs holding NaN or ±Inf
+    StoredLoop = Callable[[torch.Tensor, Sequence[torch.Tensor], Mapping[str, Any]], list[int]]
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
@@ -127,6 +138,8 @@ class MergeMethod:
     elementwise: bool = False  # each output entry depends only on the same entry of the inputs (and the statistics)
     # Per-tensor scalars from the inputs' whole flat tensors, passed to fn as `statistics` (module doc).
     statistics: Callable[[Sequence[torch.Tensor], Mapping[str, Any]], Any] | None = None
+    # fn's output in one compiled pass over the stored inputs, given the statistics (module doc).
+    stored_loop: StoredLoop | None = None
     # A rule between parameters: what is wrong with a complete set of values, or None.
     constraint: Callable[[Mapping[str, Any]], str | None] | None = None
     peers: str = ""  # where the method differs from sd-mecha's / mergekit's
@@ -195,7 +208,7 @@ METHODS: dict[str, MergeMethod] = {}
 def _declare(name: str, fn: Callable[..., torch.Tensor], elementwise: bool,
              statistics: Callable[[Sequence[torch.Tensor], Mapping[str, Any]], Any] | None,
              constraint: Callable[[Mapping[str, Any]], str | None] | None, min_models: int | None,
-             peers: str) -> MergeMethod:
+             peers: str, stored_loop: StoredLoop | None = None) -> MergeMethod:
     """A MergeMethod from the function's signature (module doc). Mistakes in a declaration are
     TypeErrors: they are the method author's, not the user's."""
     def wrong(message: str) -> TypeError:
@@ -242,23 +255,26 @@ def _declare(name: str, fn: Callable[..., torch.Tensor], elementwise: bool,
         params[p.name] = Param(p.name, declared, p.default)
     if ("statistics" in signature.parameters) != (statistics is not None):
         raise wrong("a `statistics` function and a `statistics` keyword parameter go together")
+    if stored_loop is not None and (statistics is None or not elementwise):
+        raise wrong("a `stored_loop` is for elementwise methods with `statistics`")
     return MergeMethod(name, fn, needs_base=bool(positional) and positional[0].name == "base",
                        min_models=least if any_number else len(positional),
                        max_models=None if any_number else len(positional), random="seed" in signature.parameters,
                        params=params, elementwise=elementwise, statistics=statistics, constraint=constraint,
-                       peers=peers)
+                       peers=peers, stored_loop=stored_loop)
 
 
 def merge_method(name: str, *, elementwise: bool = False,
                  statistics: Callable[[Sequence[torch.Tensor], Mapping[str, Any]], Any] | None = None,
                  constraint: Callable[[Mapping[str, Any]], str | None] | None = None,
                  min_models: int | None = None, peers: str = "",
+                 stored_loop: StoredLoop | None = None,
                  ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register `fn` as the merge method `name` (its signature declares it: module doc). Returns
     `fn` wrapped to check the model count and the parameters of a direct call."""
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        method = _declare(name, fn, elementwise, statistics, constraint, min_models, peers)
+        method = _declare(name, fn, elementwise, statistics, constraint, min_models, peers, stored_loop)
         METHODS[name] = method
 
         @functools.wraps(fn)
@@ -565,6 +581,15 @@ def task_arithmetic(base: torch.Tensor, *models: torch.Tensor, weights: Weights 
     return _elementwise(on_slice, base, *models)
 
 
+def _ties_stored(out: torch.Tensor, inputs: Sequence[torch.Tensor], params: Mapping[str, Any]) -> list[int]:
+    """`ties` from the stored inputs straight into `out`, given the thresholds (MergeMethod.stored_loop)."""
+    from . import cpu_loops  # imports numba: only when a TIES merge runs
+
+    base, *models = inputs
+    return cpu_loops.ties_into(out, base, models, params["statistics"], _weights(params["weights"], len(models)),
+                               params["alpha"])
+
+
 def _ties_thresholds(inputs: Sequence[torch.Tensor], params: Mapping[str, Any]) -> list[float]:
     """TIES' statistics: each model's top-magnitude threshold, from the base (first) and the models'
     whole flat tensors."""
@@ -575,7 +600,7 @@ def _ties_thresholds(inputs: Sequence[torch.Tensor], params: Mapping[str, Any]) 
     return [thresholds[0] for thresholds in found]
 
 
-@merge_method("ties", elementwise=True, statistics=_ties_thresholds,
+@merge_method("ties", elementwise=True, statistics=_ties_thresholds, stored_loop=_ties_stored,
               peers="Count rule: we keep round(density·n) entries of each τ (at least one, plus any tied with the "
                     "smallest kept); sd-mecha's k keeps n − int((1 − k)·n) + 1 (one more), mergekit int(density·n). "
                     "Signs: we elect sign(Σ wᵢτᵢ) by mass as the paper does; sd-mecha by default by count of "

@@ -3,8 +3,8 @@ breadcrumbs' band), exact by default and cheap on every tensor size.
 
 `kth_largest_magnitudes(base, models, counts_for)` gives, for each model, the c-th largest |θ − b|
 for each count c that `counts_for(n)` asks for, n being the number of entries ranked. The inputs
-are flat tensors as stored (memory-mapped fp16 views, say): they are converted to fp32 a chunk at a
-time through reused buffers, so no full fp32 copy of a large tensor is made.
+are flat tensors as stored (memory-mapped fp16 views, say): the exact pass reads float16, bfloat16 and
+float32 as they are, so no fp32 copy of a large tensor is made.
 
 Exact selection (the default) on a tensor larger than the sample:
 1. a spread sample (`bracket_sample_size(n)` entries) gives, for each wanted rank, a bracket
@@ -45,7 +45,6 @@ np = LazyModule("numpy")
 SAMPLE_SIZE = 1 << 18  # entries of the `sampled` estimate; tensors up to this size are always ranked whole
 MIN_BRACKET_SAMPLE = 1 << 12
 RUN = 16  # consecutive entries per sampled spot: one cache line of fp16, not 16 scattered ones
-CHUNK = 1 << 18  # entries converted to fp32 at a time in the exact pass (1 MiB per buffer: stays in cache)
 BRACKET_SIGMAS = 5.0  # half-width of a bracket, in standard deviations of the sample's rank count
 FALLBACK_WIDENING = 4.0  # a missed bracket is retried this many times wider, then over every entry
 NON_FINITE = -1.0  # what a NaN or ±Inf magnitude is ranked as: below every finite magnitude
@@ -171,21 +170,16 @@ def _search(sample: np.ndarray, numel: int, count: int, sigmas: float) -> _Searc
 
 
 def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], searches: Sequence[Sequence[_Search]]) -> None:
-    """One pass over the inputs, chunk by chunk, counting each model's magnitudes for its searches."""
+    """One pass over the inputs as stored, counting each model's magnitudes for its searches."""
     from . import cpu_loops  # imports numba: only when an exact selection runs
 
-    counted = [(model, *_counters(model_searches)) for model, model_searches in zip(models, searches) if model_searches]
-    # fp32 buffers for the base, a model and the magnitudes, reused by every chunk (fresh ones would
-    # be page-faulted in each time).
-    b, m, magnitudes = (np.empty(CHUNK, dtype=np.float32) for _ in range(3))
-    numel = base.numel()
-    for start in range(0, numel, CHUNK):
-        count = min(CHUNK, numel - start)
-        torch.from_numpy(b[:count]).copy_(base[start:start + count])
-        for model, *counters in counted:
-            torch.from_numpy(m[:count]).copy_(model[start:start + count])
-            cpu_loops.count_magnitudes(b[:count], m[:count], *counters, magnitudes[:count])
-    for model_searches, (_, _, _, _, above, counts, lowest, highest) in zip([s for s in searches if s], counted):
+    stored_base = cpu_loops.stored_bits(base)
+    for model, model_searches in zip(models, searches):
+        if not model_searches:
+            continue
+        counters = _counters(model_searches)
+        cpu_loops.count_magnitudes(stored_base, cpu_loops.stored_bits(model), *counters)
+        above, counts, lowest, highest = counters[3:]
         for k, search in enumerate(model_searches):
             bins = slice(0, search.bins)
             search.above = int(above[k])

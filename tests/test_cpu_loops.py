@@ -72,3 +72,29 @@ def test_other_dtypes_take_the_torch_code():
     half = [t.half() for t in models_over_a_base(2, numel=100)]
     assert not methods.use_cpu_loops(*half)
     assert methods.ties(*half, density=0.5).dtype == torch.float16
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_thresholds_pass_reads_every_stored_value_exactly(dtype, base_dtype):
+    """count_magnitudes reads fp16 and bf16 as stored (their bits): over every one of the 65,536 bit
+    patterns (subnormals, ±0, ±Inf, NaNs) against a base in another dtype, for a bracket of one pattern
+    at each distinct finite magnitude, the count above it and the count at it equal torch's."""
+    import numpy as np
+
+    from lineage.merge import cpu_loops, ranking
+
+    model = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    base = torch.linspace(-1.0, 1.0, model.numel()).to(base_dtype)
+    magnitudes = (model.float() - base.float()).abs()
+    finite = magnitudes[torch.isfinite(magnitudes) & (magnitudes <= ranking.FLOAT32_MAX)]
+    values = torch.unique(finite)[::7]  # a few thousand brackets, from 0 up to the largest magnitude
+    patterns = values.view(torch.int32).numpy().astype(np.int64)
+    k = patterns.size
+    above, counts = np.zeros(k, dtype=np.int64), np.zeros((k, 1), dtype=np.int64)
+    lowest, highest = np.zeros((k, 1), dtype=np.int32), np.zeros((k, 1), dtype=np.int32)
+    cpu_loops.count_magnitudes(cpu_loops.stored_bits(base), cpu_loops.stored_bits(model), patterns, patterns,
+                               np.zeros(k, dtype=np.int64), above, counts, lowest, highest)
+    assert above.tolist() == [int((finite > v).sum()) for v in values]
+    assert counts[:, 0].tolist() == [int((finite == v).sum()) for v in values]
+    assert (highest[:, 0] == patterns).all()

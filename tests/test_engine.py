@@ -544,3 +544,48 @@ def test_inputs_stored_as_fp32_are_read_straight_into_the_fp32_buffers(trio, tmp
     b, _ = _tensors(paths[1])
     for key in ("model.diffusion_model.out.2.weight", "conditioner.embedders.1.model.token_embedding.weight"):
         assert torch.equal(merged[key], get_method(method).fn(a[key], b[key], alpha=0.3)), key
+
+
+@pytest.mark.parametrize("stored, out_dtype", [(torch.float16, "fp16"), (torch.bfloat16, "bf16"),
+                                               (torch.float32, "fp32"), (torch.float16, "bf16")])
+def test_ties_runs_its_compiled_loop_on_the_stored_tensors(trio_with_a_large_tensor, tmp_path, monkeypatch,
+                                                           stored, out_dtype):
+    """On the CPU, TIES goes from the stored inputs (fp16, bf16 or fp32) straight into the output dtype in
+    one compiled loop (methods.MergeMethod.stored_loop): bit-identical to the method on whole fp32 tensors
+    rounded to that dtype, with a NaN in the base and ±Inf in a model listed as such."""
+    import dataclasses
+
+    from lineage.merge import methods
+    from lineage.merge.recipe import DTYPES
+
+    paths = []
+    for name in ("base", "x", "y"):
+        tensors, metadata = _tensors(trio_with_a_large_tensor[name])
+        tensors = {k: v.to(stored) if v.is_floating_point() and v.numel() else v for k, v in tensors.items()}
+        large = tensors[LARGE_KEY].view(-1)
+        if name == "base":
+            large[17] = float("nan")
+        if name == "y":
+            large[100_001], large[400_003] = float("inf"), float("-inf")
+        paths.append(str(tmp_path / f"{name}.safetensors"))
+        save_file(tensors, paths[-1], metadata)
+    ties = methods.METHODS["ties"]
+    calls = []
+
+    def counted(out, inputs, params):
+        calls.append([t.dtype for t in (out, *inputs)])
+        return ties.stored_loop(out, inputs, params)
+
+    monkeypatch.setitem(methods.METHODS, "ties", dataclasses.replace(ties, stored_loop=counted))
+    params = {"density": 0.3, "weights": [1.0, 2.0], "alpha": 0.8}
+    result = merge(paths, tmp_path / "m.safetensors", method="ties", params=params, dtype=out_dtype, record=False)
+    assert result.nonfinite == [(paths[0], LARGE_KEY), (paths[2], LARGE_KEY)]
+    merged, _ = _tensors(result.path)
+    inputs = [_tensors(p)[0] for p in paths]
+    want_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[DTYPES[out_dtype]]
+    assert len(calls) == sum(step.action == "merge" for step in result.plan.steps)
+    assert all(dtypes == [want_dtype, stored, stored, stored] for dtypes in calls)
+    for key in (LARGE_KEY, "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"):
+        whole = ties.fn(*(i[key].float() for i in inputs), **params).to(want_dtype)
+        assert merged[key].dtype == want_dtype
+        assert torch.equal(merged[key].view(torch.uint8), whole.view(torch.uint8)), key  # NaN bits too
