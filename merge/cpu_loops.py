@@ -2,17 +2,19 @@
 (docs/merging.md, "CPU loops").
 
 TIES on the CPU in torch takes some twenty passes over each chunk (subtract, trim, check, elect,
-compare, accumulate, divide); on a full-size SDXL merge that arithmetic, not the disk, set the pace.
-`ties` does it in one pass over fp32 chunks: trim each delta at its threshold
-(non-finite deltas dropped), elect the sign by weighted mass, write base + alpha · the disjoint mean —
-the same rules as `methods.ties`' torch code, which stays the reference (tests compare the two) and
-the path for other devices. `count_magnitudes` is the one pass over a tensor that merge/ranking.py's
-exact order statistics need: it counts the magnitudes above a bracket and makes a histogram of the
-float32 bit patterns inside it.
+compare, accumulate, divide), after converting every input to fp32, and one more to convert the
+result back; on a full-size SDXL merge that arithmetic, not the disk, set the pace. `ties_into` reads
+the inputs as stored (float16, bfloat16 or float32), trims each delta at its threshold (non-finite
+deltas dropped), elects the sign by weighted mass and writes base + alpha · the disjoint mean in the
+output's dtype, noting which inputs hold a NaN or ±Inf — the same rules as `methods.ties`' torch
+code, which stays the reference (tests compare the two) and the path for other devices.
+`count_magnitudes` is the one pass over a tensor that merge/ranking.py's exact order statistics
+need: it counts the magnitudes above a bracket and makes a histogram of the float32 bit patterns
+inside it.
 
 This module imports numba and numpy, so its users import it where they need it, not at the top
 (half a second that commands which never merge should not pay). The loops are compiled on first use
-(about a second; cached on disk afterwards) and release the GIL, so the executor's workers run them
+(a few seconds; cached on disk afterwards) and release the GIL, so the executor's workers run them
 side by side. Results match the torch code up to the rounding of the fused multiply-adds torch uses
 for `add(alpha=)`, `addcmul` and `addcdiv` (a unit or two in the last place).
 """
@@ -124,20 +126,23 @@ def _float32_of(stored):  # no annotations: numba takes them for other argument 
     return None
 
 
-def _stored(value: Any, like: Any) -> Any:
-    """A float32 value as an entry of a `stored_bits` array whose entries are like `like` (compiled code only)."""
+def _store(out: Any, i: int, value: Any) -> None:
+    """out[i] = a float32 value, rounded to the dtype `out` (a `stored_bits` array) holds (compiled code only)."""
     raise NotImplementedError
 
 
-@overload(_stored)
-def _stored_as(value, like):  # no annotations: numba takes them for other argument names
-    if like == types.uint16:
-        return lambda value, like: _float32_to_float16_bits(value)
-    if like == types.int16:
-        return lambda value, like: _bfloat16_bits(value)
-    if like == types.float32:
-        return lambda value, like: value
-    return None
+@overload(_store)
+def _store_into(out, i, value):  # no annotations: numba takes them for other argument names
+    def float16(out, i, value):
+        out[i] = _float32_to_float16_bits(value)
+
+    def bfloat16(out, i, value):
+        out[i] = _bfloat16_bits(value)
+
+    def float32(out, i, value):
+        out[i] = value
+
+    return {types.uint16: float16, types.int16: bfloat16, types.float32: float32}.get(out.dtype)
 
 
 @numba.njit(inline="always")
@@ -193,7 +198,7 @@ def _ties(base: Any, models: Any, thresholds: Any, weights: Any, alpha: Any, out
                 total[i] += w * delta if agrees else np.float32(0.0)
                 weight[i] += w if agrees else np.float32(0.0)
         for i in range(n):
-            piece_out[i] = _stored(x[i] + alpha * (total[i] / max(weight[i], SMALLEST_FLOAT)), piece_out[0])
+            _store(piece_out, i, x[i] + alpha * (total[i] / max(weight[i], SMALLEST_FLOAT)))
 
 
 def ties_into(out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor], thresholds: Sequence[float],
@@ -264,6 +269,7 @@ def count_magnitudes(base: Any, model: Any, lows: Any, highs: Any, shifts: Any, 
 
 @_jit
 def _count(pattern: Any, k: int, low: Any, shift: Any, counts: Any, lowest: Any, highest: Any) -> None:
+    """One magnitude inside bracket k: counted in its bin, which keeps the lowest and highest pattern."""
     b = (pattern - low) >> shift
     if counts[k, b] == 0:
         lowest[k, b] = highest[k, b] = pattern
