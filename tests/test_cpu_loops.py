@@ -74,8 +74,7 @@ def test_other_dtypes_take_the_torch_code():
     assert methods.ties(*half, density=0.5).dtype == torch.float16
 
 
-@pytest.mark.parametrize("base_dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype, base_dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)])
 def test_the_thresholds_pass_reads_every_stored_value_exactly(dtype, base_dtype):
     """count_magnitudes reads fp16 and bf16 as stored (their bits): over every one of the 65,536 bit
     patterns (subnormals, ±0, ±Inf, NaNs) against a base in another dtype, for a bracket of one pattern

@@ -165,6 +165,7 @@ def test_hub_import_offline_fails_within_a_second_with_one_line(lmerge, monkeypa
 def test_offline_a_parent_card_not_saved_is_listed_as_not_followed(lmerge, monkeypatch, tmp_path):
     import errno
     import socket
+    import time
 
     from lineage.graph import hub_access
 
@@ -179,10 +180,13 @@ def test_offline_a_parent_card_not_saved_is_listed_as_not_followed(lmerge, monke
     saved = tmp_path / "cards" / "me" / "child"
     saved.mkdir(parents=True)
     (saved / "README.md").write_text("---\nbase_model: someone/parent\nbase_model_relation: finetune\n---\n")
+    start = time.monotonic()
     code, out, err = lmerge("hub", "import", "me/child", "--cards", tmp_path / "cards")
     hub_access._probe.cache_clear()
     assert code == 0 and "someone/parent" in out
     assert "not followed: someone/parent" in err and "cannot reach the Hugging Face Hub" in err
+    # nor does the saved card's repo wait on huggingface_hub's retries for its scheduler config (~24 s)
+    assert time.monotonic() - start < 3
 
 
 def test_hub_nodes_keep_the_prediction_type_of_their_scheduler_config_or_card_tags(cards, tiny):

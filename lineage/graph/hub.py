@@ -112,6 +112,7 @@ def _scheduler_config(repo: str, cards_dir: str | os.PathLike | None) -> dict[st
     saved = Path(cards_dir, *repo.split("/"), *SCHEDULER_CONFIG.split("/")) if cards_dir is not None else None
     try:
         if saved is None or not saved.is_file():
+            check_hub_reachable()  # offline: None within a second, not after huggingface_hub's retries
             with hub_quiet():
                 saved = Path(hf_hub_download(repo, SCHEDULER_CONFIG))
         config = json.loads(saved.read_text(encoding="utf-8"))
