@@ -4,8 +4,10 @@ LyCORIS' own modules rebuilding the same delta from our file, `apply` giving bas
 equal size in the report, and bad options refused in one line."""
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -26,13 +28,25 @@ from lineage.io.safetensors import SafetensorsFile, read_header, save_file
 from lineage.sdxl.synthetic import write_base, write_child
 
 
+@functools.lru_cache(maxsize=4)
+def _read(path: str, stamp: tuple[int, int]):
+    with SafetensorsFile(path) as f:
+        return open_adapter(path), {key: f.read(key) for key in f.keys()}
+
+
+def read_adapter(path: str):
+    """(open_adapter(path), every tensor of the file), read once per written file: the helpers below look
+    at many modules of one (tiny) file."""
+    stat = os.stat(path)
+    return _read(path, (stat.st_mtime_ns, stat.st_size))
+
+
 def stored_delta(path: str, module) -> torch.Tensor:
     """The module's delta as our reader and delta code rebuild it from the file (scale included)."""
-    adapter = open_adapter(path)
+    adapter, stored = read_adapter(path)
     entry = adapter.modules[module.name]
-    with SafetensorsFile(path) as f:
-        tensors = {role: f.read(key) for role, key in entry.keys.items() if role != "alpha"}
-        alpha = float(f.read(entry.keys["alpha"])) if "alpha" in entry.keys else None
+    tensors = {role: stored[key] for role, key in entry.keys.items() if role != "alpha"}
+    alpha = float(stored[entry.keys["alpha"]]) if "alpha" in entry.keys else None
     return module_delta("lokr", tensors, alpha, module.shape).reshape(module.shape[0], -1)
 
 
@@ -279,9 +293,8 @@ def test_bad_lokr_options_are_one_line_errors(family, tmp_path, args, message):
 
 def comfy_delta(path: str, module) -> torch.Tensor:
     """The module's delta as ComfyUI's LoKr rules (tests/adapter_references.py) rebuild it from the file."""
-    entry = open_adapter(path).modules[module.name]
-    with SafetensorsFile(path) as f:
-        tensors = {role: f.read(key) for role, key in entry.keys.items()}
+    adapter, stored = read_adapter(path)
+    tensors = {role: stored[key] for role, key in adapter.modules[module.name].keys.items()}
     return comfy_patch(torch.zeros(module.shape), tensors, 1.0).reshape(module.shape[0], -1)
 
 
