@@ -198,7 +198,8 @@ def test_bad_input_is_one_line_and_writes_nothing(pair, tmp_path):
     extract(base, tuned, lora, rank=2, record=False, progress=False)
     with pytest.raises(LineageError, match="SDXL checkpoint is required"):
         extract(base, lora, out, record=False, progress=False)
-    tensors = {k: SafetensorsFile(tuned).read(k) for k in read_header(tuned)[0]}
+    with SafetensorsFile(tuned) as f:
+        tensors = {k: f.read(k) for k in f.keys()}
     key = sdxl_modules(read_header(base)[0])[5].key
     tensors[key] = tensors[key].clone()
     tensors[key].view(-1)[7] = float("nan")

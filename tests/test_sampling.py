@@ -128,10 +128,11 @@ def test_adapters_in_memory_equal_the_baked_checkpoint(tiny_file, tmp_path):
     reference = load_sdxl(baked)
     plain = load_sdxl(tiny_file)
     assert changed > 0
-    moved = [k for k, v in live.state_dict().items() if not torch.equal(v, plain.state_dict()[k])]
+    live_weights, plain_weights = live.state_dict(), plain.state_dict()
+    moved = [k for k, v in live_weights.items() if not torch.equal(v, plain_weights[k])]
     assert len(moved) == changed
     for key, value in reference.state_dict().items():
-        torch.testing.assert_close(live.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(live_weights[key], value, rtol=1e-6, atol=1e-7)
     pooled_width = live.clip_g.config.projection_dim
     cond = conditioning(live.unet.config, pooled_width, 1)
     settings = dict(seeds=[1], width=32, height=32, steps=3, cfg=6.0, sampler="dpmpp_2m", scheduler="karras",
