@@ -182,6 +182,8 @@ def test_a_declaration_mistake_is_a_type_error_naming_the_method(monkeypatch, so
         merge_method("bad")(namespace["f"])
     with pytest.raises(TypeError, match="min_models is for methods taking \\*models"):
         merge_method("bad", min_models=3)(lambda a, b: a)
+    with pytest.raises(TypeError, match="a `stored_loop` is for elementwise methods with `statistics`"):
+        merge_method("bad", elementwise=True, stored_loop=lambda out, inputs, params: [])(lambda a, b: a)
 
 
 def test_random_methods_are_marked_and_their_seed_is_not_a_parameter():
