@@ -50,8 +50,8 @@ def _jit(function: Any) -> Any:
 # Tensors as stored. The loops read (and write) float16, bfloat16 and float32 tensors as they are, so
 # that no fp32 copy of them is made: numpy has no bfloat16, so a tensor is handed to the loops as an
 # array of its bits, and the array's integer type says how to read them: uint16 holds float16 bits,
-# int16 bfloat16 bits (`stored_bits`). `_float32` reads an entry, `_stored` rounds a value back
-# (to nearest, ties to even, as torch's conversions do).
+# int16 bfloat16 bits (`stored_bits`). `_float32` reads an entry, `_store` rounds a value back into
+# one (to nearest, ties to even, as torch's conversions do).
 
 
 STORED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -206,6 +206,8 @@ def ties_into(out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tens
     """TIES (methods.ties' rules, with the given magnitude thresholds) of contiguous CPU tensors of one
     size, each float16, bfloat16 or float32, read as stored, into `out` (one of those dtypes too).
     Returns the positions of the inputs (0 the base) that hold a NaN or ±Inf."""
+    if out.dtype not in STORED_DTYPES:  # stored_bits would hand the loop a copy: the result would be lost
+        raise ValueError(f"ties_into writes float16, bfloat16 or float32, not {out.dtype}")
     nonfinite = np.zeros(1 + len(models), dtype=np.bool_)
     _ties(stored_bits(base), tuple(stored_bits(m) for m in models), np.asarray(thresholds, dtype=np.float32),
           np.asarray(weights, dtype=np.float32), np.float32(alpha), stored_bits(out), nonfinite)

@@ -97,3 +97,11 @@ def test_the_thresholds_pass_reads_every_stored_value_exactly(dtype, base_dtype)
     assert above.tolist() == [int((finite > v).sum()) for v in values]
     assert counts[:, 0].tolist() == [int((finite == v).sum()) for v in values]
     assert (highest[:, 0] == patterns).all()
+
+
+def test_ties_into_refuses_an_output_it_would_only_write_a_copy_of():
+    from lineage.merge import cpu_loops
+
+    base, *models = models_over_a_base(2, numel=100)
+    with pytest.raises(ValueError, match="not torch.float64"):
+        cpu_loops.ties_into(torch.empty(100, dtype=torch.float64), base, models, [0.0, 0.0], [1.0, 1.0], 1.0)

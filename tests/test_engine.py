@@ -556,6 +556,7 @@ def test_ties_runs_its_compiled_loop_on_the_stored_tensors(trio_with_a_large_ten
     rounded to that dtype, with a NaN in the base and ±Inf in a model listed as such."""
     import dataclasses
 
+    from lineage.io.safetensors import DTYPES as TORCH_DTYPES
     from lineage.merge import methods
     from lineage.merge.recipe import DTYPES
 
@@ -583,7 +584,7 @@ def test_ties_runs_its_compiled_loop_on_the_stored_tensors(trio_with_a_large_ten
     assert result.nonfinite == [(paths[0], LARGE_KEY), (paths[2], LARGE_KEY)]
     merged, _ = _tensors(result.path)
     inputs = [_tensors(p)[0] for p in paths]
-    want_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[DTYPES[out_dtype]]
+    want_dtype = TORCH_DTYPES[DTYPES[out_dtype]]
     assert len(calls) == sum(step.action == "merge" for step in result.plan.steps)
     assert all(dtypes == [want_dtype, stored, stored, stored] for dtypes in calls)
     for key in (LARGE_KEY, "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"):
