@@ -35,6 +35,7 @@ from . import ranking
 SMALLEST_FLOAT = np.float32(2.0 ** -149)  # as methods.SMALLEST_FLOAT: dividing by it keeps an empty sum 0
 LARGEST_FLOAT = np.float32(ranking.FLOAT32_MAX)
 NON_FINITE = np.float32(ranking.NON_FINITE)  # a NaN or ±Inf magnitude ranks below every finite one
+GROUP_BITS = ranking.GROUP_BITS
 
 
 def _jit(function: Any) -> Any:
@@ -68,6 +69,16 @@ def stored_bits(tensor: torch.Tensor) -> np.ndarray:
     if flat.dtype == torch.bfloat16:
         return flat.view(torch.int16).numpy()
     return flat.to(torch.float32).numpy()
+
+
+def stored_models(models: Sequence[torch.Tensor]) -> tuple[np.ndarray, ...]:
+    """Models as `stored_bits` arrays of one type: a loop takes them as a tuple, which numba compiles
+    only when its arrays are of one type. Models stored in different dtypes (an fp16 and a bf16
+    fine-tune) are therefore read as float32 copies (exact: both widen to float32 without rounding)."""
+    arrays = tuple(stored_bits(m) for m in models)
+    if len({a.dtype for a in arrays}) > 1:
+        arrays = tuple(stored_bits(m.to(torch.float32)) for m in models)
+    return arrays
 
 
 @intrinsic
@@ -169,10 +180,11 @@ def _trimmed(delta: Any, threshold: Any) -> Any:
 def _ties(base: Any, models: Any, thresholds: Any, weights: Any, alpha: Any, out: Any, nonfinite: Any) -> None:
     # A piece of PIECE entries at a time, in fp32 scratch arrays that stay in the first-level cache:
     # each loop below runs over the piece's entries from index 0 without a branch, so it vectorises.
-    # Sums run in the models' order, as in the torch code. nonfinite[j] is set to 1 when input j (the
-    # base first) holds a NaN or ±Inf.
-    scratch = np.empty((4, PIECE), dtype=np.float32)
-    x, elected, total, weight = scratch[0], scratch[1], scratch[2], scratch[3]
+    # Each model's trimmed deltas are kept for the second loop over them. Sums run in the models'
+    # order, as in the torch code. nonfinite[j] is set to 1 when input j (the base first) holds a NaN
+    # or ±Inf.
+    scratch = np.empty((4 + len(models), PIECE), dtype=np.float32)
+    x, elected, total, weight, deltas = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4:]
     for start in range(0, base.size, PIECE):
         n = min(PIECE, base.size - start)
         piece_base, piece_out = base[start:start + n], out[start:start + n]
@@ -183,19 +195,19 @@ def _ties(base: Any, models: Any, thresholds: Any, weights: Any, alpha: Any, out
             elected[i] = total[i] = weight[i] = 0.0
         nonfinite[0] |= bad
         for j in range(len(models)):
-            piece_model, w, t = models[j][start:start + n], weights[j], thresholds[j]
+            piece_model, delta, w, t = models[j][start:start + n], deltas[j], weights[j], thresholds[j]
             bad = False
             for i in range(n):
                 value = _float32(piece_model[i])
                 bad |= not (abs(value) <= LARGEST_FLOAT)
-                elected[i] += w * _trimmed(value - x[i], t)
+                delta[i] = _trimmed(value - x[i], t)
+                elected[i] += w * delta[i]
             nonfinite[j + 1] |= bad
         for j in range(len(models)):
-            piece_model, w, t = models[j][start:start + n], weights[j], thresholds[j]
+            delta, w = deltas[j], weights[j]
             for i in range(n):
-                delta = _trimmed(_float32(piece_model[i]) - x[i], t)
-                agrees = delta * elected[i] > 0
-                total[i] += w * delta if agrees else np.float32(0.0)
+                agrees = delta[i] * elected[i] > 0
+                total[i] += w * delta[i] if agrees else np.float32(0.0)
                 weight[i] += w if agrees else np.float32(0.0)
         for i in range(n):
             _store(piece_out, i, x[i] + alpha * (total[i] / max(weight[i], SMALLEST_FLOAT)))
@@ -209,7 +221,7 @@ def ties_into(out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tens
     if out.dtype not in STORED_DTYPES:  # stored_bits would hand the loop a copy: the result would be lost
         raise ValueError(f"ties_into writes float16, bfloat16 or float32, not {out.dtype}")
     nonfinite = np.zeros(1 + len(models), dtype=np.bool_)
-    _ties(stored_bits(base), tuple(stored_bits(m) for m in models), np.asarray(thresholds, dtype=np.float32),
+    _ties(stored_bits(base), stored_models(models), np.asarray(thresholds, dtype=np.float32),
           np.asarray(weights, dtype=np.float32), np.float32(alpha), stored_bits(out), nonfinite)
     return np.flatnonzero(nonfinite).tolist()
 
@@ -230,30 +242,43 @@ WORD = 8  # entries per 8-byte word of the inside-the-bracket mask: only words h
 
 
 @_jit
-def count_magnitudes(base: Any, model: Any, lows: Any, highs: Any, shifts: Any, above: Any, counts: Any,
-                     lowest: Any, highest: Any) -> None:
-    """For each bracket k, of float32 bit patterns [lows[k], highs[k]]: add to above[k] the number of
-    magnitudes |model − base| (flat `stored_bits` arrays of one size; NaN and ±Inf magnitudes count as
-    below everything) whose pattern is larger than highs[k], and for those inside the bracket, in bin
-    b = (pattern − lows[k]) >> shifts[k], count them in counts[k, b] and keep the lowest and highest
-    pattern seen in lowest[k, b] and highest[k, b] (set by the bin's first one: their values where
-    counts[k, b] is 0 do not matter)."""
-    # A piece at a time: the magnitudes first, then their bit patterns: for floats >= 0 the order of
-    # the patterns as integers is the order of the values, and NON_FINITE's is negative. The first
-    # two loops run over every entry without a branch, so they vectorise; the last takes the entries
-    # inside the bracket (about 1%) straight from the words of the byte mask, without a test per entry.
-    magnitudes = np.empty(PIECE, dtype=np.float32)
-    bits = magnitudes.view(np.int32)
+def count_magnitudes(base: Any, models: Any, model_of: Any, lows: Any, highs: Any, shifts: Any, above: Any,
+                     counts: Any, groups: Any, lowest: Any, highest: Any) -> None:
+    """For each bracket k, of float32 bit patterns [lows[k], highs[k]] over the magnitudes
+    |models[model_of[k]] − base| (`base` a flat `stored_bits` array, `models` a tuple of them as
+    `stored_models` makes, all of one size; NaN and ±Inf magnitudes count as below everything): add
+    to above[k] the number of magnitudes whose pattern is larger than highs[k], and count those
+    inside the bracket in bin b = (pattern − lows[k]) >> shifts[k], counts[k, b], and in its group of
+    bins, groups[k, b >> ranking.GROUP_BITS]. Bins wider than one
+    pattern (shifts[k] > 0) also keep the lowest and highest pattern seen in lowest[k, b] and
+    highest[k, b] (set by the bin's first one: their values where counts[k, b] is 0 do not matter)."""
+    # A piece at a time, every model's magnitudes from one read of the base's piece, then their bit
+    # patterns: for floats >= 0 the order of the patterns as integers is the order of the values, and
+    # NON_FINITE's is negative. The loops over the piece run over every entry without a branch, so they
+    # vectorise; the walk then takes the entries inside the bracket (1–2%) straight from the words
+    # of a byte mask, without a test per entry, and counts them inline (a call per entry cost as much
+    # as the rest of the pass).
+    x = np.empty(PIECE, dtype=np.float32)
+    patterns = np.empty((len(models), PIECE), dtype=np.int32)  # of each model's magnitudes
     inside = np.zeros(PIECE, dtype=np.uint8)
     words = inside.view(np.uint64)
+    needed = np.zeros(len(models), dtype=np.bool_)
+    for k in range(model_of.size):
+        needed[model_of[k]] = True
     for start in range(0, base.size, PIECE):
         n = min(PIECE, base.size - start)
-        piece_base, piece_model = base[start:start + n], model[start:start + n]  # indices from 0 vectorise
+        piece_base = base[start:start + n]  # indices from 0 vectorise
         for i in range(n):
-            magnitude = abs(_float32(piece_model[i]) - _float32(piece_base[i]))
-            magnitudes[i] = magnitude if magnitude <= LARGEST_FLOAT else NON_FINITE
+            x[i] = _float32(piece_base[i])
+        for j in range(len(models)):
+            if needed[j]:
+                piece_model, row = models[j][start:start + n], patterns[j]
+                for i in range(n):
+                    magnitude = abs(_float32(piece_model[i]) - x[i])
+                    row[i] = _float32_to_int32_bits(magnitude if magnitude <= LARGEST_FLOAT else NON_FINITE)
         for k in range(lows.size):
-            low, high = np.uint32(lows[k]), np.int32(highs[k])
+            bits = patterns[model_of[k]]
+            low, high, shift = np.uint32(lows[k]), np.int32(highs[k]), shifts[k]
             width = np.uint32(highs[k] - lows[k])  # inside: 0 <= pattern − low <= width, one unsigned comparison
             larger = np.int32(0)
             for i in range(n):
@@ -261,21 +286,16 @@ def count_magnitudes(base: Any, model: Any, lows: Any, highs: Any, shifts: Any, 
                 inside[i] = np.uint8(np.uint32(np.uint32(bits[i]) - low) <= width)
             inside[n:] = 0
             above[k] += larger
+            bin_counts, group_counts, bin_lowest, bin_highest = counts[k], groups[k], lowest[k], highest[k]
             for w in range(-(-n // WORD)):
                 word = words[w]
                 while word:  # once per entry inside: each is a byte 1, the lowest bit of its byte
-                    i = w * WORD + np.int64(_trailing_zeros(word) >> np.uint64(3))
+                    pattern = bits[w * WORD + np.int64(_trailing_zeros(word) >> np.uint64(3))]
                     word &= word - np.uint64(1)
-                    _count(bits[i], k, lows[k], shifts[k], counts, lowest, highest)
-
-
-@_jit
-def _count(pattern: Any, k: int, low: Any, shift: Any, counts: Any, lowest: Any, highest: Any) -> None:
-    """One magnitude inside bracket k: counted in its bin, which keeps the lowest and highest pattern."""
-    b = (pattern - low) >> shift
-    if counts[k, b] == 0:
-        lowest[k, b] = highest[k, b] = pattern
-    else:
-        lowest[k, b] = min(lowest[k, b], pattern)
-        highest[k, b] = max(highest[k, b], pattern)
-    counts[k, b] += 1
+                    b = (pattern - lows[k]) >> shift
+                    if shift:
+                        first = bin_counts[b] == 0
+                        bin_lowest[b] = pattern if first else min(bin_lowest[b], pattern)
+                        bin_highest[b] = pattern if first else max(bin_highest[b], pattern)
+                    bin_counts[b] += 1
+                    group_counts[b >> GROUP_BITS] += 1

@@ -10,16 +10,16 @@ Exact selection (the default) on a tensor larger than the sample:
 1. a spread sample (`bracket_sample_size(n)` entries) gives, for each wanted rank, a bracket
    [lo, hi] of magnitudes that holds the answer unless the sample is off by more than
    BRACKET_SIGMAS standard deviations of a binomial count (on 13M entries, a bracket around the 20%
-   rank holds ~1% of them);
-2. one pass over the whole tensor (merge/cpu_loops.py: count_magnitudes, compiled) counts the
-   entries above hi and makes a histogram of the float32 bit patterns of those inside the bracket.
-   For floats >= 0 the patterns, read as integers, are in the order of the values, so with one bin
-   per pattern the histogram holds every distinct value in the bracket with its count: walking it
-   down from the top finds the answer exactly, with no entry collected and nothing sorted. A bracket
-   holding more than MAX_BINS patterns gets bins of 2, 4, … patterns; each bin also keeps the lowest
-   and highest pattern seen, so a bin holding one value (the rule for differences of fp16 or bf16
-   weights, whose values are far apart as patterns) still gives the answer, and only a bin holding
-   several takes a second pass;
+   rank holds ~1.5% of them);
+2. one pass over the whole tensor, every model at once (merge/cpu_loops.py: count_magnitudes,
+   compiled), counts the entries above hi and makes a histogram of the float32 bit patterns of those
+   inside the bracket. For floats >= 0 the patterns, read as integers, are in the order of the
+   values, so with one bin per pattern the histogram holds every distinct value in the bracket with
+   its count: walking it down from the top finds the answer exactly, with no entry collected and
+   nothing sorted. A bracket holding more than MAX_BINS patterns gets bins of 2, 4, … patterns; each
+   of those also keeps the lowest and highest pattern seen, so a bin holding one value (the rule for
+   differences of fp16 or bf16 weights, whose values are far apart as patterns) still gives the
+   answer, and only a bin holding several takes a second pass;
 3. when the counts show that the answer lies outside the bracket (never a guess), the pass is
    repeated with a bracket FALLBACK_WIDENING times wider and then, if needed, with every entry: the
    result is always the exact order statistic.
@@ -48,16 +48,19 @@ RUN = 16  # consecutive entries per sampled spot: one cache line of fp16, not 16
 BRACKET_SIGMAS = 5.0  # half-width of a bracket, in standard deviations of the sample's rank count
 FALLBACK_WIDENING = 4.0  # a missed bracket is retried this many times wider, then over every entry
 NON_FINITE = -1.0  # what a NaN or ±Inf magnitude is ranked as: below every finite magnitude
-MAX_BINS = 1 << 18  # of a bracket's histogram (2 MiB of counts); fp16/bf16 differences fall one value to a bin
+MAX_BINS = 1 << 19  # of a bracket's histogram: fp16/bf16 differences fall one value to a bin (4 MiB of counts,
+#   of which only the pages that a bin falls in are touched)
+GROUP_BITS = 9  # the histogram's bins are also counted in groups of 512 (a 4 KiB page of counts), so that
+#   reading it only touches the group that holds the answer
 FLOAT32_MAX = 3.4028234663852886e38  # float32's largest finite value
 
 
 def bracket_sample_size(numel: int) -> int:
-    """Sample entries for the brackets of an exact selection over `numel` entries: ~115,000 for 13M.
+    """Sample entries for the brackets of an exact selection over `numel` entries: ~73,000 for 13M.
     Ranking the sample costs ~10 ns per sample entry. The bracket's share of the entries shrinks as
     1/sqrt(sample); a narrow one keeps the pass's walk over blocks with a hit short and the
     histogram within MAX_BINS bins of one float32 value each (so one pass finds the answer)."""
-    size = int((3 * numel) ** (2 / 3)) // RUN * RUN
+    size = int((1.5 * numel) ** (2 / 3)) // RUN * RUN
     return max(MIN_BRACKET_SAMPLE, min(SAMPLE_SIZE, size))
 
 
@@ -119,6 +122,7 @@ class _Search:
     shift: int = field(init=False)
     above: int = 0  # magnitudes seen whose pattern is larger than high
     counts: np.ndarray | None = None  # magnitudes seen per bin, from low up
+    groups: np.ndarray | None = None  # and per group of 2**GROUP_BITS bins
     lowest: np.ndarray | None = None  # the lowest and highest pattern seen in each bin
     highest: np.ndarray | None = None
 
@@ -132,18 +136,31 @@ class _Search:
     def outcome(self) -> float | _Search | None:
         """After a pass: the order statistic; or, when the bin that holds it holds other values too,
         the search within that bin; or None when the counts show it lies outside [low, high]."""
-        assert self.counts is not None and self.lowest is not None and self.highest is not None
+        assert self.counts is not None and self.groups is not None
+        assert self.lowest is not None and self.highest is not None
         place = self.count - self.above  # its place from the top among the magnitudes in the bracket
         if place <= 0:
             return None  # above high
-        filled = np.flatnonzero(self.counts)[::-1]  # the bins anything fell in, from the top
-        from_top = np.cumsum(self.counts[filled])
-        if place > (from_top[-1] if filled.size else 0):
+        groups = self.groups[::-1]  # from the top
+        from_top = np.cumsum(groups)
+        if place > from_top[-1]:
             return 0.0 if self.low == 0 else None  # fewer than `count` finite magnitudes; or below low
-        b = filled[np.searchsorted(from_top, place)]
-        if self.lowest[b] == self.highest[b]:  # one value in the bin (always so for bins of one pattern)
-            return float(np.int32(self.highest[b]).view(np.float32))
+        g = int(np.searchsorted(from_top, place))  # the group that holds it, from the top
+        place -= int(from_top[g] - groups[g])  # its place from the top of that group
+        first = (groups.size - 1 - g) << GROUP_BITS  # the group's first bin
+        group = self.counts[first:first + (1 << GROUP_BITS)]
+        filled = np.flatnonzero(group)[::-1]  # the group's bins anything fell in, from the top
+        b = first + int(filled[np.searchsorted(np.cumsum(group[filled]), place)])
+        if self.shift == 0:  # bins of one pattern (count_magnitudes keeps no lowest and highest for them)
+            return _value(self.low + b)
+        if self.lowest[b] == self.highest[b]:  # one value in the bin
+            return _value(int(self.highest[b]))
         return _Search(self.count, int(self.lowest[b]), int(self.highest[b]))
+
+
+def _value(pattern: int) -> float:
+    """The float32 whose bit pattern is `pattern` (>= 0)."""
+    return float(np.int32(pattern).view(np.float32))
 
 
 def _pattern(magnitude: float) -> int:
@@ -173,30 +190,23 @@ def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], searches: Sequence
     """One pass over the inputs as stored, counting each model's magnitudes for its searches."""
     from . import cpu_loops  # imports numba: only when an exact selection runs
 
-    stored_base = cpu_loops.stored_bits(base)
-    for model, model_searches in zip(models, searches):
-        if not model_searches:
-            continue
-        counters = _counters(model_searches)
-        cpu_loops.count_magnitudes(stored_base, cpu_loops.stored_bits(model), *counters)
-        above, counts, lowest, highest = counters[3:]
-        for k, search in enumerate(model_searches):
-            bins = slice(0, search.bins)
-            search.above = int(above[k])
-            search.counts, search.lowest, search.highest = counts[k, bins], lowest[k, bins], highest[k, bins]
-
-
-def _counters(searches: Sequence[_Search]) -> tuple[np.ndarray, ...]:
-    """What count_magnitudes takes for these searches: their brackets' ends and bin shifts, and
-    zeroed counts above them and per bin, and each bin's lowest and highest pattern. (Zeroed arrays
-    cost only the pages that a bin falls in.)"""
-    lows, highs, shifts = (np.array([getattr(s, name) for s in searches], dtype=np.int64)
+    flat = [(j, search) for j, model_searches in enumerate(searches) for search in model_searches]
+    model_of = np.array([j for j, _ in flat], dtype=np.int64)
+    lows, highs, shifts = (np.array([getattr(s, name) for _, s in flat], dtype=np.int64)
                            for name in ("low", "high", "shift"))
-    above = np.zeros(len(searches), dtype=np.int64)
-    shape = (len(searches), max(s.bins for s in searches))
-    counts = np.zeros(shape, dtype=np.int64)
-    lowest, highest = np.zeros(shape, dtype=np.int32), np.zeros(shape, dtype=np.int32)
-    return lows, highs, shifts, above, counts, lowest, highest
+    above = np.zeros(len(flat), dtype=np.int64)
+    # Zeroed arrays cost only the pages that a bin falls in.
+    bins = max(s.bins for _, s in flat)
+    counts = np.zeros((len(flat), bins), dtype=np.int64)
+    groups = np.zeros((len(flat), ((bins - 1) >> GROUP_BITS) + 1), dtype=np.int64)
+    lowest, highest = np.empty(counts.shape, dtype=np.int32), np.empty(counts.shape, dtype=np.int32)
+    cpu_loops.count_magnitudes(cpu_loops.stored_bits(base), cpu_loops.stored_models(models), model_of,
+                               lows, highs, shifts, above, counts, groups, lowest, highest)
+    for k, (_, search) in enumerate(flat):
+        in_search = slice(0, search.bins)
+        search.above = int(above[k])
+        search.counts, search.lowest, search.highest = counts[k, in_search], lowest[k, in_search], highest[k, in_search]
+        search.groups = groups[k, :((search.bins - 1) >> GROUP_BITS) + 1]
 
 
 def kth_largest_magnitudes(base: torch.Tensor, models: Sequence[torch.Tensor],

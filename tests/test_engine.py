@@ -548,12 +548,17 @@ def test_inputs_stored_as_fp32_are_read_straight_into_the_fp32_buffers(trio, tmp
 
 
 # (fp16 into fp16 runs through the same loop in test_chunked_methods_with_statistics_equal_the_whole_tensor_method)
-@pytest.mark.parametrize("stored, out_dtype", [(torch.bfloat16, "bf16"), (torch.float32, "fp16")])
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.mark.parametrize("stored, out_dtype", [((BF16, BF16, BF16), "bf16"), ((FP32, FP32, FP32), "fp16"),
+                                               ((FP16, FP16, BF16), "fp16"), ((BF16, FP32, FP16), "bf16")])
 def test_ties_runs_its_compiled_loop_on_the_stored_tensors(trio_with_a_large_tensor, tmp_path, monkeypatch,
                                                            stored, out_dtype):
-    """On the CPU, TIES goes from the stored inputs (fp16, bf16 or fp32) straight into the output dtype in
-    one compiled loop (methods.MergeMethod.stored_loop): bit-identical to the method on whole fp32 tensors
-    rounded to that dtype, with a NaN in the base and ±Inf in a model listed as such."""
+    """On the CPU, TIES goes from the stored inputs (fp16, bf16 or fp32, a dtype per file: an fp16 and a
+    bf16 fine-tune are merged too) straight into the output dtype in one compiled loop
+    (methods.MergeMethod.stored_loop): bit-identical to the method on whole fp32 tensors rounded to that
+    dtype, with a NaN in the base and ±Inf in a model listed as such."""
     import dataclasses
 
     from lineage.io.safetensors import DTYPES as TORCH_DTYPES
@@ -561,9 +566,9 @@ def test_ties_runs_its_compiled_loop_on_the_stored_tensors(trio_with_a_large_ten
     from lineage.merge.recipe import DTYPES
 
     paths = []
-    for name in ("base", "x", "y"):
+    for name, dtype in zip(("base", "x", "y"), stored, strict=True):
         tensors, metadata = _tensors(trio_with_a_large_tensor[name])
-        tensors = {k: v.to(stored) if v.is_floating_point() and v.numel() else v for k, v in tensors.items()}
+        tensors = {k: v.to(dtype) if v.is_floating_point() and v.numel() else v for k, v in tensors.items()}
         large = tensors[LARGE_KEY].view(-1)
         if name == "base":
             large[17] = float("nan")
@@ -586,7 +591,7 @@ def test_ties_runs_its_compiled_loop_on_the_stored_tensors(trio_with_a_large_ten
     inputs = [_tensors(p)[0] for p in paths]
     want_dtype = TORCH_DTYPES[DTYPES[out_dtype]]
     assert len(calls) == sum(step.action == "merge" for step in result.plan.steps)
-    assert all(dtypes == [want_dtype, stored, stored, stored] for dtypes in calls)
+    assert all(dtypes == [want_dtype, *stored] for dtypes in calls)
     for key in (LARGE_KEY, "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"):
         whole = ties.fn(*(i[key].float() for i in inputs), **params).to(want_dtype)
         assert merged[key].dtype == want_dtype

@@ -41,9 +41,10 @@ def test_every_order_statistic_is_exact(numel, share):
     assert found == [[whole_tensor_kth_largest(base, model, count)]]
 
 
-def test_several_models_and_counts_in_one_call_and_the_inputs_are_untouched():
+@pytest.mark.parametrize("second_dtype", [torch.float16, torch.bfloat16])  # a fine-tune of each dtype, too
+def test_several_models_and_counts_in_one_call_and_the_inputs_are_untouched(second_dtype):
     base, first = stored_pair(800_000, seed=1)
-    _, second = stored_pair(800_000, seed=2)
+    second = stored_pair(800_000, seed=2)[1].to(second_dtype)
     copies = [x.clone() for x in (base, first, second)]
     counts = [0, 1, 8000, 160_000, 799_999, 800_000]
     found = ranking.kth_largest_magnitudes(base, [first, second], lambda n: counts)
