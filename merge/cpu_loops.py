@@ -249,9 +249,9 @@ def count_magnitudes(base: Any, models: Any, model_of: Any, lows: Any, highs: An
     `stored_models` makes, all of one size; NaN and ±Inf magnitudes count as below everything): add
     to above[k] the number of magnitudes whose pattern is larger than highs[k], and count those
     inside the bracket in bin b = (pattern − lows[k]) >> shifts[k], counts[k, b], and in its group of
-    bins, groups[k, b >> ranking.GROUP_BITS]. Bins wider than one
-    pattern (shifts[k] > 0) also keep the lowest and highest pattern seen in lowest[k, b] and
-    highest[k, b] (set by the bin's first one: their values where counts[k, b] is 0 do not matter)."""
+    bins, groups[k, b >> GROUP_BITS]. Bins wider than one pattern (shifts[k] > 0) also keep the
+    lowest and highest pattern seen in lowest[k, b] and highest[k, b] (set by the bin's first one:
+    their values where counts[k, b] is 0 do not matter)."""
     # A piece at a time, every model's magnitudes from one read of the base's piece, then their bit
     # patterns: for floats >= 0 the order of the patterns as integers is the order of the values, and
     # NON_FINITE's is negative. The loops over the piece run over every entry without a branch, so they

@@ -48,10 +48,9 @@ RUN = 16  # consecutive entries per sampled spot: one cache line of fp16, not 16
 BRACKET_SIGMAS = 5.0  # half-width of a bracket, in standard deviations of the sample's rank count
 FALLBACK_WIDENING = 4.0  # a missed bracket is retried this many times wider, then over every entry
 NON_FINITE = -1.0  # what a NaN or ±Inf magnitude is ranked as: below every finite magnitude
-MAX_BINS = 1 << 19  # of a bracket's histogram: fp16/bf16 differences fall one value to a bin (4 MiB of counts,
-#   of which only the pages that a bin falls in are touched)
-GROUP_BITS = 9  # the histogram's bins are also counted in groups of 512 (a 4 KiB page of counts), so that
-#   reading it only touches the group that holds the answer
+MAX_BINS = 1 << 19  # of a bracket's histogram (4 MiB of counts): fp16/bf16 differences fall one value to a bin
+GROUP_BITS = 9  # the bins are also counted in groups of 512 (a 4 KiB page of counts): finding the answer reads
+#   the group totals and then only the group that holds it, not every bin
 FLOAT32_MAX = 3.4028234663852886e38  # float32's largest finite value
 
 
@@ -195,10 +194,11 @@ def _scan(base: torch.Tensor, models: Sequence[torch.Tensor], searches: Sequence
     lows, highs, shifts = (np.array([getattr(s, name) for _, s in flat], dtype=np.int64)
                            for name in ("low", "high", "shift"))
     above = np.zeros(len(flat), dtype=np.int64)
-    # Zeroed arrays cost only the pages that a bin falls in.
     bins = max(s.bins for _, s in flat)
     counts = np.zeros((len(flat), bins), dtype=np.int64)
     groups = np.zeros((len(flat), ((bins - 1) >> GROUP_BITS) + 1), dtype=np.int64)
+    # Only counts need zeroing: a bin's lowest and highest are set by its first magnitude. (In a merge
+    # freed memory is kept for reuse, so zeroing clears every page rather than mapping fresh ones.)
     lowest, highest = np.empty(counts.shape, dtype=np.int32), np.empty(counts.shape, dtype=np.int32)
     cpu_loops.count_magnitudes(cpu_loops.stored_bits(base), cpu_loops.stored_models(models), model_of,
                                lows, highs, shifts, above, counts, groups, lowest, highest)
