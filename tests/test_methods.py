@@ -270,6 +270,24 @@ def test_geometric_median_of_points_with_known_medians():
     assert torch.allclose(methods.geometric_median(*corners, weights=[1, 1, 1, 1, 0.1]), t(1.0, 1.0), atol=1e-5)
 
 
+def test_geometric_median_that_is_a_model_is_that_model_exactly_and_at_once(monkeypatch):
+    """Where a model is the median (two of three equal, or a vertex with an angle of 120° or more), it is
+    returned as it is, without iterating; where none is, the iteration runs as before."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(500, generator=g), torch.randn(500, generator=g)
+    steps = []
+    linear = methods.linear
+    monkeypatch.setattr(methods, "linear", lambda *m, weights: (steps.append(weights), linear(*m, weights=weights))[1])
+    assert torch.equal(methods.geometric_median(a, b, a.clone()), a)
+    assert torch.equal(methods.geometric_median(t(0.0, 0.0), t(1.0, 0.0), t(-1.0, 0.1)), t(0.0, 0.0))
+    assert torch.equal(methods.geometric_median(t(0.0), t(1.0), t(10.0)), t(1.0))
+    assert steps == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    # An equilateral triangle's median is inside it: the iteration runs.
+    s3 = math.sqrt(3)
+    assert torch.allclose(methods.geometric_median(t(0.0, 0.0), t(2.0, 0.0), t(1.0, s3)), t(1.0, s3 / 3), atol=1e-5)
+    assert all(0.3 < share < 0.34 for share in steps[-1])
+
+
 def test_geometric_median_weights_pull_it_to_a_heavy_model():
     # A weight larger than the others' sum puts the median on that model.
     assert torch.allclose(methods.geometric_median(t(0.0), t(1.0), t(10.0), weights=[1, 1, 3]), t(10.0), atol=1e-5)
