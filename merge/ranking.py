@@ -57,7 +57,7 @@ FLOAT32_MAX = 3.4028234663852886e38  # float32's largest finite value
 def bracket_sample_size(numel: int) -> int:
     """Sample entries for the brackets of an exact selection over `numel` entries: ~73,000 for 13M.
     Ranking the sample costs ~10 ns per sample entry. The bracket's share of the entries shrinks as
-    1/sqrt(sample); a narrow one keeps the pass's walk over blocks with a hit short and the
+    1/sqrt(sample); a narrow one keeps the pass's walk over the entries inside it short and the
     histogram within MAX_BINS bins of one float32 value each (so one pass finds the answer)."""
     size = int((1.5 * numel) ** (2 / 3)) // RUN * RUN
     return max(MIN_BRACKET_SAMPLE, min(SAMPLE_SIZE, size))
