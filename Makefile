@@ -28,15 +28,16 @@ $(STAMP): pyproject.toml
 
 # The whole suite, the tests marked slow (sd-mecha comparisons, larger files) included: what CI runs.
 # ruff first (every rule in pyproject.toml's [tool.ruff], line length 120 included), mypy on the
-# public API ([tool.mypy]), then the suite.
+# public API ([tool.mypy]), then the suite on every core, at most four (pytest-xdist; a test file's
+# tests stay on one worker, so its module fixtures are built once).
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 # The suite without the tests marked slow, for quick runs while working.
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile -m "not slow"
 
 # ruff with the rules in pyproject.toml ([tool.ruff]), and mypy on the public API ([tool.mypy]).
 lint: setup
