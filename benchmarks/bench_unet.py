@@ -47,21 +47,6 @@ IMPLEMENTATIONS = ("ours", "diffusers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def diffusers_config(c: UNetConfig) -> dict:
-    """UNet2DConditionModel's arguments for the same structure (its `attention_head_dim` is the head count)."""
-    widths = [c.model_channels * m for m in c.channel_mult]
-    return dict(
-        sample_size=LATENT["full"], in_channels=c.in_channels, out_channels=c.out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in c.transformer_depth),
-        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(c.transformer_depth)),
-        block_out_channels=tuple(widths), layers_per_block=c.num_res_blocks,
-        transformer_layers_per_block=tuple(max(d, 1) for d in c.transformer_depth),
-        attention_head_dim=tuple(max(w // c.head_channels, 1) for w in widths),
-        cross_attention_dim=c.context_dim, use_linear_projection=True, norm_num_groups=c.norm_groups,
-        addition_embed_type="text_time", addition_time_embed_dim=(c.adm_in_channels - POOLED) // 6,
-        projection_class_embeddings_input_dim=c.adm_in_channels)
-
-
 def inputs(c: UNetConfig, latent: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The same inputs for both, in the models' dtype; the timestep and the six size values stay fp32 (both
     turn them into sinusoidal embeddings in fp32 and cast those)."""
@@ -112,7 +97,7 @@ def build(name: str, part: str, weights: str | None, device: str, dtype: torch.d
 
 def diffusers_model(c: UNetConfig) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel(**diffusers_config(c))
+    return UNet2DConditionModel(**c.diffusers_kwargs(POOLED))
 
 
 def resident_kib(field: str) -> int:

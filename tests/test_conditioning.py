@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_models_reference import SIZE_VALUES, diffusers_unet_config, load_exactly, relative_error, text_config
+from test_models_reference import SIZE_VALUES, load_exactly, relative_error, text_config
 from tokenizer_files import transformers_tokenizer, write_hf_tokenizer
 
 from lineage.errors import LineageError
@@ -62,7 +62,7 @@ def pipeline(ours, tiny_file, tokenizer, tmp_path_factory):
     load_exactly(text_encoder_2, convert_open_clip_checkpoint(text_encoder_2, checkpoint,
                                                               prefix="conditioner.embedders.1.model."),
                  {"text_model.embeddings.position_ids"})
-    unet = diffusers.UNet2DConditionModel(**diffusers_unet_config(ours.unet.config, clip_g_config.projection_dim))
+    unet = diffusers.UNet2DConditionModel(**ours.unet.config.diffusers_kwargs(clip_g_config.projection_dim))
     load_exactly(unet, convert_ldm_unet_checkpoint(checkpoint, dict(unet.config)))
     hf_folder = write_hf_tokenizer(tokenizer, folder / "tokenizer")
     pipe = diffusers.StableDiffusionXLPipeline(

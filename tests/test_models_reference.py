@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lineage.io.safetensors import SafetensorsFile
 from lineage.sdxl.synthetic import write_base
 from lineage.train.loading import load_sdxl
-from lineage.train.unet import UNetConfig, timestep_embedding
+from lineage.train.unet import timestep_embedding
 from lineage.train.vae import VAEConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -47,23 +47,6 @@ def checkpoint(tiny_file) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def ours(tiny_file):
     return load_sdxl(tiny_file, dtype=torch.float32)
-
-
-def diffusers_unet_config(c: UNetConfig, pooled_width: int) -> dict:
-    """diffusers' UNet2DConditionModel arguments for the same structure (its `attention_head_dim` is the
-    head count per level; levels without attention get a placeholder depth it ignores)."""
-    widths = [c.model_channels * m for m in c.channel_mult]
-    return dict(
-        sample_size=16, in_channels=c.in_channels, out_channels=c.out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in c.transformer_depth),
-        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(c.transformer_depth)),
-        block_out_channels=tuple(widths), layers_per_block=c.num_res_blocks,
-        transformer_layers_per_block=tuple(max(d, 1) for d in c.transformer_depth),
-        attention_head_dim=tuple(max(w // c.head_channels, 1) for w in widths),
-        cross_attention_dim=c.context_dim, use_linear_projection=True, norm_num_groups=c.norm_groups,
-        addition_embed_type="text_time", addition_time_embed_dim=(c.adm_in_channels - pooled_width) // SIZE_VALUES,
-        projection_class_embeddings_input_dim=c.adm_in_channels,
-    )
 
 
 def diffusers_vae_config(c: VAEConfig) -> dict:
@@ -109,7 +92,7 @@ def prompts(vocab_size: int, pad: int) -> torch.Tensor:
 
 def reference_unet(ours, checkpoint) -> torch.nn.Module:
     """diffusers' UNet2DConditionModel holding the tiny checkpoint's UNet weights."""
-    config = diffusers_unet_config(ours.unet.config, ours.clip_g.config.projection_dim)
+    config = ours.unet.config.diffusers_kwargs(ours.clip_g.config.projection_dim)
     reference = diffusers.UNet2DConditionModel(**config)
     load_exactly(reference, convert_ldm_unet_checkpoint(checkpoint, dict(reference.config)))
     return reference

@@ -33,7 +33,7 @@ from lineage.train.sampling import (
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint  # noqa: E402
-from test_models_reference import diffusers_unet_config, diffusers_vae_config, load_exactly  # noqa: E402
+from test_models_reference import diffusers_vae_config, load_exactly  # noqa: E402
 from test_schedules import reference_scheduler  # noqa: E402
 
 TOLERANCE = 1e-5  # max |ours − diffusers| on images in [0, 1] (measured ~1e-6 after 4 guided steps, fp32)
@@ -54,7 +54,7 @@ def pipeline_parts(tiny_file, ours):
     with SafetensorsFile(tiny_file) as f:
         checkpoint = dict(f.items())
     pooled_width = ours.clip_g.config.projection_dim
-    unet = diffusers.UNet2DConditionModel(**diffusers_unet_config(ours.unet.config, pooled_width))
+    unet = diffusers.UNet2DConditionModel(**ours.unet.config.diffusers_kwargs(pooled_width))
     load_exactly(unet, convert_ldm_unet_checkpoint(checkpoint, dict(unet.config)))
     vae = diffusers.AutoencoderKL(**diffusers_vae_config(ours.vae.config))
     load_exactly(vae, convert_ldm_vae_checkpoint(checkpoint, dict(vae.config)))

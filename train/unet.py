@@ -47,6 +47,23 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.model_channels
 
+    def diffusers_kwargs(self, pooled_width: int = 1280) -> dict:
+        """The same UNet as diffusers' `UNet2DConditionModel(**kwargs)` (what our equality tests and the UNet
+        benchmark build it with). `pooled_width` is OpenCLIP-G's pooled output, the head of the ADM input; the
+        rest is six size/crop embeddings. diffusers' `attention_head_dim` is a head count per level; levels
+        without attention get a depth of 1 that their plain blocks ignore."""
+        widths = [self.model_channels * m for m in self.channel_mult]
+        return dict(
+            in_channels=self.in_channels, out_channels=self.out_channels,
+            down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in self.transformer_depth),
+            up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(self.transformer_depth)),
+            block_out_channels=tuple(widths), layers_per_block=self.num_res_blocks,
+            transformer_layers_per_block=tuple(max(d, 1) for d in self.transformer_depth),
+            attention_head_dim=tuple(max(w // self.head_channels, 1) for w in widths),
+            cross_attention_dim=self.context_dim, use_linear_projection=True, norm_num_groups=self.norm_groups,
+            addition_embed_type="text_time", addition_time_embed_dim=(self.adm_in_channels - pooled_width) // 6,
+            projection_class_embeddings_input_dim=self.adm_in_channels)
+
     @classmethod
     def from_shapes(cls, shapes: Shapes) -> UNetConfig:
         """The config of a UNet state dict (keys without the `model.diffusion_model.` prefix)."""
