@@ -95,8 +95,8 @@ def main(out: Path) -> None:
     for found in scanned.recognised:  # the file IS that model: its hashes and path join the node
         if found.linked:
             linked.add(found.node)
-            print(f"{Path(found.path).name:<48} -> {display_name(catalog, found.node)}")
-            print(f"{'':<48}    ({found.told}, confidence {found.confidence:.2f})")
+            print(Path(found.path).name)
+            print(f"    -> {display_name(catalog, found.node)} ({found.told}, confidence {found.confidence:.2f})")
     graph = registry.graph()
     for path in (a1111_mix, style_lora):
         node = registry.resolve(str(path))

@@ -10,7 +10,7 @@ import lineage
 
 work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
 work.mkdir(parents=True, exist_ok=True)
-# a generated UNet-only checkpoint in bf16: real SDXL key names, every width / 32
+# a generated UNet-only checkpoint in bf16: real SDXL key names, the UNet's widths / 80
 path = lineage.write_base(work / "unet-only.safetensors", size="tiny", components=["unet"], dtype="BF16")
 
 found = lineage.detect(path)

@@ -13,7 +13,7 @@ from lineage.merge.weights import KeyWeights
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "merge-output")
 out.mkdir(parents=True, exist_ok=True)
-a = lineage.write_base(out / "a.safetensors", size="tiny", seed=0)  # real SDXL key names, widths / 32
+a = lineage.write_base(out / "a.safetensors", size="tiny", seed=0)  # real SDXL key names, widths / 64-80
 b = lineage.write_child(a, out / "b.safetensors", seed=1)
 
 # supermerger XL string: BASE, IN00..IN08, M00, OUT00..OUT08 — take B's input blocks, keep A's output blocks.

@@ -12,7 +12,7 @@ from lineage.merge.reproduce import reproduce
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "merge-output")
 out.mkdir(parents=True, exist_ok=True)
 registry = out / "registry.sqlite"
-base = lineage.write_base(out / "base.safetensors", size="tiny", seed=0)  # real SDXL key names, widths / 32
+base = lineage.write_base(out / "base.safetensors", size="tiny", seed=0)  # real SDXL key names, widths / 64-80
 x = lineage.write_child(base, out / "x.safetensors", seed=1)
 y = lineage.write_child(base, out / "y.safetensors", seed=2)
 

@@ -12,7 +12,7 @@ from lineage.adapters.extract import extract
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "merge-output")
 out.mkdir(parents=True, exist_ok=True)
-base = lineage.write_base(out / "base.safetensors", size="tiny", seed=0)  # generated: SDXL key names, widths / 32
+base = lineage.write_base(out / "base.safetensors", size="tiny", seed=0)  # generated: SDXL key names, widths / 64-80
 tuned = lineage.write_child(base, out / "tuned.safetensors", seed=1)
 
 # (1 - 0.3)·base + 0.3·tuned: alpha is the weight of the second model, as in A1111.

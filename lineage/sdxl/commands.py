@@ -38,7 +38,8 @@ def inspect(paths: tuple[str, ...], as_json: bool, with_hashes: bool) -> None:
 @click.command()
 @click.argument("output", type=click.Path())
 @click.option("--size", type=click.Choice(["tiny", "small", "full"]), default="small", show_default=True,
-              help="tiny: widths / 32 (7 MB); small: widths / ~10 (59 MB); full: the real SDXL shapes (6.9 GB).")
+              help="tiny: UNet widths / 80, the rest / 64 (1.7 MB); small: widths / ~10 (59 MB); full: the real SDXL "
+                   "shapes (6.9 GB).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["F16", "BF16", "F32"]), default="F16", show_default=True)
 @click.option("--parent", type=click.Path(), help="Write a fine-tune of this checkpoint instead of a base.")
