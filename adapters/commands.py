@@ -25,9 +25,10 @@ LISTED = 10  # left-out pickle entries named in convert's message
 @click.option("--to", "to", type=click.Choice(["kohya", "peft"]), default=None,
               help="Convert the adapter SRC into this key dialect (kohya: lora_unet_/lora_te1_/lora_te2_ names "
                    "with alpha tensors; peft: diffusers names with lora_A/lora_B, alpha in the header).")
+@click.option("--registry", type=click.Path(), help="The lineage registry (default $LINEAGE_HOME).")
 @click.option("--no-record", is_flag=True, help="Do not record the converted adapter in the lineage registry.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def convert(src: str, dst: str, to: str | None, no_record: bool, as_json: bool) -> None:
+def convert(src: str, dst: str, to: str | None, registry: str | None, no_record: bool, as_json: bool) -> None:
     """Convert SRC into DST.
 
     With --to: SRC is an SDXL adapter (kohya, LyCORIS or PEFT keys) and DST the same adapter in that
@@ -37,7 +38,7 @@ def convert(src: str, dst: str, to: str | None, no_record: bool, as_json: bool) 
     if to is not None:
         from lineage.adapters.convert import convert as convert_adapter
 
-        done = convert_adapter(src, dst, to=to, record=not no_record, progress=not as_json)
+        done = convert_adapter(src, dst, to=to, record=not no_record, registry=registry, progress=not as_json)
         if as_json:
             echo_json({"path": done.path, "autov3": done.autov3, "source_dialect": done.source_dialect,
                        "dialect": done.dialect, "modules": done.modules, "node": done.node,
@@ -172,10 +173,11 @@ def extract(base: str, tuned: str, output: str, kind: str, rank: int | None, con
 @click.option("--title", help="The output's ModelSpec title (default: its file name).")
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Worker threads (default: up to 4).")
 @click.option("--dry-run", is_flag=True, help="Check the inputs and show what would be patched; write nothing.")
+@click.option("--registry", type=click.Path(), help="The lineage registry (default $LINEAGE_HOME).")
 @click.option("--no-record", is_flag=True, help="Do not record the output in the lineage registry.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def apply_command(checkpoint: str, adapters: tuple[str, ...], output: str, title: str | None, workers: int | None,
-                  dry_run: bool, no_record: bool, as_json: bool) -> None:
+                  dry_run: bool, registry: str | None, no_record: bool, as_json: bool) -> None:
     """Bake ADAPTERs (LoRA, LoCon, LoKr, LoHa, full diff, DoRA; kohya, LyCORIS or PEFT keys) into
     CHECKPOINT, each at its STRENGTH (default 1): W + strength * delta per adapted weight, in fp32,
     stored in each tensor's own dtype; every other tensor is copied unchanged."""
@@ -191,7 +193,7 @@ def apply_command(checkpoint: str, adapters: tuple[str, ...], output: str, title
         for a, f in zip(found.adapters, found.files):
             click.echo(f"  {a.path} at {a.strength:g}: {len(f.modules)} {f.algorithm} modules ({f.dialect})")
         return
-    done = apply(checkpoint, inputs, output, record=not no_record, title=title,
+    done = apply(checkpoint, inputs, output, record=not no_record, registry=registry, title=title,
                  workers=workers or DEFAULT_WORKERS, progress=not as_json)
     if as_json:
         echo_json({**done.plan.summary(), "path": done.path, "autov3": done.autov3, "node": done.node,

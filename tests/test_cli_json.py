@@ -107,3 +107,31 @@ def test_hub_card_prints_json(lmerge, tiny, tmp_path):
     code, out, _ = lmerge("hub", "card", child, "-o", readme, "--json")
     assert code == 0 and json.loads(out)["output"] == str(readme)
     assert "Laxhar/noobai-XL-Vpred-0.75" in readme.read_text()
+
+
+def test_every_command_that_records_takes_registry(lmerge, family, tmp_path, isolated_registry):
+    """What records into the registry (`--no-record` says so) takes `--registry PATH` too, and records there."""
+    from lineage.cli import main
+    from lineage.graph.registry import Registry
+
+    commands = dict(_commands(main))
+    recording = [name for name, command in commands.items()
+                 if "--no-record" in {o for param in command.params for o in getattr(param, "opts", [])}]
+    assert {"merge", "extract", "apply", "convert", "resize", "lora-merge"} <= set(recording)
+    assert [name for name in recording
+            if "--registry" not in {o for p in commands[name].params for o in getattr(p, "opts", [])}] == []
+    elsewhere = tmp_path / "elsewhere.sqlite"
+    lora, peft, applied = tmp_path / "lora.safetensors", tmp_path / "peft.safetensors", tmp_path / "applied.safetensors"
+    code, _, err = lmerge("extract", family["base"], family["child"], "-o", lora, "--rank", 2, "--registry", elsewhere)
+    assert code == 0, err
+    code, out, err = lmerge("apply", family["base"], lora, "-o", applied, "--registry", elsewhere, "--json")
+    assert code == 0, err
+    applied_node = json.loads(out)["node"]
+    code, out, err = lmerge("convert", lora, peft, "--to", "peft", "--registry", elsewhere, "--json")
+    assert code == 0, err
+    converted_node = json.loads(out)["node"]
+    with Registry(elsewhere) as reg:
+        assert {applied_node, converted_node} <= set(reg.graph().nodes)
+    if isolated_registry.exists():  # the default registry got none of them
+        with Registry(isolated_registry) as reg:
+            assert not {applied_node, converted_node} & set(reg.graph().nodes)
