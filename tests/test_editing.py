@@ -124,6 +124,23 @@ def test_add_says_whether_it_adds_or_replaces_and_warns_on_contradictions(tiny, 
     assert "parent changed" in out and "was recorded as a finetune parent" in err
 
 
+def test_add_again_keeps_what_it_does_not_restate_and_says_what_changed(trio, lmerge, tmp_path):
+    mix = tmp_path / "mix.safetensors"
+    assert lmerge("merge", trio["base"], trio["x"], "--alpha", "0.25", "-o", mix)[0] == 0
+    node, base, x = (hash_file(p).autov3 for p in (mix, trio["base"], trio["x"]))
+    recorded = {p: graph().edges[p, node] for p in (base, x)}
+    assert recorded[base]["weight"] == 0.75 and recorded[base]["params"]["method"] == "weighted_sum"
+    for weights in ((), ("--weight", "0.75", "--weight", "0.25")):  # said again: nothing changes
+        code, out, _ = lmerge("add", mix, "--parent", trio["base"], "--parent", trio["x"], *weights)
+        assert code == 0 and out.count("parent kept: ") == 2 and "parent changed" not in out
+        assert {p: graph().edges[p, node] for p in (base, x)} == recorded
+    code, out, err = lmerge("add", mix, "--parent", trio["base"], "--parent", trio["x"], "--weight", "0.1",
+                            "--weight", "0.9")
+    assert code == 0 and out.count("parent changed: ") == 2 and "(merge 0.1)" in out and err == ""
+    edge = graph().edges[base, node]
+    assert edge["weight"] == 0.1 and edge["params"] == recorded[base]["params"] and edge["source"] == "user"
+
+
 def test_merge_nodes_makes_one_model_and_unlink_undoes_it(tiny, lmerge):
     a, b = tiny("fp16.safetensors", 1), tiny("fp32.safetensors", 2)
     ida, idb = scan_file(a), scan_file(b)

@@ -58,7 +58,8 @@ def node_label(graph: Any, node: str) -> str:
 def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tuple[float, ...], name: str | None,
         replace: bool, as_json: bool, registry_path: str | None) -> None:
     """Record a checkpoint or adapter file in the registry. Each parent line says whether it was
-    added, kept or replaced; a relation that contradicts the recorded one is a warning. Without
+    added, kept, changed or replaced; a relation that contradicts the recorded one is a warning. What
+    an earlier record holds and this one leaves out (a merge's method or weights) is kept. Without
     --parent, a new file whose hash or download name surely names a catalog model is that model, as
     with `lmerge scan`."""
     from lineage.graph.editing import drop_other_parents
@@ -90,7 +91,7 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
                 raise LineageError(found.failed[0][1], path)
             node_id, dropped, recognised = reg.resolve(found.recorded[0][1]), [], found.recognised
         graph = reg.graph()
-    old = {p: before.edges[p, node_id]["relation"] for p in before.predecessors(node_id)} if node_id in before else {}
+    old = {p: before.edges[p, node_id] for p in before.predecessors(node_id)} if node_id in before else {}
     if as_json:
         echo_json({"path": path, "node": node_id, "name": graph.nodes[node_id].get("name"),
                    "parents": [{"node": p, **graph.edges[p, node_id]} for p in sorted(graph.predecessors(node_id))],
@@ -101,10 +102,10 @@ def add(path: str, parents: tuple[str, ...], relation: str | None, weights: tupl
     for parent in sorted(graph.predecessors(node_id)):
         edge = graph.edges[parent, node_id]
         weight = f" {edge['weight']:.3g}" if edge.get("weight") is not None else ""
-        status = "kept" if old.get(parent) == edge["relation"] else "added" if parent not in old else "changed"
+        status = "added" if parent not in old else "kept" if old[parent] == edge else "changed"
         click.echo(f"  parent {status}: {node_label(graph, parent)} ({edge['relation']}{weight})")
-        if status == "changed":
-            click.echo(f"warning: {node_label(graph, parent)} was recorded as a {old[parent]} parent; "
+        if status == "changed" and old[parent]["relation"] != edge["relation"]:
+            click.echo(f"warning: {node_label(graph, parent)} was recorded as a {old[parent]['relation']} parent; "
                        f"it is now {edge['relation']}", err=True)
     for parent in dropped:
         click.echo(f"  parent replaced: {node_label(before, parent)} (removed)")

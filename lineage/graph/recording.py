@@ -369,9 +369,23 @@ def record(path: str | os.PathLike, *, parents: Sequence[str | os.PathLike] = ()
                     parent_id = _put_file(b, parent_files[i], None, "user")
                 else:
                     parent_id = reg.resolve(os.fspath(spec))
-                b.put_edge(parent_id, node_id, relation, weight=None if weights is None else float(weights[i]),
-                           params=params or None, source="user")
+                given = {"weight": None if weights is None else float(weights[i]), "params": params or None}
+                b.put_edge(parent_id, node_id, relation, **_restated(b.edge_attrs(parent_id, node_id), relation, given))
         return node_id
+
+
+def _restated(earlier: dict[str, Any] | None, relation: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The attributes of an edge the user states (again): what they give over what was recorded. An edge
+    of the same relation keeps what they leave out (a merge's method, its weights when none are given)
+    and, when nothing changes, where it was read from; a new or re-typed edge is the user's alone."""
+    if earlier is None or earlier.get("relation") != relation:
+        return {**given, "source": "user"}
+    kept = {k: v for k, v in earlier.items() if k != "relation"}
+    stated = {k: v for k, v in given.items() if v is not None}
+    if all(kept.get(k) == v for k, v in stated.items()):
+        return kept
+    kept.pop("via", None)  # which file's metadata told us: the user tells us now
+    return {**kept, **stated, "source": "user"}
 
 
 def record_written(output: str, autov3: str, parents: Sequence[str], parent_autov3: Sequence[str], relation: str,

@@ -555,6 +555,16 @@ class Batch:
             raise LineageError(f"node {node_id!r} is damaged: {_DAMAGED_ROW}")
         return attrs
 
+    def edge_attrs(self, parent: str, child: str) -> dict[str, Any] | None:
+        """The stored edge parent -> child (its relation among its attributes), or None when there is none."""
+        row = self._conn.execute("SELECT attrs FROM edges WHERE parent = ? AND child = ?", (parent, child)).fetchone()
+        if row is None:
+            return None
+        attrs = _attrs_of(row[0])
+        if attrs is None:
+            raise LineageError(f"the edge {parent} -> {child} is damaged: {_DAMAGED_ROW}")
+        return attrs
+
     def put_node(self, node_id: str, attrs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
         """Create or update a node: `attrs` replace stored values, `defaults` only fill gaps;
         `names` (every name the node was seen under) and `hashes` accumulate."""
