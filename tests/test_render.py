@@ -177,6 +177,16 @@ def test_tree_of_a_recorded_file(lmerge, tiny):
         f"└─ mine  [{hash_file(path).autov3[:12]}]  ◀"]
 
 
+def test_a_catalog_model_you_downloaded_is_drawn_as_a_file_you_have(lmerge, family):
+    code, _, err = lmerge("link", family["base"], "illustrious-xl-v0.1")
+    assert code == 0, err
+    code, out, _ = lmerge("tree", "--format", "dot")  # the whole tree: no focus, whose border is its own
+    line = dot_nodes(out)["illustrious-xl-v0.1"]
+    assert f"AutoV3 {hash_file(family['base']).autov3[:12]}" in line and 'penwidth="2.2"' in line
+    assert "AutoV3" not in dot_nodes(out)["kohaku-xl-beta5"]
+    assert '"legend:file"' in out
+
+
 # ---------------------------------------------------------------- the tree items of issue 2.3
 
 

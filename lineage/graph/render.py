@@ -95,8 +95,13 @@ def prediction_family(attrs: dict[str, Any]) -> str | None:
     return PREDICTION_FAMILY.get(attrs.get("prediction_type") or "")
 
 
-def _is_file(attrs: dict[str, Any]) -> bool:
-    return "format" in attrs  # set when a file was read (a node only named in metadata has none)
+def files_you_have(node: str, attrs: dict[str, Any]) -> list[str]:
+    """The ids (AutoV3) of the files a node stands for: its own when a file was read for it (`format` is
+    set then; a node only named in metadata has none), else the files linked to it (a catalog model
+    you downloaded: `files` entries with `linked`, folded in by fold_aliases)."""
+    if "format" in attrs:
+        return [node]
+    return [f["linked"] for f in attrs.get("files", ()) if isinstance(f, dict) and f.get("linked")]
 
 
 def short_id(node_id: str) -> str:
@@ -298,8 +303,9 @@ def _dot_node(node: str, attrs: dict[str, Any], focus: str | None, links: bool,
     name = str(attrs.get("name") or node)
     lines = [f"<B>{_html(name)}</B>"]
     facts = summary(attrs)
-    if _is_file(attrs):
-        facts.append(f"AutoV3 {short_id(node)}")
+    files = files_you_have(node, attrs)
+    if files:
+        facts.append(f"AutoV3 {', '.join(short_id(f) for f in files)}")
     if facts:
         lines.append(f'<FONT POINT-SIZE="9">{_html(" · ".join(facts))}</FONT>')
     text = "<BR/>".join(lines)
@@ -319,7 +325,7 @@ def _dot_node(node: str, attrs: dict[str, Any], focus: str | None, links: bool,
     }
     if attrs.get("urls") and links:
         dot.update(URL=attrs["urls"][0], target="_blank")
-    if _is_file(attrs):
+    if files:
         dot["penwidth"] = "2.2"
     if node == focus:
         dot.update(penwidth="3.5", color="#D84315")
@@ -343,7 +349,7 @@ def _legend(graph: nx.DiGraph) -> list[str]:
             fill, border = PREDICTION_COLOURS[family]
             out.append(f"    {_dot_string(f'legend:{family}')} [label={_dot_string(FAMILY_TITLES[family])}, "
                        f'shape="box", style="rounded,filled", fillcolor="{fill}", color="{border}"];')
-    if any(_is_file(attrs) for _, attrs in graph.nodes(data=True)):
+    if any(files_you_have(node, attrs) for node, attrs in graph.nodes(data=True)):
         entries.append(("legend:file",) * 2)
         out.append('    "legend:file" [label="a file you have (AutoV3)", shape="box", style="rounded", '
                    'penwidth="2.2"];')
