@@ -212,6 +212,20 @@ def test_a_catalog_model_shows_the_previews_of_its_linked_file(lmerge, base, sid
     assert "0.png: not a readable image" in caplog.text
 
 
+@pytest.mark.parametrize("newest", ["base", "child"])
+def test_a_model_with_several_files_is_drawn_from_the_most_recently_seen(lmerge, family, tmp_path, newest):
+    from lineage.graph.registry import Registry
+
+    older, newer = (family["child"], family["base"]) if newest == "base" else (family["base"], family["child"])
+    for seen, path in enumerate((older, newer)):
+        copy = tmp_path / f"{seen}-{os.path.basename(path)}"
+        shutil.copy(path, copy)
+        assert lmerge("link", copy, "sdxl-1.0-base")[0] == 0
+    with Registry() as reg:
+        source = previews.preview_source(reg, "sdxl-1.0-base")
+    assert source.checkpoint == str(tmp_path / f"1-{os.path.basename(newer)}")
+
+
 def test_the_progress_label_says_how_long_is_left(lmerge, base, side, monkeypatch):
     import tqdm
 

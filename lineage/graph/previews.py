@@ -190,7 +190,8 @@ def _local_file(registry: Registry, graph: nx.DiGraph, node: str) -> tuple[str, 
     """The most recently seen file of `node` that still exists, with its hashes and AutoV3 id."""
     from lineage.graph.recording import describe
 
-    paths = [str(p) for p in graph.nodes[node].get("paths", [])]
+    # a catalog model's paths are its linked files', each file's newest first: order them all by time
+    paths = registry.most_recent_first(str(p) for p in graph.nodes[node].get("paths", []))
     for path in paths:
         if os.path.isfile(path):
             return path, describe(path, registry)

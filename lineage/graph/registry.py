@@ -327,6 +327,15 @@ class Registry:
                 "kind = 'autov3' AND value = ?) ORDER BY seen_at DESC, path", (autov3.lower(), autov3.lower()))
             return [p for (p,) in rows]
 
+    def most_recent_first(self, paths: Iterable[str]) -> list[str]:
+        """`paths` ordered by when their file was last seen, most recent first (paths never seen last)."""
+        seen: dict[str, float] = {}
+        with self._errors_as_lineage_errors():
+            for path in paths:
+                row = self._conn.execute("SELECT seen_at FROM paths WHERE path = ?", (path,)).fetchone()
+                seen[path] = row[0] if row else float("-inf")
+        return sorted(seen, key=lambda p: -seen[p])
+
     def known_file(self, path: str | os.PathLike) -> tuple[str, dict[str, str]] | None:
         """(node id, hashes) of a file recorded before whose size and mtime have not changed since."""
         absolute = os.path.abspath(path)
