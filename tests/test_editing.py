@@ -62,6 +62,11 @@ def test_a_vpred_file_cannot_be_linked_to_an_epsilon_model(tmp_path):
     assert link(vpred, "noobai-xl-vpred-1.0") == "noobai-xl-vpred-1.0"
 
 
+def test_show_prints_a_fact_that_is_a_mapping_a_line_per_entry(lmerge):
+    code, out, _ = lmerge("show", "noobai-xl-vpred-1.0")  # the catalog's prompt advice: {"notes": ...}
+    assert code == 0 and "  prompt notes: Danbooru tags + e621 tags" in out and "{" not in out
+
+
 def test_show_lists_names_hashes_paths_parents_children(tiny, lmerge):
     a, b = tiny("a.safetensors", 1), tiny("b.safetensors", 2)
     mix = lineage.record(tiny("mix.safetensors", 3), parents=[a, b], relation="merge", weights=[0.7, 0.3],

@@ -357,11 +357,17 @@ def show_fields(facts: dict[str, Any]) -> list[tuple[str, str]]:
         hashes = ", ".join(f"{k} {v[:12]}" for k, v in f.items() if k in ("sha256", "autov3") and v)
         lines.append(("file", str(f.get("name")) + (f" ({hashes})" if hashes else "")))
     lines += [("path", str(p)) for p in facts.get("paths", [])]
-    lines += [(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
-              for key, value in facts.get("other", {}).items()]
+    lines += [line for key, value in facts.get("other", {}).items() for line in _fact_lines(key, value)]
     if facts.get("notes"):
         lines.append(("notes", str(facts["notes"])))
     return lines
+
+
+def _fact_lines(caption: str, value: Any) -> list[tuple[str, str]]:
+    """Any other fact as `show` lines: a list on one line, a mapping a line per entry ("prompt notes")."""
+    if isinstance(value, dict):
+        return [line for key, item in value.items() for line in _fact_lines(f"{caption} {key}", item)]
+    return [(caption, ", ".join(map(str, value)) if isinstance(value, list) else str(value))]
 
 
 def edge_text(edge: dict[str, Any]) -> str:
