@@ -4,6 +4,9 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# The suite on every core, at most four (pytest-xdist; a test file's tests stay on one worker, so its
+# module fixtures are built once).
+PARALLEL := -n auto --maxprocesses 4 --dist loadfile
 BENCH  ?= /tmp/lineage-bench
 # torch's CPU build comes from PyTorch's own index: PyPI's Linux torch wheels are CUDA builds, which
 # bring several GB of CUDA libraries and Triton. Its dependencies come from PyPI with the package.
@@ -28,16 +31,15 @@ $(STAMP): pyproject.toml
 
 # The whole suite, the tests marked slow (sd-mecha comparisons, larger files) included: what CI runs.
 # ruff first (every rule in pyproject.toml's [tool.ruff], line length 120 included), mypy on the
-# public API ([tool.mypy]), then the suite on every core, at most four (pytest-xdist; a test file's
-# tests stay on one worker, so its module fixtures are built once).
+# public API ([tool.mypy]), then the suite on every core ($(PARALLEL)).
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile
+	$(PY) -m pytest $(PARALLEL)
 
 # The suite without the tests marked slow, for quick runs while working.
 test-fast: setup
-	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile -m "not slow"
+	$(PY) -m pytest $(PARALLEL) -m "not slow"
 
 # ruff with the rules in pyproject.toml ([tool.ruff]), and mypy on the public API ([tool.mypy]).
 lint: setup

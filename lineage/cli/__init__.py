@@ -1,8 +1,7 @@
 """`lmerge`: the command line. The group lives here; each area adds its own commands from its package
 (io: hash; sdxl: inspect, generate; graph: add, scan, tree, preview, compat, hub, registry, link, show, edit,
 merge-nodes, remove; merge: merge, reproduce, methods; adapters: convert, extract, apply, resize, lora-merge;
-train: sample). Every subcommand is a thin layer over a
-library function."""
+train: sample). Every subcommand is a thin layer over a library function."""
 from __future__ import annotations
 
 import sys

@@ -556,22 +556,22 @@ class Batch:
         return self._conn.execute(statement, key(row.key)).rowcount
 
     def node_attrs(self, node_id: str) -> dict[str, Any] | None:
-        row = self._conn.execute("SELECT attrs FROM nodes WHERE id = ?", (node_id,)).fetchone()
-        if row is None:
-            return None
-        attrs = _attrs_of(row[0])
-        if attrs is None:
-            raise LineageError(f"node {node_id!r} is damaged: {_DAMAGED_ROW}")
-        return attrs
+        return self._stored_attrs("SELECT attrs FROM nodes WHERE id = ?", (node_id,), f"node {node_id!r}")
 
     def edge_attrs(self, parent: str, child: str) -> dict[str, Any] | None:
         """The stored edge parent -> child (its relation among its attributes), or None when there is none."""
-        row = self._conn.execute("SELECT attrs FROM edges WHERE parent = ? AND child = ?", (parent, child)).fetchone()
+        return self._stored_attrs("SELECT attrs FROM edges WHERE parent = ? AND child = ?", (parent, child),
+                                  f"the edge {parent} -> {child}")
+
+    def _stored_attrs(self, query: str, key: tuple[str, ...], what: str) -> dict[str, Any] | None:
+        """The attributes of the row `query` finds by `key`: None when there is none, an error naming
+        `what` when they are damaged."""
+        row = self._conn.execute(query, key).fetchone()
         if row is None:
             return None
         attrs = _attrs_of(row[0])
         if attrs is None:
-            raise LineageError(f"the edge {parent} -> {child} is damaged: {_DAMAGED_ROW}")
+            raise LineageError(f"{what} is damaged: {_DAMAGED_ROW}")
         return attrs
 
     def put_node(self, node_id: str, attrs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
